@@ -1,0 +1,140 @@
+// Small dense building blocks for the CPU attention kernels: a register-blocked matrix product on
+// cache-sized tiles and an exp the compiler can vectorise. Everything is force-inlined so that
+// each instruction-set clone of the calling kernel (see RK_MULTIVERSION) gets its own vector code.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define RK_INLINE inline __attribute__((always_inline))
+
+// Compile the annotated function once per instruction set and pick the best at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RK_MULTIVERSION
+#endif
+
+namespace retro_kernels::cpu {
+
+// 64-byte vectors through GCC/Clang vector extensions: AVX-512 in the x86-64-v4 clone, pairs of
+// AVX2 registers in the v3 clone, SSE or NEON elsewhere. (Plain loops were vectorised along the
+// reduction dimension by GCC, 15x slower.)
+typedef float vec_f32 __attribute__((vector_size(64)));
+typedef double vec_f64 __attribute__((vector_size(64)));
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> { using type = vec_f32; };
+template <>
+struct VecOf<double> { using type = vec_f64; };
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T>
+RK_INLINE vec_t<T> load_vec(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+RK_INLINE void store_vec(T* p, const vec_t<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[MB x NV*lanes] (+)= op(A)[MB x K] * B[K x NV*lanes], accumulators in registers.
+// op(A) = A stored MB x K (kTransA = false) or A^T with A stored K x MB (kTransA = true).
+template <typename T, int MB, int NV, bool kTransA>
+RK_INLINE void gemm_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                          int64_t ldc, bool accumulate) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>;
+  V acc[MB][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load_vec(C + r * ldc + v * W) : V{};
+  for (int64_t p = 0; p < K; ++p) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load_vec(B + p * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) {
+      const T a = kTransA ? A[p * lda + r] : A[r * lda + p];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store_vec(C + r * ldc + v * W, acc[r][v]);
+}
+
+// One row of C over columns [0, n), n < one vector (scalar loop).
+template <typename T, bool kTransA>
+RK_INLINE void gemm_row_tail(int64_t K, int64_t n, const T* A, int64_t lda, const T* B,
+                             int64_t ldb, T* C, bool accumulate) {
+  if (!accumulate) std::fill(C, C + n, T(0));
+  for (int64_t p = 0; p < K; ++p) {
+    const T a = kTransA ? A[p * lda] : A[p];
+    const T* b = B + p * ldb;
+    for (int64_t c = 0; c < n; ++c) C[c] += a * b[c];
+  }
+}
+
+// Rows [i, i + MB) of C: two-vector column blocks, then one vector, then a scalar tail.
+template <typename T, int MB, bool kTransA>
+RK_INLINE void gemm_rows(int64_t i, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                         int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int W = kLanes<T>;
+  const T* a = kTransA ? A + i : A + i * lda;
+  T* c = C + i * ldc;
+  int64_t j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) gemm_block<T, MB, 2, kTransA>(K, a, lda, B + j, ldb, c + j, ldc, accumulate);
+  for (; j + W <= N; j += W) gemm_block<T, MB, 1, kTransA>(K, a, lda, B + j, ldb, c + j, ldc, accumulate);
+  if (j < N)
+    for (int r = 0; r < MB; ++r)
+      gemm_row_tail<T, kTransA>(K, N - j, kTransA ? a + r : a + r * lda, lda, B + j, ldb,
+                                c + r * ldc + j, accumulate);
+}
+
+// C[M x N] = (accumulate ? C : 0) + op(A)[M x K] * B[K x N], row-major, leading dimensions given.
+template <typename T, bool kTransA>
+RK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int MB = 4;
+  int64_t i = 0;
+  for (; i + MB <= M; i += MB) gemm_rows<T, MB, kTransA>(i, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; i < M; ++i) gemm_rows<T, 1, kTransA>(i, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// exp(x) for float, vectorisable on any SSE level (Cephes expf: range reduction by ln 2 with the
+// round-to-nearest done by the 1.5 * 2^23 trick, degree-6 polynomial; relative error < 1e-7).
+// Inputs below -87.3 give ~1e-38 rather than 0: callers multiply masked terms by 0.
+// Vectorises only with -fno-trapping-math -fno-math-errno (set in setup.py).
+RK_INLINE float exp_vec(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // n + 1.5 * 2^23, n = round(x / ln 2)
+  const float n = t - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23;  // 2^n
+  return y * __builtin_bit_cast(float, bits);
+}
+
+RK_INLINE double exp_vec(double x) { return std::exp(x); }
+
+}  // namespace retro_kernels::cpu

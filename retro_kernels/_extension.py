@@ -1,0 +1,49 @@
+"""Loads the compiled extension `retro_kernels._C` (C++ CPU kernels, CUDA kernels when built
+with CUDA) and says which kernel families are usable in this process."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.retro_kernels.*)
+
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as exc:  # a source checkout that was never built, or a broken build
+    _C = None
+    EXTENSION_ERROR = exc
+    warnings.warn(
+        f"retro_kernels._C could not be imported ({exc}); only the 'reference' and 'triton' "
+        "backends are available. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_cpu_kernels() -> bool:
+    """True when the C++ CPU kernels are loaded."""
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return _C is not None and _C.cuda_kernels_compiled()
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def has_triton() -> bool:
+    """True when triton can be imported."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True

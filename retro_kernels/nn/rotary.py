@@ -1,0 +1,34 @@
+"""Rotary position embeddings (Su et al. 2021), half-split layout: the first and second halves of
+head_dim form the rotated pairs."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotary_angles(positions: Tensor, head_dim: int, base: float = 10000.0,
+                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """positions (...) integer -> cos, sin of shape (..., head_dim) in dtype (computed in float64)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., heads, head_dim); cos, sin broadcastable to (..., 1, head_dim) -> rotated x in x's
+    dtype (computed in float32, or float64 for float64 x)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw = x.to(work)
+    x1, x2 = xw.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xw * cos.to(work) + rotated * sin.to(work)).to(x.dtype)
+
+
+def cca_query_positions(positions: Tensor, chunk_size: int) -> Tensor:
+    """Rotary positions of CCA queries at sequence positions t (SPEC, paper eq. 6): the i-th query
+    of chunk u's attending window (t = u*m + m-1 + i) sits at m-1+i, i.e. (t + 1) % m + m - 1.
+    Neighbour token i' sits at i', so the relative distance is d(i, i') = i - i' + m - 1."""
+    return (positions + 1) % chunk_size + chunk_size - 1

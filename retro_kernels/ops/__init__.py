@@ -1,0 +1,13 @@
+"""The public ops. Per op: naive.py (the reference that reads like the paper) beside op.py
+(validation, backend dispatch); the fused kernels they share live in grouped_attention/."""
+from ._backends import available_backends
+from .cca_decode import chunked_cross_attention_decode, chunked_cross_attention_decode_reference
+from .cca import chunked_cross_attention, chunked_cross_attention_reference
+
+__all__ = [
+    "available_backends",
+    "chunked_cross_attention",
+    "chunked_cross_attention_decode",
+    "chunked_cross_attention_decode_reference",
+    "chunked_cross_attention_reference",
+]

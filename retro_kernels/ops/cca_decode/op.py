@@ -1,0 +1,55 @@
+"""chunked_cross_attention_decode: one incremental-decoding step of chunked cross-attention."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._backends import resolve_backend
+from .naive import chunked_cross_attention_decode_reference
+
+SUPPORTED_BACKENDS = ("reference", "cpu", "cuda")
+_PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)}
+_KV = "(batch, num_neighbours, neighbour_len, heads, head_dim)"
+
+def _validate(q, k, v, neighbour_mask) -> None:
+    _checks.check_tensor("q", q, "(batch, heads, head_dim)", 3)
+    _checks.check_tensor("k", k, _KV, 5)
+    _checks.check_tensor("v", v, _KV, 5)
+    for name, x in (("k", k), ("v", v)):
+        _checks.check_like(name, x, "q", q)
+    B, H, D = q.shape
+    expected = {0: (B, "q's batch"), 3: (H, "q's heads"), 4: (D, "q's head_dim")}
+    _checks.check_sizes("k", k, expected)
+    _checks.check_sizes("v", v, {**expected, 1: (k.shape[1], "k's num_neighbours"),
+                                 2: (k.shape[2], "k's neighbour_len")})
+    _checks.check_mask("neighbour_mask", neighbour_mask, k.shape[:3],
+                       "(batch, num_neighbours, neighbour_len)", q.device)
+
+
+def chunked_cross_attention_decode(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
+                                   softmax_scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Chunked cross-attention for the one new token of each sequence (SPEC "Decoding").
+
+    Args:
+        q: (batch, heads, head_dim), the query of the token just fed in.
+        k, v: (batch, num_neighbours, neighbour_len, heads, head_dim), the cached CCA keys and
+            values of the neighbours of each sequence's current chunk.
+        neighbour_mask: optional bool (batch, num_neighbours, neighbour_len), True = real token.
+        softmax_scale: defaults to head_dim ** -0.5.
+        backend: "auto", "reference", "cpu" (C++) or "cuda" (CUDA C++, split over the keys).
+    Returns:
+        (batch, heads, head_dim); 0 for a sequence whose neighbour tokens are all masked.
+        For inference: not differentiable except with backend="reference".
+    """
+    _validate(q, k, v, neighbour_mask)
+    scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
+    name = resolve_backend("chunked_cross_attention_decode", backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
+    if name == "cuda" and (q.dtype == torch.float64 or q.shape[-1] > 256):
+        if backend == "cuda":
+            raise ValueError("backend='cuda' supports float16, bfloat16 and float32 with head_dim <= 256; "
+                             f"got dtype {q.dtype} and head_dim {q.shape[-1]}")
+        name = "reference"
+    if name == "reference":
+        return chunked_cross_attention_decode_reference(q, k, v, neighbour_mask, scale)
+    return torch.ops.retro_kernels.cca_decode(q, k, v, neighbour_mask, scale)

@@ -1,0 +1,75 @@
+"""The Triton backend of chunked_cross_attention against the reference: on the CPU through the
+Triton interpreter (float32, float16), on a GPU for real (see test_gpu.py)."""
+import pytest
+import torch
+
+from retro_kernels import chunked_cross_attention
+from retro_kernels._extension import has_triton, triton_interpreting
+from testing import CCACase, assert_error_ratio, random_cca, with_grads
+
+pytestmark = pytest.mark.skipif(
+    not has_triton() or not (torch.cuda.is_available() or triton_interpreting()),
+    reason="needs triton and a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = [
+    CCACase(2, 37, 3, 32, 5, 2, 7, 8),     # ragged seq_len, an extra chunk
+    CCACase(1, 7, 2, 16, 1, 1, 4, 8),      # shorter than one chunk
+    CCACase(1, 50, 2, 24, 3, 3, 5, 20),    # head_dim 24 (padded), windows of 2 row blocks (interpreter)
+    CCACase(1, 45, 1, 80, 2, 4, 9, 17),    # head_dim 80, 4 neighbours, 2 row blocks + ragged tail
+    CCACase(2, 9, 2, 32, 9, 1, 3, 1),      # chunk_size 1
+]
+
+
+def cca(backend, m, mask):
+    return lambda q, k, v: chunked_cross_attention(q, k, v, chunk_size=m, neighbour_mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", [None, "random"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_forward_and_gradients(case, mask, dtype):
+    q, k, v, m = random_cca(case, mask=mask)
+    grad = torch.randn_like(q)
+    ref64 = with_grads(cca("reference", case.chunk_size, m), (q, k, v), grad)
+    low = [x.to(dtype) for x in (q, k, v)]
+    ref = with_grads(cca("reference", case.chunk_size, m), low, grad.to(dtype))
+    dev = [x.to(DEVICE) for x in low]
+    got = with_grads(cca("triton", case.chunk_size, None if m is None else m.to(DEVICE)), dev,
+                     grad.to(dtype).to(DEVICE))
+    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
+        assert_error_ratio(f"{case} {dtype} {name}", g.cpu(), r, r64)
+
+
+def test_triton_exact_zeros_for_unattended_positions_and_masked_chunks():
+    case = CCACase(2, 37, 3, 32, 5, 2, 7, 8)
+    q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE, mask="random")
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    out = chunked_cross_attention(q, k, v, chunk_size=8, neighbour_mask=m, backend="triton")
+    assert torch.isfinite(out).all()
+    assert (out[:, :7] == 0).all() and (out[0, 15:23] == 0).all()
+
+
+def test_triton_backward_is_deterministic():
+    case = CCACase(1, 45, 1, 80, 2, 4, 9, 17)
+    q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE)
+    grad = torch.randn_like(q)
+    a = with_grads(cca("triton", 17, m), (q, k, v), grad)
+    b = with_grads(cca("triton", 17, m), (q, k, v), grad)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_opcheck_triton_ops():
+    case = CCACase(1, 13, 2, 16, 4, 2, 3, 4)
+    q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.retro_kernels.cca_fwd_triton.default, (q, k, v, m, 4, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_triton_rejects_float64():
+    case = CCACase(1, 16, 1, 16, 2, 1, 4, 8)
+    q, k, v, _ = random_cca(case, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        chunked_cross_attention(q, k, v, chunk_size=8, backend="triton")

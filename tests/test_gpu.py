@@ -1,0 +1,82 @@
+"""GPU checks (marker `gpu`; skipped without CUDA): every backend against the float64 reference
+with the error-ratio rule in bfloat16 and float16, the Triton backward against autograd through
+the reference, and the CUDA decode kernel. Run by benchmarks/gpu_check.sh on the device."""
+import pytest
+import torch
+
+from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
+from testing import CCACase, assert_error_ratio, random_cca, with_grads
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    CCACase(2, 37, 3, 32, 5, 2, 7, 8),
+    CCACase(2, 2048, 4, 64, 32, 2, 128, 64),   # the paper's shapes
+    CCACase(1, 1000, 2, 128, 16, 2, 128, 64),  # head_dim 128, ragged seq_len
+    CCACase(1, 300, 2, 80, 5, 3, 100, 64),     # head_dim 80, odd neighbour_len
+    CCACase(1, 512, 2, 256, 4, 2, 128, 128),   # head_dim 256, chunk 128
+    CCACase(2, 130, 2, 96, 3, 4, 33, 40),      # chunk 40 (not a power of two)
+]
+
+
+def cca(backend, m, mask):
+    return lambda q, k, v: chunked_cross_attention(q, k, v, chunk_size=m, neighbour_mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", [None, "random"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_matches_reference_on_gpu(case, mask, dtype):
+    q, k, v, m = random_cca(case, device="cuda", mask=mask)
+    grad = torch.randn_like(q)
+    ref64 = with_grads(cca("reference", case.chunk_size, m), (q, k, v), grad)
+    low = [x.to(dtype) for x in (q, k, v)]
+    ref = with_grads(cca("reference", case.chunk_size, m), low, grad.to(dtype))
+    got = with_grads(cca("triton", case.chunk_size, m), low, grad.to(dtype))
+    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
+        assert_error_ratio(f"{case} {dtype} {name}", g, r, r64)
+
+
+def test_triton_float32_on_gpu():
+    case = CCACase(2, 300, 2, 64, 5, 2, 50, 64)
+    q, k, v, m = random_cca(case, device="cuda")
+    grad = torch.randn_like(q)
+    ref64 = with_grads(cca("reference", 64, m), (q, k, v), grad)
+    low = [x.float() for x in (q, k, v)]
+    ref = with_grads(cca("reference", 64, m), low, grad.float())
+    got = with_grads(cca("triton", 64, m), low, grad.float())
+    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
+        assert_error_ratio(f"{case} float32 {name}", g, r, r64)
+
+
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    import retro_kernels.ops.cca.op as op_module
+    calls = []
+    real = op_module.forward_op
+    monkeypatch.setattr(op_module, "forward_op", lambda n, b: calls.append(b) or real(n, b))
+    q, k, v, _ = random_cca(CCACase(1, 64, 2, 64, 1, 2, 8, 64), dtype=torch.bfloat16, device="cuda")
+    chunked_cross_attention(q, k, v, chunk_size=64)
+    assert calls == ["triton"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 2, 32, 2, 7), (64, 16, 64, 2, 128), (8, 32, 128, 2, 128),
+                                   (2, 4, 80, 4, 33), (1, 2, 256, 10, 128)])
+@pytest.mark.parametrize("mask", [False, True])
+def test_cuda_decode_matches_reference(shape, dtype, mask):
+    B, H, D, K, R = shape
+    q = torch.randn(B, H, D, dtype=torch.float64, device="cuda")
+    k = torch.randn(B, K, R, H, D, dtype=torch.float64, device="cuda")
+    v = torch.randn(B, K, R, H, D, dtype=torch.float64, device="cuda")
+    m = None
+    if mask:
+        m = torch.rand(B, K, R, device="cuda") > 0.3
+        m[0] = False
+    ref64 = chunked_cross_attention_decode(q, k, v, m, backend="reference")
+    low = [x.to(dtype) for x in (q, k, v)]
+    ref = chunked_cross_attention_decode(*low, m, backend="reference")
+    got = chunked_cross_attention_decode(*low, m, backend="cuda")
+    assert_error_ratio(f"decode {shape} {dtype}", got, ref, ref64)
+    if mask:
+        assert (got[0] == 0).all()
+    torch.testing.assert_close(chunked_cross_attention_decode(*low, m), got)  # auto = cuda
