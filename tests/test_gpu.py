@@ -80,3 +80,26 @@ def test_cuda_decode_matches_reference(shape, dtype, mask):
     if mask:
         assert (got[0] == 0).all()
     torch.testing.assert_close(chunked_cross_attention_decode(*low, m), got)  # auto = cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 128, 14, 64, 64), (1, 3, 3, 100, 2, 128, 40)], ids=str)
+def test_neighbour_attention_triton_on_gpu(shape, dtype):
+    from retro_kernels import neighbour_cross_attention, neighbour_self_attention
+
+    B, L, K, R, H, D, C = shape
+    f = dict(dtype=torch.float64, device="cuda")
+    q, k, v = (torch.randn(B, L, K, R, H, D, **f) for _ in range(3))
+    kc, vc = (torch.randn(B, L, C, H, D, **f) for _ in range(2))
+    nm = torch.rand(B, L, K, R, device="cuda") > 0.2
+    nm[0, 0, 0] = False
+    cm = torch.rand(B, L, C, device="cuda") > 0.2
+    grad = torch.randn_like(q)
+    for op, (a, b, c, m) in ((neighbour_self_attention, (q, k, v, nm)), (neighbour_cross_attention, (q, kc, vc, cm))):
+        run = lambda backend: (lambda x, y, z: op(x, y, z, m, backend=backend))  # noqa: E731
+        ref64 = with_grads(run("reference"), (a, b, c), grad)
+        low = [x.to(dtype) for x in (a, b, c)]
+        ref = with_grads(run("reference"), low, grad.to(dtype))
+        got = with_grads(run("triton"), low, grad.to(dtype))
+        for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
+            assert_error_ratio(f"{op.__name__} {shape} {dtype} {name}", g, r, r64)

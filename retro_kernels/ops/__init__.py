@@ -3,6 +3,12 @@
 from ._backends import available_backends
 from .cca_decode import chunked_cross_attention_decode, chunked_cross_attention_decode_reference
 from .cca import chunked_cross_attention, chunked_cross_attention_reference
+from .neighbour_attention import (
+    neighbour_cross_attention,
+    neighbour_cross_attention_reference,
+    neighbour_self_attention,
+    neighbour_self_attention_reference,
+)
 
 __all__ = [
     "available_backends",
@@ -10,4 +16,8 @@ __all__ = [
     "chunked_cross_attention_decode",
     "chunked_cross_attention_decode_reference",
     "chunked_cross_attention_reference",
+    "neighbour_cross_attention",
+    "neighbour_cross_attention_reference",
+    "neighbour_self_attention",
+    "neighbour_self_attention_reference",
 ]

@@ -1,11 +1,14 @@
 """Launchers for the grouped-attention Triton kernels (triton_kernels.py).
 
 q-like tensors are (B, T, H, D) with T = prefix_rows + rows; k-like tensors are
-(B, G, keys, H, D); all contiguous. On a GPU the kernels autotune over a small space; under
-TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so
-that the multi-block paths are exercised too.
+(B, G, keys, H, D); all contiguous. On a GPU the kernels autotune over a small space
+(RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
+TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
+the multi-block paths are exercised too.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,6 +24,9 @@ _KEY = ["q_rows", "n_keys", "head_dim"]
 if _INTERPRET:
     _FWD_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
     _BWD_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+elif os.environ.get("RETRO_TRITON_AUTOTUNE", "1") == "0":
+    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
+    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)

@@ -1,0 +1,234 @@
+"""Chunked cross-attention on the GPU: our Triton kernels against the strongest PyTorch baselines
+(benchmarks/cca_baselines.py), bfloat16, forward and forward+backward, layer level and bare
+attention; and the CUDA decode kernel against SDPA on the same cached keys/values.
+
+FLOPs (stated): forward = 4 * B * chunks * H * m * (k*r) * D; backward = 2.5 x forward.
+Bytes (the floor): q, k, v and the mask read once, the output written once (backward: also the
+output gradient read and q/k/v gradients written). The card's bf16 matmul rate (8192^3) and copy
+bandwidth are measured in the same run.
+
+    python -m benchmarks.cca_gpu [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+
+from benchmarks import cca_baselines as base
+from benchmarks.harness import bar_plot, machine_name, peak_memory_bytes, time_fn, write_results
+from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
+
+# (label, batch, seq_len, heads, head_dim, neighbours, neighbour_len, chunk_size)
+SHAPES = [
+    ("H16 D64", 16, 2048, 16, 64, 2, 128, 64),
+    ("H32 D128", 8, 2048, 32, 128, 2, 128, 64),
+]
+DECODE_SHAPES = [(1, 16, 64), (64, 16, 64), (256, 16, 64), (64, 32, 128), (256, 32, 128)]
+
+
+def card_rates() -> dict:
+    """Measured bf16 matmul TFLOP/s and device-to-device copy GB/s (read + write)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = time_fn(lambda: a @ b, device="cuda", warmup=3, reps=10)["median_ms"]
+    x = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    c = time_fn(lambda: y.copy_(x), device="cuda", warmup=3, reps=10)["median_ms"]
+    return {"matmul_tflops": 2 * 8192**3 / t / 1e9, "copy_gbs": 2 * x.numel() * 4 / c / 1e6}
+
+
+def make_problem(B, N, H, D, K, R, m, dtype=torch.bfloat16) -> base.Problem:
+    L = N // m
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, N, H, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, L, K, R, H, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, L, K, R, H, D, device="cuda", dtype=dtype, generator=g)
+    mask = torch.rand(B, L, K, R, device="cuda", generator=g) > 0.1
+    return base.Problem(q, k, v, mask, m)
+
+
+def layer_impls(p: base.Problem) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    impls = {
+        "ours (triton)": lambda p: chunked_cross_attention(p.q, p.k, p.v, chunk_size=p.chunk_size,
+                                                           neighbour_mask=p.mask, backend="triton"),
+        "eager reshape": base.eager_layer,
+        "SDPA default": base.sdpa_layer,
+        "SDPA cuDNN": lambda p: base.sdpa_layer(p, SDPBackend.CUDNN_ATTENTION),
+    }
+    try:
+        block_mask = base.flex_mask(p)
+        impls["FlexAttention (compiled)"] = lambda p: base.flex_layer(p, block_mask)
+    except Exception as exc:  # noqa: BLE001 - record, do not fail the run
+        print(f"FlexAttention unavailable: {exc}")
+    return impls
+
+
+def bare_impls(p: base.Problem, grad: bool) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    prep = base.prepared_sdpa_inputs(p, grad)
+    ours = lambda: chunked_cross_attention(p.q, p.k, p.v, chunk_size=p.chunk_size,  # noqa: E731
+                                           neighbour_mask=p.mask, backend="triton")
+    return {"ours (triton)": (ours, (p.q, p.k, p.v)),
+            "eager reshape": (base.bare_eager(prep), prep[:3]),
+            "SDPA default": (base.bare_sdpa(prep), prep[:3]),
+            "SDPA cuDNN": (base.bare_sdpa(prep, SDPBackend.CUDNN_ATTENTION), prep[:3])}
+
+
+def bytes_floor(p: base.Problem, mode: str) -> int:
+    B, N, H, D, L, K, R, m = p.dims
+    e = p.q.element_size()
+    qo = B * N * H * D * e
+    kv = B * (N // m) * K * R * H * D * e
+    fwd = 2 * qo + 2 * kv + p.mask.numel()
+    return fwd if mode == "forward" else fwd + 2 * qo + 2 * kv + qo  # + dO, dq, dk, dv, re-read o
+
+
+def measure(fn, inputs, mode: str, reps: int):
+    """fn() -> output; in forward+backward mode also backpropagates a fixed gradient."""
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn()
+    else:
+        out = fn()
+        grad = torch.randn_like(out)
+        del out
+
+        def run():
+            for x in inputs:
+                x.grad = None
+            fn().backward(grad)
+    return time_fn(run, device="cuda", warmup=3, reps=reps), peak_memory_bytes(run, device="cuda")
+
+
+def run_shape(label, B, N, H, D, K, R, m, rates, reps):
+    rows = []
+    p = make_problem(B, N, H, D, K, R, m)
+    flops_fwd = 4.0 * B * (N // m) * H * m * K * R * D
+    with torch.no_grad():
+        reference = chunked_cross_attention(p.q.float(), p.k.float(), p.v.float(), chunk_size=m,
+                                            neighbour_mask=p.mask, backend="reference")
+    for mode in ("forward", "forward+backward"):
+        flops = flops_fwd * (1.0 if mode == "forward" else 3.5)
+        pg = base.Problem(*(x.detach().requires_grad_(mode != "forward") for x in (p.q, p.k, p.v)), p.mask, m)
+        for level, impls in (("layer", {n: (lambda f=f: f(pg), (pg.q, pg.k, pg.v))
+                                        for n, f in layer_impls(pg).items()}),
+                             ("bare attention", bare_impls(pg, mode != "forward"))):
+            for name, (fn, inputs) in impls.items():
+                row = {"shape": label, "batch": B, "mode": mode, "level": level, "impl": name}
+                try:
+                    if level == "layer" and mode == "forward":
+                        with torch.no_grad():
+                            err = (fn().float() - reference).abs().max().item()
+                        row["max_abs_err_vs_fp32"] = err
+                    t, mem = measure(fn, inputs, mode, reps)
+                    row.update(median_ms=t["median_ms"], p10_ms=t["p10_ms"], p90_ms=t["p90_ms"],
+                               runs=t["runs"], tflops=flops / t["median_ms"] / 1e9,
+                               pct_matmul=100 * flops / t["median_ms"] / 1e9 / rates["matmul_tflops"],
+                               pct_bandwidth=100 * bytes_floor(p, mode) / t["median_ms"] / 1e6 / rates["copy_gbs"],
+                               peak_mib=mem / 2**20)
+                except Exception as exc:  # noqa: BLE001 - an unsupported baseline is a result too
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    traceback.print_exc(limit=1)
+                rows.append(row)
+                torch.cuda.empty_cache()
+    # ratio of ours to the best baseline in the same (mode, level)
+    for mode in ("forward", "forward+backward"):
+        for level in ("layer", "bare attention"):
+            group = [r for r in rows if r["mode"] == mode and r["level"] == level and "median_ms" in r]
+            baselines = [r["median_ms"] for r in group if not r["impl"].startswith("ours")]
+            for r in group:
+                r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"] if baselines else float("nan")
+    return rows
+
+
+def run_decode(B, H, D, reps, K=2, R=128):
+    """tokens/s of one decode step over a batch, ours (CUDA) vs SDPA on the same cached k/v;
+    eager launches and CUDA-graph replays."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, K, R, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    mask = torch.rand(B, K, R, device="cuda", generator=g) > 0.1
+    kt = k.view(B, K * R, H, D).transpose(1, 2)
+    vt = v.view(B, K * R, H, D).transpose(1, 2)
+    sdpa_mask = mask.view(B, 1, 1, K * R)
+    impls = {
+        "ours (cuda)": lambda: chunked_cross_attention_decode(q, k, v, mask, backend="cuda"),
+        "SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kt, vt, attn_mask=sdpa_mask),
+    }
+    rows = []
+    for mode in ("eager", "cuda graph"):
+        times = {}
+        for name, fn in impls.items():
+            run = fn
+            if mode == "cuda graph":
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        fn()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                run = graph.replay
+            times[name] = time_fn(run, device="cuda", warmup=5, reps=reps)["median_ms"]
+        for name, t in times.items():
+            rows.append({"shape": f"B{B} H{H} D{D} k{K} r{R}", "mode": mode, "impl": name, "median_us": t * 1e3,
+                         "tokens_per_s": B / t * 1e3, "speedup_vs_sdpa": times["SDPA"] / t})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    reps = 10 if args.quick else 30
+    machine = machine_name("cuda")
+    rates = card_rates()
+    print(f"{machine}: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gbs']:.0f} GB/s", flush=True)
+    rows = []
+    for shape in SHAPES:
+        rows += run_shape(*shape, rates=rates, reps=reps)
+    notes = [f"measured in this run: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (8192^3), "
+             f"device copy {rates['copy_gbs']:.0f} GB/s (read + write)",
+             "forward FLOPs = 4*B*chunks*H*m*k*r*D; forward+backward = 3.5x forward; bfloat16; 10% of neighbour tokens masked",
+             "pct_bandwidth = minimal bytes (inputs read once, outputs written once) / time / copy bandwidth",
+             "layer: from unshifted q/k/v to the unshifted output, all copies included; bare: attention only",
+             "seq_len 2048, chunk 64, 2 neighbours of 128 tokens"]
+    columns = [("shape", "shape"), ("batch", "B"), ("mode", "mode"), ("level", "level"), ("impl", "impl"),
+               ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("pct_matmul", "% matmul"),
+               ("pct_bandwidth", "% bandwidth"), ("peak_mib", "peak MiB"),
+               ("speedup_vs_best_baseline", "x best baseline"), ("max_abs_err_vs_fp32", "max err"), ("error", "error")]
+
+    def plot(path):
+        layer = [r for r in rows if r["level"] == "layer" and "median_ms" in r]
+        labels = sorted({f"{r['shape']} {r['mode']}" for r in layer})
+        impls = list(dict.fromkeys(r["impl"] for r in layer))
+        series = {i: [next((r["tflops"] for r in layer if f"{r['shape']} {r['mode']}" == lab and r["impl"] == i), 0.0)
+                      for lab in labels] for i in impls}
+        bar_plot(path, labels, series, "TFLOP/s", f"CCA layer, bf16, {machine}")
+
+    write_results("cca_gpu", machine, rows, columns, notes, plot)
+
+    decode_rows = []
+    for B, H, D in DECODE_SHAPES:
+        decode_rows += run_decode(B, H, D, reps=50)
+    write_results("cca_decode_gpu", machine, decode_rows,
+                  [("shape", "shape"), ("mode", "mode"), ("impl", "impl"), ("median_us", "median us"),
+                   ("tokens_per_s", "tokens/s"), ("speedup_vs_sdpa", "x SDPA")],
+                  ["one CCA decode step over a batch, bf16, 10% of neighbour tokens masked; tokens/s = batch / time",
+                   "eager: each step launched from Python (validation and dispatch included); cuda graph: replays"],
+                  lambda path: bar_plot(path, [f"{r['shape']} {r['mode']}" for r in decode_rows if r["impl"] == "SDPA"],
+                                        {i: [r["tokens_per_s"] for r in decode_rows if r["impl"] == i]
+                                         for i in ("ours (cuda)", "SDPA")}, "tokens/s", f"CCA decode, {machine}"))
+
+
+if __name__ == "__main__":
+    main()
