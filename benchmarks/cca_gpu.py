@@ -193,30 +193,6 @@ def main(argv=None):
     machine = machine_name("cuda")
     rates = card_rates()
     print(f"{machine}: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gbs']:.0f} GB/s", flush=True)
-    rows = []
-    for shape in SHAPES:
-        rows += run_shape(*shape, rates=rates, reps=reps)
-    notes = [f"measured in this run: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (8192^3), "
-             f"device copy {rates['copy_gbs']:.0f} GB/s (read + write)",
-             "forward FLOPs = 4*B*chunks*H*m*k*r*D; forward+backward = 3.5x forward; bfloat16; 10% of neighbour tokens masked",
-             "pct_bandwidth = minimal bytes (inputs read once, outputs written once) / time / copy bandwidth",
-             "layer: from unshifted q/k/v to the unshifted output, all copies included; bare: attention only",
-             "seq_len 2048, chunk 64, 2 neighbours of 128 tokens"]
-    columns = [("shape", "shape"), ("batch", "B"), ("mode", "mode"), ("level", "level"), ("impl", "impl"),
-               ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("pct_matmul", "% matmul"),
-               ("pct_bandwidth", "% bandwidth"), ("peak_mib", "peak MiB"),
-               ("speedup_vs_best_baseline", "x best baseline"), ("max_abs_err_vs_fp32", "max err"), ("error", "error")]
-
-    def plot(path):
-        layer = [r for r in rows if r["level"] == "layer" and "median_ms" in r]
-        labels = sorted({f"{r['shape']} {r['mode']}" for r in layer})
-        impls = list(dict.fromkeys(r["impl"] for r in layer))
-        series = {i: [next((r["tflops"] for r in layer if f"{r['shape']} {r['mode']}" == lab and r["impl"] == i), 0.0)
-                      for lab in labels] for i in impls}
-        bar_plot(path, labels, series, "TFLOP/s", f"CCA layer, bf16, {machine}")
-
-    write_results("cca_gpu", machine, rows, columns, notes, plot)
-
     decode_rows = []
     for B, H, D in DECODE_SHAPES:
         decode_rows += run_decode(B, H, D, reps=50)
@@ -228,6 +204,30 @@ def main(argv=None):
                   lambda path: bar_plot(path, [f"{r['shape']} {r['mode']}" for r in decode_rows if r["impl"] == "SDPA"],
                                         {i: [r["tokens_per_s"] for r in decode_rows if r["impl"] == i]
                                          for i in ("ours (cuda)", "SDPA")}, "tokens/s", f"CCA decode, {machine}"))
+
+    notes = [f"measured in this run: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (8192^3), "
+             f"device copy {rates['copy_gbs']:.0f} GB/s (read + write)",
+             "forward FLOPs = 4*B*chunks*H*m*k*r*D; forward+backward = 3.5x forward; bfloat16; 10% of neighbour tokens masked",
+             "pct_bandwidth = minimal bytes (inputs read once, outputs written once) / time / copy bandwidth",
+             "layer: from unshifted q/k/v to the unshifted output, all copies included; bare: attention only",
+             "seq_len 2048, chunk 64, 2 neighbours of 128 tokens"]
+    columns = [("shape", "shape"), ("batch", "B"), ("mode", "mode"), ("level", "level"), ("impl", "impl"),
+               ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("pct_matmul", "% matmul"),
+               ("pct_bandwidth", "% bandwidth"), ("peak_mib", "peak MiB"),
+               ("speedup_vs_best_baseline", "x best baseline"), ("max_abs_err_vs_fp32", "max err"), ("error", "error")]
+    rows = []
+
+    def plot(path):
+        layer = [r for r in rows if r["level"] == "layer" and "median_ms" in r]
+        labels = sorted({f"{r['shape']} {r['mode']}" for r in layer})
+        impls = list(dict.fromkeys(r["impl"] for r in layer))
+        series = {i: [next((r["tflops"] for r in layer if f"{r['shape']} {r['mode']}" == lab and r["impl"] == i), 0.0)
+                      for lab in labels] for i in impls}
+        bar_plot(path, labels, series, "TFLOP/s", f"CCA layer, bf16, {machine}")
+
+    for shape in SHAPES:  # results written after each shape, so a cut-off run keeps what it measured
+        rows += run_shape(*shape, rates=rates, reps=reps)
+        write_results("cca_gpu", machine, rows, columns, notes, plot)
 
 
 if __name__ == "__main__":
