@@ -7,8 +7,9 @@
 //   out  (batch, heads, head_dim) = softmax(scale * q . k) v over real keys; 0 if none is real.
 //
 // Split-K ("flash decoding"): grid (splits, batch * heads); each block reduces its slice of keys
-// to a partial (max, sum, weighted values) with an online softmax per warp, and one combine
-// kernel merges the slices. With a single split the block writes the output directly.
+// to a partial (max, sum, weighted values) with online softmaxes (several keys per warp, 16-byte
+// loads), and one combine kernel merges the slices. With a single split the block writes the
+// output directly.
 #pragma once
 
 #include <cstddef>
