@@ -188,6 +188,7 @@ def run_decode(B, H, D, reps, K=2, R=128):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode rows")
     args = parser.parse_args(argv)
     reps = 10 if args.quick else 30
     machine = machine_name("cuda")
@@ -225,7 +226,7 @@ def main(argv=None):
                       for lab in labels] for i in impls}
         bar_plot(path, labels, series, "TFLOP/s", f"CCA layer, bf16, {machine}")
 
-    for shape in SHAPES:  # results written after each shape, so a cut-off run keeps what it measured
+    for shape in [] if args.decode_only else SHAPES:  # results written after each shape
         rows += run_shape(*shape, rates=rates, reps=reps)
         write_results("cca_gpu", machine, rows, columns, notes, plot)
 

@@ -2,7 +2,9 @@
 # The one prepared GPU call: build the extension with CUDA, run the GPU tests and the GPU
 # benchmarks, and leave logs and results under $OUT (default benchmarks/results/gpu-run).
 # Meant for the lent H100/H200 (torch 2.11 + triton 3.6, no network); under 8 minutes there.
-#   bash benchmarks/gpu_check.sh [--quick]
+#   bash benchmarks/gpu_check.sh
+# Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
 # What comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (benchmarks/results/*gpu*).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,13 +32,20 @@ run_all() {
   echo "== tests (GPU; one Triton configuration)"
   start=$SECONDS
   RETRO_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider \
-      ${GPU_TESTS:-tests/test_gpu.py} || status=1
+      tests/test_gpu.py -k "${GPU_TEST_FILTER:-}" || status=1
   echo "tests took $((SECONDS - start)) s"
 
   echo "== benchmarks (autotuned)"
   start=$SECONDS
-  for bench in ${GPU_BENCHMARKS:-benchmarks.cca_gpu benchmarks.neighbour_attention}; do
-    timeout ${BENCH_TIMEOUT:-300} $PY -m "$bench" "$@" || { echo "$bench FAILED"; status=1; }
+  # each entry: module[:arg,arg,...]
+  for entry in ${GPU_BENCHMARKS:-benchmarks.cca_gpu benchmarks.neighbour_attention benchmarks.model \
+                 benchmarks.retrieval:--synthetic-database,1000000}; do
+    bench=${entry%%:*}
+    args=""
+    [[ $entry == *:* ]] && args=${entry#*:} && args=${args//,/ }
+    echo "-- $bench $args"
+    # shellcheck disable=SC2086
+    timeout ${BENCH_TIMEOUT:-300} $PY -m "$bench" $args "$@" || { echo "$bench FAILED"; status=1; }
   done
   echo "benchmarks took $((SECONDS - start)) s"
   return $status

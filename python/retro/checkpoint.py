@@ -1,0 +1,83 @@
+"""Checkpoints: RUN/checkpoint/ holds model.safetensors (weights), config.json, optimizer.pt
+(optimizer, schedule and RNG states) and state.json (step, data position, options). A new
+checkpoint is written into a temporary folder and swapped in by renames, so a crash leaves the
+previous or the new checkpoint, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RetroError
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], config: dict, state: dict,
+                    optimizer_state: dict | None) -> Path:
+    """Writes RUN/checkpoint atomically (temp folder, then renames)."""
+    from safetensors.torch import save_file
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = run / f".checkpoint-tmp-{os.getpid()}", run / "checkpoint", run / ".checkpoint-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    _fsync_tree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_dir(run: Path) -> Path:
+    """RUN/checkpoint, or the previous one if a crash hit between the two renames."""
+    run = Path(run)
+    for name in ("checkpoint", ".checkpoint-old"):
+        if (run / name / "state.json").exists():
+            return run / name
+    raise RetroError(f"{str(run)!r} holds no checkpoint (expected {str(run / 'checkpoint')!r}); "
+                     "train one with `retro train`")
+
+
+def load_checkpoint(run: Path, with_optimizer: bool = True) -> dict:
+    """-> {"weights", "config", "state", "optimizer" (or None)}."""
+    from safetensors.torch import load_file
+
+    d = checkpoint_dir(run)
+    out = {"weights": load_file(str(d / "model.safetensors")), "config": json.loads((d / "config.json").read_text()),
+           "state": json.loads((d / "state.json").read_text()), "optimizer": None}
+    if with_optimizer and (d / "optimizer.pt").exists():
+        out["optimizer"] = torch.load(d / "optimizer.pt", weights_only=False)
+    return out

@@ -1,0 +1,106 @@
+"""Generation with retrieval (`retro generate RUN "prompt" --db DIR`, SPEC "Decoding").
+
+Each prompt is prefilled in one pass (with the neighbours of its complete chunks); then every
+step feeds one token per sequence through the caches. When the fed token completes a chunk, the
+chunk's neighbours are retrieved from the database and encoded once; the next window of
+positions attends to them. Sampling: temperature, top-k, top-p, a seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import RetroError
+from .retrieval.retriever import Retriever
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str                      # the generated continuation
+    tokens: list[int]
+    retrieved: list[dict] = field(default_factory=list)  # per retrieval: chunk, ids, texts
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+def _retrieve(retriever: Retriever, chunks: list[np.ndarray], k: int, device):
+    res = retriever.search(chunks, k)
+    return (torch.as_tensor(res.tokens, device=device), torch.as_tensor(res.mask, device=device), res.ids)
+
+
+@torch.no_grad()
+def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tokens: int = 64,
+             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
+             k: int | None = None, stop_at_eos: bool = True) -> list[Generation]:
+    """Continues each prompt; retriever None generates without retrieval (RETRO[OFF])."""
+    if not prompts:
+        raise RetroError("no prompt given")
+    tok = retriever.db.tokenizer if retriever is not None else model.tokenizer
+    cfg, m = model.cfg, model.cfg.chunk_size
+    k = k or cfg.neighbours
+    device = next(model.parameters()).device
+    encoded = [np.asarray(t, dtype=np.int64) for t in tok.encode(prompts)]
+    if any(len(t) == 0 for t in encoded):
+        raise RetroError("a prompt encodes to no token; give at least one character")
+    max_len = max(len(t) for t in encoded) + max_new_tokens  # the caches' length (any length works)
+    state = model.new_state(len(prompts), max_len)
+    gens = [Generation(p, "", []) for p in prompts]
+    history = [list(t) for t in encoded]
+    logits = []
+    for row, t in enumerate(encoded):
+        chunks = len(t) // m
+        nb = mask = None
+        if retriever is not None and chunks:
+            nb, mask, ids = _retrieve(retriever, [t[u * m:(u + 1) * m] for u in range(chunks)], k, device)
+            for u in range(chunks):
+                gens[row].retrieved.append({"chunk": u, "ids": ids[u].tolist()})
+        logits.append(model.prefill(state, row, torch.as_tensor(t, device=device), nb, mask))
+    gen = torch.Generator().manual_seed(seed)
+    nxt = sample(torch.stack(logits), temperature, top_k, top_p, gen)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        for row in range(len(prompts)):
+            if not done[row]:
+                history[row].append(int(nxt[row]))
+                gens[row].tokens.append(int(nxt[row]))
+        eos = getattr(tok, "eos_id", -1)
+        if stop_at_eos:
+            done |= (nxt.cpu() == eos)
+        if done.all():
+            break
+        new = {}
+        pos = state.pos.tolist()
+        complete = [r for r in range(len(prompts)) if pos[r] % m == m - 1]
+        if retriever is not None and complete:  # the token fed now completes chunk pos // m
+            chunks = [np.asarray(history[r][pos[r] - m + 1:pos[r] + 1]) for r in complete]
+            nb, mask, ids = _retrieve(retriever, chunks, k, device)
+            for j, r in enumerate(complete):
+                new[r] = (nb[j], mask[j])
+                gens[r].retrieved.append({"chunk": pos[r] // m, "ids": ids[j].tolist()})
+        logits = model.step(state, nxt.to(device), new)
+        nxt = sample(logits, temperature, top_k, top_p, gen)
+    for g in gens:
+        g.text = tok.decode(g.tokens)
+        if retriever is not None:
+            for r in g.retrieved:
+                r["texts"] = [retriever.db.chunk_text(i) if i >= 0 else None for i in r["ids"]]
+    return gens

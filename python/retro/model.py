@@ -1,0 +1,301 @@
+"""The RETRO model (Borgeaud et al. 2021; ../shared/SPEC.md), readable in one sitting.
+
+A decoder of pre-norm blocks: self-attention (rotary, SDPA, causal) -> chunked cross-attention
+(in the layers `cca_layers`) -> feed-forward. The neighbour encoder runs once, inside the first
+CCA layer, on the hidden states there: E_u = Encoder(RET(C_u), H_u). Without neighbours the
+model is RETRO[OFF]: the CCA blocks leave the residual stream untouched.
+
+Decoding (`step`) keeps a key/value cache for self-attention; when a chunk completes, its
+neighbours are encoded once and each CCA layer caches their keys/values for the next window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retro_kernels import ChunkedCrossAttention, RetroEncoder, chunked_cross_attention_decode
+from retro_kernels.nn import FeedForward, apply_rotary, cca_query_positions, rotary_angles
+
+
+def paper_cca_layers(depth: int, start: int = 6, every: int = 3) -> tuple[int, ...]:
+    """0-based CCA layers: the paper's layers 6, 9, 12, ... (1-based); for a model too shallow for
+    layer 6, every 3rd layer counted back from the last."""
+    layers = tuple(range(start - 1, depth, every))
+    return layers or tuple(range(depth - 1, -1, -every))[::-1]
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int = 8000
+    dim: int = 896
+    depth: int = 12
+    heads: int = 16
+    head_dim: int = 64
+    ff_dim: int = 3584
+    chunk_size: int = 64
+    cca_layers: tuple[int, ...] = field(default_factory=lambda: paper_cca_layers(12))
+    enc_dim: int = 896
+    enc_depth: int = 2
+    enc_heads: int = 14
+    enc_head_dim: int = 64
+    neighbours: int = 2           # k
+    dropout: float = 0.0
+    max_seq_len: int = 2048
+    rotary_base: float = 10000.0
+    backend: str = "auto"         # retro_kernels backend for CCA and the encoder
+
+    @property
+    def neighbour_len(self) -> int:  # r = 2m: [chunk, continuation]
+        return 2 * self.chunk_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetroConfig":
+        d = dict(d)
+        d["cca_layers"] = tuple(d["cca_layers"])
+        return cls(**d)
+
+
+def _paper(dim, ff, heads, head_dim, depth) -> dict:
+    return dict(dim=dim, ff_dim=ff, heads=heads, head_dim=head_dim, depth=depth, cca_layers=paper_cca_layers(depth))
+
+
+# Paper Table 2 sizes (RETRO 172M, 425M, 1.5B, 7.5B), 2-layer encoder of width 896 that
+# cross-attends in its first layer; "tiny" for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(dim=128, ff_dim=512, heads=4, head_dim=32, depth=4, cca_layers=(1, 3), enc_dim=128, enc_depth=2,
+                 enc_heads=4, enc_head_dim=32, max_seq_len=1024),
+    "172M": _paper(896, 3584, 16, 64, 12),
+    "425M": _paper(1536, 6144, 12, 128, 12),
+    "1.5B": _paper(2048, 8192, 16, 128, 24),
+    "7.5B": _paper(4096, 16384, 32, 128, 32),
+}
+
+
+def preset(name: str, **overrides) -> RetroConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; expected one of {sorted(PRESETS)}")
+    return RetroConfig(**{**PRESETS[name], **overrides})
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.base = cfg.heads, cfg.head_dim, cfg.rotary_base
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def _qkv(self, x: Tensor, positions: Tensor):
+        """x (B, n, dim), positions (B, n) -> rotated q, k and v, each (B, H, n, D)."""
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, self.head_dim).unbind(2)
+        cos, sin = rotary_angles(positions, self.head_dim, self.base, torch.promote_types(x.dtype, torch.float32))
+        q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos[:, :, None], sin[:, :, None])
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, kv: "_KV | None" = None, row: int | None = None) -> Tensor:
+        B, n, _ = x.shape
+        q, k, v = self._qkv(x, torch.arange(n, device=x.device).expand(B, n))
+        if kv is not None:  # prefill of one sequence: keep the keys/values of every position
+            kv.k[row, :, :n], kv.v[row, :, :n] = k[0], v[0]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(B, n, -1))
+
+    def step(self, x: Tensor, pos: Tensor, cache) -> Tensor:
+        """x (B, 1, dim) at positions pos (B,) -> (B, 1, dim), attending to the cache."""
+        q, k, v = self._qkv(x, pos[:, None])
+        rows = torch.arange(len(pos), device=x.device)
+        cache.k[rows, :, pos], cache.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        seen = torch.arange(cache.k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (B, T)
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=seen[:, None, None, :])
+        return self.out(o.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: RetroConfig, index: int):
+        super().__init__()
+        self.attn_norm, self.attn = nn.LayerNorm(cfg.dim), SelfAttention(cfg)
+        self.cca = None
+        if index in cfg.cca_layers:
+            self.cca_norm = nn.LayerNorm(cfg.dim)
+            self.cca = ChunkedCrossAttention(cfg.dim, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim,
+                                             rotary=True, backend=cfg.backend, rotary_base=cfg.rotary_base)
+        self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, cfg.ff_dim // cfg.dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+class RetroModel(nn.Module):
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        bad = [i for i in cfg.cca_layers if not 0 <= i < cfg.depth]
+        if bad or not cfg.cca_layers:
+            raise ValueError(f"cca_layers must be non-empty 0-based layer indices < depth={cfg.depth}, "
+                             f"got {cfg.cca_layers}")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.depth))
+        self.first_cca = min(cfg.cca_layers)
+        self.to_encoder = nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else nn.Identity()
+        self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=cfg.dim,
+                                    cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.checkpointing = False  # activation checkpointing of the decoder layers
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def encode(self, neighbours: Tensor, neighbour_mask: Tensor | None, chunk_states: Tensor) -> Tensor:
+        """neighbour tokens (B, L, K, R), chunk states H_u (B, L, m, dim) -> E (B, L, K, R, enc_dim)."""
+        return self.encoder(self.to_encoder(self.embed(neighbours)), chunk_states, neighbour_mask)
+
+    def _layer(self, layer: DecoderLayer, i: int, x: Tensor, neighbours, neighbour_mask, enc, cache):
+        kv, row = (None, None) if cache is None else (cache.self_attn[i], cache.row)
+        x = x + layer.drop(layer.attn(layer.attn_norm(x), kv, row))
+        if cache is not None and i == self.first_cca:
+            cache.keep_chunk_states(x)  # H after the first CCA layer's self-attention
+        if layer.cca is not None and neighbours is not None:
+            chunks = x.shape[1] // self.cfg.chunk_size
+            mask = None if neighbour_mask is None else neighbour_mask[:, :chunks]
+            if i == self.first_cca:  # the encoder runs once, on the unshifted chunk states H_u
+                h = x[:, : chunks * self.cfg.chunk_size].reshape(x.shape[0], chunks, self.cfg.chunk_size, -1)
+                enc = self.encode(neighbours[:, :chunks], mask, h)
+                if cache is not None:
+                    cache.keep_neighbours(self, enc, mask, x.shape[1])
+            x = x + layer.drop(layer.cca(layer.cca_norm(x), enc, mask))
+        return x + layer.drop(layer.ff(layer.ff_norm(x))), enc
+
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None,
+                cache: "DecodeState | None" = None) -> Tensor:
+        """tokens (B, n); neighbours (B, L, K, R) token ids of the k neighbours [chunk, continuation]
+        of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab)."""
+        n = tokens.shape[1]
+        if neighbours is not None and n // self.cfg.chunk_size == 0:
+            neighbours = None  # no complete chunk yet: nothing to attend to
+        x, enc = self.embed(tokens), None
+        for i, layer in enumerate(self.layers):
+            if self.checkpointing and self.training:
+                x, enc = torch.utils.checkpoint.checkpoint(self._layer, layer, i, x, neighbours, neighbour_mask,
+                                                           enc, None, use_reentrant=False)
+            else:
+                x, enc = self._layer(layer, i, x, neighbours, neighbour_mask, enc, cache)
+        return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
+
+    # ---- incremental decoding ---------------------------------------------------------------------
+
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None) -> "DecodeState":
+        p = next(self.parameters())
+        return DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype)
+
+    @torch.no_grad()
+    def prefill(self, state: "DecodeState", row: int, tokens: Tensor, neighbours: Tensor | None = None,
+                neighbour_mask: Tensor | None = None) -> Tensor:
+        """Runs sequence `row`'s prompt tokens (n,) in one parallel pass, with the neighbours (L, K, R)
+        of its complete chunks, filling its caches -> logits (vocab,) after the last prompt token."""
+        state.row = row
+        logits = self.forward(tokens[None], None if neighbours is None else neighbours[None],
+                              None if neighbour_mask is None else neighbour_mask[None], cache=state)
+        state.pos[row] = tokens.shape[0]
+        state.row = None
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def step(self, state: "DecodeState", tokens: Tensor, new_neighbours: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+        """Feeds one token per sequence (tokens (B,), at positions state.pos) -> logits (B, vocab).
+        new_neighbours maps a row whose token completes chunk u (pos % m == m - 1) to that chunk's
+        retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached."""
+        cfg, pos = self.cfg, state.pos
+        x = self.embed(tokens)[:, None]
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn.step(layer.attn_norm(x), pos, state.self_attn[i])
+            if i == self.first_cca:
+                state.chunk_states[torch.arange(len(pos)), pos % cfg.chunk_size] = x[:, 0]
+                if new_neighbours:
+                    state.encode_completed(self, new_neighbours)
+            if layer.cca is not None:
+                q = layer.cca.to_q(layer.cca_norm(x)).view(-1, cfg.heads, cfg.head_dim)
+                cos, sin = rotary_angles(cca_query_positions(pos, cfg.chunk_size), cfg.head_dim, cfg.rotary_base,
+                                         torch.promote_types(q.dtype, torch.float32))
+                q = apply_rotary(q, cos[:, None], sin[:, None])
+                k, v = state.cca_kv[i]
+                o = chunked_cross_attention_decode(q, k, v, state.cca_mask, backend=cfg.backend if cfg.backend
+                                                   in ("reference", "cpu", "cuda") else "auto")
+                x = x + layer.cca.to_out(o.reshape(len(pos), 1, -1))
+            x = x + layer.ff(layer.ff_norm(x))
+        state.pos += 1
+        return F.linear(self.norm(x[:, 0]), self.embed.weight)
+
+
+class _KV:
+    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+
+class DecodeState:
+    """Caches of a batch being decoded: per-sequence positions, self-attention keys/values, the
+    first CCA layer's states of each sequence's chunk in progress, and each CCA layer's keys/values
+    of the neighbours of each sequence's current chunk (mask all False before the first chunk)."""
+
+    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype):
+        cfg = model.cfg
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.self_attn = [_KV(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
+        self.chunk_states = torch.zeros(batch, cfg.chunk_size, cfg.dim, device=device, dtype=dtype)
+        shape = (batch, cfg.neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
+        self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                       for i in cfg.cca_layers}
+        self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+        self.row = None  # the row a prefill writes into
+
+    def encode_completed(self, model: RetroModel, new: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Encodes the neighbours of the chunks just completed (rows of `new`) with those rows'
+        cached chunk states, and caches every CCA layer's keys/values for them."""
+        rows = torch.tensor(sorted(new), device=self.pos.device)
+        nb = torch.stack([new[r][0] for r in sorted(new)])[:, None]      # (b, 1, K, R)
+        mask = torch.stack([new[r][1] for r in sorted(new)])[:, None]
+        enc = model.encode(nb, mask, self.chunk_states[rows][:, None])      # (b, 1, K, R, enc_dim)
+        self._store(model, rows, enc[:, 0], mask[:, 0])
+
+    def _store(self, model, rows, enc, mask) -> None:
+        for i in model.cfg.cca_layers:
+            k, v = model.layers[i].cca.project_neighbours(enc)  # (b, K, R, H, D), rotated
+            self.cca_kv[i][0][rows], self.cca_kv[i][1][rows] = k.to(self.cca_kv[i][0].dtype), v.to(self.cca_kv[i][1].dtype)
+        self.cca_mask[rows] = mask
+
+    def keep_chunk_states(self, x: Tensor) -> None:
+        """Prefill (x (1, n, dim) after the first CCA layer's self-attention): keeps the states of
+        the chunk still in progress after the prompt."""
+        n, m = x.shape[1], self.chunk_states.shape[1]
+        start = (n // m) * m
+        self.chunk_states[self.row, : n - start] = x[0, start:n].to(self.chunk_states.dtype)
+
+    def keep_neighbours(self, model: RetroModel, enc: Tensor, mask: Tensor | None, n: int) -> None:
+        """Prefill: caches the CCA keys/values of the chunk that position n (the next one) attends,
+        unless position n itself completes a chunk (then step() retrieves and encodes it)."""
+        m = model.cfg.chunk_size
+        if n % m == m - 1:
+            return
+        last = (n + 1) // m - 1
+        chunk_mask = mask[:, last] if mask is not None else torch.ones(enc.shape[:1] + enc.shape[2:4],
+                                                                       dtype=torch.bool, device=enc.device)
+        self._store(model, torch.tensor([self.row], device=enc.device), enc[:, last], chunk_mask)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)

@@ -1,0 +1,402 @@
+"""The retrieval database: 64-token chunks of the training documents keyed by frozen-BERT
+embeddings, with values [chunk, continuation] (SPEC "Chunks and neighbours").
+
+A database folder holds memory-mapped numpy arrays, the faiss index and manifest.json:
+  tokens.npy       (T,)   int32   LM tokens of every document, training and held-out
+  doc_start.npy    (D+1,) int64   document d is tokens[doc_start[d]:doc_start[d+1]]
+  doc_split.npy    (D,)   uint8   0 = training (in the database), 1 = held out for evaluation
+  doc_bytes.npy    (D,)   int64   UTF-8 bytes of each document (for bits per byte)
+  chunk_start.npy  (C,)   int64   chunk c is tokens[chunk_start[c]:chunk_start[c]+chunk_len[c]]
+  chunk_len.npy    (C,)   int16   chunk_size, or less for a document's last chunk
+  chunk_doc.npy    (C,)   int32   the document of each chunk (training documents only)
+  embeddings.npy   (C, dim) float32  the keys
+  index.faiss              the faiss index of the keys (absent for the "torch" index)
+Chunks never cross a document boundary. The manifest is written last: a folder without one is an
+unfinished build, which `--resume` completes block by block into exactly the database an
+uninterrupted build gives.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .. import distributed as dist
+from ..atomic import atomic_path, read_json, write_json, write_npy
+from ..errors import RetroError
+from .corpus import CorpusReport, iter_documents
+from .embedder import DEFAULT_EMBEDDER
+from .tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_from_manifest
+
+FORMAT_VERSION = 1
+ARRAYS = ("tokens", "doc_start", "doc_split", "doc_bytes", "chunk_start", "chunk_len", "chunk_doc", "embeddings")
+_OWN_NAMES = {f"{a}.npy" for a in ARRAYS} | {"index.faiss", "manifest.json", "build_state.json",
+                                             "tokenizer.model", "parts"}
+
+
+@dataclass
+class BuildOptions:
+    corpus: str
+    out: str
+    tokenizer: str | None = None  # a SentencePiece file or HF tokenizer; None: train one
+    vocab_size: int = 8000
+    chunk_size: int = 64
+    valid_fraction: float = 0.0
+    embedder: str = DEFAULT_EMBEDDER
+    index: str = "auto"
+    target_recall: float = 0.95
+    block_size: int = 2048  # chunks per embedding block (the unit of resumption)
+    text_field: str = "text"
+    max_documents: int | None = None
+    seed: int = 0
+    # how, not what: these do not change the database
+    resume: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    embed_batch_size: int = 128
+    progress: bool = True
+
+    _HOW = ("resume", "overwrite", "device", "embed_batch_size", "progress")
+
+    def what(self) -> dict:
+        """The options that determine the database's content."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._HOW}
+
+    def validate(self) -> None:
+        if self.chunk_size < 1:
+            raise RetroError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise RetroError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.vocab_size < 16:
+            raise RetroError(f"--vocab-size must be >= 16, got {self.vocab_size}")
+        if self.block_size < 1:
+            raise RetroError(f"--block-size must be >= 1, got {self.block_size}")
+        from .index import KINDS
+
+        if self.index not in KINDS:
+            raise RetroError(f"--index must be one of {KINDS}, got {self.index!r}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise RetroError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk" if "chunk" in desc or "embed" in desc else "it",
+                disable=not enabled or not dist.is_main(), dynamic_ncols=True, leave=False)
+
+
+def _prepare_folder(opts: BuildOptions) -> dict:
+    """Checks the output folder; returns the build state (new or resumed)."""
+    out = Path(opts.out)
+    state_path = out / "build_state.json"
+    if out.exists() and any(out.iterdir()):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_NAMES and not p.name.startswith("."))
+        if opts.overwrite:
+            if foreign:
+                raise RetroError(f"--overwrite refuses to empty {str(out)!r}: it holds files that are not part of a "
+                                 f"retro database ({', '.join(foreign[:5])})")
+            shutil.rmtree(out)
+        elif (out / "manifest.json").exists():
+            raise RetroError(f"{str(out)!r} already holds a database; pass --overwrite to replace it")
+        elif state_path.exists():
+            if not opts.resume:
+                raise RetroError(f"{str(out)!r} holds an unfinished build; pass --resume to complete it "
+                                 "or --overwrite to start again")
+            state = read_json(state_path)
+            if state["options"] != opts.what():
+                diff = {k: (state["options"].get(k), v) for k, v in opts.what().items() if state["options"].get(k) != v}
+                raise RetroError(f"--resume: the options differ from the unfinished build's: {diff} "
+                                 "(was, now)")
+            return state
+        else:
+            raise RetroError(f"{str(out)!r} is not empty and holds no retro database; choose another --out")
+    state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
+    write_json(state_path, state)
+    return state
+
+
+def _save_state(opts: BuildOptions, state: dict) -> None:
+    write_json(Path(opts.out) / "build_state.json", state)
+
+
+def _split_documents(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    """Whole documents held out: a seeded random choice of round(fraction * D) documents."""
+    split = np.zeros(n_docs, dtype=np.uint8)
+    n_valid = int(round(fraction * n_docs))
+    if fraction > 0 and n_valid == 0:
+        n_valid = 1
+    if n_valid >= n_docs and n_docs > 0:
+        raise RetroError(f"--valid-fraction {fraction} leaves no training document out of {n_docs}")
+    split[np.random.default_rng(seed).permutation(n_docs)[:n_valid]] = 1
+    return split
+
+
+def chunk_layout(doc_start: np.ndarray, doc_split: np.ndarray, chunk_size: int):
+    """Chunks of the training documents: (chunk_start int64, chunk_len int16, chunk_doc int32)."""
+    starts, lens, docs = [], [], []
+    for d in np.flatnonzero(doc_split == 0):
+        a, b = int(doc_start[d]), int(doc_start[d + 1])
+        s = np.arange(a, b, chunk_size, dtype=np.int64)
+        starts.append(s)
+        lens.append(np.minimum(chunk_size, b - s).astype(np.int16))
+        docs.append(np.full(len(s), d, dtype=np.int32))
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    return cat(starts, np.int64), cat(lens, np.int16), cat(docs, np.int32)
+
+
+def _tokenize_stage(opts: BuildOptions, tokenizer, documents: list[str], log) -> None:
+    out = Path(opts.out)
+    if (out / "chunk_doc.npy").exists():
+        return
+    r, w = dist.rank(), dist.world_size()
+    parts = out / "parts"
+    mine = list(range(r, len(documents), w))
+    encoded = tokenizer.encode([documents[i] for i in mine]) if mine else []
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    flat = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
+    write_npy(parts / f"tokens-rank{r}.npy", flat)
+    write_npy(parts / f"lengths-rank{r}.npy", lengths)
+    dist.barrier()
+    if dist.is_main():
+        per_rank = [(np.load(parts / f"tokens-rank{i}.npy"), np.load(parts / f"lengths-rank{i}.npy")) for i in range(w)]
+        seqs: list[np.ndarray] = [None] * len(documents)  # type: ignore[list-item]
+        for i, (flat_i, len_i) in enumerate(per_rank):
+            offsets = np.concatenate([[0], np.cumsum(len_i)])
+            for j, d in enumerate(range(i, len(documents), w)):
+                seqs[d] = flat_i[offsets[j]:offsets[j + 1]]
+        doc_len = np.array([len(s) for s in seqs], dtype=np.int64)
+        doc_start = np.concatenate([[0], np.cumsum(doc_len)]).astype(np.int64)
+        doc_split = _split_documents(len(documents), opts.valid_fraction, opts.seed)
+        tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
+        chunk_start, chunk_len, chunk_doc = chunk_layout(doc_start, doc_split, opts.chunk_size)
+        if len(chunk_start) == 0:
+            raise RetroError("the corpus gives no training chunk (no training document has a token)")
+        doc_bytes = np.array([len(d.encode("utf-8")) for d in documents], dtype=np.int64)
+        for name, arr in (("tokens", tokens), ("doc_start", doc_start), ("doc_split", doc_split),
+                          ("doc_bytes", doc_bytes), ("chunk_start", chunk_start), ("chunk_len", chunk_len),
+                          ("chunk_doc", chunk_doc)):  # chunk_doc last: it marks the stage done
+            write_npy(out / f"{name}.npy", arr)
+        log(f"[build-db] {len(documents)} documents ({int(doc_split.sum())} held out), {len(tokens)} tokens, "
+            f"{len(chunk_start)} chunks of {opts.chunk_size}")
+    dist.barrier()
+
+
+def chunk_texts(tokenizer, tokens: np.ndarray, chunk_start: np.ndarray, chunk_len: np.ndarray) -> list[str]:
+    return [tokenizer.decode(tokens[s:s + n]) for s, n in zip(chunk_start, chunk_len)]
+
+
+def _embed_stage(opts: BuildOptions, tokenizer, log) -> dict:
+    from .embedder import BertEmbedder
+
+    out = Path(opts.out)
+    parts = out / "parts"
+    tokens = np.load(out / "tokens.npy", mmap_mode="r")
+    starts = np.load(out / "chunk_start.npy")
+    lens = np.load(out / "chunk_len.npy")
+    n = len(starts)
+    blocks = range(dist.rank(), (n + opts.block_size - 1) // opts.block_size, dist.world_size())
+    todo = [b for b in blocks if not (parts / f"embeddings-{b:06d}.npy").exists()]
+    embedder = BertEmbedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
+    fail_after = int(os.environ.get("RETRO_TEST_FAIL_AFTER_BLOCKS", "-1"))  # tests: simulate a crash
+    bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
+                    opts.progress)
+    for done, b in enumerate(todo):
+        if done == fail_after:
+            raise SystemExit(f"[build-db] simulated crash after {done} blocks (RETRO_TEST_FAIL_AFTER_BLOCKS)")
+        sl = slice(b * opts.block_size, min(n, (b + 1) * opts.block_size))
+        emb = embedder.embed(chunk_texts(tokenizer, tokens, starts[sl], lens[sl]))
+        write_npy(parts / f"embeddings-{b:06d}.npy", emb)
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    dist.barrier()
+    return embedder.describe()
+
+
+def _merge_embeddings(opts: BuildOptions) -> None:
+    out = Path(opts.out)
+    if (out / "embeddings.npy").exists():
+        return
+    n = len(np.load(out / "chunk_start.npy", mmap_mode="r"))
+    blocks = [np.load(out / "parts" / f"embeddings-{b:06d}.npy")
+              for b in range((n + opts.block_size - 1) // opts.block_size)]
+    write_npy(out / "embeddings.npy", np.concatenate(blocks).astype(np.float32))
+
+
+def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
+    from .index import IndexSettings, SearchIndex, build_faiss, choose_kind, tune_nprobe
+
+    out = Path(opts.out)
+    if "index" in state["stages"]:
+        return state["stages"]["index"]
+    vectors = np.load(out / "embeddings.npy", mmap_mode="r")
+    kind = choose_kind(len(vectors)) if opts.index == "auto" else opts.index
+    if kind == "torch":
+        settings = IndexSettings(kind="torch", recall=1.0)
+    else:
+        import faiss
+
+        bar = _progress(len(vectors), f"adding to the {kind} index", opts.progress)
+        index, settings = build_faiss(kind, vectors, seed=opts.seed, progress=bar.update)
+        bar.close()
+        nprobe, recall = tune_nprobe(SearchIndex(settings, index), vectors, opts.target_recall, seed=opts.seed)
+        settings.nprobe, settings.recall = nprobe, recall
+        with atomic_path(out / "index.faiss") as tmp:
+            faiss.write_index(index, str(tmp))
+        log(f"[build-db] {kind} index over {len(vectors)} chunks; nprobe {nprobe}, "
+            f"recall@{settings.recall_k} {recall:.3f} against exact search")
+    state["stages"]["index"] = asdict(settings)
+    _save_state(opts, state)
+    return state["stages"]["index"]
+
+
+def build_database(opts: BuildOptions, log=print) -> Path:
+    """Builds (or, with opts.resume, completes) the database in opts.out. Runs alone or under
+    torchrun: every rank tokenises and embeds its share, rank 0 merges, indexes and writes."""
+    opts.validate()
+    dist.init_from_env()
+    out = Path(opts.out)
+    state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
+    if state is None:
+        raise RetroError("build preparation failed on rank 0")
+    report = CorpusReport()
+    documents = list(iter_documents(opts.corpus, opts.text_field, report))
+    if opts.max_documents is not None:
+        documents = documents[: opts.max_documents]
+    if not documents:
+        raise RetroError(f"corpus {opts.corpus!r} has no non-empty document ({report.files} files read, "
+                         f"{report.empty_documents} empty documents)")
+
+    tok_path = out / "tokenizer.model"
+    if opts.tokenizer is not None:
+        tokenizer = load_tokenizer(opts.tokenizer)
+        if dist.is_main() and isinstance(tokenizer, SentencePieceTokenizer):
+            tokenizer.save(tok_path)
+    elif tok_path.exists():
+        tokenizer = SentencePieceTokenizer.load(tok_path)
+    else:
+        if dist.is_main():
+            train_docs = [d for d, s in zip(documents, _split_documents(len(documents), opts.valid_fraction,
+                                                                         opts.seed)) if s == 0]
+            SentencePieceTokenizer.train(train_docs, opts.vocab_size, log=log).save(tok_path)
+        dist.barrier()
+        tokenizer = SentencePieceTokenizer.load(tok_path)
+    if tokenizer.vocab_size < opts.vocab_size and opts.tokenizer is None:
+        state["stages"]["vocab_reduced"] = {"asked": opts.vocab_size, "got": tokenizer.vocab_size}
+
+    _tokenize_stage(opts, tokenizer, documents, log)
+    embedder_info = _embed_stage(opts, tokenizer, log)
+    if dist.is_main():
+        _merge_embeddings(opts)
+        index_info = _index_stage(opts, state, log)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "chunk_size": opts.chunk_size,
+            "counts": _counts(out),
+            "tokenizer": tokenizer.describe(),
+            "embedder": embedder_info,
+            "index": index_info,
+            "arrays": {a: _array_info(out / f"{a}.npy") for a in ARRAYS},
+            "report": {"files": report.files, "documents": report.documents,
+                       "empty_documents_skipped": report.empty_documents,
+                       "non_utf8_bytes_replaced": report.replaced_bytes,
+                       "vocab_reduced": state["stages"].get("vocab_reduced")},
+            "options": {k: v for k, v in opts.what().items() if k not in ("out",)},
+        }
+        write_json(out / "manifest.json", manifest)
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        (out / "build_state.json").unlink(missing_ok=True)
+        log(f"[build-db] wrote {str(out)!r}: {manifest['counts']['chunks']} chunks; "
+            f"{report.replaced_bytes} non-UTF-8 bytes replaced")
+    dist.barrier()
+    return out
+
+
+def _array_info(path: Path) -> dict:
+    a = np.load(path, mmap_mode="r")
+    return {"shape": list(a.shape), "dtype": str(a.dtype)}
+
+
+def _counts(out: Path) -> dict:
+    split = np.load(out / "doc_split.npy")
+    return {"documents": int(len(split)), "train_documents": int((split == 0).sum()),
+            "valid_documents": int((split == 1).sum()),
+            "tokens": int(len(np.load(out / "tokens.npy", mmap_mode="r"))),
+            "chunks": int(len(np.load(out / "chunk_start.npy", mmap_mode="r")))}
+
+
+class ChunkDatabase:
+    """A finished database, memory-mapped. values(ids) gives the neighbour tokens [chunk,
+    continuation] and their mask; train/valid documents give the language-model data."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            hint = " (an unfinished build: run build-db again with --resume)" if \
+                (self.path / "build_state.json").exists() else ""
+            raise RetroError(f"{str(self.path)!r} is not a retro database: no manifest.json{hint}")
+        self.manifest = read_json(mpath)
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise RetroError(f"{str(self.path)!r} has database format version {version}; this version of retro "
+                             f"reads version {FORMAT_VERSION}: rebuild it with `retro build-db --overwrite`")
+        for name in ARRAYS:
+            p = self.path / f"{name}.npy"
+            if not p.exists():
+                raise RetroError(f"{str(self.path)!r}: {name}.npy is missing")
+            arr = np.load(p, mmap_mode="r")
+            want = self.manifest["arrays"][name]
+            if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
+                raise RetroError(f"{str(self.path)!r}: {name}.npy has shape {list(arr.shape)} and dtype {arr.dtype}, "
+                                 f"but the manifest says {want['shape']} {want['dtype']}; the database is damaged")
+            setattr(self, name, arr)
+        self.chunk_size = int(self.manifest["chunk_size"])
+        self.num_chunks = len(self.chunk_start)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_from_manifest(self.path, self.manifest["tokenizer"])
+        return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_id)
+
+    def chunk_tokens(self, c: int) -> np.ndarray:
+        s = int(self.chunk_start[c])
+        return np.asarray(self.tokens[s:s + int(self.chunk_len[c])])
+
+    def values(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids (...,) int64 (-1 = none) -> tokens (..., 2m) int64, mask (..., 2m) bool:
+        [chunk, continuation], the continuation being the next chunk of the same document."""
+        m = self.chunk_size
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        tokens = np.full((len(flat), 2 * m), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(flat), 2 * m), dtype=bool)
+        for row, c in enumerate(flat):
+            if c < 0:
+                continue
+            for part, cc in enumerate((c, c + 1)):
+                if part == 1 and (cc >= self.num_chunks or self.chunk_doc[cc] != self.chunk_doc[c]):
+                    break
+                t = self.chunk_tokens(cc)
+                tokens[row, part * m: part * m + len(t)] = t
+                mask[row, part * m: part * m + len(t)] = True
+        shape = tuple(np.shape(ids)) + (2 * m,)
+        return tokens.reshape(shape), mask.reshape(shape)
+
+    def documents(self, split: str = "train") -> np.ndarray:
+        """Document ids of the training ("train") or held-out ("valid") split."""
+        return np.flatnonzero(self.doc_split == (0 if split == "train" else 1))
+
+    def document_tokens(self, d: int) -> np.ndarray:
+        return np.asarray(self.tokens[int(self.doc_start[d]):int(self.doc_start[d + 1])])
+
+    def chunk_text(self, c: int) -> str:
+        return self.tokenizer.decode(self.chunk_tokens(c))

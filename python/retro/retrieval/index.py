@@ -1,0 +1,205 @@
+"""Nearest-neighbour indexes over chunk embeddings (L2 distance).
+
+Kinds, chosen by database size unless named:
+  flat      exact (faiss IndexFlatL2)                                       < 50 000 chunks
+  ivf-flat  inverted lists, exact distances (IndexIVFFlat)                  < 5 000 000 chunks
+  ivf-pq    rotation + inverted lists + product quantisation (OPQ,IVF,PQ)   larger
+  torch     exact search in torch, on the GPU when there is one (for faiss builds without GPUs)
+faiss indexes train on a sample, run on every GPU faiss sees (sharded) and on the CPU otherwise;
+nprobe is tuned until recall@k against exact search reaches the target on a sample of queries.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import RetroError
+
+KINDS = ("auto", "flat", "ivf-flat", "ivf-pq", "torch")
+
+
+def choose_kind(n: int) -> str:
+    if n < 50_000:
+        return "flat"
+    if n < 5_000_000:
+        return "ivf-flat"
+    return "ivf-pq"
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@dataclass
+class IndexSettings:
+    kind: str
+    nlist: int = 0
+    pq_m: int = 0
+    nprobe: int = 0
+    recall: float | None = None  # measured recall@recall_k against exact search
+    recall_k: int = 10
+    trained_on: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class TorchExactIndex:
+    """Exact L2 search by matrix products in torch; fp16 storage on a GPU."""
+
+    def __init__(self, vectors: np.ndarray, device=None, block_elements: int = 1 << 26):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.x = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.device, dtype)
+        self.norms = self.x.float().square().sum(1)
+        self.ntotal = self.x.shape[0]
+        self.block_elements = block_elements  # queries x vectors per distance block
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=self.device)
+        k = min(k, self.ntotal)
+        best_d = torch.full((q.shape[0], 0), float("inf"), device=self.device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=self.device)
+        qn = q.square().sum(1, keepdim=True)
+        block = max(1024, self.block_elements // max(1, q.shape[0]))
+        for s in range(0, self.ntotal, block):
+            xb = self.x[s:s + block]
+            d = qn - 2 * (q.to(xb.dtype) @ xb.T).float() + self.norms[s:s + block]
+            dd, ii = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
+            best_d = torch.cat([best_d, dd], 1)
+            best_i = torch.cat([best_i, ii + s], 1)
+            best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False)
+            best_i = torch.gather(best_i, 1, pos)
+        return best_d.clamp(min=0).cpu().numpy(), best_i.cpu().numpy()
+
+
+def _pq_m(dim: int) -> int:
+    for m in (64, 48, 32, 24, 16, 12, 8, 6, 4, 2, 1):
+        if dim % m == 0 and dim // m >= 4:
+            return m
+    return 1
+
+
+def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, block: int = 65_536):
+    """Trains (on a sample) and fills a faiss index of `kind` on the CPU, or on all GPUs faiss
+    sees, returning the CPU index and its settings."""
+    import faiss
+
+    n, dim = vectors.shape
+    settings = IndexSettings(kind=kind)
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    else:
+        nlist = int(min(65_536, max(16, 4 * math.sqrt(n))))
+        nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
+        settings.nlist = nlist
+        if kind == "ivf-flat":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
+        else:
+            m = _pq_m(dim)
+            settings.pq_m = m
+            index = faiss.index_factory(dim, f"OPQ{m},IVF{nlist},PQ{m}")
+        sample_n = min(n, max(256 * nlist, 50_000))
+        rng = np.random.default_rng(seed)
+        sample = np.asarray(vectors[np.sort(rng.choice(n, sample_n, replace=False))], dtype=np.float32)
+        settings.trained_on = sample_n
+        gpus = faiss_gpus()
+        if gpus and kind == "ivf-flat":  # train the coarse quantiser on the GPUs
+            clus = faiss.Clustering(dim, nlist)
+            clus.seed = seed
+            clus.train(sample, faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim)))
+            centroids = faiss.vector_float_to_array(clus.centroids).reshape(nlist, dim)
+            index.quantizer.add(centroids)
+            index.is_trained = True
+        else:  # faiss's k-means and OPQ use fixed seeds: the same sample gives the same index
+            index.train(sample)
+    gpu_index = None
+    if faiss_gpus() and kind != "flat":
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = True
+        gpu_index = faiss.index_cpu_to_all_gpus(index, co)
+    target = gpu_index if gpu_index is not None else index
+    for s in range(0, n, block):
+        target.add(np.asarray(vectors[s:s + block], dtype=np.float32))
+        if progress is not None:
+            progress(min(block, n - s))
+    if gpu_index is not None:
+        index = faiss.index_gpu_to_cpu(gpu_index)
+    return index, settings
+
+
+class SearchIndex:
+    """A loaded index: faiss (on all GPUs when faiss has them) or torch exact search."""
+
+    def __init__(self, settings: IndexSettings, faiss_index=None, vectors=None, device=None):
+        self.settings = settings
+        self.kind = settings.kind
+        if self.kind == "torch":
+            self.impl = TorchExactIndex(vectors, device)
+            self.ntotal = self.impl.ntotal
+            return
+        import faiss
+
+        self.faiss_index = faiss_index
+        if settings.nprobe:
+            self.set_nprobe(settings.nprobe)
+        self.impl = faiss_index
+        if faiss_gpus():
+            co = faiss.GpuMultipleClonerOptions()
+            co.shard = True
+            self.impl = faiss.index_cpu_to_all_gpus(faiss_index, co)
+        self.ntotal = faiss_index.ntotal
+
+    def set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        if self.kind in ("ivf-flat", "ivf-pq"):
+            faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
+            if getattr(self, "impl", None) is not None and self.impl is not self.faiss_index:
+                faiss.GpuParameterSpace().set_index_parameter(self.impl, "nprobe", nprobe)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> distances (Q, k) float32 (squared L2), ids (Q, k) int64; -1 where fewer exist."""
+        if k > self.ntotal:
+            raise RetroError(f"k={k} is larger than the database ({self.ntotal} chunks)")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.kind == "torch":
+            return self.impl.search(q, k)
+        return self.impl.search(q, k)
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean |approx top-k & exact top-k| / k."""
+    hits = [len(set(a[:k]) & set(e[:k])) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) / k
+
+
+def tune_nprobe(index: SearchIndex, vectors: np.ndarray, target: float, k: int = 10, queries: int = 1000,
+                seed: int = 0) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k against exact search reaches `target`, on a
+    sample of database vectors as queries with each query's own vector left out of both result
+    lists (a database vector always finds itself, which would flatter the recall of queries from
+    outside the database); returns (nprobe, measured recall)."""
+    n = vectors.shape[0]
+    k = min(k, n - 1)
+    if index.kind in ("flat", "torch") or k < 1:
+        return 0, 1.0
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(n, min(queries, n), replace=False))
+    q = np.asarray(vectors[ids], dtype=np.float32)
+
+    def without_self(found: np.ndarray) -> np.ndarray:
+        return np.array([[j for j in row if j != i][:k] for row, i in zip(found, ids)])
+
+    exact = without_self(TorchExactIndex(vectors, device="cpu" if not torch.cuda.is_available() else None)
+                         .search(q, k + 1)[1])
+    nprobe = 1
+    while True:
+        index.set_nprobe(nprobe)
+        recall = recall_at(without_self(index.search(q, k + 1)[1]), exact, k)
+        if recall >= target or nprobe >= index.settings.nlist:
+            return nprobe, recall
+        nprobe = min(nprobe * 2, index.settings.nlist)

@@ -1,0 +1,65 @@
+"""Precomputed neighbours of every training chunk, its own document excluded, for training
+(`retro neighbours DIR`). Computed in blocks that are written atomically, so an interrupted run
+resumes where it stopped. The file keeps k + extra candidates per chunk: a training sequence that
+packs several documents drops candidates from any of them and keeps the first k."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import read_json, write_json, write_npy
+from ..errors import RetroError
+from .retriever import Retriever
+
+
+def neighbours_path(db_dir: str | Path, candidates: int) -> Path:
+    return Path(db_dir) / f"neighbours-{candidates}.npy"
+
+
+def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
+                       index: str | None = None, progress: bool = True, log=print) -> Path:
+    """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist."""
+    from tqdm.auto import tqdm
+
+    if k < 1 or extra < 0:
+        raise RetroError(f"need k >= 1 and extra >= 0, got k={k}, extra={extra}")
+    retriever = Retriever.load(db_dir, device=device, index=index)
+    db = retriever.db
+    cand = min(k + extra, db.num_chunks - 1)
+    if cand < 1:
+        raise RetroError(f"the database has {db.num_chunks} chunk(s): too few to have neighbours")
+    out = neighbours_path(db_dir, k + extra)
+    if out.exists():
+        return out
+    parts = Path(db_dir) / f"neighbours-{k + extra}-parts"
+    n = db.num_chunks
+    blocks = range((n + block - 1) // block)
+    bar = tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
+    for b in blocks:
+        part = parts / f"part-{b:06d}.npy"
+        sl = slice(b * block, min(n, (b + 1) * block))
+        if not part.exists():
+            ids, _ = retriever.search_embeddings(db.embeddings[sl], cand, exclude_doc_ids=db.chunk_doc[sl])
+            full = np.full((sl.stop - sl.start, k + extra), -1, dtype=np.int64)
+            full[:, :cand] = ids
+            write_npy(part, full)
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    write_npy(out, np.concatenate([np.load(parts / f"part-{b:06d}.npy") for b in blocks]))
+    write_json(out.with_suffix(".json"), {"k": k, "extra": extra, "index": retriever.index.kind,
+                                          "own_document_excluded": True})
+    shutil.rmtree(parts, ignore_errors=True)
+    log(f"[neighbours] {n} chunks x {k + extra} candidates -> {out}")
+    return out
+
+
+def load_neighbours(db_dir: str | Path, candidates: int) -> np.ndarray:
+    path = neighbours_path(db_dir, candidates)
+    if not path.exists():
+        raise RetroError(f"{str(path)!r} does not exist: run `retro neighbours {db_dir}` first")
+    info = read_json(path.with_suffix(".json"))
+    if not info.get("own_document_excluded"):
+        raise RetroError(f"{str(path)!r} was not computed with same-document exclusion")
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,109 @@
+"""Retriever: nearest chunks of the database for queries given as text, chunk tokens or
+embeddings, with same-document exclusion (SPEC: a training sequence never retrieves its own
+document). Excluded or missing neighbours are masked (id -1), never replaced by another chunk."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RetroError
+from .database import ChunkDatabase
+from .index import IndexSettings, SearchIndex
+
+
+@dataclass
+class SearchResult:
+    ids: np.ndarray        # (Q, k) int64, -1 = no neighbour
+    distances: np.ndarray  # (Q, k) float32 squared L2, inf where no neighbour
+    tokens: np.ndarray     # (Q, k, 2 * chunk_size) int64, [chunk, continuation], pad where masked
+    mask: np.ndarray       # (Q, k, 2 * chunk_size) bool, True = real token
+
+
+class Retriever:
+    def __init__(self, db: ChunkDatabase, index: SearchIndex, embedder_name: str | None = None, device=None):
+        self.db, self.index, self.device = db, index, device
+        self.embedder_name = embedder_name or db.manifest["embedder"]["name"]
+        self._embedder = None
+
+    @classmethod
+    def load(cls, path: str | Path, embedder: str | None = None, device=None, index: str | None = None) -> "Retriever":
+        """Loads DIR. `embedder` (optional) must be the one the database was built with;
+        `index="torch"` searches exactly in torch instead of with the faiss index."""
+        db = ChunkDatabase(path)
+        built_with = db.manifest["embedder"]["name"]
+        if embedder is not None and embedder != built_with:
+            raise RetroError(f"{str(path)!r} was built with the embedder {built_with!r}; queries embedded with "
+                             f"{embedder!r} would not match its keys")
+        settings = IndexSettings(**db.manifest["index"])
+        if index == "torch" or settings.kind == "torch":
+            settings = IndexSettings(kind="torch", recall=1.0)
+            search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
+        else:
+            import faiss
+
+            faiss_path = Path(path) / "index.faiss"
+            if not faiss_path.exists():
+                raise RetroError(f"{str(path)!r}: index.faiss is missing")
+            search_index = SearchIndex(settings, faiss.read_index(str(faiss_path)))
+            if search_index.ntotal != db.num_chunks:
+                raise RetroError(f"{str(path)!r}: the index holds {search_index.ntotal} vectors but the database "
+                                 f"{db.num_chunks} chunks; the database is damaged")
+        return cls(db, search_index, built_with, device)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embedder import BertEmbedder
+
+            self._embedder = BertEmbedder(self.embedder_name, device=self.device)
+            want = self.db.manifest["embedder"]["dim"]
+            if self._embedder.dim != want:
+                raise RetroError(f"the embedder {self.embedder_name!r} gives {self._embedder.dim}-dim vectors; "
+                                 f"the database's keys have {want}")
+        return self._embedder
+
+    def embed(self, queries) -> np.ndarray:
+        """texts (list of str) or chunk tokens (list of token lists, or an int array (Q, <=m))."""
+        if isinstance(queries, str):
+            queries = [queries]
+        if len(queries) and not isinstance(queries[0], str):
+            queries = [self.db.tokenizer.decode(np.asarray(t).reshape(-1)) for t in queries]
+        return self.embedder.embed(list(queries))
+
+    def search_embeddings(self, emb: np.ndarray, k: int,
+                          exclude_doc_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> ids (Q, k) int64 and distances (Q, k). With exclude_doc_ids (Q,), neighbours from
+        that document are dropped: the search oversamples, then masks what is still missing."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RetroError(f"k must be a positive int, got {k!r}")
+        if k > self.db.num_chunks:
+            raise RetroError(f"k={k} is larger than the database ({self.db.num_chunks} chunks)")
+        emb = np.asarray(emb, dtype=np.float32)
+        if exclude_doc_ids is None:
+            d, i = self.index.search(emb, k)
+            return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
+        exclude = np.asarray(exclude_doc_ids).reshape(-1)
+        if len(exclude) != len(emb):
+            raise RetroError(f"exclude_doc_ids has {len(exclude)} entries for {len(emb)} queries")
+        wide = min(self.db.num_chunks, 2 * k + 8)
+        while True:
+            d, i = self.index.search(emb, wide)
+            keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[:, None])
+            if keep.sum(1).min() >= k or wide == self.db.num_chunks:
+                break
+            wide = min(self.db.num_chunks, wide * 4)
+        ids = np.full((len(emb), k), -1, dtype=np.int64)
+        dist = np.full((len(emb), k), np.inf, dtype=np.float32)
+        for q in range(len(emb)):
+            sel = np.flatnonzero(keep[q])[:k]
+            ids[q, :len(sel)] = i[q, sel]
+            dist[q, :len(sel)] = d[q, sel]
+        return ids, dist
+
+    def search(self, queries, k: int, exclude_doc_ids=None) -> SearchResult:
+        """The k nearest chunks of each query with their values [chunk, continuation]."""
+        ids, dist = self.search_embeddings(self.embed(queries), k, exclude_doc_ids)
+        tokens, mask = self.db.values(ids)
+        return SearchResult(ids, dist, tokens, mask)

@@ -1,0 +1,165 @@
+"""The language model's tokenizer: SentencePiece (SPEC), trained on the corpus or loaded from a
+file; or a Hugging Face tokenizer (name or path) for retrofitting a pretrained model."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import RetroError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class SentencePieceTokenizer:
+    """SentencePiece model; pad = 0, unk = 1, bos = 2, eos = 3; newlines are pieces of their own."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_bytes: bytes, source: str = ""):
+        import sentencepiece as spm
+
+        self.model_bytes = model_bytes
+        self.source = source
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else PAD_ID
+        self.eos_id = self.sp.eos_id()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SentencePieceTokenizer":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RetroError(f"cannot read tokenizer file {str(path)!r}: {exc.strerror or exc}") from exc
+        try:
+            return cls(data, source=str(path))
+        except Exception as exc:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+            raise RetroError(f"{str(path)!r} is not a SentencePiece model ({exc})") from exc
+
+    @classmethod
+    def train(cls, documents: Iterable[str], vocab_size: int, max_sentences: int = 2_000_000,
+              log=print) -> "SentencePieceTokenizer":
+        """Trains a unigram model on the lines of `documents`. A vocabulary larger than the corpus
+        supports is reduced to the largest size SentencePiece accepts (one smaller than its byte
+        pieces and characters need is raised to the smallest), and the change is reported."""
+        import sentencepiece as spm
+
+        lines = [line for doc in documents for line in doc.splitlines() if line.strip()]
+        if not lines:
+            raise RetroError("cannot train a tokenizer: the corpus has no non-empty line")
+        if len(lines) > max_sentences:
+            rng = np.random.default_rng(0)
+            lines = [lines[i] for i in sorted(rng.choice(len(lines), max_sentences, replace=False))]
+        size = vocab_size
+        for _ in range(3):
+            buf = io.BytesIO()
+            try:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(lines), model_writer=buf, vocab_size=size, model_type="unigram",
+                    character_coverage=0.9995, byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID,
+                    bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n", "\t"],
+                    remove_extra_whitespaces=False, normalization_rule_name="identity",
+                    allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
+                    num_threads=os.cpu_count() or 1, minloglevel=2,
+                    shuffle_input_sentence=False)
+                break
+            except RuntimeError as exc:
+                high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(exc))
+                low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+                if high:
+                    log(f"[tokenizer] vocab_size {size} is too large for this corpus; reduced to {high.group(2)}")
+                    size = int(high.group(2))
+                elif low:  # byte fallback needs 256 byte pieces plus the corpus's characters
+                    log(f"[tokenizer] vocab_size {size} is too small for this corpus (256 byte pieces and "
+                        f"its characters); raised to {low.group(2)}")
+                    size = int(low.group(2))
+                else:
+                    raise RetroError(f"SentencePiece training failed: {exc}") from exc
+        else:
+            raise RetroError(f"SentencePiece training failed for vocab_size {vocab_size}")
+        return cls(buf.getvalue(), source="trained")
+
+    def save(self, path: str | Path) -> None:
+        from ..atomic import write_bytes
+
+        write_bytes(path, self.model_bytes)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids if int(i) != self.pad_id])
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "file": "tokenizer.model", "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (name or local path), e.g. the tokenizer of a model to retrofit."""
+
+    kind = "huggingface"
+
+    def __init__(self, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ... from transformers
+            raise RetroError(f"cannot load the Hugging Face tokenizer {name_or_path!r}: {exc}") from exc
+        self.name = name_or_path
+        pad = self.tok.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tok.eos_token_id or 0)
+        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else -1
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def sha256(self) -> str:
+        vocab = sorted(self.tok.get_vocab().items())
+        return hashlib.sha256(repr(vocab).encode()).hexdigest()
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        out = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(x, dtype=np.int32) for x in out]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+
+def load_tokenizer(spec: str | Path) -> SentencePieceTokenizer | HFTokenizer:
+    """A SentencePiece model file, or else a Hugging Face tokenizer name or path."""
+    path = Path(spec)
+    if path.is_file():
+        return SentencePieceTokenizer.load(path)
+    return HFTokenizer(str(spec))
+
+
+def tokenizer_from_manifest(db_dir: Path, info: dict):
+    if info["kind"] == "sentencepiece":
+        tok = SentencePieceTokenizer.load(db_dir / info["file"])
+    else:
+        tok = HFTokenizer(info["name"])
+    if tok.sha256 != info["sha256"]:
+        raise RetroError(f"the tokenizer of {str(db_dir)!r} does not match its manifest (sha256 {tok.sha256[:12]} != "
+                         f"{info['sha256'][:12]}); the database was built with another tokenizer")
+    return tok

@@ -1,0 +1,260 @@
+"""RETROfitting a pretrained causal language model (paper section 4.2): freeze it, add chunked
+cross-attention after some of its blocks and a neighbour encoder, and train only those.
+
+`retrofit(hf_model)` works with GPT-2 and the Llama/Qwen/Mistral families (blocks in
+`transformer.h` or `model.layers`). The CCA output projections start at zero, so the retrofitted
+model computes exactly the base model's logits until it is trained. The encoder embeds the
+neighbour tokens with the base model's (frozen) input embeddings and runs once, in the first CCA
+layer, on the hidden states there (SPEC "Encoder").
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from retro_kernels import ChunkedCrossAttention, RetroEncoder, chunked_cross_attention_decode
+from retro_kernels.nn import apply_rotary, cca_query_positions, rotary_angles
+
+from .errors import RetroError
+from .model import RetroConfig, paper_cca_layers
+
+
+def _blocks(hf_model) -> nn.ModuleList:
+    base = hf_model.base_model
+    for attr in ("h", "layers"):
+        if isinstance(getattr(base, attr, None), nn.ModuleList):
+            return getattr(base, attr)
+    raise RetroError(f"cannot find the transformer blocks of {type(hf_model).__name__}; supported: GPT-2 "
+                     "(transformer.h) and Llama/Qwen/Mistral-style models (model.layers)")
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output, hidden):
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+class RetrofittedLM(nn.Module):
+    """forward(tokens (B, n), neighbours (B, L, K, R) | None, neighbour_mask) -> logits (B, n, V);
+    prefill/step decode as RetroModel does (one base-model cache per sequence)."""
+
+    def __init__(self, hf_model, cfg: RetroConfig, base_name: str):
+        super().__init__()
+        self.base, self.cfg, self.base_name = hf_model, cfg, base_name
+        self.base.requires_grad_(False)
+        self.blocks = _blocks(hf_model)
+        hidden = hf_model.config.hidden_size
+        self.first_cca = min(cfg.cca_layers)
+        self.cca = nn.ModuleDict()
+        self.cca_norm = nn.ModuleDict()
+        for i in cfg.cca_layers:
+            layer = ChunkedCrossAttention(hidden, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim, rotary=True,
+                                          backend=cfg.backend)
+            nn.init.zeros_(layer.to_out.weight)  # starts as the identity on the residual stream
+            self.cca[str(i)] = layer
+            self.cca_norm[str(i)] = nn.LayerNorm(hidden)
+        self.to_encoder = nn.Linear(hidden, cfg.enc_dim, bias=False)
+        self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
+                                    cross_attend_layers=(0,), backend=cfg.backend)
+        self.extra_config = {"retrofit": {"base": base_name}}
+        self._ctx = None  # what the block hooks see during one call
+        for i in cfg.cca_layers:
+            self.blocks[i].register_forward_hook(self._hook(i))
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.checkpointing = False
+
+    # -- the hooks: CCA after block i ------------------------------------------------------------
+
+    def encode(self, neighbours: Tensor, mask: Tensor | None, chunk_states: Tensor) -> Tensor:
+        emb = self.base.get_input_embeddings()(neighbours)
+        return self.encoder(self.to_encoder(emb), chunk_states.to(emb.dtype), mask)
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            ctx = self._ctx
+            if ctx is None or ctx.get("neighbours") is None and ctx.get("state") is None:
+                return output
+            h = _hidden(output)
+            out = self._full(i, h, ctx) if ctx.get("state") is None else self._step(i, h, ctx)
+            return _with_hidden(output, out)
+        return hook
+
+    def _full(self, i, h, ctx):
+        m = self.cfg.chunk_size
+        chunks = h.shape[1] // m
+        mask = ctx["mask"][:, :chunks] if ctx["mask"] is not None else None
+        if i == self.first_cca:
+            states = h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1)
+            ctx["enc"] = self.encode(ctx["neighbours"][:, :chunks], mask, states)
+            if ctx.get("keep") is not None:
+                ctx["keep"](h, ctx["enc"], mask)
+        return h + self.cca[str(i)](self.cca_norm[str(i)](h), ctx["enc"], mask).to(h.dtype)
+
+    def _step(self, i, h, ctx):
+        st, row, pos = ctx["state"], ctx["row"], ctx["pos"]
+        m, cfg = self.cfg.chunk_size, self.cfg
+        if i == self.first_cca:
+            st.chunk_states[row, pos % m] = h[0, 0]
+            if ctx.get("new") is not None:
+                nb, mask = ctx["new"]
+                enc = self.encode(nb[None, None], mask[None, None], st.chunk_states[row][None, None])
+                st.store(self, row, enc[0, 0], mask)
+        layer = self.cca[str(i)]
+        q = layer.to_q(self.cca_norm[str(i)](h)).view(1, cfg.heads, cfg.head_dim)
+        cos, sin = rotary_angles(cca_query_positions(torch.tensor([pos], device=h.device), m), cfg.head_dim,
+                                 cfg.rotary_base, torch.promote_types(q.dtype, torch.float32))
+        q = apply_rotary(q, cos[:, None], sin[:, None])
+        k, v = st.cca_kv[i]
+        o = chunked_cross_attention_decode(q, k[row:row + 1].to(q.dtype), v[row:row + 1].to(q.dtype),
+                                           st.cca_mask[row:row + 1])
+        return h + layer.to_out(o.reshape(1, 1, -1)).to(h.dtype)
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None) -> Tensor:
+        if neighbours is not None and tokens.shape[1] // self.cfg.chunk_size == 0:
+            neighbours = None
+        self._ctx = {"neighbours": neighbours, "mask": neighbour_mask}
+        try:
+            return self.base(input_ids=tokens, use_cache=False).logits
+        finally:
+            self._ctx = None
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None) -> "RetrofitState":
+        p = next(self.cca.parameters())
+        return RetrofitState(self, batch, device or p.device, dtype or p.dtype)
+
+    @torch.no_grad()
+    def prefill(self, state, row: int, tokens: Tensor, neighbours=None, neighbour_mask=None) -> Tensor:
+        from transformers import DynamicCache
+
+        n, m = tokens.shape[0], self.cfg.chunk_size
+        cache = DynamicCache()
+
+        def keep(h, enc, mask):  # the chunk in progress and the neighbours position n attends
+            start = (n // m) * m
+            state.chunk_states[row, : n - start] = h[0, start:n]
+            if n % m != m - 1:
+                last = (n + 1) // m - 1
+                chunk_mask = mask[0, last] if mask is not None else torch.ones(enc.shape[2:4], dtype=torch.bool,
+                                                                              device=enc.device)
+                state.store(self, row, enc[0, last], chunk_mask)
+
+        if neighbours is None or n // m == 0:  # chunk states are still needed for the chunk in progress
+            def grab(module, args, output):
+                h = _hidden(output)
+                state.chunk_states[row, : n - (n // m) * m] = h[0, (n // m) * m:n]
+            handle = self.blocks[self.first_cca].register_forward_hook(grab)
+            self._ctx = None
+        else:
+            handle = None
+            self._ctx = {"neighbours": neighbours[None], "mask": None if neighbour_mask is None else neighbour_mask[None],
+                         "keep": keep}
+        try:
+            logits = self.base(input_ids=tokens[None], use_cache=True, **{self._cache_kw: cache}).logits
+        finally:
+            self._ctx = None
+            if handle is not None:
+                handle.remove()
+        state.caches[row] = cache
+        state.pos[row] = n
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def step(self, state, tokens: Tensor, new_neighbours: dict) -> Tensor:
+        out = []
+        for row in range(len(tokens)):
+            pos = int(state.pos[row])
+            self._ctx = {"state": state, "row": row, "pos": pos, "new": new_neighbours.get(row)}
+            try:
+                logits = self.base(input_ids=tokens[row:row + 1, None], use_cache=True,
+                                   position_ids=torch.tensor([[pos]], device=tokens.device),
+                                   **{self._cache_kw: state.caches[row]}).logits
+            finally:
+                self._ctx = None
+            out.append(logits[0, -1])
+            state.pos[row] += 1
+        return torch.stack(out)
+
+
+class RetrofitState:
+    def __init__(self, model: RetrofittedLM, batch: int, device, dtype):
+        cfg = model.cfg
+        hidden = model.base.config.hidden_size
+        self.pos = torch.zeros(batch, dtype=torch.long)
+        self.caches = [None] * batch
+        self.chunk_states = torch.zeros(batch, cfg.chunk_size, hidden, device=device, dtype=dtype)
+        shape = (batch, cfg.neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
+        self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                       for i in cfg.cca_layers}
+        self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+
+    def store(self, model: RetrofittedLM, row: int, enc: Tensor, mask: Tensor) -> None:
+        for i in model.cfg.cca_layers:
+            k, v = model.cca[str(i)].project_neighbours(enc)
+            self.cca_kv[i][0][row], self.cca_kv[i][1][row] = k, v
+        self.cca_mask[row] = mask
+
+
+def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2, chunk_size: int = 64,
+             backend: str = "auto", base_name: str = "", max_seq_len: int | None = None) -> RetrofittedLM:
+    """Adds CCA (default: the paper's layers 6, 9, 12, ... or the nearest fit) and a neighbour
+    encoder to a Hugging Face causal LM; the base weights are frozen.
+    encoder: RetroEncoder settings (dim, depth, heads, head_dim); default 2 layers of the base
+    model's width (at most 896, the paper's)."""
+    blocks = _blocks(hf_model)
+    depth, hidden = len(blocks), hf_model.config.hidden_size
+    layers = tuple(cca_layers) if cca_layers else paper_cca_layers(depth)
+    if any(not 0 <= i < depth for i in layers):
+        raise RetroError(f"cca_layers {layers} must index the model's {depth} blocks")
+    heads = hf_model.config.num_attention_heads
+    head_dim = hidden // heads
+    enc = {"dim": min(hidden, 896), "depth": 2, "heads": None, "head_dim": 64, **(encoder or {})}
+    enc_head_dim = min(enc["head_dim"], enc["dim"])
+    enc_heads = enc["heads"] or max(1, enc["dim"] // enc_head_dim)
+    positions = getattr(hf_model.config, "n_positions", None) or getattr(hf_model.config, "max_position_embeddings", 2048)
+    cfg = RetroConfig(vocab_size=hf_model.config.vocab_size, dim=hidden, depth=depth, heads=heads, head_dim=head_dim,
+                      ff_dim=4 * hidden, chunk_size=chunk_size, cca_layers=layers, enc_dim=enc["dim"],
+                      enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, neighbours=k,
+                      backend=backend, max_seq_len=min(max_seq_len or 2048, positions))
+    return RetrofittedLM(hf_model, cfg, base_name)
+
+
+def _load_base(name: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - OSError/ValueError from transformers
+        raise RetroError(f"cannot load the causal LM {name!r} to retrofit: {exc}") from exc
+
+
+def retrofit_factory(base: str, cca_layers=None):
+    """model_factory for train(): retrofits `base` for the database's chunk size and k."""
+    def factory(cfg: RetroConfig, db) -> RetrofittedLM:
+        hf = _load_base(base)
+        if hf.config.vocab_size < db.tokenizer.vocab_size:
+            raise RetroError(f"the database's tokenizer has {db.tokenizer.vocab_size} tokens but {base!r} only "
+                             f"{hf.config.vocab_size}: build the database with --tokenizer {base}")
+        return retrofit(hf, cca_layers, k=cfg.neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                        base_name=base, max_seq_len=cfg.max_seq_len)
+    return factory
+
+
+def load_retrofitted(info: dict, cfg: RetroConfig, weights: dict[str, Tensor]) -> RetrofittedLM:
+    """Rebuilds a saved retrofitted model: the base from info["base"], the new weights on top."""
+    model = RetrofittedLM(_load_base(info["base"]), replace(cfg), info["base"])
+    missing = [k for k in model.trainable_state_dict() if k not in weights]
+    if missing:
+        raise RetroError(f"the checkpoint lacks {len(missing)} retrofit weights (e.g. {missing[0]})")
+    model.load_state_dict(weights, strict=False)
+    return model

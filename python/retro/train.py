@@ -1,0 +1,218 @@
+"""Training (`retro train --db DIR --config tiny --out RUN`): AdamW, linear warm-up then cosine
+decay, gradient clipping, bfloat16 autocast on a GPU, optional activation checkpointing and
+torch.compile, atomic checkpoints, exact resume, and data parallelism under torchrun (DDP)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import IGNORE, Sampler, TrainSequences
+from .errors import RetroError
+from .model import RetroConfig, RetroModel, preset
+from .retrieval.database import ChunkDatabase
+from .retrieval.neighbours import compute_neighbours, load_neighbours
+
+
+@dataclass
+class TrainOptions:
+    db: str
+    out: str
+    config: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 8          # sequences per step, all ranks together
+    seq_chunks: int = 4          # sequence length in chunks: n = seq_chunks * chunk_size
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    k: int = 2
+    extra: int = 6               # extra neighbour candidates for dropping same-sequence documents
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    device: str | None = None
+    bf16: bool | None = None     # default: on CUDA
+    compile: bool = False
+    checkpointing: bool = False
+    backend: str = "auto"
+    time_budget: float | None = None  # seconds: fixes `steps` from the speed of the first steps
+    overrides: dict = field(default_factory=dict)  # RetroConfig fields
+    progress: bool = True
+
+
+def lr_at(step: int, opts: TrainOptions, total: int) -> float:
+    """Linear warm-up over opts.warmup steps, then cosine decay to min_lr_ratio * lr at `total`."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    t = min(1.0, (step - opts.warmup) / max(1, total - opts.warmup))
+    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+
+
+def sequence_loss(model, batch, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over this rank's scored targets, scaled so that DDP's gradient mean
+    equals the gradient of (all ranks' NLL) / (all ranks' scored targets). -> (loss, nll, count)."""
+    logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="sum")
+    count = (batch.targets != IGNORE).sum()
+    total = count.clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return nll * world / total.clamp(min=1), nll.detach(), count
+
+
+def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarray:
+    try:
+        return load_neighbours(db_dir, k + extra)
+    except RetroError:
+        if dist.is_main():
+            log(f"[train] precomputing {k + extra} neighbour candidates per chunk (once)")
+            compute_neighbours(db_dir, k=k, extra=extra, device=device, log=log)
+        dist.barrier()
+        return load_neighbours(db_dir, k + extra)
+
+
+def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
+    """Trains (or resumes) a model on the database; returns the run folder. `model_factory(cfg,
+    db)` builds the model instead of RetroModel (retrofitting)."""
+    from tqdm.auto import tqdm
+
+    rank, world = dist.init_from_env()
+    if opts.batch_size % world:
+        raise RetroError(f"--batch-size {opts.batch_size} must be a multiple of the {world} processes")
+    device = torch.device(opts.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
+    bf16 = opts.bf16 if opts.bf16 is not None else device.type == "cuda"
+    db = ChunkDatabase(opts.db)
+    run = Path(opts.out)
+    ck = None
+    if opts.resume:
+        ck = load_checkpoint(run)
+        if ck["state"]["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
+            raise RetroError(f"{str(run)!r} was trained with another tokenizer than {opts.db!r}'s")
+        cfg = RetroConfig.from_dict(ck["config"]["model"])
+    else:
+        if (run / "checkpoint").exists():
+            raise RetroError(f"{str(run)!r} already holds a run; pass --resume to continue it or choose another --out")
+        overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "neighbours": opts.k,
+                     "max_seq_len": opts.seq_chunks * db.chunk_size, "backend": opts.backend, **opts.overrides}
+        cfg = preset(opts.config, **overrides)
+    candidates = prepare_neighbours(opts.db, opts.k, opts.extra, device, log)
+    seqs = TrainSequences(db, opts.seq_chunks, opts.k, candidates)
+    sampler = Sampler(len(seqs), opts.seed)
+
+    torch.manual_seed(opts.seed)
+    model = (model_factory(cfg, db) if model_factory else RetroModel(cfg)).to(device)
+    cfg = model.cfg  # a retrofitted model derives its configuration from the base model
+    model.checkpointing = opts.checkpointing
+    weights_to_save = getattr(model, "trainable_state_dict", model.state_dict)  # retrofit: new weights only
+    optimizer = make_optimizer(model, opts)
+    step, total = 0, opts.steps
+    if ck is not None:
+        model.load_state_dict(ck["weights"], strict=model_factory is None)
+        optimizer.load_state_dict(ck["optimizer"]["optimizer"])
+        set_rng_state(ck["optimizer"]["rng"][min(rank, len(ck["optimizer"]["rng"]) - 1)])
+        step, total = ck["state"]["step"], ck["state"]["total_steps"]
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.compile:
+        net = torch.compile(net)
+
+    log_path = run / "log.jsonl"
+    if dist.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        lines = log_path.read_text().splitlines() if (opts.resume and log_path.exists()) else []
+        log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+    per_rank = opts.batch_size // world
+    tokens_per_step = opts.batch_size * opts.seq_chunks * db.chunk_size
+    fail_at = int(os.environ.get("RETRO_TEST_FAIL_AT_STEP", "-1"))  # tests: simulate a kill
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (opts.progress and dist.is_main()),
+               dynamic_ncols=True)
+    net.train()
+    t_last, step_times = time.perf_counter(), []
+    while step < total:
+        if step == fail_at:
+            raise SystemExit(f"[train] simulated kill at step {step} (RETRO_TEST_FAIL_AT_STEP)")
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, opts, total)
+        batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, nll, count = sequence_loss(net, batch, world)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        stats = torch.stack([nll.double(), count.double()])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        now = time.perf_counter()
+        step_times.append(now - t_last)
+        t_last = now
+        if opts.time_budget and step == min(total, 5) and ck is None:  # fix the schedule's length once
+            per_step = float(np.median(step_times[1:] or step_times))
+            total = max(step + 1, min(total, int(opts.time_budget / per_step)))
+            bar.total = total
+        record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": optimizer.param_groups[0]["lr"],
+                  "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": float(grad_norm)}
+        if dist.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if step % opts.log_every == 0 and not opts.progress:
+                log(f"[train] step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                    f"{record['tokens_per_s']:.0f} tokens/s")
+        if step % opts.save_every == 0 or step == total:
+            rngs = [rng_state()]
+            if torch.distributed.is_initialized():
+                gathered = [None] * world
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if dist.is_main():
+                state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
+                         "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "db": str(Path(opts.db).resolve()),
+                         "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
+                save_checkpoint(run, weights_to_save(), {"model": cfg.to_dict(), **getattr(model, "extra_config", {})},
+                                state, {"optimizer": optimizer.state_dict(), "rng": rngs})
+            dist.barrier()
+    bar.close()
+    return run
+
+
+def load_model(run: str | Path, device=None, backend: str | None = None) -> tuple[RetroModel, dict]:
+    """The trained model of RUN (eval mode) and its checkpoint state."""
+    ck = load_checkpoint(Path(run), with_optimizer=False)
+    extra = {k: v for k, v in ck["config"].items() if k != "model"}
+    cfg = RetroConfig.from_dict(ck["config"]["model"])
+    if backend is not None:
+        cfg.backend = backend
+    if extra.get("retrofit"):
+        from .retrofit import load_retrofitted
+
+        model = load_retrofitted(extra["retrofit"], cfg, ck["weights"])
+    else:
+        model = RetroModel(cfg)
+        model.load_state_dict(ck["weights"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), ck["state"]

@@ -1,0 +1,45 @@
+"""Small corpora and database builds shared by the retrieval tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud forest "
+         "engine planet signal vector matrix kernel tensor chunk query neighbour memory").split()
+
+
+def write_corpus(folder: Path, docs: int = 12, words: int = 220, seed: int = 0, topic_words: bool = True) -> Path:
+    """A folder of .txt documents of random words; each document repeats its own topic words, so
+    neighbours within a document are genuinely similar."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        topic = [f"topic{d}word{i}" for i in range(5)] if topic_words else []
+        pool = WORDS + topic * 3
+        lines = [" ".join(rng.choice(pool, size=11)) for _ in range(words // 11)]
+        (folder / f"doc{d:03d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def build_args(corpus, out, *extra) -> list[str]:
+    return ["build-db", str(corpus), "--out", str(out), "--vocab-size", "300", "--chunk-size", "16",
+            "--block-size", "64", "--valid-fraction", "0.2", *extra]
+
+
+def run_cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """`python -m retro ...` in a fresh process (as a user would run it)."""
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "retro", *args], capture_output=True, text=True, env=full_env,
+                          cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"retro {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def database_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}

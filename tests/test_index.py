@@ -1,0 +1,56 @@
+"""Index kinds on clustered synthetic vectors: exact kinds agree, approximate kinds reach the
+target recall after nprobe tuning, and the measured recall is honest."""
+import numpy as np
+import pytest
+
+from retro import RetroError
+from retro.retrieval.index import (IndexSettings, SearchIndex, TorchExactIndex, build_faiss, choose_kind,
+                                   recall_at, tune_nprobe)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 32)).astype(np.float32) * 4
+    return (centres[rng.integers(0, 40, 6000)] + rng.normal(size=(6000, 32))).astype(np.float32)
+
+
+def test_choose_kind_by_size():
+    assert [choose_kind(n) for n in (10, 49_999, 50_000, 4_999_999, 5_000_000)] == \
+        ["flat", "flat", "ivf-flat", "ivf-flat", "ivf-pq"]
+
+
+def test_torch_exact_matches_faiss_flat(vectors):
+    flat, settings = build_faiss("flat", vectors)
+    q = vectors[:50] + 0.01
+    d1, i1 = SearchIndex(settings, flat).search(q, 10)
+    d2, i2 = TorchExactIndex(vectors, device="cpu", block_elements=50 * 1000).search(q, 10)  # several blocks
+    assert recall_at(i2, i1, 10) > 0.999
+    np.testing.assert_allclose(d2, d1, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind, target", [("ivf-flat", 0.95), ("ivf-pq", 0.5)])
+def test_nprobe_tuning_reaches_target(vectors, kind, target):
+    index, settings = build_faiss(kind, vectors)
+    assert settings.nlist > 1 and (settings.pq_m > 0) == (kind == "ivf-pq")
+    search = SearchIndex(settings, index)
+    nprobe, recall = tune_nprobe(search, vectors, target, k=10, queries=300)
+    assert recall >= target and 1 <= nprobe <= settings.nlist
+    exact = TorchExactIndex(vectors, device="cpu").search(vectors[1000:1300], 10)[1]
+    search.set_nprobe(nprobe)
+    measured = recall_at(search.search(vectors[1000:1300], 10)[1], exact, 10)
+    assert measured >= target - 0.05  # the tuned recall holds on other queries
+
+
+def test_index_builds_are_deterministic(vectors):
+    import faiss
+
+    a, _ = build_faiss("ivf-flat", vectors)
+    b, _ = build_faiss("ivf-flat", vectors)
+    assert np.array_equal(faiss.serialize_index(a), faiss.serialize_index(b))
+
+
+def test_k_larger_than_database_is_named(vectors):
+    search = SearchIndex(IndexSettings(kind="torch"), vectors=vectors[:5], device="cpu")
+    with pytest.raises(RetroError, match="k=6 is larger than the database"):
+        search.search(vectors[:1], 6)
