@@ -28,7 +28,11 @@ def train_step_fn(model, opt, tokens, nb, mask, use_neighbours: bool, bf16: bool
     return step
 
 
-def decode_tokens_per_s(model, batch: int, steps: int, nb, mask, use_neighbours: bool, device) -> float:
+def decode_tokens_per_s(model, batch: int, steps: int, nb, mask, use_neighbours: bool, device,
+                        warmup: bool = True) -> float:
+    """Median-free single timing after one untimed warm-up pass (first calls set up kernels)."""
+    if warmup:
+        decode_tokens_per_s(model, batch, min(steps, 2 * model.cfg.chunk_size), nb, mask, use_neighbours, device, False)
     m = model.cfg.chunk_size
     state = model.new_state(batch, steps + 1)
     tok = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)

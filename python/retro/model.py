@@ -114,7 +114,11 @@ class SelfAttention(nn.Module):
         rows = torch.arange(len(pos), device=x.device)
         cache.k[rows, :, pos], cache.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
         seen = torch.arange(cache.k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (B, T)
-        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=seen[:, None, None, :])
+        # One query per sequence: two small products. (SDPA with a mask picks cuDNN here, whose
+        # per-call set-up costs milliseconds of CPU time, more than the whole step.)
+        scores = (q @ cache.k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+        scores = scores * self.head_dim ** -0.5  # (B, H, 1, T)
+        o = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1).to(q.dtype) @ cache.v
         return self.out(o.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
 
