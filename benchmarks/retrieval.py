@@ -24,10 +24,10 @@ from benchmarks.harness import bar_plot, machine_name, time_fn, write_results
 
 def stdlib_chunks(n_chunks: int, n_queries: int, chunk_size: int = 64, vocab: int = 8000):
     """Token chunks of stdlib .py files: database chunks from most files, query chunks from others."""
+    from retro.demo import default_corpus, python_files
     from retro.retrieval import SentencePieceTokenizer, iter_documents
 
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    docs = list(iter_documents(lib, suffixes={".py"}))
+    docs = [d for f in python_files(default_corpus()) for d in iter_documents(f)]
     rng = np.random.default_rng(0)
     order = rng.permutation(len(docs))
     tok = SentencePieceTokenizer.train([docs[i] for i in order[:300]], vocab, log=lambda *_: None)

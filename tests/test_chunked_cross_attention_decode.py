@@ -4,18 +4,7 @@ import pytest
 import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
-from testing import CCACase, assert_error_ratio, random_cca
-
-
-def random_step(B=3, H=2, D=32, K=2, R=7, dtype=torch.float64, mask=True):
-    q = torch.randn(B, H, D, dtype=torch.float64)
-    k = torch.randn(B, K, R, H, D, dtype=torch.float64)
-    v = torch.randn(B, K, R, H, D, dtype=torch.float64)
-    m = None
-    if mask:
-        m = torch.rand(B, K, R) > 0.3
-        m[0] = False  # sequence 0 has no real neighbour token
-    return q, k, v, m
+from testing import CCACase, check_decode, random_cca, random_decode_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -23,14 +12,8 @@ def random_step(B=3, H=2, D=32, K=2, R=7, dtype=torch.float64, mask=True):
 @pytest.mark.parametrize("mask", [False, True])
 def test_cpu_decode_error_ratio(shape, dtype, mask):
     B, H, D, K, R = shape
-    q, k, v, m = random_step(B, H, D, K, R, mask=mask)
-    ref64 = chunked_cross_attention_decode(q, k, v, m, backend="reference")
-    low = [x.to(dtype) for x in (q, k, v)]
-    ref = chunked_cross_attention_decode(*low, m, backend="reference")
-    got = chunked_cross_attention_decode(*low, m, backend="cpu")
-    assert_error_ratio(f"decode {shape} {dtype}", got, ref, ref64)
-    if mask:
-        assert (got[0] == 0).all()
+    q, k, v, m = random_decode_step(B, H, D, K, R, mask=mask)
+    check_decode(q, k, v, m, dtype, "cpu", label=str(shape))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -47,7 +30,7 @@ def test_decoding_token_by_token_matches_training_op(backend):
 
 
 def test_decode_bad_input_is_named():
-    q, k, v, m = random_step()
+    q, k, v, m = random_decode_step()
     with pytest.raises(ValueError, match="k has size 4 in dimension 3"):
         chunked_cross_attention_decode(q, torch.randn(3, 2, 7, 4, 32, dtype=torch.float64), v, m)
     with pytest.raises(ValueError, match=r"neighbour_mask must have shape"):
@@ -59,7 +42,7 @@ def test_decode_bad_input_is_named():
 
 
 def test_opcheck_decode_op():
-    q, k, v, m = random_step(dtype=torch.float32)
+    q, k, v, m = random_decode_step()
     q, k, v = q.float(), k.float(), v.float()
     torch.library.opcheck(torch.ops.retro_kernels.cca_decode.default, (q, k, v, m, 0.2),
                           test_utils=("test_schema", "test_faketensor"))

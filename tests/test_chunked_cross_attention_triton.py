@@ -5,7 +5,7 @@ import torch
 
 from retro_kernels import chunked_cross_attention
 from retro_kernels._extension import has_triton, triton_interpreting
-from testing import CCACase, assert_error_ratio, random_cca, with_grads
+from testing import CCACase, check_backend, random_cca, with_grads
 
 pytestmark = pytest.mark.skipif(
     not has_triton() or not (torch.cuda.is_available() or triton_interpreting()),
@@ -30,15 +30,9 @@ def cca(backend, m, mask):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_forward_and_gradients(case, mask, dtype):
     q, k, v, m = random_cca(case, mask=mask)
-    grad = torch.randn_like(q)
-    ref64 = with_grads(cca("reference", case.chunk_size, m), (q, k, v), grad)
-    low = [x.to(dtype) for x in (q, k, v)]
-    ref = with_grads(cca("reference", case.chunk_size, m), low, grad.to(dtype))
-    dev = [x.to(DEVICE) for x in low]
-    got = with_grads(cca("triton", case.chunk_size, None if m is None else m.to(DEVICE)), dev,
-                     grad.to(dtype).to(DEVICE))
-    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
-        assert_error_ratio(f"{case} {dtype} {name}", g.cpu(), r, r64)
+    on_device = None if m is None else m.to(DEVICE)
+    check_backend(lambda b: cca(b, case.chunk_size, m if b == "reference" else on_device), (q, k, v),
+                  torch.randn_like(q), dtype, "triton", DEVICE, label=str(case))
 
 
 def test_triton_exact_zeros_for_unattended_positions_and_masked_chunks():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
-from testing import CCACase, assert_error_ratio, random_cca, with_grads
+from testing import CCACase, check_backend, check_decode, random_cca, random_decode_step
 
 pytestmark = pytest.mark.gpu
 
@@ -28,25 +28,15 @@ def cca(backend, m, mask):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference_on_gpu(case, mask, dtype):
     q, k, v, m = random_cca(case, device="cuda", mask=mask)
-    grad = torch.randn_like(q)
-    ref64 = with_grads(cca("reference", case.chunk_size, m), (q, k, v), grad)
-    low = [x.to(dtype) for x in (q, k, v)]
-    ref = with_grads(cca("reference", case.chunk_size, m), low, grad.to(dtype))
-    got = with_grads(cca("triton", case.chunk_size, m), low, grad.to(dtype))
-    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
-        assert_error_ratio(f"{case} {dtype} {name}", g, r, r64)
+    check_backend(lambda b: cca(b, case.chunk_size, m), (q, k, v), torch.randn_like(q), dtype, "triton", "cuda",
+                  label=str(case))
 
 
 def test_triton_float32_on_gpu():
     case = CCACase(2, 300, 2, 64, 5, 2, 50, 64)
     q, k, v, m = random_cca(case, device="cuda")
-    grad = torch.randn_like(q)
-    ref64 = with_grads(cca("reference", 64, m), (q, k, v), grad)
-    low = [x.float() for x in (q, k, v)]
-    ref = with_grads(cca("reference", 64, m), low, grad.float())
-    got = with_grads(cca("triton", 64, m), low, grad.float())
-    for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
-        assert_error_ratio(f"{case} float32 {name}", g, r, r64)
+    check_backend(lambda b: cca(b, 64, m), (q, k, v), torch.randn_like(q), torch.float32, "triton", "cuda",
+                  label=str(case))
 
 
 def test_auto_picks_triton_on_cuda(monkeypatch):
@@ -65,21 +55,9 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 @pytest.mark.parametrize("mask", [False, True])
 def test_cuda_decode_matches_reference(shape, dtype, mask):
     B, H, D, K, R = shape
-    q = torch.randn(B, H, D, dtype=torch.float64, device="cuda")
-    k = torch.randn(B, K, R, H, D, dtype=torch.float64, device="cuda")
-    v = torch.randn(B, K, R, H, D, dtype=torch.float64, device="cuda")
-    m = None
-    if mask:
-        m = torch.rand(B, K, R, device="cuda") > 0.3
-        m[0] = False
-    ref64 = chunked_cross_attention_decode(q, k, v, m, backend="reference")
-    low = [x.to(dtype) for x in (q, k, v)]
-    ref = chunked_cross_attention_decode(*low, m, backend="reference")
-    got = chunked_cross_attention_decode(*low, m, backend="cuda")
-    assert_error_ratio(f"decode {shape} {dtype}", got, ref, ref64)
-    if mask:
-        assert (got[0] == 0).all()
-    torch.testing.assert_close(chunked_cross_attention_decode(*low, m), got)  # auto = cuda
+    q, k, v, m = random_decode_step(B, H, D, K, R, device="cuda", mask=mask)
+    got = check_decode(q, k, v, m, dtype, "cuda", label=str(shape))
+    torch.testing.assert_close(chunked_cross_attention_decode(*(x.to(dtype) for x in (q, k, v)), m), got)  # auto
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -94,15 +72,9 @@ def test_neighbour_attention_triton_on_gpu(shape, dtype):
     nm = torch.rand(B, L, K, R, device="cuda") > 0.2
     nm[0, 0, 0] = False
     cm = torch.rand(B, L, C, device="cuda") > 0.2
-    grad = torch.randn_like(q)
     for op, (a, b, c, m) in ((neighbour_self_attention, (q, k, v, nm)), (neighbour_cross_attention, (q, kc, vc, cm))):
-        run = lambda backend: (lambda x, y, z: op(x, y, z, m, backend=backend))  # noqa: E731
-        ref64 = with_grads(run("reference"), (a, b, c), grad)
-        low = [x.to(dtype) for x in (a, b, c)]
-        ref = with_grads(run("reference"), low, grad.to(dtype))
-        got = with_grads(run("triton"), low, grad.to(dtype))
-        for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
-            assert_error_ratio(f"{op.__name__} {shape} {dtype} {name}", g, r, r64)
+        check_backend(lambda backend, op=op, m=m: (lambda x, y, z: op(x, y, z, m, backend=backend)), (a, b, c),
+                      torch.randn_like(q), dtype, "triton", "cuda", label=f"{op.__name__} {shape}")
 
 
 def test_retro_model_decoding_matches_full_forward_on_gpu():

@@ -9,7 +9,7 @@ import torch
 from retro_kernels import (neighbour_cross_attention, neighbour_cross_attention_reference,
                            neighbour_self_attention, neighbour_self_attention_reference)
 from retro_kernels._extension import has_triton, triton_interpreting
-from testing import assert_error_ratio, with_grads
+from testing import check_backend
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,16 +68,11 @@ def test_kernels_error_ratio(shape, mask, which, backend):
     q, k, v, m = s if which == "self" else c
     make = self_op if which == "self" else cross_op
     dtypes = [torch.float64, torch.float32, torch.bfloat16] if backend == "cpu" else [torch.float32, torch.float16]
-    grad = torch.randn_like(q)
-    ref64 = with_grads(make("reference", m), (q, k, v), grad)
     dev = DEVICE if backend == "triton" else "cpu"
+    on_device = None if m is None else m.to(dev)
     for dtype in dtypes:
-        low = [x.to(dtype) for x in (q, k, v)]
-        ref = with_grads(make("reference", m), low, grad.to(dtype))
-        got = with_grads(make(backend, None if m is None else m.to(dev)), [x.to(dev) for x in low],
-                         grad.to(dtype).to(dev))
-        for name, g, r, r64 in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
-            assert_error_ratio(f"{which} {shape} {backend} {dtype} {name}", g.cpu(), r, r64)
+        got = check_backend(lambda b: make(b, m if b == "reference" else on_device), (q, k, v), torch.randn_like(q),
+                            dtype, backend, dev, label=f"{which} {shape}")
     if mask:
         out = got[0].cpu()
         if which == "self":

@@ -14,7 +14,7 @@ from retro.evaluate import evaluate
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.embedder import resolve_embedder_path
 from retro.retrofit import retrofit
-from retro.train import TrainOptions, load_model, train
+from retro.train import load_model
 
 SMALL_LLAMA = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -96,3 +96,42 @@ def with_grads(fn, inputs, grad_out):
     out.backward(grad_out)
     grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
     return [out.detach()] + grads
+
+
+def check_backend(make, inputs, grad, dtype, backend: str, device="cpu", label: str = ""):
+    """make(backend) -> fn(*inputs). Runs `backend` in `dtype` on `device` and checks the output and
+    every input gradient against the float64 reference with the error-ratio rule (the same-dtype
+    reference being PyTorch's own error). Returns the backend's [out, *grads]."""
+    ref64 = with_grads(make("reference"), inputs, grad)
+    low = [x.to(dtype) for x in inputs]
+    ref = with_grads(make("reference"), low, grad.to(dtype))
+    got = with_grads(make(backend), [x.to(device) for x in low], grad.to(dtype).to(device))
+    names = ("out",) + tuple(f"d{i}" for i in range(len(inputs)))
+    for name, g, r, r64 in zip(names, got, ref, ref64):
+        assert_error_ratio(f"{label} {backend} {dtype} {name}", g.to(r.device), r, r64)
+    return got
+
+
+def random_decode_step(B=3, H=2, D=32, K=2, R=7, device="cpu", mask=True):
+    """q (B, H, D), k/v (B, K, R, H, D) float64 and a mask (sequence 0 has no real token)."""
+    f = dict(dtype=torch.float64, device=device)
+    q, k, v = torch.randn(B, H, D, **f), torch.randn(B, K, R, H, D, **f), torch.randn(B, K, R, H, D, **f)
+    m = None
+    if mask:
+        m = torch.rand(B, K, R, device=device) > 0.3
+        m[0] = False
+    return q, k, v, m
+
+
+def check_decode(q, k, v, mask, dtype, backend: str, label: str = ""):
+    """chunked_cross_attention_decode on `backend` in `dtype` against the float64 reference
+    (error-ratio rule); sequences without a real neighbour token must give exactly 0."""
+    from retro_kernels import chunked_cross_attention_decode as decode
+
+    ref64 = decode(q, k, v, mask, backend="reference")
+    low = [x.to(dtype) for x in (q, k, v)]
+    got = decode(*low, mask, backend=backend)
+    assert_error_ratio(f"decode {label} {backend} {dtype}", got, decode(*low, mask, backend="reference"), ref64)
+    if mask is not None:
+        assert (got[~mask.flatten(1).any(1)] == 0).all()
+    return got

@@ -18,6 +18,33 @@ def default_corpus() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def python_files(root: str) -> list[Path]:
+    """The .py files under root, installed packages (site-packages, dist-packages) left out: for
+    the standard library's folder, its own sources."""
+    return sorted(p for p in Path(root).rglob("*.py")
+                  if p.is_file() and not {"site-packages", "dist-packages"} & set(p.parts))
+
+
+def sample_corpus(root: str, n: int, seed: int, out: Path) -> Path:
+    """A seeded random sample of n Python files under root (installed packages left out), written
+    atomically to out as .jsonl (one document per file)."""
+    import numpy as np
+
+    from .atomic import write_bytes
+    from .retrieval.corpus import CorpusReport, iter_documents
+
+    files = python_files(root)
+    if len(files) < 3:
+        raise RetroError(f"{root!r} has {len(files)} Python files; the demo needs at least 3")
+    pick = sorted(np.random.default_rng(seed).choice(len(files), min(n, len(files)), replace=False))
+    lines, report = [], CorpusReport()
+    for i in pick:
+        for text in iter_documents(files[i], report=report):
+            lines.append(json.dumps({"text": text, "path": str(files[i].relative_to(root))}))
+    write_bytes(out, ("\n".join(lines) + "\n").encode())
+    return out
+
+
 def run_demo(corpus: str | None = None, out: str = "runs/demo", max_documents: int = 120, train_minutes: float = 4.0,
              eval_documents: int = 4, k: int = 2, device: str | None = None, prompt: str | None = None,
              max_new_tokens: int = 96, seed: int = 0, log=print) -> dict:
@@ -30,8 +57,13 @@ def run_demo(corpus: str | None = None, out: str = "runs/demo", max_documents: i
     out = Path(out)
     db_dir, run_dir = out / "db", out / "run"
     on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    corpus = corpus or default_corpus()
-    log(f"[demo] 1/5 database from {corpus} ({max_documents} documents) -> {db_dir}")
+    if corpus is None:
+        corpus = str(out / "stdlib-sample.jsonl")
+        if not Path(corpus).exists():
+            sample_corpus(default_corpus(), max_documents, seed, Path(corpus))
+        log(f"[demo] 1/5 database from {max_documents} files sampled from {default_corpus()} -> {db_dir}")
+    else:
+        log(f"[demo] 1/5 database from {corpus} (at most {max_documents} documents) -> {db_dir}")
     if not (db_dir / "manifest.json").exists():
         build_database(BuildOptions(corpus=corpus, out=str(db_dir), vocab_size=4000, chunk_size=64,
                                     valid_fraction=0.05, max_documents=max_documents, seed=seed,

@@ -10,7 +10,6 @@ neighbours are encoded once and each CCA layer caches their keys/values for the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -295,11 +294,3 @@ class DecodeState:
         chunk_mask = mask[:, last] if mask is not None else torch.ones(enc.shape[:1] + enc.shape[2:4],
                                                                        dtype=torch.bool, device=enc.device)
         self._store(model, torch.tensor([self.row], device=enc.device), enc[:, last], chunk_mask)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def bits(nats: float) -> float:
-    return nats / math.log(2)

@@ -43,6 +43,30 @@ def _key_mask(mask_base, keys, n_keys, stride_mr, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _program(heads):
+    """(program index over row blocks, batch index as int64, head)."""
+    bh = tl.program_id(1)
+    return tl.program_id(0), (bh // heads).to(tl.int64), bh % heads
+
+
+@triton.jit
+def _group_rows(pid, row_blocks, q_rows, q_valid, BLOCK_M: tl.constexpr):
+    """The group g and row block rb of program pid, its rows, and which of them exist."""
+    g = pid // row_blocks
+    rb = pid % row_blocks
+    i = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = g * q_rows + i
+    return g, rb, rows, (i < q_rows) & (rows < q_valid)
+
+
+@triton.jit
+def _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M: tl.constexpr):
+    """Rows before group 0 handled by program pid (>= grouped_programs), and which exist."""
+    rows = (pid - grouped_programs) * BLOCK_M + tl.arange(0, BLOCK_M) - prefix_rows
+    return rows, rows < 0
+
+
+@triton.jit
 def grouped_attention_fwd_kernel(
     Q, K, V, MASK, OUT, LSE,
     stride_qb, stride_qr, stride_qh,
@@ -53,11 +77,7 @@ def grouped_attention_fwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    offs_m = tl.arange(0, BLOCK_M)
+    pid, b, h = _program(heads)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     q_base = Q + b * stride_qb + h * stride_qh
@@ -65,17 +85,13 @@ def grouped_attention_fwd_kernel(
     l_base = LSE + b * stride_lb + h * stride_lh
 
     if pid >= grouped_programs:  # rows that attend to nothing
-        rows = (pid - grouped_programs) * BLOCK_M + offs_m - prefix_rows
-        ok = rows < 0
+        rows, ok = _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M)
         zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=OUT.dtype.element_ty)
         tl.store(o_base + rows[:, None] * stride_qr + offs_d[None, :], zero, mask=ok[:, None] & d_ok[None, :])
         tl.store(l_base + rows, tl.full((BLOCK_M,), float("inf"), tl.float32), mask=ok)
         return
 
-    g = pid // row_blocks
-    i = (pid % row_blocks) * BLOCK_M + offs_m
-    rows = g * q_rows + i
-    row_ok = (i < q_rows) & (rows < q_valid)
+    g, _, rows, row_ok = _group_rows(pid, row_blocks, q_rows, q_valid, BLOCK_M)
     q = _load_rows(q_base, rows, row_ok, stride_qr, offs_d, d_ok)
     k_base = K + b * stride_kb + g * stride_kg + h * stride_kh
     v_base = V + b * stride_kb + g * stride_kg + h * stride_kh
@@ -121,27 +137,18 @@ def grouped_attention_bwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    offs_m = tl.arange(0, BLOCK_M)
+    pid, b, h = _program(heads)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_off = b * stride_qb + h * stride_qh
 
     if pid >= grouped_programs:  # rows that attend to nothing get no gradient
-        rows = (pid - grouped_programs) * BLOCK_M + offs_m - prefix_rows
-        ok = rows < 0
+        rows, ok = _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M)
         zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=DQ.dtype.element_ty)
         tl.store(DQ + row_off + rows[:, None] * stride_qr + offs_d[None, :], zero, mask=ok[:, None] & d_ok[None, :])
         return
 
-    g = pid // row_blocks
-    rb = pid % row_blocks
-    i = rb * BLOCK_M + offs_m
-    rows = g * q_rows + i
-    row_ok = (i < q_rows) & (rows < q_valid)
+    g, rb, rows, row_ok = _group_rows(pid, row_blocks, q_rows, q_valid, BLOCK_M)
     q = _load_rows(Q + row_off, rows, row_ok, stride_qr, offs_d, d_ok)
     do = _load_rows(DO + row_off, rows, row_ok, stride_qr, offs_d, d_ok)
     o = _load_rows(OUT + row_off, rows, row_ok, stride_qr, offs_d, d_ok)
