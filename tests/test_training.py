@@ -124,3 +124,33 @@ def test_evaluate_and_generate(db, tmp_path):
     assert out.startswith("alpha beta") and "neighbour 0: id" in out
     report = json.loads(run_cli("evaluate", str(tmp_path / "run"), "--db", str(db)).stdout)
     assert report["bpb_off"] == pytest.approx(res.bpb_off, rel=1e-6) and report["tokens"] == res.tokens
+
+
+def test_overlap_report(db, tmp_path):
+    from retro.leakage import overlap_report
+
+    train(opts(db, tmp_path / "run", steps=3), log=lambda *_: None)
+    model, _ = load_model(tmp_path / "run", device="cpu")
+    retriever = Retriever.load(db)
+    rows = overlap_report(model, retriever, k=2, out=str(tmp_path / "report"), log=lambda *_: None)
+    assert [r["alpha"] for r in rows] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
+    chunks = [r["chunks"] for r in rows]
+    assert chunks == sorted(chunks) and rows[-1]["fraction"] == 1.0  # every chunk has r(C) <= 1
+    assert all(r["bpb_on"] > 0 and r["bpb_off"] > 0 for r in rows if r["chunks"])
+    assert all(r["bpb_on"] is None for r in rows if not r["chunks"])
+    for name in ("overlap.json", "overlap.md", "overlap.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    out = run_cli("evaluate", str(tmp_path / "run"), "--db", str(db), "--overlap", "--overlap-out",
+                  str(tmp_path / "cli")).stdout
+    assert "alpha 1.0" in out and json.loads((tmp_path / "cli" / "overlap.json").read_text())["rows"] == rows
+
+
+def test_demo_command_on_a_small_corpus(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", docs=12, words=660)
+    out = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
+                  "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "RETRO[ON]", "RETRO[OFF]", "CONTINUATION", "retrieved for chunk"):
+        assert stage in out, stage
+    again = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
+                    "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
+    assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage

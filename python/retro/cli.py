@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-documents", type=int, default=120)
     d.add_argument("--train-minutes", type=float, default=4.0)
-    d.add_argument("--eval-documents", type=int, default=4)
+    d.add_argument("--eval-documents", type=int, help="held-out documents to evaluate (default: all)")
     d.add_argument("--prompt")
     d.add_argument("--device")
     d.set_defaults(handler=_cmd_demo)

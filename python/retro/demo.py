@@ -46,7 +46,7 @@ def sample_corpus(root: str, n: int, seed: int, out: Path) -> Path:
 
 
 def run_demo(corpus: str | None = None, out: str = "runs/demo", max_documents: int = 120, train_minutes: float = 4.0,
-             eval_documents: int = 4, k: int = 2, device: str | None = None, prompt: str | None = None,
+             eval_documents: int | None = None, k: int = 2, device: str | None = None, prompt: str | None = None,
              max_new_tokens: int = 96, seed: int = 0, log=print) -> dict:
     from .evaluate import evaluate
     from .generate import generate
@@ -82,7 +82,7 @@ def run_demo(corpus: str | None = None, out: str = "runs/demo", max_documents: i
     model, state = load_model(run_dir, device=device)
     log(f"[demo]    trained {state['step']} steps")
     retriever = Retriever.load(db_dir, device=device)
-    log(f"[demo] 4/5 bits per byte on {eval_documents} held-out documents ({time.time() - t0:.0f} s)")
+    log(f"[demo] 4/5 bits per byte on {eval_documents or 'all'} held-out documents ({time.time() - t0:.0f} s)")
     res = evaluate(model, retriever, k=k, max_documents=eval_documents)
     log(f"[demo]    RETRO[ON]  {res.bpb_on:.4f} bits/byte\n[demo]    RETRO[OFF] {res.bpb_off:.4f} bits/byte"
         f"\n[demo]    ({res.documents} documents, {res.bytes} bytes, {res.tokens} tokens, k={k})")

@@ -157,14 +157,18 @@ def overlap_report(model, retriever, k: int = 2, max_documents: int | None = Non
         sel = overlaps <= alpha + 1e-9
         b = int(nbytes[sel].sum())
         rows.append({"alpha": alpha, "chunks": int(sel.sum()), "fraction": float(sel.mean()), "bytes": b,
-                     "bpb_on": float(pc["nll_on"][sel].sum() / math.log(2) / b) if b else float("nan"),
-                     "bpb_off": float(pc["nll_off"][sel].sum() / math.log(2) / b) if b else float("nan")})
+                     "bpb_on": float(pc["nll_on"][sel].sum() / math.log(2) / b) if b else None,
+                     "bpb_off": float(pc["nll_off"][sel].sum() / math.log(2) / b) if b else None})
     folder = Path(out) if out else Path(".")
     _write_overlap(folder, rows, k)
     for r in rows:
         log(f"alpha {r['alpha']:<5} chunks {r['chunks']:>6} ({100 * r['fraction']:5.1f}%)  "
-            f"bpb RETRO[ON] {r['bpb_on']:.4f}  RETRO[OFF] {r['bpb_off']:.4f}")
+            f"bpb RETRO[ON] {_fmt(r['bpb_on'])}  RETRO[OFF] {_fmt(r['bpb_off'])}")
     return rows
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _write_overlap(folder: Path, rows: list[dict], k: int) -> None:
@@ -173,7 +177,7 @@ def _write_overlap(folder: Path, rows: list[dict], k: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "overlap.json", {"k": k, "rows": rows})
     lines = ["| alpha | chunks | fraction | bits/byte RETRO[ON] | bits/byte RETRO[OFF] |", "|---|---|---|---|---|"]
-    lines += [f"| {r['alpha']} | {r['chunks']} | {r['fraction']:.3f} | {r['bpb_on']:.4f} | {r['bpb_off']:.4f} |"
+    lines += [f"| {r['alpha']} | {r['chunks']} | {r['fraction']:.3f} | {_fmt(r['bpb_on'])} | {_fmt(r['bpb_off'])} |"
               for r in rows]
     write_bytes(folder / "overlap.md", ("\n".join(lines) + "\n").encode())
     import matplotlib
@@ -183,8 +187,9 @@ def _write_overlap(folder: Path, rows: list[dict], k: int) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     a = [r["alpha"] for r in rows]
-    ax.plot(a, [r["bpb_on"] for r in rows], "o-", label="RETRO[ON]")
-    ax.plot(a, [r["bpb_off"] for r in rows], "s--", label="RETRO[OFF]")
+    nan = float("nan")
+    ax.plot(a, [nan if r["bpb_on"] is None else r["bpb_on"] for r in rows], "o-", label="RETRO[ON]")
+    ax.plot(a, [nan if r["bpb_off"] is None else r["bpb_off"] for r in rows], "s--", label="RETRO[OFF]")
     ax.set_xlabel("max chunk overlap alpha (r(C) <= alpha)")
     ax.set_ylabel("bits per byte")
     ax.legend()
