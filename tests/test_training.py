@@ -154,3 +154,9 @@ def test_demo_command_on_a_small_corpus(tmp_path):
     again = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
                     "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
     assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage
+
+
+def test_activation_checkpointing_changes_nothing(db, tmp_path):
+    train(opts(db, tmp_path / "plain", steps=3), log=lambda *_: None)
+    train(opts(db, tmp_path / "ckpt", steps=3, checkpointing=True), log=lambda *_: None)
+    assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")

@@ -85,7 +85,8 @@ class BuildOptions:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="chunk" if "chunk" in desc or "embed" in desc else "it",
+    unit = "chunk" if "chunk" in desc or "embed" in desc else "doc" if "document" in desc else "it"
+    return tqdm(total=total, desc=desc, unit=unit,
                 disable=not enabled or not dist.is_main(), dynamic_ncols=True, leave=False)
 
 
@@ -155,7 +156,12 @@ def _tokenize_stage(opts: BuildOptions, tokenizer, documents: list[str], log) ->
     r, w = dist.rank(), dist.world_size()
     parts = out / "parts"
     mine = list(range(r, len(documents), w))
-    encoded = tokenizer.encode([documents[i] for i in mine]) if mine else []
+    encoded = []
+    bar = _progress(len(mine), "tokenising documents", opts.progress)
+    for s in range(0, len(mine), 256):
+        encoded += tokenizer.encode([documents[i] for i in mine[s:s + 256]])
+        bar.update(min(256, len(mine) - s))
+    bar.close()
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     flat = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
     write_npy(parts / f"tokens-rank{r}.npy", flat)
@@ -239,6 +245,7 @@ def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
     else:
         import faiss
 
+        log(f"[build-db] training the {kind} index on a sample" if kind != "flat" else "[build-db] flat index")
         bar = _progress(len(vectors), f"adding to the {kind} index", opts.progress)
         index, settings = build_faiss(kind, vectors, seed=opts.seed, progress=bar.update)
         bar.close()
