@@ -73,6 +73,8 @@ def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     assert killed.returncode != 0 and "simulated kill at step 10" in killed.stderr
     again = run_cli(*args, check=False)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+    bad = run_cli(*args[:-2], "--set", "dim", "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "--set expects FIELD=VALUE, got 'dim'" in bad.stderr
     run_cli(*args, "--resume")
     assert losses(tmp_path / "killed") == full  # the resumed curve is the uninterrupted one, bit for bit
 
@@ -122,6 +124,9 @@ def test_evaluate_and_generate(db, tmp_path):
     out = run_cli("generate", str(tmp_path / "run"), "alpha beta", "--db", str(db), "--max-new-tokens", "40",
                   "--show-neighbours").stdout
     assert out.startswith("alpha beta") and "neighbour 0: id" in out
+    off = run_cli("generate", str(tmp_path / "run"), "alpha beta", "--db", str(db), "--max-new-tokens", "8",
+                  "--no-retrieval", "--temperature", "0").stdout
+    assert off.startswith("alpha beta")
     report = json.loads(run_cli("evaluate", str(tmp_path / "run"), "--db", str(db)).stdout)
     assert report["bpb_off"] == pytest.approx(res.bpb_off, rel=1e-6) and report["tokens"] == res.tokens
 

@@ -53,8 +53,13 @@ def _cmd_train(a) -> None:
 
     overrides = {}
     for item in a.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RetroError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)  # numbers, lists, true/false
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string, e.g. backend=triton
     train(TrainOptions(db=a.db, out=a.out, config=a.config, steps=a.steps, batch_size=a.batch_size,
                        seq_chunks=a.seq_chunks, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, k=a.k, seed=a.seed, save_every=a.save_every, resume=a.resume,
@@ -76,14 +81,13 @@ def _cmd_generate(a) -> None:
     from .retrieval import Retriever
     from .train import load_model
 
+    from .retrieval import ChunkDatabase
+
     model, _ = load_model(a.run, device=a.device)
     retriever = Retriever.load(a.db, device=a.device) if not a.no_retrieval else None
-    if retriever is None:
-        from .retrieval import ChunkDatabase
-
-        model.tokenizer = ChunkDatabase(a.db).tokenizer
     gens = generate(model, retriever, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, k=a.k)
+                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, k=a.k,
+                    tokenizer=None if retriever is not None else ChunkDatabase(a.db).tokenizer)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
         if a.show_neighbours:

@@ -50,11 +50,14 @@ def _retrieve(retriever: Retriever, chunks: list[np.ndarray], k: int, device):
 @torch.no_grad()
 def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-             k: int | None = None, stop_at_eos: bool = True) -> list[Generation]:
-    """Continues each prompt; retriever None generates without retrieval (RETRO[OFF])."""
+             k: int | None = None, stop_at_eos: bool = True, tokenizer=None) -> list[Generation]:
+    """Continues each prompt. retriever None generates without retrieval (RETRO[OFF]); the
+    tokenizer is then required (otherwise the database's is used)."""
     if not prompts:
         raise RetroError("no prompt given")
-    tok = retriever.db.tokenizer if retriever is not None else model.tokenizer
+    tok = tokenizer or (retriever.db.tokenizer if retriever is not None else None)
+    if tok is None:
+        raise RetroError("generate without a retriever needs tokenizer= (the database's tokenizer)")
     cfg, m = model.cfg, model.cfg.chunk_size
     k = k or cfg.neighbours
     device = next(model.parameters()).device
