@@ -246,20 +246,36 @@ class _KV:
         self.v = torch.zeros_like(self.k)
 
 
-class DecodeState:
-    """Caches of a batch being decoded: per-sequence positions, self-attention keys/values, the
-    first CCA layer's states of each sequence's chunk in progress, and each CCA layer's keys/values
-    of the neighbours of each sequence's current chunk (mask all False before the first chunk)."""
+class NeighbourCache:
+    """Per sequence being decoded: the first CCA layer's states of its chunk in progress, and each
+    CCA layer's keys/values of the neighbours of its current chunk (mask all False before the
+    first chunk completes)."""
 
-    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype):
-        cfg = model.cfg
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.self_attn = [_KV(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
-        self.chunk_states = torch.zeros(batch, cfg.chunk_size, cfg.dim, device=device, dtype=dtype)
+    def __init__(self, cfg: RetroConfig, batch: int, hidden: int, device, dtype):
+        self.chunk_states = torch.zeros(batch, cfg.chunk_size, hidden, device=device, dtype=dtype)
         shape = (batch, cfg.neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
         self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for i in cfg.cca_layers}
         self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+
+    def store(self, cca_layers: dict, rows, enc: Tensor, mask: Tensor) -> None:
+        """Caches, for `rows`, every CCA layer's (rotated) keys/values of encoded neighbours enc
+        (b, K, R, enc_dim); cca_layers maps a layer index to its ChunkedCrossAttention."""
+        for i, layer in cca_layers.items():
+            k, v = layer.project_neighbours(enc)
+            self.cca_kv[i][0][rows], self.cca_kv[i][1][rows] = k.to(self.cca_kv[i][0].dtype), v.to(self.cca_kv[i][1].dtype)
+        self.cca_mask[rows] = mask
+
+
+class DecodeState(NeighbourCache):
+    """Caches of a batch being decoded: per-sequence positions and self-attention keys/values,
+    plus the neighbour caches."""
+
+    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype):
+        cfg = model.cfg
+        super().__init__(cfg, batch, cfg.dim, device, dtype)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.self_attn = [_KV(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
         self.row = None  # the row a prefill writes into
 
     def encode_completed(self, model: RetroModel, new: dict[int, tuple[Tensor, Tensor]]) -> None:
@@ -271,11 +287,8 @@ class DecodeState:
         enc = model.encode(nb, mask, self.chunk_states[rows][:, None])      # (b, 1, K, R, enc_dim)
         self._store(model, rows, enc[:, 0], mask[:, 0])
 
-    def _store(self, model, rows, enc, mask) -> None:
-        for i in model.cfg.cca_layers:
-            k, v = model.layers[i].cca.project_neighbours(enc)  # (b, K, R, H, D), rotated
-            self.cca_kv[i][0][rows], self.cca_kv[i][1][rows] = k.to(self.cca_kv[i][0].dtype), v.to(self.cca_kv[i][1].dtype)
-        self.cca_mask[rows] = mask
+    def _store(self, model: RetroModel, rows, enc, mask) -> None:
+        self.store({i: model.layers[i].cca for i in model.cfg.cca_layers}, rows, enc, mask)
 
     def keep_chunk_states(self, x: Tensor) -> None:
         """Prefill (x (1, n, dim) after the first CCA layer's self-attention): keeps the states of

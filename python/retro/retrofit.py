@@ -19,7 +19,7 @@ from retro_kernels import ChunkedCrossAttention, RetroEncoder, chunked_cross_att
 from retro_kernels.nn import apply_rotary, cca_query_positions, rotary_angles
 
 from .errors import RetroError
-from .model import RetroConfig, paper_cca_layers
+from .model import NeighbourCache, RetroConfig, paper_cca_layers
 
 
 def _blocks(hf_model) -> nn.ModuleList:
@@ -104,7 +104,7 @@ class RetrofittedLM(nn.Module):
             if ctx.get("new") is not None:
                 nb, mask = ctx["new"]
                 enc = self.encode(nb[None, None], mask[None, None], st.chunk_states[row][None, None])
-                st.store(self, row, enc[0, 0], mask)
+                st.store(self.cca_layers(), row, enc[0, 0], mask)
         layer = self.cca[str(i)]
         q = layer.to_q(self.cca_norm[str(i)](h)).view(1, cfg.heads, cfg.head_dim)
         cos, sin = rotary_angles(cca_query_positions(torch.tensor([pos], device=h.device), m), cfg.head_dim,
@@ -125,6 +125,9 @@ class RetrofittedLM(nn.Module):
             return self.base(input_ids=tokens, use_cache=False).logits
         finally:
             self._ctx = None
+
+    def cca_layers(self) -> dict[int, ChunkedCrossAttention]:
+        return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
@@ -147,7 +150,7 @@ class RetrofittedLM(nn.Module):
                 last = (n + 1) // m - 1
                 chunk_mask = mask[0, last] if mask is not None else torch.ones(enc.shape[2:4], dtype=torch.bool,
                                                                               device=enc.device)
-                state.store(self, row, enc[0, last], chunk_mask)
+                state.store(self.cca_layers(), row, enc[0, last], chunk_mask)
 
         if neighbours is None or n // m == 0:  # chunk states are still needed for the chunk in progress
             def grab(module, args, output):
@@ -186,23 +189,13 @@ class RetrofittedLM(nn.Module):
         return torch.stack(out)
 
 
-class RetrofitState:
+class RetrofitState(NeighbourCache):
+    """Per-sequence base-model caches and positions, plus the neighbour caches."""
+
     def __init__(self, model: RetrofittedLM, batch: int, device, dtype):
-        cfg = model.cfg
-        hidden = model.base.config.hidden_size
+        super().__init__(model.cfg, batch, model.base.config.hidden_size, device, dtype)
         self.pos = torch.zeros(batch, dtype=torch.long)
         self.caches = [None] * batch
-        self.chunk_states = torch.zeros(batch, cfg.chunk_size, hidden, device=device, dtype=dtype)
-        shape = (batch, cfg.neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
-        self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                       for i in cfg.cca_layers}
-        self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
-
-    def store(self, model: RetrofittedLM, row: int, enc: Tensor, mask: Tensor) -> None:
-        for i in model.cfg.cca_layers:
-            k, v = model.cca[str(i)].project_neighbours(enc)
-            self.cca_kv[i][0][row], self.cca_kv[i][1][row] = k, v
-        self.cca_mask[row] = mask
 
 
 def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2, chunk_size: int = 64,
