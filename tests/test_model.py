@@ -61,17 +61,19 @@ def test_backends_agree():
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_incremental_decoding_equals_full_forward(backend):
+@pytest.mark.parametrize("backend,K,qk_norm", [("reference", 2, False), ("cpu", 2, False), ("cpu", 1, True),
+                                                ("reference", 4, True), ("cpu", 4, False)])
+def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
     """Prompts of different lengths in one batch (across chunk boundaries), then token by token;
-    neighbours arrive when a chunk completes, as in generation."""
+    neighbours arrive when a chunk completes, as in generation. Any number of neighbours K works,
+    whatever the model was configured (trained) with."""
     torch.manual_seed(0)
-    model = RetroModel(tiny(backend=backend)).double().eval()
+    model = RetroModel(tiny(backend=backend, qk_norm=qk_norm)).double().eval()
     m = 4
-    tok, nb, mask = inputs()
+    tok, nb, mask = inputs(K=K)
     full = model(tok, nb, mask)
     prompts = [3, 9]  # row 0 stops before its first chunk completes, row 1 inside chunk 2
-    state = model.new_state(2, 32)
+    state = model.new_state(2, 32, neighbours=K)
     logits = {}
     for row, p in enumerate(prompts):
         chunks = p // m
@@ -91,3 +93,23 @@ def test_incremental_decoding_equals_full_forward(backend):
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="cca_layers must be non-empty .* < depth=4"):
         RetroModel(tiny(cca_layers=(4,)))
+
+
+def test_feed_forward_width_is_honoured():
+    model = RetroModel(tiny(ff_dim=200))
+    assert model.layers[0].ff[0].out_features == 200 and model.layers[0].ff[3].in_features == 200
+
+
+def test_qk_norm_attention_is_the_layer_with_normalised_queries_and_keys():
+    """With qk_norm the CCA layer equals the reference op on unit-length q, k times the gain, scale 1."""
+    from retro_kernels import ChunkedCrossAttention, chunked_cross_attention_reference
+
+    torch.manual_seed(0)
+    layer = ChunkedCrossAttention(16, 2, 8, chunk_size=4, context_dim=12, qk_norm=True, qk_gain=3.0,
+                                  backend="cpu").double()
+    x, ctx = torch.randn(2, 11, 16, dtype=torch.float64), torch.randn(2, 2, 3, 8, 12, dtype=torch.float64)
+    q = layer.project_queries(x, torch.arange(11))
+    k, v = layer.project_neighbours(ctx)
+    assert torch.allclose(q.norm(dim=-1), torch.full_like(q[..., 0], 3.0)) and torch.allclose(k.norm(dim=-1), torch.ones_like(k[..., 0]))
+    want = layer.to_out(chunked_cross_attention_reference(q, k, v, chunk_size=4, softmax_scale=1.0).reshape(2, 11, 16))
+    torch.testing.assert_close(layer(x, ctx), want)

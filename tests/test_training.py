@@ -101,7 +101,9 @@ def test_evaluate_and_generate(db, tmp_path):
     model, state = load_model(tmp_path / "run", device="cpu")
     retriever = Retriever.load(db)
     res = evaluate(model, retriever, k=2, progress=False)
-    assert res.documents == 2 and res.bytes == int(retriever.db.doc_bytes[retriever.db.documents("valid")].sum())
+    valid = retriever.db.documents("valid")
+    first = sum(len(retriever.db.tokenizer.decode(retriever.db.document_tokens(d)[:1]).encode()) for d in valid)
+    assert res.documents == 2 and res.bytes == int(retriever.db.doc_bytes[valid].sum()) - first
     assert res.bpb_on > 0 and res.bpb_off > 0 and res.bpb_on != res.bpb_off
     # RETRO[OFF] by hand: the same windows, no neighbours
     nll = 0.0
@@ -137,25 +139,29 @@ def test_overlap_report(db, tmp_path):
     train(opts(db, tmp_path / "run", steps=3), log=lambda *_: None)
     model, _ = load_model(tmp_path / "run", device="cpu")
     retriever = Retriever.load(db)
-    rows = overlap_report(model, retriever, k=2, out=str(tmp_path / "report"), log=lambda *_: None)
+    rows = overlap_report(model, retriever, k=2, out=str(tmp_path / "report"), log=lambda *_: None, progress=False)
     assert [r["alpha"] for r in rows] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
-    chunks = [r["chunks"] for r in rows]
-    assert chunks == sorted(chunks) and rows[-1]["fraction"] == 1.0  # every chunk has r(C) <= 1
-    assert all(r["bpb_on"] > 0 and r["bpb_off"] > 0 for r in rows if r["chunks"])
-    assert all(r["bpb_on"] is None for r in rows if not r["chunks"])
+    tokens = [r["tokens"] for r in rows]
+    assert tokens == sorted(tokens) and rows[-1]["fraction"] == 1.0  # every scored token has r(C) <= 1
+    full = evaluate(model, retriever, k=2, progress=False)
+    assert rows[-1]["tokens"] == full.tokens and rows[-1]["RETRO[ON]"] == pytest.approx(full.bpb_on, rel=1e-9)
+    assert rows[-1]["RETRO[OFF]"] == pytest.approx(full.bpb_off, rel=1e-9)
+    assert all(r["RETRO[ON]"] > 0 and r["RETRO[OFF]"] > 0 for r in rows if r["tokens"])
     for name in ("overlap.json", "overlap.md", "overlap.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     out = run_cli("evaluate", str(tmp_path / "run"), "--db", str(db), "--overlap", "--overlap-out",
                   str(tmp_path / "cli")).stdout
-    assert "alpha 1.0" in out and json.loads((tmp_path / "cli" / "overlap.json").read_text())["rows"] == rows
+    assert "| 1.0 |" in out and json.loads((tmp_path / "cli" / "overlap.json").read_text())["rows"] == rows
 
 
 def test_demo_command_on_a_small_corpus(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", docs=12, words=660)
     out = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
                   "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
-    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "RETRO[ON]", "RETRO[OFF]", "CONTINUATION", "retrieved for chunk"):
+    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "RETRO[ON]", "RETRO[OFF]", "CONTINUATION",
+                  "retrieved for chunk", "| alpha |"):
         assert stage in out, stage
+    assert any("baseline" in line and "bits/byte" in line for line in out.splitlines())
     again = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
                     "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
     assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage

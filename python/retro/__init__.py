@@ -1,6 +1,23 @@
 """retro: a thin RETRO model on retro_kernels, with real retrieval, training, decoding, evaluation
-and the command line `retro`."""
-from .errors import RetroError
-from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
+and the command line `retro`.
 
-__all__ = ["BuildOptions", "ChunkDatabase", "RetroError", "Retriever", "build_database", "compute_neighbours"]
+    import retro
+    retro.build_database(retro.BuildOptions(corpus="docs/", out="db", valid_fraction=0.05))
+    run = retro.train(retro.TrainOptions(db="db", out="run", config="tiny", steps=500))
+    model, _ = retro.load_model(run)
+    print(retro.evaluate(model, retro.Retriever.load("db")).bpb_on)
+
+(`retro.train`, `retro.generate` and `retro.evaluate` are the functions; their modules stay
+importable as `from retro.train import ...`.)
+"""
+from .errors import RetroError
+from .evaluate import EvalResult, evaluate
+from .generate import Generation, generate
+from .model import PRESETS, RetroConfig, RetroModel, preset
+from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
+from .retrofit import RetrofittedLM, retrofit
+from .train import TrainOptions, load_model, train
+
+__all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "PRESETS", "RetroConfig", "RetroError",
+           "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "build_database", "compute_neighbours",
+           "evaluate", "generate", "load_model", "preset", "retrofit", "train"]

@@ -99,8 +99,9 @@ def _cmd_generate(a) -> None:
 
 
 def _cmd_evaluate(a) -> None:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, prepare
     from .retrieval import Retriever
+    from .retrieval.retriever import database_fraction
     from .train import load_model
 
     model, _ = load_model(a.run, device=a.device)
@@ -108,18 +109,23 @@ def _cmd_evaluate(a) -> None:
     if a.overlap:
         from .leakage import overlap_report
 
-        overlap_report(model, retriever, k=a.k, max_documents=a.max_documents, out=a.overlap_out)
+        overlap_report(model, retriever, k=a.k, max_documents=a.max_documents, out=a.overlap_out or a.run)
         return
-    res = evaluate(model, retriever, k=a.k, max_documents=a.max_documents)
-    print(json.dumps(res.as_dict(), indent=1))
+    allowed = None if a.db_fraction is None else database_fraction(retriever.db, a.db_fraction, a.seed)
+    es = prepare(retriever, a.k, max_documents=a.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed)
+    res = evaluate(model, retriever, k=a.k, eval_set=es)
+    report = res.as_dict()
+    if allowed is not None:
+        report.update(db_fraction=a.db_fraction, db_chunks=int(len(allowed)))
+    print(json.dumps(report, indent=1))
 
 
 def _cmd_demo(a) -> None:
-    from .demo import check_args, run_demo
+    from .demo import DemoOptions, run_demo
 
-    check_args(a.train_minutes, a.max_documents)
-    run_demo(corpus=a.corpus, out=a.out, max_documents=a.max_documents, train_minutes=a.train_minutes,
-             eval_documents=a.eval_documents, device=a.device, prompt=a.prompt)
+    run_demo(DemoOptions(corpus=a.corpus, out=a.out, max_documents=a.max_documents, valid_fraction=a.valid_fraction,
+                         train_minutes=a.train_minutes, eval_documents=a.eval_documents, k=a.k, device=a.device,
+                         prompt=a.prompt, seed=a.seed))
 
 
 def _cmd_dedup(a) -> None:
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-documents", type=int)
     e.add_argument("--overlap", action="store_true", help="bits per byte against chunk overlap with the neighbours")
     e.add_argument("--overlap-out", default=None, help="folder for the overlap table and plot (default: RUN)")
+    e.add_argument("--db-fraction", type=float, help="retrieve from a seeded random part (0, 1] of the database's "
+                                                     "training documents only (searched exactly)")
+    e.add_argument("--seed", type=int, default=0, help="which part --db-fraction takes")
     e.add_argument("--device")
     e.set_defaults(handler=_cmd_evaluate)
 
@@ -237,13 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--text-field", default="text")
     dd.set_defaults(handler=_cmd_dedup)
 
-    d = sub.add_parser("demo", help="the whole pipeline on the Python standard library's sources")
-    d.add_argument("--corpus", help="your own corpus instead of the standard library")
+    d = sub.add_parser("demo", help="the whole pipeline on an embedded corpus: RETRO against a baseline")
+    d.add_argument("--corpus", help="your own corpus instead of the transformers models' sources")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--max-documents", type=int, default=120)
-    d.add_argument("--train-minutes", type=float, default=4.0)
+    d.add_argument("--max-documents", type=int, default=240, help="files sampled (or documents read)")
+    d.add_argument("--valid-fraction", type=float, default=0.1, help="documents held out, chosen at random")
+    d.add_argument("--train-minutes", type=float, default=3.0, help="for RETRO, and again for the baseline")
     d.add_argument("--eval-documents", type=int, help="held-out documents to evaluate (default: all)")
+    d.add_argument("-k", "--k", type=int, default=2, help="neighbours per chunk")
     d.add_argument("--prompt")
+    d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.set_defaults(handler=_cmd_demo)
     return p

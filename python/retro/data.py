@@ -22,15 +22,18 @@ IGNORE = -100
 class Batch:
     tokens: torch.Tensor          # (B, n) int64
     targets: torch.Tensor         # (B, n) int64, IGNORE where not scored
-    neighbours: torch.Tensor      # (B, L, k, 2m) int64
-    neighbour_mask: torch.Tensor  # (B, L, k, 2m) bool
+    neighbours: torch.Tensor | None      # (B, L, k, 2m) int64; None: trained without retrieval
+    neighbour_mask: torch.Tensor | None  # (B, L, k, 2m) bool
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.targets, self.neighbours,
-                                                                 self.neighbour_mask)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.tokens, self.targets, self.neighbours, self.neighbour_mask)))
 
 
 class TrainSequences:
+    """Training sequences of `seq_chunks` chunks with the neighbours of each chunk; with
+    candidates=None, sequences without neighbours (a decoder trained without retrieval)."""
+
     def __init__(self, db: ChunkDatabase, seq_chunks: int, k: int, candidates: np.ndarray | None):
         self.db, self.L, self.k, self.candidates = db, seq_chunks, k, candidates
         self.m = db.chunk_size
@@ -54,20 +57,21 @@ class TrainSequences:
             doc[L * m] = db.chunk_doc[nxt]
         targets = toks[1:].copy()
         targets[(doc[1:] < 0) | (doc[1:] != doc[:-1])] = IGNORE
+        if self.candidates is None:
+            return toks[:-1], targets, None, None
         ids = np.full((L, self.k), -1, dtype=np.int64)
-        if self.candidates is not None:
-            in_seq = np.unique(db.chunk_doc[chunks])
-            for j, c in enumerate(chunks):
-                cand = np.asarray(self.candidates[c])
-                cand = cand[(cand >= 0)]
-                cand = cand[~np.isin(db.chunk_doc[cand], in_seq)][: self.k]
-                ids[j, : len(cand)] = cand
+        in_seq = np.unique(db.chunk_doc[chunks])
+        for j, c in enumerate(chunks):
+            cand = np.asarray(self.candidates[c])
+            cand = cand[(cand >= 0)]
+            cand = cand[~np.isin(db.chunk_doc[cand], in_seq)][: self.k]
+            ids[j, : len(cand)] = cand
         nb, mask = db.values(ids)
         return toks[:-1], targets, nb, mask
 
     def batch(self, indices) -> Batch:
         parts = [self.sequence(int(i)) for i in indices]
-        return Batch(*(torch.from_numpy(np.stack(x)) for x in zip(*parts)))
+        return Batch(*(None if x[0] is None else torch.from_numpy(np.stack(x)) for x in zip(*parts)))
 
 
 class Sampler:

@@ -65,7 +65,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tok
     if any(len(t) == 0 for t in encoded):
         raise RetroError("a prompt encodes to no token; give at least one character")
     max_len = max(len(t) for t in encoded) + max_new_tokens  # the caches' length (any length works)
-    state = model.new_state(len(prompts), max_len)
+    state = model.new_state(len(prompts), max_len, neighbours=k)
     gens = [Generation(p, "", []) for p in prompts]
     history = [list(t) for t in encoded]
     logits = []

@@ -3,9 +3,9 @@
 - dedup_against: training documents whose 13-gram Jaccard similarity to any evaluation document
   is >= threshold (default 0.8). Candidates come from MinHash LSH (datasketch) with bands chosen
   to catch nearly every pair at the threshold; the exact Jaccard then decides.
-- overlap_report: r(C) = longest common token substring between an evaluation chunk and its
-  retrieved neighbours / chunk size; bits per byte with and without retrieval over the chunks with
-  r(C) <= alpha, for a sweep of alpha, as a table and a plot.
+- overlap_report: r(C) = longest common token substring between the scored tokens of an
+  evaluation chunk and the neighbours they attended / chunk size; bits per byte with and without
+  retrieval over the tokens with r(C) <= alpha, for a sweep of alpha, as a table and a plot.
 """
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ class Duplicate:
     jaccard: float
 
 
-def find_duplicates(eval_docs: list, train_docs: list, threshold: float = 0.8, tokenize=word_tokens,
-                    progress: bool = True) -> list[Duplicate]:
-    """Training documents with 13-gram Jaccard >= threshold to some evaluation document (the
-    most similar one reported)."""
+def similar_pairs(eval_docs: list, train_docs: list, threshold: float = 0.8, tokenize=word_tokens,
+                  progress: bool = True) -> list[Duplicate]:
+    """Every (training document, evaluation document) pair with 13-gram Jaccard >= threshold:
+    MinHash LSH proposes candidates, the exact Jaccard decides."""
     from datasketch import MinHashLSH
     from tqdm.auto import tqdm
 
@@ -83,10 +83,29 @@ def find_duplicates(eval_docs: list, train_docs: list, threshold: float = 0.8, t
         grams = ngrams(tokenize(doc))
         if not grams:
             continue
-        best = max(((jaccard(grams, eval_grams[int(e)]), int(e)) for e in lsh.query(_minhash(grams))), default=None)
-        if best is not None and best[0] >= threshold:
-            found.append(Duplicate(t, best[1], best[0]))
+        for e in lsh.query(_minhash(grams)):
+            j = jaccard(grams, eval_grams[int(e)])
+            if j >= threshold:
+                found.append(Duplicate(t, int(e), j))
     return found
+
+
+def find_duplicates(eval_docs: list, train_docs: list, threshold: float = 0.8, tokenize=word_tokens,
+                    progress: bool = True) -> list[Duplicate]:
+    """Training documents with 13-gram Jaccard >= threshold to some evaluation document (the
+    most similar one reported)."""
+    best: dict[int, Duplicate] = {}
+    for d in similar_pairs(eval_docs, train_docs, threshold, tokenize, progress):
+        if d.train_index not in best or (d.jaccard, -d.eval_index) > (best[d.train_index].jaccard,
+                                                                       -best[d.train_index].eval_index):
+            best[d.train_index] = d
+    return [best[t] for t in sorted(best)]
+
+
+def duplicated_documents(eval_docs: list, train_docs: list, threshold: float = 0.8, progress: bool = True) -> set[int]:
+    """Indices of the evaluation documents that have a near-duplicate (13-gram Jaccard >= threshold)
+    among the training documents: the paper's filter for evaluating without leakage."""
+    return {d.eval_index for d in similar_pairs(eval_docs, train_docs, threshold, progress=progress)}
 
 
 def dedup_against(eval_corpus: str, train_corpus: str, threshold: float = 0.8, out: str | None = None,
@@ -136,34 +155,62 @@ def chunk_overlap(chunk: np.ndarray, neighbour_tokens: list[np.ndarray], chunk_s
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def overlap_report(model, retriever, k: int = 2, max_documents: int | None = None, out: str | None = None,
-                   alphas=ALPHAS, log=print) -> list[dict]:
-    """Bits per byte with and without retrieval over the evaluation chunks with r(C) <= alpha."""
-    from .evaluate import evaluate
+def group_overlaps(es) -> np.ndarray:
+    """r for every group of scored tokens of an evaluation set (evaluate.EvalSet): the longest
+    run of the group's tokens found in the neighbours they attended (those retrieved for the
+    previous chunk), / chunk size; 0 for tokens that attended no neighbour."""
+    out = np.zeros(len(es.group_doc))
+    if es.neighbours is None:
+        return out
+    for g in range(len(out)):
+        row = es.group_neighbour_row(g)
+        if row >= 0:
+            nb = [v[mk] for v, mk in zip(es.neighbours[row], es.neighbour_mask[row])]
+            out[g] = chunk_overlap(es.group_targets[g], nb, es.chunk_size)
+    return out
 
-    res = evaluate(model, retriever, k=k, max_documents=max_documents, collect_chunks=True)
-    db, m = retriever.db, retriever.db.chunk_size
-    pc = res.per_chunk
-    if len(pc["chunk_tokens"]) == 0:
-        raise RetroError("no complete evaluation chunk to report on")
-    overlaps, nbytes = [], []
-    for tokens, ids in zip(pc["chunk_tokens"], pc["neighbour_ids"]):
-        values, mask = db.values(np.asarray(ids))
-        overlaps.append(chunk_overlap(tokens, [v[mk] for v, mk in zip(values, mask)], m))
-        nbytes.append(len(db.tokenizer.decode(tokens).encode("utf-8")))
-    overlaps, nbytes = np.array(overlaps), np.array(nbytes)
+
+def overlap_rows(es, overlaps: np.ndarray, nlls: dict, alphas=ALPHAS, select: np.ndarray | None = None) -> list[dict]:
+    """For each alpha: the scored tokens whose overlap r <= alpha (their share of the bytes) and
+    the bits per byte of each model in `nlls` (name -> NLL per group) over them. The alpha = 1 row
+    covers every scored token: its figures are evaluate's."""
+    from .evaluate import bits_per_byte
+
+    keep = np.ones(len(overlaps), dtype=bool) if select is None else np.asarray(select, dtype=bool)
+    total = int(es.group_bytes[keep].sum())
     rows = []
     for alpha in alphas:
-        sel = overlaps <= alpha + 1e-9
-        b = int(nbytes[sel].sum())
-        rows.append({"alpha": alpha, "chunks": int(sel.sum()), "fraction": float(sel.mean()), "bytes": b,
-                     "bpb_on": float(pc["nll_on"][sel].sum() / math.log(2) / b) if b else None,
-                     "bpb_off": float(pc["nll_off"][sel].sum() / math.log(2) / b) if b else None})
-    folder = Path(out) if out else Path(".")
-    _write_overlap(folder, rows, k)
-    for r in rows:
-        log(f"alpha {r['alpha']:<5} chunks {r['chunks']:>6} ({100 * r['fraction']:5.1f}%)  "
-            f"bpb RETRO[ON] {_fmt(r['bpb_on'])}  RETRO[OFF] {_fmt(r['bpb_off'])}")
+        sel = keep & (overlaps <= alpha + 1e-9)
+        b = int(es.group_bytes[sel].sum())
+        row = {"alpha": alpha, "tokens": int(es.group_tokens[sel].sum()), "bytes": b,
+               "fraction": b / total if total else 0.0}
+        for name, nll in nlls.items():
+            row[name] = bits_per_byte(nll[sel], es.group_bytes[sel]) if b else None
+        rows.append(row)
+    return rows
+
+
+def format_overlap(rows: list[dict], names) -> list[str]:
+    """The overlap table as markdown lines."""
+    names = list(names)
+    lines = ["| alpha | tokens | share of bytes | " + " | ".join(f"bits/byte {n}" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    lines += [f"| {r['alpha']} | {r['tokens']} | {r['fraction']:.3f} | " + " | ".join(_fmt(r[n]) for n in names) + " |"
+              for r in rows]
+    return lines
+
+
+def overlap_report(model, retriever, k: int = 2, max_documents: int | None = None, out: str | None = None,
+                   alphas=ALPHAS, log=print, progress: bool = True) -> list[dict]:
+    """Bits per byte with and without retrieval over the scored tokens with overlap r <= alpha."""
+    from .evaluate import prepare, score
+
+    es = prepare(retriever, k, max_documents=max_documents, seq_len=model.cfg.max_seq_len)
+    nlls = {"RETRO[ON]": score(model, es, True, progress=progress), "RETRO[OFF]": score(model, es, False, progress=progress)}
+    rows = overlap_rows(es, group_overlaps(es), nlls, alphas)
+    _write_overlap(Path(out) if out else Path("."), rows, list(nlls), k)
+    for line in format_overlap(rows, nlls):
+        log(line)
     return rows
 
 
@@ -171,15 +218,12 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _write_overlap(folder: Path, rows: list[dict], k: int) -> None:
+def _write_overlap(folder: Path, rows: list[dict], names: list[str], k: int) -> None:
     from .atomic import atomic_path, write_bytes, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "overlap.json", {"k": k, "rows": rows})
-    lines = ["| alpha | chunks | fraction | bits/byte RETRO[ON] | bits/byte RETRO[OFF] |", "|---|---|---|---|---|"]
-    lines += [f"| {r['alpha']} | {r['chunks']} | {r['fraction']:.3f} | {_fmt(r['bpb_on'])} | {_fmt(r['bpb_off'])} |"
-              for r in rows]
-    write_bytes(folder / "overlap.md", ("\n".join(lines) + "\n").encode())
+    write_bytes(folder / "overlap.md", ("\n".join(format_overlap(rows, names)) + "\n").encode())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,9 +231,8 @@ def _write_overlap(folder: Path, rows: list[dict], k: int) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     a = [r["alpha"] for r in rows]
-    nan = float("nan")
-    ax.plot(a, [nan if r["bpb_on"] is None else r["bpb_on"] for r in rows], "o-", label="RETRO[ON]")
-    ax.plot(a, [nan if r["bpb_off"] is None else r["bpb_off"] for r in rows], "s--", label="RETRO[OFF]")
+    for name, style in zip(names, ("o-", "s--", "^:", "d-.")):
+        ax.plot(a, [float("nan") if r[name] is None else r[name] for r in rows], style, label=name)
     ax.set_xlabel("max chunk overlap alpha (r(C) <= alpha)")
     ax.set_ylabel("bits per byte")
     ax.legend()

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retro_kernels import ChunkedCrossAttention, RetroEncoder, chunked_cross_attention_decode
-from retro_kernels.nn import FeedForward, apply_rotary, cca_query_positions, rotary_angles
+from retro_kernels import ChunkedCrossAttention, RetroEncoder
+from retro_kernels.nn import FeedForward, apply_rotary, rotary_angles
 
 
 def paper_cca_layers(depth: int, start: int = 6, every: int = 3) -> tuple[int, ...]:
@@ -45,6 +45,7 @@ class RetroConfig:
     dropout: float = 0.0
     max_seq_len: int = 2048
     rotary_base: float = 10000.0
+    qk_norm: bool = False         # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
     backend: str = "auto"         # retro_kernels backend for CCA and the encoder
 
     @property
@@ -129,8 +130,9 @@ class DecoderLayer(nn.Module):
         if index in cfg.cca_layers:
             self.cca_norm = nn.LayerNorm(cfg.dim)
             self.cca = ChunkedCrossAttention(cfg.dim, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim,
-                                             rotary=True, backend=cfg.backend, rotary_base=cfg.rotary_base)
-        self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, cfg.ff_dim // cfg.dim, cfg.dropout)
+                                             rotary=True, backend=cfg.backend, rotary_base=cfg.rotary_base,
+                                             qk_norm=cfg.qk_norm)
+        self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, dropout=cfg.dropout, hidden=cfg.ff_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
 
@@ -197,9 +199,11 @@ class RetroModel(nn.Module):
 
     # ---- incremental decoding ---------------------------------------------------------------------
 
-    def new_state(self, batch: int, max_len: int, device=None, dtype=None) -> "DecodeState":
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None, neighbours: int | None = None) -> "DecodeState":
+        """Caches for decoding `batch` sequences of up to max_len tokens with `neighbours` per chunk
+        (default: the configuration's k; any k works, the paper evaluates with more than it trains with)."""
         p = next(self.parameters())
-        return DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype)
+        return DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype, neighbours)
 
     @torch.no_grad()
     def prefill(self, state: "DecodeState", row: int, tokens: Tensor, neighbours: Tensor | None = None,
@@ -227,14 +231,8 @@ class RetroModel(nn.Module):
                 if new_neighbours:
                     state.encode_completed(self, new_neighbours)
             if layer.cca is not None:
-                q = layer.cca.to_q(layer.cca_norm(x)).view(-1, cfg.heads, cfg.head_dim)
-                cos, sin = rotary_angles(cca_query_positions(pos, cfg.chunk_size), cfg.head_dim, cfg.rotary_base,
-                                         torch.promote_types(q.dtype, torch.float32))
-                q = apply_rotary(q, cos[:, None], sin[:, None])
                 k, v = state.cca_kv[i]
-                o = chunked_cross_attention_decode(q, k, v, state.cca_mask, backend=cfg.backend if cfg.backend
-                                                   in ("reference", "cpu", "cuda") else "auto")
-                x = x + layer.cca.to_out(o.reshape(len(pos), 1, -1))
+                x = x + layer.cca.step(layer.cca_norm(x), pos, k, v, state.cca_mask)
             x = x + layer.ff(layer.ff_norm(x))
         state.pos += 1
         return F.linear(self.norm(x[:, 0]), self.embed.weight)
@@ -251,9 +249,12 @@ class NeighbourCache:
     CCA layer's keys/values of the neighbours of its current chunk (mask all False before the
     first chunk completes)."""
 
-    def __init__(self, cfg: RetroConfig, batch: int, hidden: int, device, dtype):
+    def __init__(self, cfg: RetroConfig, batch: int, hidden: int, device, dtype, neighbours: int | None = None):
+        neighbours = cfg.neighbours if neighbours is None else neighbours
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= 1024:
+            raise ValueError(f"neighbours must be an int in [1, 1024], got {neighbours!r}")
         self.chunk_states = torch.zeros(batch, cfg.chunk_size, hidden, device=device, dtype=dtype)
-        shape = (batch, cfg.neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
+        shape = (batch, neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
         self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for i in cfg.cca_layers}
         self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
@@ -271,9 +272,9 @@ class DecodeState(NeighbourCache):
     """Caches of a batch being decoded: per-sequence positions and self-attention keys/values,
     plus the neighbour caches."""
 
-    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype):
+    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype, neighbours: int | None = None):
         cfg = model.cfg
-        super().__init__(cfg, batch, cfg.dim, device, dtype)
+        super().__init__(cfg, batch, cfg.dim, device, dtype, neighbours)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.self_attn = [_KV(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
         self.row = None  # the row a prefill writes into

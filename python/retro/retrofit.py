@@ -15,8 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from retro_kernels import ChunkedCrossAttention, RetroEncoder, chunked_cross_attention_decode
-from retro_kernels.nn import apply_rotary, cca_query_positions, rotary_angles
+from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
 from .errors import RetroError
 from .model import NeighbourCache, RetroConfig, paper_cca_layers
@@ -54,7 +53,7 @@ class RetrofittedLM(nn.Module):
         self.cca_norm = nn.ModuleDict()
         for i in cfg.cca_layers:
             layer = ChunkedCrossAttention(hidden, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim, rotary=True,
-                                          backend=cfg.backend)
+                                          backend=cfg.backend, qk_norm=cfg.qk_norm)
             nn.init.zeros_(layer.to_out.weight)  # starts as the identity on the residual stream
             self.cca[str(i)] = layer
             self.cca_norm[str(i)] = nn.LayerNorm(hidden)
@@ -67,7 +66,16 @@ class RetrofittedLM(nn.Module):
             self.blocks[i].register_forward_hook(self._hook(i))
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.checkpointing = False
+        self.base.eval()
+
+    supports_checkpointing = False  # the base runs as Hugging Face wrote it; its blocks are not re-run
+
+    def train(self, mode: bool = True) -> "RetrofittedLM":
+        """Only the new parts change mode: the frozen base always runs as in evaluation (dropout
+        off), so training and evaluation see the same base model."""
+        super().train(mode)
+        self.base.eval()
+        return self
 
     # -- the hooks: CCA after block i ------------------------------------------------------------
 
@@ -98,7 +106,7 @@ class RetrofittedLM(nn.Module):
 
     def _step(self, i, h, ctx):
         st, row, pos = ctx["state"], ctx["row"], ctx["pos"]
-        m, cfg = self.cfg.chunk_size, self.cfg
+        m = self.cfg.chunk_size
         if i == self.first_cca:
             st.chunk_states[row, pos % m] = h[0, 0]
             if ctx.get("new") is not None:
@@ -106,14 +114,10 @@ class RetrofittedLM(nn.Module):
                 enc = self.encode(nb[None, None], mask[None, None], st.chunk_states[row][None, None])
                 st.store(self.cca_layers(), row, enc[0, 0], mask)
         layer = self.cca[str(i)]
-        q = layer.to_q(self.cca_norm[str(i)](h)).view(1, cfg.heads, cfg.head_dim)
-        cos, sin = rotary_angles(cca_query_positions(torch.tensor([pos], device=h.device), m), cfg.head_dim,
-                                 cfg.rotary_base, torch.promote_types(q.dtype, torch.float32))
-        q = apply_rotary(q, cos[:, None], sin[:, None])
         k, v = st.cca_kv[i]
-        o = chunked_cross_attention_decode(q, k[row:row + 1].to(q.dtype), v[row:row + 1].to(q.dtype),
-                                           st.cca_mask[row:row + 1])
-        return h + layer.to_out(o.reshape(1, 1, -1)).to(h.dtype)
+        out = layer.step(self.cca_norm[str(i)](h), torch.tensor([pos], device=h.device), k[row:row + 1],
+                         v[row:row + 1], st.cca_mask[row:row + 1])
+        return h + out.to(h.dtype)
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -132,9 +136,9 @@ class RetrofittedLM(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def new_state(self, batch: int, max_len: int, device=None, dtype=None) -> "RetrofitState":
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None, neighbours: int | None = None) -> "RetrofitState":
         p = next(self.cca.parameters())
-        return RetrofitState(self, batch, device or p.device, dtype or p.dtype)
+        return RetrofitState(self, batch, device or p.device, dtype or p.dtype, neighbours)
 
     @torch.no_grad()
     def prefill(self, state, row: int, tokens: Tensor, neighbours=None, neighbour_mask=None) -> Tensor:
@@ -192,8 +196,8 @@ class RetrofittedLM(nn.Module):
 class RetrofitState(NeighbourCache):
     """Per-sequence base-model caches and positions, plus the neighbour caches."""
 
-    def __init__(self, model: RetrofittedLM, batch: int, device, dtype):
-        super().__init__(model.cfg, batch, model.base.config.hidden_size, device, dtype)
+    def __init__(self, model: RetrofittedLM, batch: int, device, dtype, neighbours: int | None = None):
+        super().__init__(model.cfg, batch, model.base.config.hidden_size, device, dtype, neighbours)
         self.pos = torch.zeros(batch, dtype=torch.long)
         self.caches = [None] * batch
 

@@ -37,6 +37,8 @@ class TrainOptions:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     k: int = 2
+    retrieval: bool = True       # False: the same decoder trained without neighbours (the baseline)
+    retrieval_lr_scale: float = 1.0  # learning rate of the encoder and CCA blocks, relative to lr
     extra: int = 6               # extra neighbour candidates for dropping same-sequence documents
     seed: int = 0
     save_every: int = 200
@@ -60,11 +62,24 @@ def lr_at(step: int, opts: TrainOptions, total: int) -> float:
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def is_retrieval_parameter(name: str) -> bool:
+    """The parts that read the neighbours: the encoder (and its input projection) and the CCA blocks."""
+    return any(part in name.split(".") for part in ("encoder", "to_encoder", "cca", "cca_norm"))
+
+
 def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+    """AdamW; weight decay on matrices other than embeddings; the retrieval parameters at
+    lr * retrieval_lr_scale (each group's "lr_scale" is applied by lr_at's caller)."""
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and "embed" not in n
+        scale = opts.retrieval_lr_scale if is_retrieval_parameter(n) else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": opts.weight_decay if decay else 0.0, "lr_scale": scale}
+                              for (decay, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))],
+                             lr=opts.lr, betas=(0.9, 0.95))
 
 
 def sequence_loss(model, batch, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,13 +130,16 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "neighbours": opts.k,
                      "max_seq_len": opts.seq_chunks * db.chunk_size, "backend": opts.backend, **opts.overrides}
         cfg = preset(opts.config, **overrides)
-    candidates = prepare_neighbours(opts.db, opts.k, opts.extra, device, log)
+    candidates = prepare_neighbours(opts.db, opts.k, opts.extra, device, log) if opts.retrieval else None
     seqs = TrainSequences(db, opts.seq_chunks, opts.k, candidates)
     sampler = Sampler(len(seqs), opts.seed)
 
     torch.manual_seed(opts.seed)
     model = (model_factory(cfg, db) if model_factory else RetroModel(cfg)).to(device)
     cfg = model.cfg  # a retrofitted model derives its configuration from the base model
+    if opts.checkpointing and not getattr(model, "supports_checkpointing", True):
+        raise RetroError(f"--checkpointing is not supported for {type(model).__name__} (retrofitted models); "
+                         "train without it")
     model.checkpointing = opts.checkpointing
     weights_to_save = getattr(model, "trainable_state_dict", model.state_dict)  # retrofit: new weights only
     optimizer = make_optimizer(model, opts)
@@ -133,7 +151,8 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         step, total = ck["state"]["step"], ck["state"]["total_steps"]
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=not opts.retrieval)
     if opts.compile:
         net = torch.compile(net)
 
@@ -153,7 +172,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         if step == fail_at:
             raise SystemExit(f"[train] simulated kill at step {step} (RETRO_TEST_FAIL_AT_STEP)")
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, opts, total)
+            group["lr"] = lr_at(step, opts, total) * group.get("lr_scale", 1.0)
         batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, nll, count = sequence_loss(net, batch, world)
@@ -172,7 +191,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
             per_step = float(np.median(step_times[1:] or step_times))
             total = max(step + 1, min(total, int(opts.time_budget / per_step)))
             bar.total = total
-        record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
                   "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": float(grad_norm)}
         if dist.is_main():
             with open(log_path, "a") as f:

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..ops import _checks
 from ..ops.cca import chunked_cross_attention
+from ..ops.cca_decode import chunked_cross_attention_decode
 from .rotary import apply_rotary, cca_query_positions, rotary_angles
 
 
@@ -23,11 +24,19 @@ class ChunkedCrossAttention(nn.Module):
         -> (batch, seq_len, dim); positions 0 .. chunk_size-2 get exactly 0.
     With rotary=True, the query at window offset i sits at rotary position chunk_size-1+i and
     neighbour token i' at i' (paper eq. 6).
+
+    qk_norm=True normalises each head's queries and keys to unit length and scales the scores by a
+    learned gain per head (initial value qk_gain) instead of head_dim ** -0.5: attention over the
+    k * r neighbour tokens can then sharpen from the first steps, which makes the layer learn to
+    read its neighbours much sooner (see benchmarks/results/retrieval_learning-*.md).
+
+    step(x, positions, k, v, neighbour_mask): one token per sequence against cached neighbour
+    keys/values (from project_neighbours) -> (batch, 1, dim), for incremental decoding.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int = 64, chunk_size: int = 64,
                  context_dim: int | None = None, rotary: bool = True, backend: str = "auto",
-                 rotary_base: float = 10000.0):
+                 rotary_base: float = 10000.0, qk_norm: bool = False, qk_gain: float = 10.0):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("head_dim", head_dim), ("chunk_size", chunk_size)):
             _checks.check_positive_int(name, value)
@@ -41,6 +50,8 @@ class ChunkedCrossAttention(nn.Module):
         self.to_k = nn.Linear(self.context_dim, inner, bias=False)
         self.to_v = nn.Linear(self.context_dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.qk_norm = qk_norm
+        self.qk_gain = nn.Parameter(torch.full((heads,), float(qk_gain))) if qk_norm else None
 
     def _check(self, x, neighbours, neighbour_mask) -> None:
         _checks.check_tensor("x", x, "(batch, seq_len, dim)", 3)
@@ -52,12 +63,19 @@ class ChunkedCrossAttention(nn.Module):
         _checks.check_mask("neighbour_mask", neighbour_mask, neighbours.shape[:4],
                            "(batch, num_chunks, num_neighbours, neighbour_len)", x.device)
 
+    @property
+    def softmax_scale(self) -> float | None:
+        """The scale the op applies to q.k: 1 with qk_norm (the gain is in the queries), else the default."""
+        return 1.0 if self.qk_norm else None
+
     def project_neighbours(self, neighbours: Tensor) -> tuple[Tensor, Tensor]:
         """neighbours (..., neighbour_len, context_dim) -> rotated keys and values
         (..., neighbour_len, heads, head_dim). Decoding caches these once per chunk."""
         shape = neighbours.shape[:-1] + (self.heads, self.head_dim)
         k = self.to_k(neighbours).view(shape)
         v = self.to_v(neighbours).view(shape)
+        if self.qk_norm:
+            k = nn.functional.normalize(k, dim=-1)
         if self.rotary:
             positions = torch.arange(neighbours.shape[-2], device=neighbours.device)
             cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base, _work_dtype(k))
@@ -65,12 +83,15 @@ class ChunkedCrossAttention(nn.Module):
         return k, v
 
     def project_queries(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (batch, n, dim) at sequence positions (n,) -> rotated queries (batch, n, heads, head_dim)."""
+        """x (batch, n, dim) at sequence positions (n,) or (batch, n) -> rotated queries
+        (batch, n, heads, head_dim)."""
         q = self.to_q(x).view(x.shape[0], x.shape[1], self.heads, self.head_dim)
+        if self.qk_norm:
+            q = nn.functional.normalize(q, dim=-1) * self.qk_gain[:, None].to(q.dtype)
         if self.rotary:
             rot = cca_query_positions(positions, self.chunk_size)
             cos, sin = rotary_angles(rot, self.head_dim, self.rotary_base, _work_dtype(q))
-            q = apply_rotary(q, cos[:, None], sin[:, None])
+            q = apply_rotary(q, cos[..., None, :], sin[..., None, :])
         return q
 
     def forward(self, x: Tensor, neighbours: Tensor, neighbour_mask: Tensor | None = None) -> Tensor:
@@ -79,9 +100,25 @@ class ChunkedCrossAttention(nn.Module):
         q = self.project_queries(x, torch.arange(N, device=x.device))
         k, v = self.project_neighbours(neighbours)
         out = chunked_cross_attention(q, k, v, chunk_size=self.chunk_size, neighbour_mask=neighbour_mask,
-                                      backend=self.backend)
+                                      softmax_scale=self.softmax_scale, backend=self.backend)
         return self.to_out(out.reshape(B, N, self.heads * self.head_dim))
+
+    def step(self, x: Tensor, positions: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
+             backend: str | None = None) -> Tensor:
+        """x (batch, 1, dim) at sequence positions (batch,); k, v (batch, K, R, heads, head_dim) from
+        project_neighbours for the chunk each position attends; neighbour_mask (batch, K, R)
+        -> (batch, 1, dim). Positions 0 .. chunk_size-2 must come with an all-False mask (output 0)."""
+        _checks.check_tensor("x", x, "(batch, 1, dim)", 3)
+        if x.shape[1] != 1:
+            raise ValueError(f"step: x must hold one token per sequence, got shape {tuple(x.shape)}")
+        q = self.project_queries(x, positions.reshape(-1, 1))[:, 0]
+        backend = backend or self.backend
+        if backend not in ("reference", "cpu", "cuda"):
+            backend = "auto"
+        out = chunked_cross_attention_decode(q, k.to(q.dtype), v.to(q.dtype), neighbour_mask,
+                                             softmax_scale=self.softmax_scale, backend=backend)
+        return self.to_out(out.reshape(x.shape[0], 1, -1))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, chunk_size={self.chunk_size}, "
-                f"context_dim={self.context_dim}, rotary={self.rotary}, backend={self.backend!r}")
+                f"context_dim={self.context_dim}, rotary={self.rotary}, qk_norm={self.qk_norm}, backend={self.backend!r}")

@@ -65,8 +65,12 @@ class NeighbourCrossAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
+    """dim -> hidden (default mult * dim) -> GELU -> dim."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, hidden: int | None = None):
+        hidden = hidden or mult * dim
+        _checks.check_positive_int("hidden", hidden)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
 
 class RetroEncoderLayer(nn.Module):

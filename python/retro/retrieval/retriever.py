@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import RetroError
 from .database import ChunkDatabase
-from .index import IndexSettings, SearchIndex
+from .index import IndexSettings, SearchIndex, TorchExactIndex
 
 
 @dataclass
@@ -72,15 +72,38 @@ class Retriever:
             queries = [self.db.tokenizer.decode(np.asarray(t).reshape(-1)) for t in queries]
         return self.embedder.embed(list(queries))
 
-    def search_embeddings(self, emb: np.ndarray, k: int,
-                          exclude_doc_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _subset_index(self, allowed: np.ndarray) -> tuple[TorchExactIndex, np.ndarray]:
+        """An exact index over the chunks `allowed` (kept for the last subset asked for)."""
+        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+        if len(allowed) == 0 or allowed[0] < 0 or allowed[-1] >= self.db.num_chunks:
+            raise RetroError(f"allowed_chunks must be chunk ids in [0, {self.db.num_chunks}), got {len(allowed)} ids "
+                             f"in [{allowed.min(initial=0)}, {allowed.max(initial=0)}]")
+        key = (len(allowed), hash(allowed.tobytes()))
+        if getattr(self, "_subset", (None,))[0] != key:
+            self._subset = (key, TorchExactIndex(self.db.embeddings[allowed], device=self.device), allowed)
+        return self._subset[1], self._subset[2]
+
+    def search_embeddings(self, emb: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None,
+                          allowed_chunks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> ids (Q, k) int64 and distances (Q, k). With exclude_doc_ids (Q,), neighbours from
-        that document are dropped: the search oversamples, then masks what is still missing."""
+        that document are dropped: the search oversamples, then masks what is still missing.
+        With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
+        database, e.g. to measure how the gain grows with the database)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RetroError(f"k must be a positive int, got {k!r}")
         if k > self.db.num_chunks:
             raise RetroError(f"k={k} is larger than the database ({self.db.num_chunks} chunks)")
         emb = np.asarray(emb, dtype=np.float32)
+        if allowed_chunks is not None:
+            if exclude_doc_ids is not None:
+                raise RetroError("allowed_chunks and exclude_doc_ids cannot be combined")
+            sub, allowed = self._subset_index(allowed_chunks)
+            d, i = sub.search(emb, min(k, len(allowed)))
+            ids = np.full((len(emb), k), -1, dtype=np.int64)
+            dist = np.full((len(emb), k), np.inf, dtype=np.float32)
+            ids[:, :i.shape[1]] = np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
+            dist[:, :i.shape[1]] = np.where(i >= 0, d, np.inf)
+            return ids, dist
         if exclude_doc_ids is None:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
@@ -102,8 +125,18 @@ class Retriever:
             dist[q, :len(sel)] = d[q, sel]
         return ids, dist
 
-    def search(self, queries, k: int, exclude_doc_ids=None) -> SearchResult:
+    def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:
         """The k nearest chunks of each query with their values [chunk, continuation]."""
-        ids, dist = self.search_embeddings(self.embed(queries), k, exclude_doc_ids)
+        ids, dist = self.search_embeddings(self.embed(queries), k, exclude_doc_ids, allowed_chunks)
         tokens, mask = self.db.values(ids)
         return SearchResult(ids, dist, tokens, mask)
+
+
+def database_fraction(db: ChunkDatabase, fraction: float, seed: int = 0) -> np.ndarray:
+    """The chunk ids of a seeded random `fraction` of the training documents (whole documents;
+    the parts for smaller fractions are contained in those for larger ones)."""
+    if not 0.0 < fraction <= 1.0:
+        raise RetroError(f"the database fraction must be in (0, 1], got {fraction}")
+    train = db.documents("train")
+    keep = np.random.default_rng(seed).permutation(train)[: max(1, int(round(fraction * len(train))))]
+    return np.flatnonzero(np.isin(db.chunk_doc, keep))

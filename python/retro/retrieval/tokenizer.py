@@ -105,6 +105,33 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
+    def _piece_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(UTF-8 bytes each piece adds to a decoded text, whether it is a byte piece): byte pieces
+        1, control pieces and padding 0, others their text with the word-boundary mark as a space."""
+        if getattr(self, "_tables", None) is None:
+            sp, n = self.sp, self.sp.get_piece_size()
+            is_byte = np.array([sp.is_byte(i) for i in range(n)])
+            size = np.array([1 if is_byte[i] else 0 if (sp.is_control(i) or i == self.pad_id) else
+                             len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")) for i in range(n)],
+                            dtype=np.int64)
+            self._tables = (size, is_byte)
+        return self._tables
+
+    def prefix_bytes(self, ids, cuts) -> list[int]:
+        """UTF-8 bytes of decode(ids[:c]) for each c in cuts (sorted). Sums the pieces' lengths, less
+        the leading space that decoding drops; decodes the prefixes instead where byte pieces occur
+        (a character split across them decodes differently in part)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        cuts = [int(c) for c in cuts]
+        if not len(ids) or not cuts:
+            return [0] * len(cuts)
+        size, is_byte = self._piece_tables()
+        if is_byte[ids[:cuts[-1]]].any():
+            return [len(self.decode(ids[:c]).encode("utf-8")) for c in cuts]
+        cum = np.concatenate([[0], np.cumsum(size[ids])])
+        lead = 1 if self.sp.id_to_piece(int(ids[0])).startswith("\u2581") else 0
+        return [int(cum[c]) - lead if c > 0 else 0 for c in cuts]
+
     def describe(self) -> dict:
         return {"kind": self.kind, "file": "tokenizer.model", "sha256": self.sha256, "vocab_size": self.vocab_size}
 
@@ -141,6 +168,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def prefix_bytes(self, ids, cuts) -> list[int]:
+        """UTF-8 bytes of decode(ids[:c]) for each c in cuts."""
+        return [len(self.decode(ids[:c]).encode("utf-8")) for c in cuts]
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size}
