@@ -70,6 +70,7 @@ def test_cpu_kernel_exact_zeros_and_no_nan():
     assert torch.isfinite(q.grad).all() and (q.grad[:, :7] == 0).all()
 
 
+@pytest.mark.slow
 def test_cpu_kernel_gradcheck():
     case = CCACase(1, 11, 2, 4, 3, 2, 3, 4)
     q, k, v, m = random_cca(case, mask="random")

@@ -61,6 +61,7 @@ def test_backends_agree():
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_incremental_decoding_equals_full_forward(backend):
     """Prompts of different lengths in one batch (across chunk boundaries), then token by token;
