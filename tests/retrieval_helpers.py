@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,23 @@ def build_args(corpus, out, *extra) -> list[str]:
             "--block-size", "64", "--valid-fraction", "0.2", *extra]
 
 
-def run_cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+# Every subprocess a test starts is killed (and the test fails) after this many seconds, so a hung
+# child (a stuck rendezvous, a deadlock) cannot hang the suite.
+SUBPROCESS_TIMEOUT = 600
+
+
+def free_port() -> int:
+    """A TCP port that is free now (the OS picks it), for a torchrun rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, env=None, check=True, timeout=SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     """`python -m retro ...` in a fresh process (as a user would run it)."""
     full_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "retro", *args], capture_output=True, text=True, env=full_env,
-                          cwd=ROOT)
+                          cwd=ROOT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"retro {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -1,6 +1,6 @@
-"""chunked_cross_attention: the reference against the SPEC loop, the C++ CPU kernel against the
-reference (error-ratio rule per dtype, gradients, gradcheck), the custom-op machinery (opcheck,
-torch.compile) and every bad input."""
+"""chunked_cross_attention: the reference against the per-position loop (testing.cca_spec_loop), the
+C++ CPU kernel against the reference (error-ratio rule per dtype, gradients, gradcheck), the
+custom-op machinery (opcheck, torch.compile) and every bad input."""
 import pytest
 import torch
 
@@ -70,6 +70,7 @@ def test_cpu_kernel_exact_zeros_and_no_nan():
     assert torch.isfinite(q.grad).all() and (q.grad[:, :7] == 0).all()
 
 
+@pytest.mark.slow
 def test_cpu_kernel_gradcheck():
     case = CCACase(1, 11, 2, 4, 3, 2, 3, 4)
     q, k, v, m = random_cca(case, mask="random")
@@ -97,6 +98,7 @@ def test_opcheck_cpu_ops(with_mask):
     torch.library.opcheck(torch.ops.retro_kernels.cca_bwd.default, args)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     case = CCACase(2, 21, 2, 16, 3, 2, 5, 8)
     q, k, v, m = random_cca(case, dtype=torch.float32)

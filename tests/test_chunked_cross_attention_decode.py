@@ -1,5 +1,6 @@
 """chunked_cross_attention_decode: the C++ CPU kernel against the reference, and decoding one token
-at a time reproduces the training op at every position (SPEC "Decoding")."""
+at a time reproduces the training op at every position (the token at position t attends to the
+neighbours of chunk (t + 1) // m - 1, as in training)."""
 import pytest
 import torch
 

@@ -38,10 +38,39 @@ def test_triton_forward_and_gradients(case, mask, dtype):
 def test_triton_exact_zeros_for_unattended_positions_and_masked_chunks():
     case = CCACase(2, 37, 3, 32, 5, 2, 7, 8)
     q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE, mask="random")
-    out = torch.full_like(q, float("nan"))  # poison: every element must be written
     out = chunked_cross_attention(q, k, v, chunk_size=8, neighbour_mask=m, backend="triton")
     assert torch.isfinite(out).all()
     assert (out[:, :7] == 0).all() and (out[0, 15:23] == 0).all()
+
+
+def test_triton_kernels_write_every_output_element():
+    """The launchers handed NaN-filled outputs (what a caching allocator may hand back) must leave
+    no NaN: every element is written, exact 0 (and lse = +inf) where nothing is attended. Chunk
+    size 20 spans two row blocks of 16 (two prefix blocks, float32 dk/dv partials), chunk 1 of
+    batch 0 is fully masked and chunk 2 is beyond seq_len // chunk_size (unused)."""
+    from retro_kernels.ops.grouped_attention import triton_launch
+    from retro_kernels.ops.grouped_attention.registration import _cca_problem
+
+    case = CCACase(2, 50, 2, 24, 3, 3, 5, 20)
+    q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE, mask="random")
+    q_rows, k_g, v_g, m_g, layout = _cca_problem(q, k, v, m, 20)
+    nan = float("nan")
+    out, lse = torch.full_like(q, nan), torch.full((2, 2, 50), nan, device=DEVICE)
+    triton_launch.forward(q_rows, k_g, v_g, m_g, layout, 0.3, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[:, :19] == 0).all() and (lse[:, :, :19] == float("inf")).all()  # before the first chunk
+    assert (out[0, 39:50] == 0).all() and (lse[0, :, 39:50] == float("inf")).all()  # chunk 1 fully masked
+    assert torch.isfinite(lse[1, :, 19:]).all()
+    expected = chunked_cross_attention(q, k, v, chunk_size=20, neighbour_mask=m, backend="reference",
+                                       softmax_scale=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+    dq, dk, dv = (torch.full_like(x, nan) for x in (q, k_g, v_g))
+    triton_launch.backward(torch.randn_like(q), q_rows, k_g, v_g, m_g, out, lse, layout, 0.3, dq=dq, dk=dk, dv=dv)
+    assert not dq.isnan().any() and not dk.isnan().any() and not dv.isnan().any()
+    assert (dq[:, :19] == 0).all() and (dq[0, 39:50] == 0).all()
+    assert (dk[:, 2] == 0).all() and (dv[:, 2] == 0).all()  # the unused chunk
+    assert (dk[0, 1] == 0).all() and (dv[0, 1] == 0).all()  # the fully masked chunk
 
 
 def test_triton_backward_is_deterministic():

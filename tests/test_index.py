@@ -29,7 +29,7 @@ def test_torch_exact_matches_faiss_flat(vectors):
     np.testing.assert_allclose(d2, d1, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind, target", [("ivf-flat", 0.95), ("ivf-pq", 0.5)])
+@pytest.mark.parametrize("kind, target", [("ivf-flat", 0.95), pytest.param("ivf-pq", 0.5, marks=pytest.mark.slow)])
 def test_nprobe_tuning_reaches_target(vectors, kind, target):
     index, settings = build_faiss(kind, vectors)
     assert settings.nlist > 1 and (settings.pq_m > 0) == (kind == "ivf-pq")

@@ -28,6 +28,7 @@ def test_lsh_bands_catch_pairs_at_the_threshold():
     assert candidate_probability(0.3) < 0.3
 
 
+@pytest.mark.slow
 def test_planted_near_duplicates_are_found(tmp_path):
     rng = np.random.default_rng(0)
     vocab = [f"t{i}" for i in range(2000)]

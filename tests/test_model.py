@@ -61,6 +61,7 @@ def test_backends_agree():
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,K,qk_norm", [("reference", 2, False), ("cpu", 2, False), ("cpu", 1, True),
                                                 ("reference", 4, True), ("cpu", 4, False)])
 def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):

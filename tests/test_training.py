@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import ROOT, run_cli, write_corpus
+from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
 from retro.data import IGNORE, TrainSequences
 from retro.evaluate import evaluate
 from retro.generate import generate
@@ -62,6 +62,7 @@ def test_sequences_mask_padding_and_exclude_their_documents(db):
         assert any(np.array_equal(vals[0], nb[j, r]) for j in range(4) for r in range(2))
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     train(opts(db, tmp_path / "full", overrides={**SMALL, "dropout": 0.1}), log=lambda *_: None)
     full = losses(tmp_path / "full")
@@ -79,6 +80,7 @@ def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     assert losses(tmp_path / "killed") == full  # the resumed curve is the uninterrupted one, bit for bit
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(db, tmp_path):
     train(opts(db, tmp_path / "one", steps=3), log=lambda *_: None)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -86,8 +88,8 @@ def test_two_process_ddp_matches_one_process(db, tmp_path):
             "--seq-chunks", "4", "--lr", "3e-3", "--warmup", "2", "--save-every", "4", "--device", "cpu",
             "--no-progress"] + [x for k, v in SMALL.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "retro", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                           "--master_port", str(free_port()), "-m", "retro", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
     a, _ = load_model(tmp_path / "one", device="cpu")
@@ -96,6 +98,7 @@ def test_two_process_ddp_matches_one_process(db, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_evaluate_and_generate(db, tmp_path):
     train(opts(db, tmp_path / "run", steps=4), log=lambda *_: None)
     model, state = load_model(tmp_path / "run", device="cpu")
@@ -133,6 +136,7 @@ def test_evaluate_and_generate(db, tmp_path):
     assert report["bpb_off"] == pytest.approx(res.bpb_off, rel=1e-6) and report["tokens"] == res.tokens
 
 
+@pytest.mark.slow
 def test_overlap_report(db, tmp_path):
     from retro.leakage import overlap_report
 
@@ -154,6 +158,7 @@ def test_overlap_report(db, tmp_path):
     assert "| 1.0 |" in out and json.loads((tmp_path / "cli" / "overlap.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow
 def test_demo_command_on_a_small_corpus(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", docs=12, words=660)
     out = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
@@ -167,7 +172,18 @@ def test_demo_command_on_a_small_corpus(tmp_path):
     assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage
 
 
-def test_activation_checkpointing_changes_nothing(db, tmp_path):
+@pytest.mark.slow
+def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, monkeypatch):
+    """With checkpointing every decoder layer runs twice per training step (forward, then again in
+    the backward pass), and the losses are bit for bit those without it."""
+    import retro.model
+
+    calls = []
+    layer = retro.model.RetroModel._layer
+    monkeypatch.setattr(retro.model.RetroModel, "_layer", lambda self, *a: calls.append(1) or layer(self, *a))
     train(opts(db, tmp_path / "plain", steps=3), log=lambda *_: None)
+    plain = len(calls)
+    calls.clear()
     train(opts(db, tmp_path / "ckpt", steps=3, checkpointing=True), log=lambda *_: None)
+    assert plain == 3 * SMALL["depth"] and len(calls) == 2 * plain
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")

@@ -1,5 +1,7 @@
 // CUDA implementation of retro_kernels::cca_decode: maps torch tensors onto the plain CUDA
-// launcher in csrc/cuda/cca_decode.cu and runs it on the current stream.
+// launcher in csrc/cuda/cca_decode.cu and runs it on the current stream. Every argument is
+// checked first (csrc/torch/arg_checks.h, shared with the CPU op), as are the kernel's limits
+// (head_dim, the grid).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../cuda/cca_decode.h"
+#include "../torch/arg_checks.h"
 
 namespace retro_kernels {
 namespace {
@@ -22,22 +25,25 @@ cuda::DType to_dtype(at::ScalarType t) {
   }
 }
 
-Tensor cca_decode_cuda(const Tensor& q_, const Tensor& k_, const Tensor& v_,
-                       const std::optional<Tensor>& mask_, double scale) {
-  TORCH_CHECK(q_.dim() == 3 && k_.dim() == 5, "cca_decode: q must be 3-D and k 5-D");
-  const c10::cuda::CUDAGuard guard(q_.device());
-  const Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+Tensor cca_decode_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                       const std::optional<Tensor>& mask, double scale) {
+  const checks::ArgChecker c("cca_decode", q, checks::kDecodeQ, 3, c10::DeviceType::CUDA,
+                             {at::kFloat, at::kHalf, at::kBFloat16});
+  checks::check_cca_decode(c, q, k, v, mask, scale);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), keys = k.size(1) * k.size(2);
-  TORCH_CHECK(D <= cuda::kMaxHeadDim, "cca_decode (CUDA): head_dim must be <= ", cuda::kMaxHeadDim);
-  Tensor mask;
-  if (mask_.has_value()) mask = mask_->contiguous();
+  c.at_least("head_dim (q's last size)", D, 1);
+  c.at_most("head_dim (q's last size)", D, cuda::kMaxHeadDim, "the largest head_dim of the CUDA kernel");
+  // One block row per (sequence, head): gridDim.y = batch * heads.
+  c.at_most("batch * heads (from q)", B * H, 65535, "CUDA's limit on gridDim.y");
+  const c10::cuda::CUDAGuard guard(q.device());
   Tensor out = at::empty_like(q);
+  if (B * H == 0) return out;  // nothing to launch (and no splits to divide among)
 
   cuda::DecodeArgs a;
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
-  a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  a.mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   a.out = out.data_ptr();
   a.batch = B;
   a.heads = H;

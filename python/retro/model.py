@@ -1,4 +1,4 @@
-"""The RETRO model (Borgeaud et al. 2021; ../shared/SPEC.md), readable in one sitting.
+"""The RETRO model (Borgeaud et al. 2021, arXiv 2112.04426), readable in one sitting.
 
 A decoder of pre-norm blocks: self-attention (rotary, SDPA, causal) -> chunked cross-attention
 (in the layers `cca_layers`) -> feed-forward. The neighbour encoder runs once, inside the first

@@ -1,6 +1,5 @@
 """Chunked cross-attention in plain PyTorch, as the paper writes it (Borgeaud et al. 2021,
-section 2.4 and Fig. 2; ../shared/SPEC.md "Chunked cross-attention"). The ground truth that
-every fused backend is tested against.
+section 2.4 and Fig. 2). The ground truth that every fused backend is tested against.
 
 The sequence is shifted left by m - 1 so that the last token of chunk C_u and the first m - 1
 tokens of C_{u+1} form chunk u's attending window; each window attends to the k neighbours of

@@ -1,12 +1,12 @@
 """chunked_cross_attention: RETRO's chunked cross-attention as a fused, differentiable op."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
-from ..grouped_attention.registration import forward_op
+from ..grouped_attention.registration import contiguous, forward_op
+from ..grouped_attention.triton_limits import triton_or_reference
 from .naive import chunked_cross_attention_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "triton")
@@ -39,7 +39,7 @@ def _validate(q, k, v, chunk_size, neighbour_mask) -> None:
 def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
                             neighbour_mask: Tensor | None = None, softmax_scale: float | None = None,
                             backend: str = "auto") -> Tensor:
-    """RETRO chunked cross-attention (SPEC "Chunked cross-attention").
+    """RETRO chunked cross-attention (Borgeaud et al. 2021, section 2.4).
 
     Position t attends to all neighbour tokens of chunk u(t) = (t + 1) // chunk_size - 1 under one
     softmax; positions 0 .. chunk_size-2, and chunks whose neighbour tokens are all masked, give 0.
@@ -59,11 +59,8 @@ def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
     _validate(q, k, v, chunk_size, neighbour_mask)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     name = resolve_backend("chunked_cross_attention", backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    if name == "triton" and q.dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32; q has dtype torch.float64")
-        name = "reference"
+    name = triton_or_reference(name, backend, q)
     if name == "reference":
         return chunked_cross_attention_reference(q, k, v, chunk_size, neighbour_mask, scale)
-    out, _ = forward_op("cca", name)(q, k, v, neighbour_mask, chunk_size, scale)
+    out, _ = forward_op("cca", name)(*contiguous(q, k, v, neighbour_mask), chunk_size, scale)
     return out

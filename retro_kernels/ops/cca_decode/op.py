@@ -6,11 +6,15 @@ from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
+from ..grouped_attention.registration import contiguous
 from .naive import chunked_cross_attention_decode_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "cuda")
 _PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)}
 _KV = "(batch, num_neighbours, neighbour_len, heads, head_dim)"
+# The CUDA kernel's limits (csrc/cuda/cca_decode.h; the grid's y dimension holds batch * heads).
+_CUDA_MAX_HEAD_DIM = 256
+_CUDA_MAX_ROWS = 65535
 
 def _validate(q, k, v, neighbour_mask) -> None:
     _checks.check_tensor("q", q, "(batch, heads, head_dim)", 3)
@@ -29,7 +33,9 @@ def _validate(q, k, v, neighbour_mask) -> None:
 
 def chunked_cross_attention_decode(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
                                    softmax_scale: float | None = None, backend: str = "auto") -> Tensor:
-    """Chunked cross-attention for the one new token of each sequence (SPEC "Decoding").
+    """Chunked cross-attention for the one new token of each sequence: its query attends to the
+    neighbour tokens of the chunk its position t attends to in training, chunk (t + 1) // m - 1,
+    so decoding token by token reproduces chunked_cross_attention at every position.
 
     Args:
         q: (batch, heads, head_dim), the query of the token just fed in.
@@ -45,11 +51,13 @@ def chunked_cross_attention_decode(q: Tensor, k: Tensor, v: Tensor, neighbour_ma
     _validate(q, k, v, neighbour_mask)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     name = resolve_backend("chunked_cross_attention_decode", backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    if name == "cuda" and (q.dtype == torch.float64 or q.shape[-1] > 256):
+    B, H, D = q.shape
+    if name == "cuda" and (q.dtype == torch.float64 or not 1 <= D <= _CUDA_MAX_HEAD_DIM or B * H > _CUDA_MAX_ROWS):
         if backend == "cuda":
-            raise ValueError("backend='cuda' supports float16, bfloat16 and float32 with head_dim <= 256; "
-                             f"got dtype {q.dtype} and head_dim {q.shape[-1]}")
+            raise ValueError(f"backend='cuda' supports float16, bfloat16 and float32 with 1 <= head_dim <= "
+                             f"{_CUDA_MAX_HEAD_DIM} and batch * heads <= {_CUDA_MAX_ROWS}; got dtype {q.dtype}, "
+                             f"head_dim {D}, batch {B} and heads {H}")
         name = "reference"
     if name == "reference":
         return chunked_cross_attention_decode_reference(q, k, v, neighbour_mask, scale)
-    return torch.ops.retro_kernels.cca_decode(q, k, v, neighbour_mask, scale)
+    return torch.ops.retro_kernels.cca_decode(*contiguous(q, k, v, neighbour_mask), scale)

@@ -7,6 +7,7 @@ The C++ CPU kernels do the same mapping in csrc/torch/cpu_ops.cpp.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,11 @@ def cross_layout(q: Tensor, k: Tensor) -> GroupedLayout:
 
 
 def as_rows(x: Tensor) -> Tensor:
-    """(B, ..., H, D) -> (B, rows, H, D), a view of a contiguous tensor."""
-    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+    """(B, ..., H, D) -> (B, rows, H, D), a view of a contiguous tensor (sizes spelled out, so that
+    empty tensors reshape too)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-2]), x.shape[-2], x.shape[-1])
 
 
-def as_groups(x: Tensor, groups: int) -> Tensor:
+def as_groups(x: Tensor, groups: int, keys: int) -> Tensor:
     """(B, ..., H, D) -> (B, groups, keys, H, D), a view of a contiguous tensor."""
-    return x.reshape(x.shape[0], groups, -1, x.shape[-2], x.shape[-1])
+    return x.reshape(x.shape[0], groups, keys, x.shape[-2], x.shape[-1])

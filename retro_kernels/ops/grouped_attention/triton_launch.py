@@ -1,13 +1,16 @@
 """Launchers for the grouped-attention Triton kernels (triton_kernels.py).
 
-q-like tensors are (B, T, H, D) with T = prefix_rows + rows; k-like tensors are
-(B, G, keys, H, D); all contiguous. On a GPU the kernels autotune over a small space
+q-like tensors are (B, T, H, D) with T = prefix_rows + q_valid; k-like tensors are
+(B, G, keys, H, D) with G >= layout.groups; all contiguous. Both launchers check every tensor against
+the layout and the kernels' limits (dtype, head_dim, the grid, int32 offsets) before launching, and
+take optional preallocated outputs (which the kernels must write in full). On a GPU the kernels autotune over a small space
 (RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
 the multi-block paths are exercised too.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -15,6 +18,7 @@ import triton
 from torch import Tensor
 
 from ..._extension import triton_interpreting
+from . import triton_limits
 from .layouts import GroupedLayout, lse_dtype
 from .triton_kernels import grouped_attention_bwd_kernel, grouped_attention_fwd_kernel
 
@@ -68,12 +72,82 @@ def _grid(layout: GroupedLayout, block_m: int, batch_heads: int):
     return row_blocks, grouped, (grouped + prefix, batch_heads)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: GroupedLayout,
-            scale: float) -> tuple[Tensor, Tensor]:
-    """-> out (B, T, H, D) like q, lse (B, H, T)."""
+def _fail(error, what: str, name: str, got, expected) -> None:
+    raise error(f"triton grouped attention {what}: {name} {got}, expected {expected}")
+
+
+def _check_tensor(what: str, name: str, t, shape, dtype, device) -> None:
+    """t is a contiguous `dtype` tensor of exactly `shape` on `device`."""
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, what, name, f"is a {type(t).__name__}", "a tensor")
+    if t.device != device:
+        _fail(ValueError, what, name, f"is on {t.device}", f"{device} (q's device)")
+    if t.dtype != dtype:
+        _fail(TypeError, what, name, f"has dtype {t.dtype}", dtype)
+    if tuple(t.shape) != tuple(shape):
+        _fail(ValueError, what, name, f"has shape {tuple(t.shape)}", tuple(shape))
+    if not t.is_contiguous():
+        _fail(ValueError, what, name, f"has strides {t.stride()}", "contiguous strides")
+
+
+def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, layout: GroupedLayout, scale: float,
+                  **extra) -> None:
+    """Every tensor against q and the layout, and the kernels' limits. extra: name -> (tensor or None,
+    "q" (like q), "k" (like k) or "lse")."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        _fail(ValueError, what, "q", f"is {getattr(q, 'shape', type(q).__name__)}", "a (batch, rows, heads, head_dim) tensor")
     B, T, H, D = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, T), dtype=lse_dtype(q.dtype), device=q.device)
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        _fail(ValueError, what, "q", f"is on {q.device}", "a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1)")
+    if q.dtype not in triton_limits.DTYPES:
+        _fail(TypeError, what, "q", f"has dtype {q.dtype}", "one of torch.float32, torch.bfloat16, torch.float16")
+    _check_tensor(what, "q", q, q.shape, q.dtype, q.device)
+    if not 1 <= D <= triton_limits.MAX_HEAD_DIM:
+        _fail(ValueError, what, "head_dim", f"is {D}", f"1 .. {triton_limits.MAX_HEAD_DIM}")
+    if min(layout.q_rows, layout.q_valid, layout.groups, layout.keys, layout.prefix_rows) < 0 or layout.q_rows < 1:
+        _fail(ValueError, what, "layout", f"is {layout}", "non-negative sizes and q_rows >= 1")
+    if layout.prefix_rows + layout.q_valid != T:
+        _fail(ValueError, what, "layout", f"covers prefix_rows + q_valid = {layout.prefix_rows + layout.q_valid} rows",
+              f"q's {T} rows")
+    if layout.q_valid > layout.groups * layout.q_rows:
+        _fail(ValueError, what, "layout", f"has q_valid = {layout.q_valid} rows",
+              f"at most groups * q_rows = {layout.groups * layout.q_rows}")
+    if not isinstance(k, torch.Tensor) or k.dim() != 5:
+        _fail(ValueError, what, "k", f"is {getattr(k, 'shape', type(k).__name__)}", "a (batch, groups, keys, heads, head_dim) tensor")
+    if k.shape[1] < layout.groups:
+        _fail(ValueError, what, "k", f"has {k.shape[1]} groups", f"at least layout.groups = {layout.groups}")
+    k_shape = (B, k.shape[1], layout.keys, H, D)
+    _check_tensor(what, "k", k, k_shape, q.dtype, q.device)
+    _check_tensor(what, "v", v, k_shape, q.dtype, q.device)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+            _fail(ValueError, what, "mask", f"is {getattr(mask, 'shape', type(mask).__name__)}", "a (batch, groups, keys) tensor")
+        _check_tensor(what, "mask", mask, k_shape[:3], torch.bool, q.device)
+    for name, (t, like) in extra.items():
+        if t is None:
+            continue
+        shape = {"q": q.shape, "k": k.shape, "lse": (B, H, T)}[like]
+        _check_tensor(what, name, t, shape, lse_dtype(q.dtype) if like == "lse" else q.dtype, q.device)
+    if not math.isfinite(scale):
+        _fail(ValueError, what, "softmax_scale", f"is {scale}", "a finite number")
+    # The grid is (row blocks, batch * heads): the second dimension is limited to 65535.
+    if B * H > triton_limits.MAX_GRID_Y:
+        _fail(ValueError, what, "batch * heads", f"is {B} * {H} = {B * H}",
+              f"<= {triton_limits.MAX_GRID_Y} (the grid's second dimension)")
+    # In-batch offsets (row * row stride, group * group stride) are int32 products in the kernels.
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[0] and t.stride(0) > triton_limits.MAX_INT32:
+            _fail(ValueError, what, name, f"has {t.stride(0)} elements per batch element",
+                  f"<= {triton_limits.MAX_INT32} (the kernels' int32 offsets)")
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: GroupedLayout,
+            scale: float, out: Tensor | None = None, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """-> out (B, T, H, D) like q, lse (B, H, T). out and lse, when given, are written in full."""
+    _check_launch("forward", q, k, v, mask, layout, scale, out=(out, "q"), lse=(lse, "lse"))
+    B, T, H, D = q.shape
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((B, H, T), dtype=lse_dtype(q.dtype), device=q.device) if lse is None else lse
     if B * H == 0 or T == 0:
         return out, lse
     p = layout.prefix_rows
@@ -95,11 +169,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: Groupe
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-             out: Tensor, lse: Tensor, layout: GroupedLayout, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq like q, dk and dv like k (groups without query rows get 0)."""
+             out: Tensor, lse: Tensor, layout: GroupedLayout, scale: float, dq: Tensor | None = None,
+             dk: Tensor | None = None, dv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq like q, dk and dv like k (groups without query rows get 0). dq, dk and dv, when given,
+    are written in full."""
+    _check_launch("backward", q, k, v, mask, layout, scale, grad_out=(grad_out, "q"), out=(out, "q"),
+                  lse=(lse, "lse"), dq=(dq, "q"), dk=(dk, "k"), dv=(dv, "k"))
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
+        if t is None:
+            _fail(ValueError, "backward", name, "is None", "a tensor")
     B, T, H, D = q.shape
-    dq = torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
     if layout.groups < k.shape[1]:
         dk[:, layout.groups:].zero_()
         dv[:, layout.groups:].zero_()
@@ -113,6 +195,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
         part_stride = 0
     else:  # one float32 partial per row block, summed below (deterministic)
         shape = (row_blocks, B, layout.groups) + tuple(k.shape[2:])
+        if math.prod(shape) > triton_limits.MAX_INT32:  # block * block stride is an int32 product
+            _fail(ValueError, "backward", "the dk/dv partials", f"have {math.prod(shape)} elements",
+                  f"<= {triton_limits.MAX_INT32} (the kernel's int32 offsets; use a smaller chunk or batch)")
         dk_buf = torch.empty(shape, dtype=torch.float32, device=k.device)
         dv_buf = torch.empty_like(dk_buf)
         part_stride = dk_buf.stride(0)

@@ -1,5 +1,7 @@
-"""The neighbour encoder's attentions in plain PyTorch (paper section 2.4, "Encoder";
-../shared/SPEC.md): the references the fused backends are tested against."""
+"""The neighbour encoder's attentions in plain PyTorch (paper section 2.4, "Encoder"): the
+references the fused backends are tested against. Self-attention runs within each retrieved
+neighbour; cross-attention lets every neighbour token attend to the decoder states of the chunk
+that retrieved it."""
 from __future__ import annotations
 
 import torch

@@ -2,12 +2,12 @@
 fused, differentiable ops (the kernels are those of chunked cross-attention, grouped_attention/)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
-from ..grouped_attention.registration import forward_op
+from ..grouped_attention.registration import contiguous, forward_op
+from ..grouped_attention.triton_limits import triton_or_reference
 from .naive import neighbour_cross_attention_reference, neighbour_self_attention_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "triton")
@@ -18,11 +18,7 @@ _CHUNK = "(batch, num_chunks, chunk_len, heads, head_dim)"
 
 def _backend(op: str, backend, q: Tensor) -> str:
     name = resolve_backend(op, backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    if name == "triton" and q.dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32; q has dtype torch.float64")
-        return "reference"
-    return name
+    return triton_or_reference(name, backend, q)
 
 
 def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
@@ -50,7 +46,7 @@ def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Te
     name = _backend("neighbour_self_attention", backend, q)
     if name == "reference":
         return neighbour_self_attention_reference(q, k, v, neighbour_mask, scale)
-    return forward_op("neighbour_self_attn", name)(q, k, v, neighbour_mask, scale)[0]
+    return forward_op("neighbour_self_attn", name)(*contiguous(q, k, v, neighbour_mask), scale)[0]
 
 
 def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, chunk_mask: Tensor | None = None,
@@ -80,4 +76,4 @@ def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, chunk_mask: Tenso
     name = _backend("neighbour_cross_attention", backend, q)
     if name == "reference":
         return neighbour_cross_attention_reference(q, k, v, chunk_mask, scale)
-    return forward_op("neighbour_cross_attn", name)(q, k, v, chunk_mask, scale)[0]
+    return forward_op("neighbour_cross_attn", name)(*contiguous(q, k, v, chunk_mask), scale)[0]

@@ -1,0 +1,292 @@
+"""The compiled ops (torch.ops.retro_kernels.*), called directly, with one argument inconsistent with
+the others: every size of every tensor argument one larger and one smaller, another dtype, other
+strides (not contiguous), another device (meta), and out-of-range integer arguments. Each call
+must raise before a kernel reads memory -- ValueError for shapes, strides, devices and ranges,
+TypeError for dtypes -- with a message that starts with the op's name and names the argument.
+Sizes that an op derives from an argument (rather than checks against another) may change alone:
+those calls, and one consistent call per op, must succeed and match the reference, so the checks
+cannot be over-strict. The Triton launchers' own checks and limits are tested at the end."""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from retro_kernels import (chunked_cross_attention_decode_reference, chunked_cross_attention_reference,
+                           neighbour_cross_attention_reference, neighbour_self_attention_reference)
+from retro_kernels._extension import has_cpu_kernels, has_cuda_kernels, has_triton, triton_interpreting
+
+TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
+B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 3, 2, 5, 6, 4  # N // M = 3 = L chunks used
+SCALE = 0.3
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    op: str                # torch.ops.retro_kernels.<op>
+    family: str            # cca, self, cross or decode
+    backward: bool = False
+    legit: tuple = ()      # (argument, dimension) whose size may change alone
+
+    @property
+    def backend(self) -> str:
+        return "triton" if self.op.endswith("_triton") else "cpu"
+
+    def __str__(self) -> str:
+        return self.op
+
+
+CPP_OPS = [
+    OpSpec("cca_fwd", "cca", legit=(("q", 1),)),
+    OpSpec("cca_bwd", "cca", backward=True),
+    OpSpec("neighbour_self_attn_fwd", "self"),
+    OpSpec("neighbour_self_attn_bwd", "self", backward=True),
+    OpSpec("neighbour_cross_attn_fwd", "cross", legit=(("q", 2), ("q", 3))),
+    OpSpec("neighbour_cross_attn_bwd", "cross", backward=True),
+    OpSpec("cca_decode", "decode"),
+]
+TRITON_OPS = [OpSpec(s.op + "_triton", s.family, s.backward, s.legit) for s in CPP_OPS if s.family != "decode"]
+OPS = ([pytest.param(s, id=str(s)) for s in CPP_OPS] if has_cpu_kernels() else []) + \
+      ([pytest.param(s, id=str(s)) for s in TRITON_OPS] if TRITON_OK else [])
+MASK_NAME = {"cca": "neighbour_mask", "self": "neighbour_mask", "cross": "chunk_mask", "decode": "neighbour_mask"}
+
+
+def _inputs(family: str, device="cpu") -> dict:
+    """Consistent float32 q, k, v and mask of one family (mask with some padding)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"cca": ((B, N, H, D), (B, L, K, R, H, D)), "self": ((B, L, K, R, H, D), (B, L, K, R, H, D)),
+              "cross": ((B, L, K, R, H, D), (B, L, C, H, D)), "decode": ((B, H, D), (B, K, R, H, D))}
+    q_shape, k_shape = shapes[family]
+    mask_shape = k_shape[:-2]
+    x = {name: torch.randn(shape, generator=g).to(device)
+         for name, shape in (("q", q_shape), ("k", k_shape), ("v", k_shape))}
+    x[MASK_NAME[family]] = (torch.rand(mask_shape, generator=g) > 0.25).to(device)
+    return x
+
+
+def _reference(family: str, q, k, v, mask):
+    return {"cca": lambda: chunked_cross_attention_reference(q, k, v, M, mask, SCALE),
+            "self": lambda: neighbour_self_attention_reference(q, k, v, mask, SCALE),
+            "cross": lambda: neighbour_cross_attention_reference(q, k, v, mask, SCALE),
+            "decode": lambda: chunked_cross_attention_decode_reference(q, k, v, mask, SCALE)}[family]()
+
+
+@functools.cache
+def _forward_outputs(spec: OpSpec):
+    """out and lse of the consistent inputs, from the forward op of the same backend."""
+    x = _inputs(spec.family)
+    fwd = getattr(torch.ops.retro_kernels, spec.op.replace("_bwd", "_fwd"))
+    params = (M, SCALE) if spec.family == "cca" else (SCALE,)
+    return fwd(*x.values(), *params)
+
+
+def consistent_args(spec: OpSpec, real: bool = False) -> dict:
+    """The op's arguments by schema name, all consistent. A backward op gets out and lse of the
+    right shapes and dtypes; their values come from the forward op only when `real`."""
+    x = _inputs(spec.family)
+    if spec.backward:
+        q = x["q"]
+        rows = q.shape[1] if spec.family == "cca" else q.shape[1] * q.shape[2] * q.shape[3]
+        out, lse = _forward_outputs(spec) if real else (torch.zeros_like(q), torch.zeros(B, H, rows))
+        x = {"grad_out": torch.randn_like(q), **x, "out": out, "lse": lse}
+    if spec.family == "cca":
+        x["chunk_size"] = M
+    x["softmax_scale"] = SCALE
+    return x
+
+
+def call(spec: OpSpec, args: dict):
+    return getattr(torch.ops.retro_kernels, spec.op)(*args.values())
+
+
+def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values and shape with every stride doubled."""
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+def _resized(t: torch.Tensor, dim: int, delta: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] += delta
+    if t.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.randn(shape, dtype=t.dtype)
+
+
+def _other_dtype(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.bool, torch.float64) else t.double()
+
+
+def mutations(spec: OpSpec):
+    """(argument, description, replacement, expected exception or None for a legal change)."""
+    args = consistent_args(spec)
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        for dim in range(t.dim()):
+            for delta in (1, -1):
+                legal = (name, dim) in spec.legit
+                yield name, f"size{dim}{delta:+d}", _resized(t, dim, delta), None if legal else ValueError
+        yield name, "dtype", _other_dtype(t), TypeError
+        yield name, "strides", _non_contiguous(t), ValueError
+        yield name, "meta", t.to("meta"), ValueError
+    yield "q", "int64", args["q"].long(), TypeError
+    yield "softmax_scale", "nan", float("nan"), ValueError
+    yield "softmax_scale", "inf", float("inf"), ValueError
+    if spec.family == "cca":
+        yield "chunk_size", "0", 0, ValueError
+        yield "chunk_size", "-1", -1, ValueError
+        yield "chunk_size", "2**62", 2 ** 62, None  # longer than the sequence: all zeros, no overflow
+
+
+@functools.cache
+def mutation_table(spec: OpSpec) -> dict:
+    """(argument, description) -> (replacement, expected exception); the replacements are only read."""
+    return {(name, what): (replacement, error) for name, what, replacement, error in mutations(spec)}
+
+
+def _cases():
+    for p in OPS:
+        spec = p.values[0]
+        for (name, what), (_, error) in mutation_table(spec).items():
+            yield pytest.param(spec, name, what, error, id=f"{spec}-{name}-{what}")
+
+
+@pytest.mark.parametrize("spec, name, what, error", list(_cases()))
+def test_inconsistent_argument_is_refused_and_named(spec, name, what, error):
+    args = consistent_args(spec)
+    args[name] = mutation_table(spec)[name, what][0]
+    if error is None:  # a size the op derives from this argument: legal
+        result = call(spec, args)
+        if not spec.backward:
+            out = result[0] if isinstance(result, tuple) else result
+            params = [args[n] for n in ("q", "k", "v", MASK_NAME[spec.family])]
+            expected = _reference(spec.family, *params) if name != "chunk_size" else torch.zeros_like(out)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        return
+    with pytest.raises(error) as info:
+        call(spec, args)
+    message = str(info.value).splitlines()[0]
+    assert message.startswith(f"{spec.op}: "), message
+    assert re.search(rf"\b{name}\b", message), f"{name!r} not named in: {message}"
+
+
+@pytest.mark.parametrize("spec", OPS)
+def test_consistent_call_succeeds_and_matches_reference(spec):
+    args = consistent_args(spec, real=True)
+    x = _inputs(spec.family)
+    mask = x[MASK_NAME[spec.family]]
+    result = call(spec, args)
+    if not spec.backward:
+        out = result[0] if isinstance(result, tuple) else result
+        torch.testing.assert_close(out, _reference(spec.family, x["q"], x["k"], x["v"], mask), rtol=1e-4, atol=1e-5)
+        return
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    expected = torch.autograd.grad(_reference(spec.family, *leaves, mask), leaves, args["grad_out"])
+    for got, exp in zip(result, expected):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+# ---- the CUDA decode op (compiled in only with CUDA) ---------------------------------------------
+
+
+def _cuda_decode_ready():
+    if not (torch.cuda.is_available() and has_cuda_kernels()):
+        pytest.skip("needs a CUDA build and a GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["q", "k", "v", "neighbour_mask"])
+def test_cuda_decode_refuses_inconsistent_arguments(name):
+    _cuda_decode_ready()
+    spec = OpSpec("cca_decode", "decode")
+    for arg, what, replacement, error in mutations(spec):
+        if arg != name or error is None or what == "meta":
+            continue
+        args = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in consistent_args(spec).items()}
+        args[arg] = replacement.cuda()
+        with pytest.raises(error, match=rf"^cca_decode: .*\b{arg}\b"):
+            call(spec, args)
+    args = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in consistent_args(spec).items()}
+    args[name] = args[name].cpu()
+    with pytest.raises((ValueError, RuntimeError)):
+        call(spec, args)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_limits():
+    _cuda_decode_ready()
+    op = torch.ops.retro_kernels.cca_decode
+    q, k = torch.randn(65536, 1, 8, device="cuda"), torch.randn(65536, 1, 2, 1, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"cca_decode: batch \* heads .* 65536, expected <= 65535"):
+        op(q, k, k, None, 1.0)
+    q, k = torch.randn(1, 1, 300, device="cuda"), torch.randn(1, 1, 2, 1, 300, device="cuda")
+    with pytest.raises(ValueError, match="cca_decode: head_dim .* 300, expected <= 256"):
+        op(q, k, k, None, 1.0)
+    with pytest.raises(TypeError, match="cca_decode: q has dtype torch.float64"):
+        op(q.double(), k.double(), k.double(), None, 1.0)
+    empty = op(torch.randn(0, 2, 8, device="cuda"), torch.randn(0, 1, 2, 2, 8, device="cuda"),
+               torch.randn(0, 1, 2, 2, 8, device="cuda"), None, 1.0)
+    assert empty.shape == (0, 2, 8)
+
+
+# ---- the Triton launchers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launch_problem():
+    if not TRITON_OK:
+        pytest.skip("needs triton and a GPU or TRITON_INTERPRET=1")
+    from retro_kernels.ops.grouped_attention.layouts import GroupedLayout
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(2, 10, 2, 8, device=dev)                      # 2 groups of 5 rows
+    k, v = torch.randn(2, 2, 3, 2, 8, device=dev), torch.randn(2, 2, 3, 2, 8, device=dev)
+    mask = torch.ones(2, 2, 3, dtype=torch.bool, device=dev)
+    return q, k, v, mask, GroupedLayout(q_rows=5, q_valid=10, groups=2, keys=3, prefix_rows=0)
+
+
+@pytest.mark.parametrize("name, bad, error, words", [
+    ("k", lambda t: t[:, :, :2], ValueError, ["k", "shape"]),
+    ("v", lambda t: t[:, :1], ValueError, ["v", "shape"]),
+    ("v", lambda t: t.half(), TypeError, ["v", "dtype"]),
+    ("q", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1), ValueError, ["q", "strides"]),
+    ("mask", lambda t: t.float(), TypeError, ["mask", "dtype"]),
+    ("mask", lambda t: t[:1], ValueError, ["mask", "shape"]),
+    ("q", lambda t: t.double(), TypeError, ["q", "dtype"]),
+    ("q", lambda t: torch.randn(2, 10, 2, 300, device=t.device), ValueError, ["head_dim", "300", "256"]),
+    ("q", lambda t: torch.randn(65536, 10, 1, 8, device=t.device), ValueError, ["batch * heads", "65535"]),
+    ("q", lambda t: t[:, :9].contiguous(), ValueError, ["layout", "9 rows"]),
+])
+def test_triton_launcher_checks(launch_problem, name, bad, error, words):
+    from retro_kernels.ops.grouped_attention import triton_launch
+
+    q, k, v, mask, layout = launch_problem
+    args = dict(q=q, k=k, v=v, mask=mask)
+    args[name] = bad(args[name])
+    if name == "q" and args["q"].shape[0] != 2:  # keep the other tensors consistent with the new batch
+        b = args["q"].shape[0]
+        args["k"], args["v"] = (torch.zeros(b, 2, 3, 1, 8, device=q.device) for _ in range(2))
+        args["mask"] = None
+    with pytest.raises(error) as info:
+        triton_launch.forward(args["q"], args["k"], args["v"], args["mask"], layout, SCALE)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+def test_triton_launcher_checks_backward_arguments(launch_problem):
+    from retro_kernels.ops.grouped_attention import triton_launch
+
+    q, k, v, mask, layout = launch_problem
+    out, lse = triton_launch.forward(q, k, v, mask, layout, SCALE)
+    good = dict(grad_out=torch.randn_like(q), out=out, lse=lse)
+    for name, bad, error in (("grad_out", good["grad_out"][:, :5], ValueError), ("out", out.half(), TypeError),
+                             ("lse", lse[:, :1], ValueError), ("lse", lse.double(), TypeError),
+                             ("dk", torch.empty_like(k)[:, :1], ValueError)):
+        kw = dict(good)
+        kw[name] = bad
+        extra = {"dk": kw.pop("dk")} if "dk" in kw else {}
+        with pytest.raises(error, match=rf"triton grouped attention backward: {name} "):
+            triton_launch.backward(kw["grad_out"], q, k, v, mask, kw["out"], kw["lse"], layout, SCALE, **extra)
