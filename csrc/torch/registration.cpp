@@ -8,7 +8,7 @@
 TORCH_LIBRARY(retro_kernels, m) {
   // Fake (meta) implementations and autograd are registered when the package is imported.
   m.impl_abstract_pystub("retro_kernels.ops.grouped_attention.registration");
-  // Chunked cross-attention (SPEC "CCA"): q (B, N, H, D); k/v (B, L, K, R, H, D);
+  // Chunked cross-attention (docs/semantics.md, "Chunked cross-attention"): q (B, N, H, D); k/v (B, L, K, R, H, D);
   // neighbour_mask (B, L, K, R) bool. Returns out (B, N, H, D) and lse (B, H, N).
   m.def("cca_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, int chunk_size, "
         "float softmax_scale) -> (Tensor, Tensor)");

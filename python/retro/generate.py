@@ -1,4 +1,4 @@
-"""Generation with retrieval (`retro generate RUN "prompt" --db DIR`, SPEC "Decoding").
+"""Generation with retrieval (`retro generate RUN "prompt" --db DIR`, docs/semantics.md, "Decoding").
 
 Each prompt is prefilled in one pass (with the neighbours of its complete chunks); then every
 step feeds one token per sequence through the caches. When the fed token completes a chunk, the

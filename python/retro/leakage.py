@@ -1,4 +1,4 @@
-"""Leakage tools (paper section 2.6 and appendix; SPEC "Evaluation").
+"""Leakage tools (paper section 2.6 and appendix; docs/semantics.md, "Evaluation").
 
 - dedup_against: training documents whose 13-gram Jaccard similarity to any evaluation document
   is >= threshold (default 0.8). Candidates come from MinHash LSH (datasketch) with bands chosen

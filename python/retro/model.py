@@ -46,6 +46,8 @@ class RetroConfig:
     max_seq_len: int = 2048
     rotary_base: float = 10000.0
     qk_norm: bool = False         # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
+    smear_keys: bool = False      # CCA: each neighbour key mixed with the previous token's (copying in one step)
+    encoder_input_norm: bool = True  # LayerNorm on the embedded neighbour tokens entering the encoder
     backend: str = "auto"         # retro_kernels backend for CCA and the encoder
 
     @property
@@ -55,9 +57,12 @@ class RetroConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # fields added after the first release, with the value that reproduces older checkpoints
+    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False}
+
     @classmethod
     def from_dict(cls, d: dict) -> "RetroConfig":
-        d = dict(d)
+        d = {**cls.LEGACY, **d}
         d["cca_layers"] = tuple(d["cca_layers"])
         return cls(**d)
 
@@ -131,7 +136,7 @@ class DecoderLayer(nn.Module):
             self.cca_norm = nn.LayerNorm(cfg.dim)
             self.cca = ChunkedCrossAttention(cfg.dim, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim,
                                              rotary=True, backend=cfg.backend, rotary_base=cfg.rotary_base,
-                                             qk_norm=cfg.qk_norm)
+                                             qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
         self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, dropout=cfg.dropout, hidden=cfg.ff_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -148,6 +153,9 @@ class RetroModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.depth))
         self.first_cca = min(cfg.cca_layers)
         self.to_encoder = nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else nn.Identity()
+        # the embeddings are small (std 0.02): normalised, the tokens' identity survives the encoder's
+        # first residual blocks instead of drowning in them
+        self.encoder_in_norm = nn.LayerNorm(cfg.enc_dim) if cfg.encoder_input_norm else nn.Identity()
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=cfg.dim,
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
         self.norm = nn.LayerNorm(cfg.dim)
@@ -163,7 +171,7 @@ class RetroModel(nn.Module):
 
     def encode(self, neighbours: Tensor, neighbour_mask: Tensor | None, chunk_states: Tensor) -> Tensor:
         """neighbour tokens (B, L, K, R), chunk states H_u (B, L, m, dim) -> E (B, L, K, R, enc_dim)."""
-        return self.encoder(self.to_encoder(self.embed(neighbours)), chunk_states, neighbour_mask)
+        return self.encoder(self.encoder_in_norm(self.to_encoder(self.embed(neighbours))), chunk_states, neighbour_mask)
 
     def _layer(self, layer: DecoderLayer, i: int, x: Tensor, neighbours, neighbour_mask, enc, cache):
         kv, row = (None, None) if cache is None else (cache.self_attn[i], cache.row)

@@ -5,7 +5,7 @@ cross-attention after some of its blocks and a neighbour encoder, and train only
 `transformer.h` or `model.layers`). The CCA output projections start at zero, so the retrofitted
 model computes exactly the base model's logits until it is trained. The encoder embeds the
 neighbour tokens with the base model's (frozen) input embeddings and runs once, in the first CCA
-layer, on the hidden states there (SPEC "Encoder").
+layer, on the hidden states there (docs/semantics.md, "Encoder").
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class RetrofittedLM(nn.Module):
         self.cca_norm = nn.ModuleDict()
         for i in cfg.cca_layers:
             layer = ChunkedCrossAttention(hidden, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim, rotary=True,
-                                          backend=cfg.backend, qk_norm=cfg.qk_norm)
+                                          backend=cfg.backend, qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
             nn.init.zeros_(layer.to_out.weight)  # starts as the identity on the residual stream
             self.cca[str(i)] = layer
             self.cca_norm[str(i)] = nn.LayerNorm(hidden)

@@ -15,7 +15,7 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 
 
 class ChunkedCrossAttention(nn.Module):
-    """RETRO chunked cross-attention (SPEC "Chunked cross-attention") as a layer.
+    """RETRO chunked cross-attention (docs/semantics.md, "Chunked cross-attention") as a layer.
 
     forward(x, neighbours, neighbour_mask=None):
         x          (batch, seq_len, dim) decoder states at their natural positions
@@ -30,13 +30,19 @@ class ChunkedCrossAttention(nn.Module):
     k * r neighbour tokens can then sharpen from the first steps, which makes the layer learn to
     read its neighbours much sooner (see benchmarks/results/retrieval_learning-*.md).
 
+    smear_keys=True mixes each neighbour token's key with the key of the token before it (a learned
+    share per head, Olsson et al. 2022's "smeared keys"), so a query can find "the token after the
+    one I am at" in one step: the circuit that copies from a neighbour needs no earlier layer to
+    learn a shift first.
+
     step(x, positions, k, v, neighbour_mask): one token per sequence against cached neighbour
     keys/values (from project_neighbours) -> (batch, 1, dim), for incremental decoding.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int = 64, chunk_size: int = 64,
                  context_dim: int | None = None, rotary: bool = True, backend: str = "auto",
-                 rotary_base: float = 10000.0, qk_norm: bool = False, qk_gain: float = 10.0):
+                 rotary_base: float = 10000.0, qk_norm: bool = False, qk_gain: float = 10.0,
+                 smear_keys: bool = False):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("head_dim", head_dim), ("chunk_size", chunk_size)):
             _checks.check_positive_int(name, value)
@@ -52,6 +58,8 @@ class ChunkedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.qk_norm = qk_norm
         self.qk_gain = nn.Parameter(torch.full((heads,), float(qk_gain))) if qk_norm else None
+        self.smear_keys = smear_keys
+        self.smear = nn.Parameter(torch.zeros(heads)) if smear_keys else None  # sigmoid(0) = half
 
     def _check(self, x, neighbours, neighbour_mask) -> None:
         _checks.check_tensor("x", x, "(batch, seq_len, dim)", 3)
@@ -74,6 +82,10 @@ class ChunkedCrossAttention(nn.Module):
         shape = neighbours.shape[:-1] + (self.heads, self.head_dim)
         k = self.to_k(neighbours).view(shape)
         v = self.to_v(neighbours).view(shape)
+        if self.smear_keys:  # k_j <- (1 - a) k_j + a k_{j-1}, a = sigmoid(smear) per head
+            previous = nn.functional.pad(k.movedim(-3, 0)[:-1], (0, 0, 0, 0) + (0, 0) * (k.dim() - 3) + (1, 0))
+            a = torch.sigmoid(self.smear).to(k.dtype)[:, None]
+            k = k + a * (previous.movedim(0, -3) - k)
         if self.qk_norm:
             k = nn.functional.normalize(k, dim=-1)
         if self.rotary:
@@ -121,4 +133,5 @@ class ChunkedCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, chunk_size={self.chunk_size}, "
-                f"context_dim={self.context_dim}, rotary={self.rotary}, qk_norm={self.qk_norm}, backend={self.backend!r}")
+                f"context_dim={self.context_dim}, rotary={self.rotary}, qk_norm={self.qk_norm}, "
+                f"smear_keys={self.smear_keys}, backend={self.backend!r}")

@@ -1,4 +1,4 @@
-"""RetroEncoder: the bidirectional neighbour encoder of RETRO (paper section 2.4, SPEC "Encoder").
+"""RetroEncoder: the bidirectional neighbour encoder of RETRO (paper section 2.4, docs/semantics.md, "Encoder").
 
 Each retrieved neighbour (r tokens) is encoded by pre-norm blocks of self-attention within the
 neighbour, then (in `cross_attend_layers`) cross-attention to the decoder states H_u of the chunk

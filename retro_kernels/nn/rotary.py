@@ -28,7 +28,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def cca_query_positions(positions: Tensor, chunk_size: int) -> Tensor:
-    """Rotary positions of CCA queries at sequence positions t (SPEC, paper eq. 6): the i-th query
+    """Rotary positions of CCA queries at sequence positions t (docs/semantics.md, paper eq. 6): the i-th query
     of chunk u's attending window (t = u*m + m-1 + i) sits at m-1+i, i.e. (t + 1) % m + m - 1.
     Neighbour token i' sits at i', so the relative distance is d(i, i') = i - i' + m - 1."""
     return (positions + 1) % chunk_size + chunk_size - 1

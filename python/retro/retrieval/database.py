@@ -1,5 +1,5 @@
 """The retrieval database: 64-token chunks of the training documents keyed by frozen-BERT
-embeddings, with values [chunk, continuation] (SPEC "Chunks and neighbours").
+embeddings, with values [chunk, continuation] (docs/semantics.md, "Chunks and neighbours").
 
 A database folder holds memory-mapped numpy arrays, the faiss index and manifest.json:
   tokens.npy       (T,)   int32   LM tokens of every document, training and held-out

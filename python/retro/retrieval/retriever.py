@@ -1,5 +1,5 @@
 """Retriever: nearest chunks of the database for queries given as text, chunk tokens or
-embeddings, with same-document exclusion (SPEC: a training sequence never retrieves its own
+embeddings, with same-document exclusion (docs/semantics.md: a training sequence never retrieves its own
 document). Excluded or missing neighbours are masked (id -1), never replaced by another chunk."""
 from __future__ import annotations
 

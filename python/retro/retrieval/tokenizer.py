@@ -1,4 +1,4 @@
-"""The language model's tokenizer: SentencePiece (SPEC), trained on the corpus or loaded from a
+"""The language model's tokenizer: SentencePiece (docs/semantics.md), trained on the corpus or loaded from a
 file; or a Hugging Face tokenizer (name or path) for retrofitting a pretrained model."""
 from __future__ import annotations
 
