@@ -118,6 +118,11 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
     stem = RESULTS / f"{name}-{slug(machine)}"
     meta = {"benchmark": name, "machine": machine, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "notes": notes}
+    if hasattr(os, "getloadavg"):  # other jobs on the machine skew CPU timings: say so
+        load = os.getloadavg()
+        meta["loadavg"] = load
+        notes = [*notes, f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                         f"on {os.cpu_count()} CPUs"]
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
     text = "\n".join([f"# {name} on {machine}", "", f"torch {torch.__version__}, {meta['date']}", "",

@@ -24,12 +24,17 @@
 
 // x86-64 with GCC: AVX2 and AVX-512 entries besides the default one. "arch=x86-64-v3" is AVX2 +
 // FMA + F16C + BMI1/2, "arch=x86-64-v4" adds AVX-512 F/BW/CD/DQ/VL (the psABI levels).
+// -DRK_X86_ISAS=0 builds the default entry only (what other compilers and CPUs get).
+#ifndef RK_X86_ISAS
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RK_X86_ISAS 1
-#define RK_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#define RK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
 #define RK_X86_ISAS 0
+#endif
+#endif
+#if RK_X86_ISAS
+#define RK_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define RK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #endif
 
 namespace retro_kernels::cpu {
