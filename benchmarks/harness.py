@@ -15,8 +15,25 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_isa_label() -> str:
+    """The vector instruction set the CPU kernels run with: 'AVX-512', 'AVX2' or 'baseline ISA'
+    (SSE2 / NEON): retro_kernels' C++ kernels' choice when the extension is built, else torch's."""
+    try:
+        from retro_kernels import cpu_kernel_isa
+
+        isa = cpu_kernel_isa()
+    except ImportError:
+        isa = None
+    if isa is None:
+        isa = torch.backends.cpu.get_cpu_capability().lower()
+    return {"avx512": "AVX-512", "avx2": "AVX2"}.get(isa, "baseline ISA")
+
+
 def machine_name(device: str = "cpu") -> str:
-    """'NVIDIA H100 80GB HBM3' on a GPU; 'AMD EPYC, 2 cores' on the CPU."""
+    """'NVIDIA H100 80GB HBM3' on a GPU; 'AMD EPYC, AVX2, 2 threads' on the CPU (the instruction
+    set is part of the name: the same CPU model may be an AVX-512 or an AVX2 machine).
+    Results measured before the instruction set was named carry 'AMD EPYC, 2 threads' (an
+    AVX-512 machine)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     model = platform.processor() or platform.machine()
@@ -27,7 +44,7 @@ def machine_name(device: str = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {cpu_isa_label()}, {torch.get_num_threads()} threads"
 
 
 def slug(text: str) -> str:
@@ -101,6 +118,11 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
     stem = RESULTS / f"{name}-{slug(machine)}"
     meta = {"benchmark": name, "machine": machine, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "notes": notes}
+    if hasattr(os, "getloadavg"):  # other jobs on the machine skew CPU timings: say so
+        load = os.getloadavg()
+        meta["loadavg"] = load
+        notes = [*notes, f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                         f"on {os.cpu_count()} CPUs"]
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
     text = "\n".join([f"# {name} on {machine}", "", f"torch {torch.__version__}, {meta['date']}", "",

@@ -3,7 +3,7 @@ drop-in layers built on them.
 
     from retro_kernels import chunked_cross_attention, ChunkedCrossAttention
 """
-from ._extension import has_cpu_kernels, has_cuda_kernels, has_triton
+from ._extension import cpu_kernel_isa, has_cpu_kernels, has_cuda_kernels, has_triton
 from .nn import ChunkedCrossAttention, RetroEncoder
 from .ops import (
     available_backends,
@@ -27,6 +27,7 @@ __all__ = [
     "chunked_cross_attention_decode",
     "chunked_cross_attention_decode_reference",
     "chunked_cross_attention_reference",
+    "cpu_kernel_isa",
     "has_cpu_kernels",
     "has_cuda_kernels",
     "has_triton",

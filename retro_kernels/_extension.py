@@ -29,6 +29,16 @@ def has_cpu_kernels() -> bool:
     return _C is not None
 
 
+def cpu_kernel_isa() -> str | None:
+    """The instruction set the C++ CPU kernels run with in this process: "avx512", "avx2" or
+    "default" (the baseline target: SSE2 on x86-64, NEON on AArch64); None without the extension.
+    Chosen once from what the CPU supports; the environment variable RETRO_KERNELS_CPU_ISA
+    (read before the first kernel call) can lower it."""
+    if _C is None or not hasattr(_C, "cpu_isa"):
+        return None
+    return _C.cpu_isa()
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return _C is not None and _C.cuda_kernels_compiled()

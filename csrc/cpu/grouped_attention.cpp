@@ -17,6 +17,14 @@
 //   ds_ij = p_ij (dp_ij - D_i)       dq_i = scale sum_j ds_ij k_j     dk_j = scale sum_i ds_ij q_i
 // Every query row and key belongs to exactly one group, so tasks never share an output: the
 // backward is deterministic and needs no atomics.
+//
+// Instruction sets: the task loops are templates over an ISA description from tile_math.h
+// (vector width and register blocking of the matrix products). RK_DEFINE_ENTRIES instantiates
+// them per dtype in one entry function per ISA, each compiled for its ISA with a target
+// attribute: AVX-512 (x86-64-v4, 64-byte vectors), AVX2 + FMA (x86-64-v3, 32-byte vectors) and
+// the baseline target (16-byte vectors: SSE2, NEON). cpu_isa() picks one once per process from
+// __builtin_cpu_supports (RETRO_KERNELS_CPU_ISA can lower it, e.g. to test the baseline path),
+// and every call goes to that ISA's entry (RK_CALL_ISA).
 #include "grouped_attention.h"
 
 #include <ATen/Parallel.h>
@@ -24,6 +32,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "tile_math.h"
@@ -121,7 +131,7 @@ struct ForwardScratch {
         keep(kBlockN), m(kBlockM), l(kBlockM), mx(kBlockM), alpha(kBlockM) {}
 };
 
-template <typename T>
+template <typename Isa, typename T>
 RK_INLINE void forward_task(const GroupedAttentionLayout& L, const TaskView<T>& t, const T* q,
                             const T* k, const T* v, acc_type_t<T> scale, T* out,
                             acc_type_t<T>* lse, ForwardScratch<T>& w) {
@@ -142,7 +152,7 @@ RK_INLINE void forward_task(const GroupedAttentionLayout& L, const TaskView<T>& 
       int64_t ldk, ldv;
       const A* kt = key_tile(k + kv_offset, bn, d, t.key_stride, w.k.data(), &ldk);
       A* st = w.st.data();
-      gemm<A, false>(bn, bm, d, kt, ldk, w.qt.data(), bm, st, bm, false);
+      gemm<Isa, A, false>(bn, bm, d, kt, ldk, w.qt.data(), bm, st, bm, false);
       std::fill(mx, mx + bm, -inf);
       for (int64_t j = 0; j < bn; ++j) {
         if (w.keep[j] == 0) continue;
@@ -170,7 +180,7 @@ RK_INLINE void forward_task(const GroupedAttentionLayout& L, const TaskView<T>& 
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) o[i * d + c] *= alpha[i];
       const A* vt = key_tile(v + kv_offset, bn, d, t.key_stride, w.v.data(), &ldv);
-      gemm<A, true>(bm, d, bn, st, bm, vt, ldv, o, d, true);
+      gemm<Isa, A, true>(bm, d, bn, st, bm, vt, ldv, o, d, true);
     }
     for (int64_t i = 0; i < bm; ++i) {
       const bool any = l[i] > 0;
@@ -192,7 +202,7 @@ struct BackwardScratch {
         dk(keys * d), dv(keys * d), keep(kBlockN), delta(kBlockM), shift(kBlockM), live(kBlockM) {}
 };
 
-template <typename T>
+template <typename Isa, typename T>
 RK_INLINE void backward_task(const GroupedAttentionLayout& L, const TaskView<T>& t,
                              const T* dout, const T* q, const T* k, const T* v, const T* out,
                              const acc_type_t<T>* lse, acc_type_t<T> scale, T* dq, T* dk, T* dv,
@@ -230,20 +240,20 @@ RK_INLINE void backward_task(const GroupedAttentionLayout& L, const TaskView<T>&
       const A* kt = key_tile(k + kv_offset, bn, d, t.key_stride, w.k.data(), &ldk);
       const A* vt = key_tile(v + kv_offset, bn, d, t.key_stride, w.v.data(), &ldv);
       A *pt = w.pt.data(), *dpt = w.dpt.data();
-      gemm<A, false>(bn, bm, d, kt, ldk, w.qt.data(), bm, pt, bm, false);
+      gemm<Isa, A, false>(bn, bm, d, kt, ldk, w.qt.data(), bm, pt, bm, false);
       for (int64_t j = 0; j < bn; ++j) {
         const A keep = w.keep[j];
         A* pj = pt + j * bm;
 #pragma omp simd
         for (int64_t i = 0; i < bm; ++i) pj[i] = exp_vec(pj[i] - shift[i]) * keep * live[i];
       }
-      gemm<A, false>(bn, d, bm, pt, bm, w.dout.data(), d, w.dv.data() + j0 * d, d, true);
-      gemm<A, false>(bn, bm, d, vt, ldv, w.doutt.data(), bm, dpt, bm, false);
+      gemm<Isa, A, false>(bn, d, bm, pt, bm, w.dout.data(), d, w.dv.data() + j0 * d, d, true);
+      gemm<Isa, A, false>(bn, bm, d, vt, ldv, w.doutt.data(), bm, dpt, bm, false);
       for (int64_t j = 0; j < bn; ++j)
 #pragma omp simd
         for (int64_t i = 0; i < bm; ++i) dpt[j * bm + i] = pt[j * bm + i] * (dpt[j * bm + i] - delta[i]);
-      gemm<A, true>(bm, d, bn, dpt, bm, kt, ldk, w.dq.data(), d, true);
-      gemm<A, false>(bn, d, bm, dpt, bm, w.q.data(), d, w.dk.data() + j0 * d, d, true);
+      gemm<Isa, A, true>(bm, d, bn, dpt, bm, kt, ldk, w.dq.data(), d, true);
+      gemm<Isa, A, false>(bn, d, bm, dpt, bm, w.q.data(), d, w.dk.data() + j0 * d, d, true);
     }
     store_rows(w.dq.data(), bm, d, t.row_stride, scale, dq + row0);
   }
@@ -251,46 +261,102 @@ RK_INLINE void backward_task(const GroupedAttentionLayout& L, const TaskView<T>&
   store_rows(w.dv.data(), L.keys, d, t.key_stride, A(1), dv + t.k_offset);
 }
 
-// One instruction-set-specific entry per dtype: the whole task loop is cloned by RK_MULTIVERSION.
-template <typename T>
+// The task loops, instantiated for one instruction set by the entries below.
+template <typename Isa, typename T>
 RK_INLINE void forward_all(const GroupedAttentionLayout& L, const T* q, const T* k, const T* v,
-                 const bool* mask, double scale, T* out, acc_type_t<T>* lse, int64_t begin,
-                 int64_t end) {
+                           const bool* mask, double scale, T* out, acc_type_t<T>* lse,
+                           int64_t begin, int64_t end) {
   ForwardScratch<T> w(L.head_dim);
   for (int64_t task = begin; task < end; ++task) {
     const auto t = task_view<T>(L, mask, task);
-    if (t.rows > 0) forward_task<T>(L, t, q, k, v, static_cast<acc_type_t<T>>(scale), out, lse, w);
+    if (t.rows > 0) forward_task<Isa, T>(L, t, q, k, v, static_cast<acc_type_t<T>>(scale), out, lse, w);
   }
 }
 
-template <typename T>
-RK_INLINE void backward_all(const GroupedAttentionLayout& L, const T* dout, const T* q, const T* k,
-                  const T* v, const bool* mask, const T* out, const acc_type_t<T>* lse,
-                  double scale, T* dq, T* dk, T* dv, int64_t begin, int64_t end) {
+template <typename Isa, typename T>
+RK_INLINE void backward_all(const GroupedAttentionLayout& L, const T* dout, const T* q,
+                            const T* k, const T* v, const bool* mask, const T* out,
+                            const acc_type_t<T>* lse, double scale, T* dq, T* dk, T* dv,
+                            int64_t begin, int64_t end) {
   BackwardScratch<T> w(L.head_dim, L.keys);
   for (int64_t task = begin; task < end; ++task) {
     const auto t = task_view<T>(L, mask, task);
-    backward_task<T>(L, t, dout, q, k, v, out, lse, static_cast<acc_type_t<T>>(scale), dq, dk, dv, w);
+    backward_task<Isa, T>(L, t, dout, q, k, v, out, lse, static_cast<acc_type_t<T>>(scale), dq, dk, dv, w);
   }
 }
 
-#define RK_DEFINE_ENTRIES(T, NAME)                                                               \
-  RK_MULTIVERSION void forward_##NAME(const GroupedAttentionLayout& L, const T* q, const T* k,  \
-                                      const T* v, const bool* mask, double scale, T* out,        \
-                                      acc_type_t<T>* lse, int64_t begin, int64_t end) {          \
-    forward_all<T>(L, q, k, v, mask, scale, out, lse, begin, end);                               \
-  }                                                                                              \
-  RK_MULTIVERSION void backward_##NAME(const GroupedAttentionLayout& L, const T* dout,          \
-                                       const T* q, const T* k, const T* v, const bool* mask,     \
-                                       const T* out, const acc_type_t<T>* lse, double scale,     \
-                                       T* dq, T* dk, T* dv, int64_t begin, int64_t end) {        \
-    backward_all<T>(L, dout, q, k, v, mask, out, lse, scale, dq, dk, dv, begin, end);            \
+// One entry per (instruction set, dtype), compiled for that instruction set (TARGET; empty for
+// the baseline target): the force-inlined kernel and tile_math.h code inside it are generated
+// for that ISA, with its vector width and register blocking (ISA).
+#define RK_DEFINE_ENTRIES(TARGET, ISA, SUFFIX, T, NAME)                                         \
+  TARGET void forward_##NAME##_##SUFFIX(const GroupedAttentionLayout& L, const T* q, const T* k, \
+                                        const T* v, const bool* mask, double scale, T* out,     \
+                                        acc_type_t<T>* lse, int64_t begin, int64_t end) {       \
+    forward_all<ISA, T>(L, q, k, v, mask, scale, out, lse, begin, end);                         \
+  }                                                                                             \
+  TARGET void backward_##NAME##_##SUFFIX(const GroupedAttentionLayout& L, const T* dout,        \
+                                         const T* q, const T* k, const T* v, const bool* mask,  \
+                                         const T* out, const acc_type_t<T>* lse, double scale,  \
+                                         T* dq, T* dk, T* dv, int64_t begin, int64_t end) {     \
+    backward_all<ISA, T>(L, dout, q, k, v, mask, out, lse, scale, dq, dk, dv, begin, end);      \
   }
 
-RK_DEFINE_ENTRIES(float, f32)
-RK_DEFINE_ENTRIES(double, f64)
-RK_DEFINE_ENTRIES(c10::BFloat16, bf16)
-RK_DEFINE_ENTRIES(c10::Half, f16)
+#if RK_X86_ISAS
+#define RK_DEFINE_ALL_ISAS(T, NAME)                          \
+  RK_DEFINE_ENTRIES(, IsaDefault, default, T, NAME)          \
+  RK_DEFINE_ENTRIES(RK_TARGET_AVX2, IsaAvx2, avx2, T, NAME) \
+  RK_DEFINE_ENTRIES(RK_TARGET_AVX512, IsaAvx512, avx512, T, NAME)
+#else
+#define RK_DEFINE_ALL_ISAS(T, NAME) RK_DEFINE_ENTRIES(, IsaDefault, default, T, NAME)
+#endif
+
+RK_DEFINE_ALL_ISAS(float, f32)
+RK_DEFINE_ALL_ISAS(double, f64)
+RK_DEFINE_ALL_ISAS(c10::BFloat16, bf16)
+RK_DEFINE_ALL_ISAS(c10::Half, f16)
+
+// The best instruction set this CPU (and OS) supports, lowered by RETRO_KERNELS_CPU_ISA
+// ("default", "avx2", "avx512"; a request above what the CPU supports is ignored).
+CpuIsa detect_cpu_isa() {
+  CpuIsa best = CpuIsa::kDefault;
+#if RK_X86_ISAS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4"))
+    best = CpuIsa::kAvx512;
+  else if (__builtin_cpu_supports("x86-64-v3"))
+    best = CpuIsa::kAvx2;
+#endif
+  const char* env = std::getenv("RETRO_KERNELS_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  CpuIsa asked = best;
+  if (want == "default")
+    asked = CpuIsa::kDefault;
+  else if (want == "avx2")
+    asked = CpuIsa::kAvx2;
+  else if (want == "avx512")
+    asked = CpuIsa::kAvx512;
+  else
+    TORCH_WARN("RETRO_KERNELS_CPU_ISA=", want, " is not one of default, avx2, avx512; ignored");
+  return std::min(asked, best);
+}
+
+// Calls NAME's entry for the selected instruction set.
+#if RK_X86_ISAS
+#define RK_CALL_ISA(FN, NAME, ...)                     \
+  switch (cpu_isa()) {                                 \
+    case CpuIsa::kAvx512:                              \
+      FN##_##NAME##_avx512(__VA_ARGS__);               \
+      break;                                           \
+    case CpuIsa::kAvx2:                                \
+      FN##_##NAME##_avx2(__VA_ARGS__);                 \
+      break;                                           \
+    default:                                           \
+      FN##_##NAME##_default(__VA_ARGS__);              \
+  }
+#else
+#define RK_CALL_ISA(FN, NAME, ...) FN##_##NAME##_default(__VA_ARGS__)
+#endif
 
 int64_t num_tasks(const GroupedAttentionLayout& L) { return L.batch * L.groups * L.heads; }
 
@@ -313,15 +379,32 @@ int64_t num_tasks(const GroupedAttentionLayout& L) { return L.batch * L.groups *
       TORCH_CHECK(false, "grouped attention: unsupported dtype ", DTYPE); \
   }
 
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
 void grouped_attention_forward(const GroupedAttentionLayout& L, c10::ScalarType dtype,
                                const void* q, const void* k, const void* v, const bool* key_mask,
                                double scale, void* out, void* lse) {
   if (num_tasks(L) == 0) return;
 #define RK_FWD(NAME)                                                                            \
   at::parallel_for(0, num_tasks(L), 1, [&](int64_t begin, int64_t end) {                       \
-    forward_##NAME(L, static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),         \
-                   static_cast<const scalar_t*>(v), key_mask, scale, static_cast<scalar_t*>(out), \
-                   static_cast<acc_type_t<scalar_t>*>(lse), begin, end);                        \
+    RK_CALL_ISA(forward, NAME, L, static_cast<const scalar_t*>(q),                              \
+                static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), key_mask,     \
+                scale, static_cast<scalar_t*>(out), static_cast<acc_type_t<scalar_t>*>(lse),    \
+                begin, end);                                                                    \
   })
   RK_DISPATCH_FLOATING(dtype, RK_FWD)
 #undef RK_FWD
@@ -334,12 +417,12 @@ void grouped_attention_backward(const GroupedAttentionLayout& L, c10::ScalarType
   if (num_tasks(L) == 0) return;
 #define RK_BWD(NAME)                                                                              \
   at::parallel_for(0, num_tasks(L), 1, [&](int64_t begin, int64_t end) {                         \
-    backward_##NAME(L, static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(q),  \
-                    static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), key_mask,  \
-                    static_cast<const scalar_t*>(out),                                           \
-                    static_cast<const acc_type_t<scalar_t>*>(lse), scale,                        \
-                    static_cast<scalar_t*>(grad_q), static_cast<scalar_t*>(grad_k),              \
-                    static_cast<scalar_t*>(grad_v), begin, end);                                 \
+    RK_CALL_ISA(backward, NAME, L, static_cast<const scalar_t*>(grad_out),                       \
+                static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),                \
+                static_cast<const scalar_t*>(v), key_mask, static_cast<const scalar_t*>(out),    \
+                static_cast<const acc_type_t<scalar_t>*>(lse), scale,                            \
+                static_cast<scalar_t*>(grad_q), static_cast<scalar_t*>(grad_k),                  \
+                static_cast<scalar_t*>(grad_v), begin, end);                                     \
   })
   RK_DISPATCH_FLOATING(dtype, RK_BWD)
 #undef RK_BWD

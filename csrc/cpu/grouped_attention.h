@@ -35,6 +35,13 @@ struct GroupedAttentionLayout {
   int64_t lse_sb = 0, lse_sh = 0;  // lse row stride is 1
 };
 
+// The instruction set the kernels run with, chosen once per process: the best of AVX-512
+// (x86-64-v4), AVX2 + FMA (x86-64-v3) and the baseline target (SSE2 on x86-64, NEON on AArch64)
+// that the CPU supports, or a lower one named by RETRO_KERNELS_CPU_ISA (default, avx2, avx512).
+enum class CpuIsa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+CpuIsa cpu_isa();
+const char* cpu_isa_name(CpuIsa isa);  // "default", "avx2", "avx512"
+
 // Forward: writes out (rows of groups without any real key are 0) and lse.
 void grouped_attention_forward(const GroupedAttentionLayout& layout, c10::ScalarType dtype,
                                const void* q, const void* k, const void* v, const bool* key_mask,

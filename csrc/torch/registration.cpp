@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "../cpu/grouped_attention.h"
+
 TORCH_LIBRARY(retro_kernels, m) {
   // Fake (meta) implementations and autograd are registered when the package is imported.
   m.impl_abstract_pystub("retro_kernels.ops.grouped_attention.registration");
@@ -47,4 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "retro_kernels compiled ops (registered under torch.ops.retro_kernels)";
   m.def("cuda_kernels_compiled", &retro_kernels::cuda_kernels_compiled,
         "Whether this build contains the CUDA kernels.");
+  m.def("cpu_isa", [] { return std::string(retro_kernels::cpu::cpu_isa_name(retro_kernels::cpu::cpu_isa())); },
+        "Instruction set the C++ CPU kernels run with: 'avx512', 'avx2' or 'default' (baseline: "
+        "SSE2 / NEON). RETRO_KERNELS_CPU_ISA lowers it.");
 }
