@@ -10,9 +10,9 @@ cross-entropy per token with neighbours (ON) and without (OFF).
 
 A variant is a "+"-joined list of parts on top of the `tiny` preset:
   base         the tiny preset as configured (RetroConfig defaults)
-  qk, smear, encln, noencln   RetroConfig qk_norm / smear_keys / encoder_input_norm on (off)
+  qk, smear, encln, copyinit  RetroConfig qk_norm / smear_keys / encoder_input_norm / copy_init on,
+  noqk, nosmear, noencln, nocopyinit  ... off
   norope       RetroConfig cca_rotary off (no relative positions between queries and neighbours)
-  copyinit     a copying prior at initialisation (copy_init below)
   rlr=X        retrieval_lr_scale X (the encoder and CCA blocks at X times the learning rate)
   lr=X         learning rate X (default --lr)
   gpt2init     every linear at GPT-2's N(0, 0.02), as the model shipped before
@@ -115,28 +115,9 @@ def lucidrains_model(cfg, pad_id: int):
 
 
 CONFIG_PARTS = {"qk": ("qk_norm", True), "smear": ("smear_keys", True), "encln": ("encoder_input_norm", True),
-                "noencln": ("encoder_input_norm", False), "norope": ("cca_rotary", False)}
-
-
-def copy_init(model) -> None:
-    """A copying prior: the encoder's sublayers start as the identity (zero output projections), each
-    CCA block's keys use its query projection (a token finds itself) and its output projection is
-    the transpose of the value projection (the attended token's embedding goes back to the
-    residual stream); with smear_keys, keys start mostly the previous token's (find the token
-    after the one the query holds)."""
-    with torch.no_grad():
-        for layer in model.encoder.layers:
-            outs = [layer.self_attn.to_out, layer.ff[3]] + ([layer.cross_attn.to_out] if layer.cross_attn is not None else [])
-            for lin in outs:
-                lin.weight.zero_()
-                if lin.bias is not None:
-                    lin.bias.zero_()
-        for layer in model.layers:
-            if layer.cca is not None:
-                layer.cca.to_k.weight.copy_(layer.cca.to_q.weight)
-                layer.cca.to_out.weight.copy_(layer.cca.to_v.weight.T)
-                if layer.cca.smear is not None:
-                    layer.cca.smear.fill_(2.2)  # sigmoid(2.2) = 0.9
+                "noencln": ("encoder_input_norm", False), "norope": ("cca_rotary", False),
+                "noqk": ("qk_norm", False), "nosmear": ("smear_keys", False), "copyinit": ("copy_init", True),
+                "nocopyinit": ("copy_init", False)}
 
 
 def parse_variant(name: str, lr: float) -> tuple[dict, dict, set]:
@@ -150,7 +131,7 @@ def parse_variant(name: str, lr: float) -> tuple[dict, dict, set]:
             opt["retrieval_lr_scale"] = float(part[4:])
         elif part.startswith("lr="):
             opt["lr"] = float(part[3:])
-        elif part in ("base", "gpt2init", "lucidrains", "copyinit"):
+        elif part in ("base", "gpt2init", "lucidrains"):
             flags.add(part)
         else:
             raise SystemExit(f"unknown variant part {part!r} in {name!r}")
@@ -277,7 +258,7 @@ def main() -> None:
         model.train()
         return out
 
-    curves, rows = {}, []
+    curves = {}
     names = a.variants.split(",")
     if a.jobs > 1 and len(names) > 1:
         curves = run_workers(names, a.jobs)
@@ -292,8 +273,6 @@ def main() -> None:
             model = RetroModel(cfg)
             if "gpt2init" in flags:  # the model as it shipped: every linear at GPT-2's 0.02
                 model.apply(RetroModel._init)
-            if "copyinit" in flags:
-                copy_init(model)
         model.to(dev)
         opts = TrainOptions(db=str(db_dir), out="", warmup=20, seed=a.seed, **opt_over)
         optimizer = make_optimizer(model, opts)
@@ -322,13 +301,37 @@ def main() -> None:
         curves[name] = curve
         if a.curve_out:
             return
-    for name, curve in curves.items():
-        last = curve[-1]
-        first_gap = next((c["step"] for c in curve if c["off"] - c["on"] > 0.5), None)
-        rows.append({"variant": name, "steps": last["step"], "on": last["on"], "off": last["off"],
-                     "gap_nats": last["off"] - last["on"], "on_vs_off_pct": 100 * (1 - last["on"] / last["off"]),
-                     "first_step_gap_0.5": first_gap if first_gap is not None else "-",
-                     "seconds": last["seconds"]})
+    corpus = (f"database {db_dir} ({db.num_chunks} chunks)" if a.db else
+              f"{a.articles} news articles + an edited copy of each (5% words replaced, 2% deleted), 10% of documents "
+              f"held out at random; database {db.num_chunks} chunks")
+    report(curves, "retrieval_learning" + (f"-{a.tag}" if a.tag else ""), machine_name(dev.type), [
+        f"corpus: {corpus}; k={k}; {len(x)} held-out windows of {n} tokens",
+        f"every variant: the same batches ({a.batch} x {n} tokens), AdamW lr {a.lr:g} unless the variant sets lr=, "
+        f"warm-up 20, cosine to {a.steps} steps; tiny widths (dim 128, 4 layers, CCA in layers 1 and 3, encoder "
+        f"2 x 128); device {a.device}" + (" (bf16 autocast)" if dev.type == "cuda" else "")],
+        f"training step ({a.batch} sequences of {n} tokens)")
+
+
+NOTES = ["ON/OFF: cross-entropy of held-out tokens from position m-1 on, with / without the retrieved neighbours",
+         "parts: base = RetroConfig defaults; qk/smear/encln/copyinit = qk_norm/smear_keys/encoder_input_norm/"
+         "copy_init (no... = off); norope = cca_rotary off; rlr = retrieval_lr_scale; gpt2init = every linear at "
+         "N(0, 0.02)"]
+
+
+def at_step(curve: list[dict], step: int) -> dict | None:
+    return next((c for c in curve if c["step"] >= step), None)
+
+
+def report(curves: dict, name: str, machine: str, notes: list[str], xlabel: str, early: int = 200) -> Path:
+    """Table (last point, the point at step `early`, first step with OFF - ON > 0.5), plot, curves."""
+    rows = []
+    for variant, curve in curves.items():
+        last, first = curve[-1], at_step(curve, early) or curve[-1]
+        gap = next((c["step"] for c in curve if c["off"] - c["on"] > 0.5), None)
+        rows.append({"variant": variant, "steps": last["step"], "on": last["on"], "off": last["off"],
+                     "on_vs_off_pct": 100 * (1 - last["on"] / last["off"]),
+                     "early_on": first["on"], "early_off": first["off"],
+                     "first_step_gap_0.5": gap if gap is not None else "-", "seconds": last["seconds"]})
 
     def plot(path):
         import matplotlib
@@ -336,33 +339,24 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, (name, curve) in enumerate(curves.items()):
-            color = f"C{i}"
-            ax.plot([c["step"] for c in curve], [c["on"] for c in curve], "-", color=color, label=f"{name} ON")
-            ax.plot([c["step"] for c in curve], [c["off"] for c in curve], ":", color=color, label=f"{name} OFF")
-        ax.set_xlabel(f"training step ({a.batch} sequences of {n} tokens)")
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for i, (variant, curve) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            ax.plot([c["step"] for c in curve], [c["on"] for c in curve], "-", color=color, label=f"{variant} ON")
+            ax.plot([c["step"] for c in curve], [c["off"] for c in curve], ":", color=color, label=f"{variant} OFF")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out cross-entropy (nats/token)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    corpus = (f"database {db_dir} ({db.num_chunks} chunks)" if a.db else
-              f"{a.articles} news articles + an edited copy of each (5% words replaced, 2% deleted), 10% of documents "
-              f"held out at random; database {db.num_chunks} chunks")
-    stem = write_results("retrieval_learning" + (f"-{a.tag}" if a.tag else ""), machine_name(), rows, [
+    stem = write_results(name, machine, rows, [
         ("variant", "variant"), ("steps", "steps"), ("on", "ON nats/token"), ("off", "OFF nats/token"),
-        ("gap_nats", "OFF - ON"), ("on_vs_off_pct", "ON below OFF %"), ("first_step_gap_0.5", "first step OFF-ON > 0.5"),
-        ("seconds", "train s")], [
-        f"corpus: {corpus}; k={k}; {len(x)} held-out windows of {n} tokens",
-        f"every variant: the same batches ({a.batch} x {n} tokens), AdamW lr {a.lr:g} unless the variant sets lr=, "
-        f"warm-up 20, cosine to {a.steps} steps; tiny widths (dim 128, 4 layers, CCA in layers 1 and 3, encoder "
-        f"2 x 128); device {a.device}" + (" (bf16 autocast)" if dev.type == "cuda" else ""),
-        "ON/OFF: cross-entropy of held-out tokens from position m-1 on, with / without the retrieved neighbours",
-        "parts: base = RetroConfig defaults; qk/smear/encln = qk_norm/smear_keys/encoder_input_norm; rlr = "
-        "retrieval_lr_scale; gpt2init = every linear at N(0, 0.02), as shipped before"], plot)
-    (stem.with_suffix(".curves.json")).write_text(json.dumps(curves, indent=1))
+        ("on_vs_off_pct", "ON below OFF %"), ("early_on", f"ON at step {early}"), ("early_off", f"OFF at step {early}"),
+        ("first_step_gap_0.5", "first step OFF-ON > 0.5"), ("seconds", "train s")], [*notes, *NOTES], plot)
+    stem.with_suffix(".curves.json").write_text(json.dumps(curves, indent=1))
+    return stem
 
 
 if __name__ == "__main__":

@@ -187,3 +187,14 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, m
     train(opts(db, tmp_path / "ckpt", steps=3, checkpointing=True), log=lambda *_: None)
     assert plain == 3 * SMALL["depth"] and len(calls) == 2 * plain
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
+
+
+def test_time_budget_is_re_estimated_from_recent_speed():
+    from retro.train import budget_steps
+
+    # a slow start (3 s/step) then 1 s/step: the length follows the recent speed, not the first steps
+    times = [5.0] + [3.0] * 4 + [1.0] * 20
+    assert budget_steps(25, 37.0, times, 180.0, 10_000) == 25 + 143
+    assert budget_steps(5, 17.0, times[:5], 180.0, 10_000) == 5 + 54
+    assert budget_steps(25, 200.0, times, 180.0, 10_000) == 26  # over budget: stop at the next step
+    assert budget_steps(25, 37.0, times, 180.0, 100) == 100      # never beyond --steps

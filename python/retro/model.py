@@ -45,8 +45,9 @@ class RetroConfig:
     dropout: float = 0.0
     max_seq_len: int = 2048
     rotary_base: float = 10000.0
-    qk_norm: bool = False         # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
-    smear_keys: bool = False      # CCA: each neighbour key mixed with the previous token's (copying in one step)
+    qk_norm: bool = True          # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
+    smear_keys: bool = True       # CCA: each neighbour key mixed with the previous token's (copying in one step)
+    copy_init: bool = True        # initialise the encoder and CCA blocks as a copying circuit (RetroModel.copy_prior)
     encoder_input_norm: bool = True  # LayerNorm on the embedded neighbour tokens entering the encoder
     cca_rotary: bool = True       # CCA: rotary relative positions between queries and neighbour tokens
     backend: str = "auto"         # retro_kernels backend for CCA and the encoder
@@ -59,7 +60,8 @@ class RetroConfig:
         return asdict(self)
 
     # fields added after the first release, with the value that reproduces older checkpoints
-    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False, "cca_rotary": True}
+    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False, "cca_rotary": True,
+              "copy_init": False}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RetroConfig":
@@ -162,6 +164,43 @@ class RetroModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.checkpointing = False  # activation checkpointing of the decoder layers
         self.apply(self._init)
+        if cfg.copy_init:
+            self.copy_prior()
+
+    @torch.no_grad()
+    def copy_prior(self) -> None:
+        """Initialises the retrieval path as a copying circuit, so that reading the neighbours pays
+        from the first steps instead of after a long plateau (measured in
+        benchmarks/results/retrieval_learning-*):
+        - the encoder's sublayers start as the identity (zero output projections): an encoded
+          neighbour token is its (normalised) embedding;
+        - each CCA block's key projection is its query projection seen through the encoder's input
+          projection, so a query finds the neighbour tokens equal to its own token; with
+          smear_keys the keys start 90% the previous token's, so it finds the token *after* it;
+        - each CCA block's output projection is the transpose of its value projection, mapped back
+          through the encoder's input projection: the found token's embedding goes back into the
+          residual stream, where the tied unembedding reads it as a prediction.
+        Every weight stays trainable; only the starting point changes."""
+        for layer in self.encoder.layers:
+            outs = [layer.self_attn.to_out, layer.ff[-1]] + ([layer.cross_attn.to_out] if layer.cross_attn else [])
+            for lin in outs:
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+        # encoder input = W_e @ embedding (W_e the identity when enc_dim == dim)
+        w_e = self.to_encoder.weight.float() if isinstance(self.to_encoder, nn.Linear) else None
+        for layer in self.layers:
+            cca = layer.cca
+            if cca is None:
+                continue
+            q, v = cca.to_q.weight.float(), cca.to_v.weight.float()
+            back = None if w_e is None else torch.linalg.pinv(w_e)  # (dim, enc_dim): encoder space -> decoder's
+            k = q if back is None else q @ back
+            out = v.T if back is None else back @ v.T
+            cca.to_k.weight.copy_(k)
+            cca.to_out.weight.copy_(out)
+            if cca.smear is not None:
+                cca.smear.fill_(2.2)  # sigmoid(2.2) = 0.9 of the previous token's key
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -49,7 +49,7 @@ class TrainOptions:
     compile: bool = False
     checkpointing: bool = False
     backend: str = "auto"
-    time_budget: float | None = None  # seconds: fixes `steps` from the speed of the first steps
+    time_budget: float | None = None  # seconds of training: `steps` re-estimated from the measured speed
     overrides: dict = field(default_factory=dict)  # RetroConfig fields
     progress: bool = True
 
@@ -60,6 +60,16 @@ def lr_at(step: int, opts: TrainOptions, total: int) -> float:
         return opts.lr * (step + 1) / opts.warmup
     t = min(1.0, (step - opts.warmup) / max(1, total - opts.warmup))
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def budget_steps(step: int, elapsed: float, step_times: list[float], budget: float, cap: int) -> int:
+    """The schedule's length for a time budget: the steps done plus those the remaining seconds
+    allow at the median speed of the last 20 steps (the first step, which warms up, left out).
+    Re-estimated at steps 5, 10, 20, ... while less than 60% of the budget is spent, so a slow
+    start (a busy machine, a cold cache) does not fix the length for good; at most `cap`."""
+    recent = step_times[1:][-20:] or step_times
+    per_step = float(np.median(recent))
+    return max(step + 1, min(cap, step + int(max(0.0, budget - elapsed) / per_step)))
 
 
 def is_retrieval_parameter(name: str) -> bool:
@@ -168,6 +178,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
                dynamic_ncols=True)
     net.train()
     t_last, step_times = time.perf_counter(), []
+    t_start, next_estimate = t_last, 5
     while step < total:
         if step == fail_at:
             raise SystemExit(f"[train] simulated kill at step {step} (RETRO_TEST_FAIL_AT_STEP)")
@@ -187,9 +198,9 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         now = time.perf_counter()
         step_times.append(now - t_last)
         t_last = now
-        if opts.time_budget and step == min(total, 5) and ck is None:  # fix the schedule's length once
-            per_step = float(np.median(step_times[1:] or step_times))
-            total = max(step + 1, min(total, int(opts.time_budget / per_step)))
+        if opts.time_budget and ck is None and step >= min(total, next_estimate):
+            total = budget_steps(step, now - t_start, step_times, opts.time_budget, opts.steps)
+            next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
             bar.total = total
         record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
                   "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": float(grad_norm)}
