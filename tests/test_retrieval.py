@@ -189,7 +189,8 @@ def test_empty_corpora_are_named(tmp_path):
     (tmp_path / "blank" / "a.txt").write_text("\n\n   ")
     with pytest.raises(RetroError, match="no non-empty document"):
         build_database(options(tmp_path / "empty", tmp_path / "o1"), log=lambda *_: None)
-    with pytest.raises(RetroError, match=r"no non-empty document \(1 files read, 1 empty"):
+    with pytest.raises(RetroError, match=r"no non-empty document: 1 files found, 0 non-empty documents; "
+                                         r"skipped: 0 binary, 1 empty"):
         build_database(options(tmp_path / "blank", tmp_path / "o2"), log=lambda *_: None)
     proc = run_cli(*build_args(tmp_path / "nope", tmp_path / "o3"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,19 +1,40 @@
-"""The command line: `retro <command>` (or `python -m retro <command>`). Bad input ends with a
-one-line error and exit status 2."""
+"""The command line: `retro <command>` (or `python -m retro <command>`). Every user mistake (a
+bad option, a value out of range, a missing file) ends as one line `retro <command>: error: ...`
+on stderr and exit status 2, never a traceback; numbers are range-checked before any work starts.
+RETRO_TRACEBACK=1 in the environment re-raises instead (for debugging)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 
+from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
 
 
-def _cmd_tokenizer(a) -> None:
-    from .retrieval import SentencePieceTokenizer, iter_documents
+class UsageError(Exception):
+    """A command line argparse rejects: `prog` (e.g. "retro train") and argparse's message."""
 
-    tok = SentencePieceTokenizer.train(iter_documents(a.corpus, a.text_field), a.vocab_size)
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog, self.message = prog, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage text): main() prints them."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, message)
+
+
+def _cmd_tokenizer(a) -> None:
+    from .retrieval import SentencePieceTokenizer
+    from .retrieval.corpus import read_documents
+
+    check_int("--vocab-size", a.vocab_size, 16)
+    tok = SentencePieceTokenizer.train(read_documents(a.corpus, a.text_field), a.vocab_size)
     tok.save(a.out)
     print(f"[tokenizer] {tok.vocab_size} pieces -> {a.out}")
 
@@ -25,18 +46,23 @@ def _cmd_build_db(a) -> None:
         corpus=a.corpus, out=a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
         valid_fraction=a.valid_fraction, embedder=a.embedder, index=a.index, target_recall=a.target_recall,
         block_size=a.block_size, text_field=a.text_field, max_documents=a.max_documents, seed=a.seed,
-        resume=a.resume, overwrite=a.overwrite, device=a.device, embed_batch_size=a.batch_size))
+        resume=a.resume, overwrite=a.overwrite, device=a.device, embed_batch_size=a.batch_size,
+        include=tuple(a.include or ()), exclude=tuple(a.exclude or ())))
 
 
 def _cmd_neighbours(a) -> None:
     from .retrieval import compute_neighbours
 
+    check_neighbours("-k", a.k)
+    check_int("--extra", a.extra, 0)
+    check_int("--block-size", a.block_size, 1)
     compute_neighbours(a.db, k=a.k, extra=a.extra, block=a.block_size, device=a.device, index=a.index)
 
 
 def _cmd_query(a) -> None:
     from .retrieval import Retriever
 
+    check_neighbours("-k", a.k)
     r = Retriever.load(a.db, device=a.device, index=a.index)
     res = r.search([a.text], a.k)
     for rank, (cid, dist) in enumerate(zip(res.ids[0], res.distances[0])):
@@ -48,24 +74,42 @@ def _cmd_query(a) -> None:
         print(f"#{rank}: chunk {cid} of document {doc}, distance {dist:.4f}\n{text}\n{'-' * 60}")
 
 
+def parse_overrides(items) -> dict:
+    """--set FIELD=VALUE items -> {field: value}: JSON values (numbers, lists, true/false), else
+    the plain string (backend=triton). TrainOptions.validate checks them against RetroConfig."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RetroError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def _cmd_train(a) -> None:
     from .train import TrainOptions, train
 
-    overrides = {}
-    for item in a.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RetroError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)  # numbers, lists, true/false
-        except json.JSONDecodeError:
-            overrides[key] = value  # a plain string, e.g. backend=triton
     train(TrainOptions(db=a.db, out=a.out, config=a.config, steps=a.steps, batch_size=a.batch_size,
                        seq_chunks=a.seq_chunks, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, k=a.k, seed=a.seed, save_every=a.save_every, resume=a.resume,
                        device=a.device, bf16=a.bf16, compile=a.compile, checkpointing=a.checkpointing,
-                       backend=a.backend, time_budget=a.time_budget, overrides=overrides,
+                       backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
                        progress=not a.no_progress), **_retrofit_kwargs(a))
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """argparse type of --cca-layers: "5,8,11" -> (5, 8, 11)."""
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated 0-based layer indices such as 5,8,11, "
+                                         f"got {text!r}")
+    return layers
 
 
 def _retrofit_kwargs(a) -> dict:
@@ -81,12 +125,15 @@ def _cmd_generate(a) -> None:
     from .retrieval import Retriever
     from .train import load_model
 
+    from .generate import SamplingOptions
     from .retrieval import ChunkDatabase
 
+    sampling = SamplingOptions(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                               top_p=a.top_p, seed=a.seed, k=a.k)
+    sampling.validate()
     model, _ = load_model(a.run, device=a.device)
     retriever = Retriever.load(a.db, device=a.device) if not a.no_retrieval else None
-    gens = generate(model, retriever, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, k=a.k,
+    gens = generate(model, retriever, a.prompt, **asdict(sampling),
                     tokenizer=None if retriever is not None else ChunkDatabase(a.db).tokenizer)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
@@ -104,6 +151,10 @@ def _cmd_evaluate(a) -> None:
     from .retrieval.retriever import database_fraction
     from .train import load_model
 
+    check_neighbours("-k", a.k)
+    check_int("--max-documents", a.max_documents, 1, optional=True)
+    check_float("--db-fraction", a.db_fraction, 0, 1, low_open=True, optional=True)
+    check_int("--seed", a.seed, 0)
     model, _ = load_model(a.run, device=a.device)
     retriever = Retriever.load(a.db, device=a.device)
     if a.overlap:
@@ -125,7 +176,8 @@ def _cmd_demo(a) -> None:
 
     run_demo(DemoOptions(corpus=a.corpus, out=a.out, max_documents=a.max_documents, valid_fraction=a.valid_fraction,
                          train_minutes=a.train_minutes, eval_documents=a.eval_documents, k=a.k, device=a.device,
-                         prompt=a.prompt, seed=a.seed, config=a.config, batch_size=a.batch_size, embedder=a.embedder))
+                         prompt=a.prompt, seed=a.seed, config=a.config, batch_size=a.batch_size, embedder=a.embedder,
+                         include=tuple(a.include or ()), exclude=tuple(a.exclude or ())))
 
 
 def _cmd_dedup(a) -> None:
@@ -135,7 +187,7 @@ def _cmd_dedup(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retro", description="RETRO: retrieval database, training, decoding, evaluation")
+    p = _Parser(prog="retro", description="RETRO: retrieval database, training, decoding, evaluation")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a corpus")
@@ -162,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-documents", type=int)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device")
+    _add_globs(b)
     b.add_argument("--resume", action="store_true", help="complete an interrupted build")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
     b.set_defaults(handler=_cmd_build_db)
@@ -205,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--compile", action="store_true")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     tr.add_argument("--backend", default="auto", help="retro_kernels backend")
-    tr.add_argument("--retrofit", help="a Hugging Face causal LM (name or path) to retrofit")
-    tr.add_argument("--cca-layers", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 5,8,11")
+    tr.add_argument("--retrofit", help="a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
+    tr.add_argument("--cca-layers", type=layer_list, help="e.g. 5,8,11")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=_cmd_train)
 
@@ -215,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+")
     g.add_argument("--db", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0: no top-k cut")
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-k", "--k", type=int)
@@ -248,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline on an embedded corpus: RETRO against a baseline")
     d.add_argument("--corpus", help="your own corpus instead of the transformers models' sources")
+    _add_globs(d)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-documents", type=int, help="files sampled (or documents read); default 240, 1500 on a GPU")
     d.add_argument("--valid-fraction", type=float, default=0.1, help="documents held out, chosen at random")
@@ -264,13 +318,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_globs(parser) -> None:
+    parser.add_argument("--include", action="append", metavar="GLOB",
+                        help="read only the corpus files matching GLOB (path relative to the corpus folder; "
+                             "a pattern without '/' also matches the file name); repeatable")
+    parser.add_argument("--exclude", action="append", metavar="GLOB", help="leave out the files matching GLOB; "
+                                                                            "repeatable")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (an OSError with its file name)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename!r}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
+    """Runs `retro ARGV`; returns the exit status (2 after a one-line error on stderr)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    prog = "retro"
     try:
+        args, unknown = build_parser().parse_known_args(argv)
+        prog = f"retro {args.command}"
+        if unknown:
+            raise UsageError(prog, f"unrecognized arguments: {' '.join(unknown)}")
         args.handler(args)
-    except RetroError as exc:
-        print(f"retro {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        return _fail(exc.prog, exc.message)
+    except (ValueError, TypeError, OSError) as exc:  # RetroError is a ValueError
+        if os.environ.get("RETRO_TRACEBACK"):
+            raise
+        return _fail(prog, _one_line(exc))
     return 0

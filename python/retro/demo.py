@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
+from .model import check_preset
+from .retrieval.corpus import check_globs
 
 
 @dataclass
@@ -41,24 +44,25 @@ class DemoOptions:
     max_new_tokens: int = 96
     seed: int = 0
 
-    def validate(self) -> None:
-        if not self.train_minutes > 0:
-            raise RetroError(f"--train-minutes must be > 0, got {self.train_minutes}")
-        if self.max_documents is not None and self.max_documents < 3:
-            raise RetroError(f"--max-documents must be >= 3 (some are held out), got {self.max_documents}")
-        if not 0 < self.valid_fraction < 1:
-            raise RetroError(f"--valid-fraction must be in (0, 1), got {self.valid_fraction}")
-        if self.eval_documents is not None and self.eval_documents < 1:
-            raise RetroError(f"--eval-documents must be >= 1, got {self.eval_documents}")
-        if self.k < 1:
-            raise RetroError(f"-k must be >= 1, got {self.k}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise RetroError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.config is not None:
-            from .model import PRESETS
+    include: tuple[str, ...] = ()      # globs a --corpus directory's files must match (relative paths)
+    exclude: tuple[str, ...] = ()      # globs of files left out
 
-            if self.config not in PRESETS:
-                raise RetroError(f"--config must be one of {sorted(PRESETS)}, got {self.config!r}")
+    def validate(self) -> None:
+        """RetroError for an option out of range, before any work starts."""
+        check_float("--train-minutes", self.train_minutes, 0, low_open=True)
+        check_float("--valid-fraction", self.valid_fraction, 0, 1, low_open=True, high_open=True)
+        check_int("--max-documents", self.max_documents, 3, optional=True)  # some are held out
+        check_int("--eval-documents", self.eval_documents, 1, optional=True)
+        check_int("--batch-size", self.batch_size, 1, optional=True)
+        for name, value in (("seq_chunks", self.seq_chunks), ("max_new_tokens", self.max_new_tokens)):
+            check_int(name, value, 1)
+        check_int("--seed", self.seed, 0)
+        check_neighbours("-k", self.k)
+        if self.config is not None:
+            check_preset(self.config)
+        check_globs(self.include, self.exclude)
+        if (self.include or self.exclude) and self.corpus is None:
+            raise RetroError("--include/--exclude select the files of --corpus DIR; pass --corpus too")
 
 
 def default_corpus() -> str:
@@ -153,7 +157,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     if not (db_dir / "manifest.json").exists():
         build_database(BuildOptions(corpus=corpus, out=str(db_dir), vocab_size=4000, chunk_size=64,
                                     valid_fraction=o.valid_fraction, max_documents=max_documents, seed=o.seed,
-                                    embedder=o.embedder,
+                                    embedder=o.embedder, include=tuple(o.include), exclude=tuple(o.exclude),
                                     resume=(db_dir / "build_state.json").exists(), device=o.device,
                                     block_size=1024), log=log)
     compute_neighbours(db_dir, k=o.k, extra=6, device=o.device, log=log)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
 from .retrieval.retriever import Retriever
 
@@ -22,6 +23,25 @@ class Generation:
     text: str                      # the generated continuation
     tokens: list[int]
     retrieved: list[dict] = field(default_factory=list)  # per retrieval: chunk, ids, texts
+
+
+@dataclass
+class SamplingOptions:
+    """How generate() decodes; validate() checks the ranges (the command line's options)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.8        # 0: greedy
+    top_k: int | None = 50          # 0 or None: no top-k cut
+    top_p: float | None = 0.95      # None or 1: no nucleus cut
+    seed: int = 0
+    k: int | None = None            # neighbours per chunk (default: the model's)
+
+    def validate(self) -> None:
+        check_int("--max-new-tokens", self.max_new_tokens, 1)
+        check_float("--temperature", self.temperature, 0)
+        check_int("--top-k", self.top_k, 0, optional=True)
+        check_float("--top-p", self.top_p, 0, 1, low_open=True, optional=True)
+        check_int("--seed", self.seed, 0)
+        check_neighbours("-k", self.k, optional=True)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -53,6 +73,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tok
              k: int | None = None, stop_at_eos: bool = True, tokenizer=None) -> list[Generation]:
     """Continues each prompt. retriever None generates without retrieval (RETRO[OFF]); the
     tokenizer is then required (otherwise the database's is used)."""
+    SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, k).validate()
     if not prompts:
         raise RetroError("no prompt given")
     tok = tokenizer or (retriever.db.tokenizer if retriever is not None else None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RetroError
+from .checks import check_float
 
 NGRAM = 13
 NUM_PERM = 128
@@ -69,8 +69,7 @@ def similar_pairs(eval_docs: list, train_docs: list, threshold: float = 0.8, tok
     from datasketch import MinHashLSH
     from tqdm.auto import tqdm
 
-    if not 0.0 < threshold <= 1.0:
-        raise RetroError(f"--threshold must be in (0, 1], got {threshold}")
+    check_float("--threshold", threshold, 0, 1, low_open=True)
     lsh = MinHashLSH(num_perm=NUM_PERM, params=(BANDS, ROWS))
     eval_grams = []
     for i, doc in enumerate(tqdm(eval_docs, desc="hashing evaluation documents", disable=not progress, leave=False)):
@@ -115,6 +114,7 @@ def dedup_against(eval_corpus: str, train_corpus: str, threshold: float = 0.8, o
     from .atomic import write_bytes
     from .retrieval.corpus import iter_documents
 
+    check_float("--threshold", threshold, 0, 1, low_open=True)
     eval_docs = list(iter_documents(eval_corpus, text_field))
     train_docs = list(iter_documents(train_corpus, text_field))
     dups = find_duplicates(eval_docs, train_docs, threshold)

@@ -10,13 +10,17 @@ neighbours are encoded once and each CCA layer caches their keys/values for the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
+
+from .checks import MAX_NEIGHBOURS, check_float, check_int
+from .errors import RetroError
 from retro_kernels.nn import FeedForward, apply_rotary, rotary_angles
 
 
@@ -87,9 +91,55 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> RetroConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown config {name!r}; expected one of {sorted(PRESETS)}")
-    return RetroConfig(**{**PRESETS[name], **overrides})
+    """The preset `name` with some fields replaced (checked by check_config_fields)."""
+    check_preset(name)
+    return RetroConfig(**{**PRESETS[name], **check_config_fields(overrides)})
+
+
+def check_preset(name) -> str:
+    """RetroError unless `name` is one of PRESETS (the error lists them)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise RetroError(f"unknown config {name!r} (--config); expected one of the presets {', '.join(PRESETS)}")
+    return name
+
+
+# ranges of RetroConfig's numeric fields beyond "integers >= 1" and "numbers > 0"
+_FIELD_RANGE = {"neighbours": dict(low=1, high=MAX_NEIGHBOURS),
+                "dropout": dict(low=0, high=1, high_open=True)}
+
+
+def _check_field(name: str, key: str, hint, value):
+    """One RetroConfig field's value (`name` is how errors call it), converted where unambiguous
+    (a list or "1,3" to a tuple of layers, an int to a float); RetroError if it has the wrong
+    type or range."""
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            raise RetroError(f"{name} must be {'true or false' if hint is bool else 'a string'}, got {value!r}")
+        return value
+    if hint is int:
+        return check_int(name, value, **_FIELD_RANGE.get(key, dict(low=1)))
+    if hint is float:
+        return float(check_float(name, value, **_FIELD_RANGE.get(key, dict(low=0, low_open=True))))
+    if typing.get_origin(hint) is tuple:  # cca_layers
+        if isinstance(value, str):
+            value = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in value.split(",")]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise RetroError(f"{name} must be a non-empty list of layer indices such as [1, 3], got {value!r}")
+        return tuple(check_int(name, v, 0) for v in value)
+    return value
+
+
+def check_config_fields(overrides: dict, label: str = "--set") -> dict:
+    """RetroConfig overrides checked against its fields and their types: an unknown field lists
+    the valid ones, a wrong type names the type expected. Returns them converted."""
+    hints = typing.get_type_hints(RetroConfig)
+    valid = [f.name for f in fields(RetroConfig)]
+    out = {}
+    for key, value in overrides.items():
+        if key not in hints:
+            raise RetroError(f"{label} {key}: unknown RetroConfig field; valid fields: {', '.join(valid)}")
+        out[key] = _check_field(f"{label} {key}", key, hints[key], value)
+    return out
 
 
 class SelfAttention(nn.Module):

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
+from .checks import check_int, check_neighbours
 from .errors import RetroError
 from .model import NeighbourCache, RetroConfig, paper_cca_layers
+from .retrieval.tokenizer import hf_source
 
 
 def _blocks(hf_model) -> nn.ModuleList:
@@ -205,9 +208,15 @@ class RetrofitState(NeighbourCache):
 def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2, chunk_size: int = 64,
              backend: str = "auto", base_name: str = "", max_seq_len: int | None = None) -> RetrofittedLM:
     """Adds CCA (default: the paper's layers 6, 9, 12, ... or the nearest fit) and a neighbour
-    encoder to a Hugging Face causal LM; the base weights are frozen.
+    encoder to a Hugging Face causal LM; the base weights are frozen. hf_model: the model, or
+    what load_causal_lm loads (a name, a folder or a .gguf file; it is then the base_name).
     encoder: RetroEncoder settings (dim, depth, heads, head_dim); default 2 layers of the base
     model's width (at most 896, the paper's)."""
+    if isinstance(hf_model, (str, Path)):
+        base_name = base_name or str(hf_model)
+        hf_model = load_causal_lm(hf_model)
+    check_neighbours("k", k)
+    check_int("chunk_size", chunk_size, 1)
     blocks = _blocks(hf_model)
     depth, hidden = len(blocks), hf_model.config.hidden_size
     layers = tuple(cca_layers) if cca_layers else paper_cca_layers(depth)
@@ -226,19 +235,22 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     return RetrofittedLM(hf_model, cfg, base_name)
 
 
-def _load_base(name: str):
+def load_causal_lm(name: str | Path):
+    """A Hugging Face causal LM: a hub name, a local folder, or a .gguf file (de-quantised to
+    float32 by transformers; needs the gguf package)."""
     from transformers import AutoModelForCausalLM
 
+    source, kwargs = hf_source(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - OSError/ValueError from transformers
-        raise RetroError(f"cannot load the causal LM {name!r} to retrofit: {exc}") from exc
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - OSError/ValueError/ImportError from transformers
+        raise RetroError(f"cannot load the causal LM {str(name)!r} to retrofit: {exc}") from exc
 
 
 def retrofit_factory(base: str, cca_layers=None):
     """model_factory for train(): retrofits `base` for the database's chunk size and k."""
     def factory(cfg: RetroConfig, db) -> RetrofittedLM:
-        hf = _load_base(base)
+        hf = load_causal_lm(base)
         if hf.config.vocab_size < db.tokenizer.vocab_size:
             raise RetroError(f"the database's tokenizer has {db.tokenizer.vocab_size} tokens but {base!r} only "
                              f"{hf.config.vocab_size}: build the database with --tokenizer {base}")
@@ -249,7 +261,7 @@ def retrofit_factory(base: str, cca_layers=None):
 
 def load_retrofitted(info: dict, cfg: RetroConfig, weights: dict[str, Tensor]) -> RetrofittedLM:
     """Rebuilds a saved retrofitted model: the base from info["base"], the new weights on top."""
-    model = RetrofittedLM(_load_base(info["base"]), replace(cfg), info["base"])
+    model = RetrofittedLM(load_causal_lm(info["base"]), replace(cfg), info["base"])
     missing = [k for k in model.trainable_state_dict() if k not in weights]
     if missing:
         raise RetroError(f"the checkpoint lacks {len(missing)} retrofit weights (e.g. {missing[0]})")

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checks import check_float, check_int, check_neighbours
 from .data import IGNORE, Sampler, TrainSequences
 from .errors import RetroError
-from .model import RetroConfig, RetroModel, preset
+from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
 from .retrieval.database import ChunkDatabase
 from .retrieval.neighbours import compute_neighbours, load_neighbours
 
@@ -52,6 +53,25 @@ class TrainOptions:
     time_budget: float | None = None  # seconds of training: `steps` re-estimated from the measured speed
     overrides: dict = field(default_factory=dict)  # RetroConfig fields
     progress: bool = True
+
+    def validate(self) -> None:
+        """RetroError for an option out of range, an unknown --config or a bad --set, before any
+        work starts; the overrides are converted to the fields' types."""
+        for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--seq-chunks", self.seq_chunks), ("--save-every", self.save_every),
+                            ("log_every", self.log_every)):
+            check_int(name, value, 1)
+        for name, value in (("--warmup", self.warmup), ("extra", self.extra), ("--seed", self.seed)):
+            check_int(name, value, 0)
+        check_neighbours("-k", self.k)
+        for name, value in (("--lr", self.lr), ("--grad-clip", self.grad_clip)):
+            check_float(name, value, 0, low_open=True)
+        check_float("--time-budget", self.time_budget, 0, low_open=True, optional=True)
+        check_float("--weight-decay", self.weight_decay, 0)
+        check_float("retrieval_lr_scale", self.retrieval_lr_scale, 0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_preset(self.config)
+        self.overrides = check_config_fields(self.overrides)
 
 
 def lr_at(step: int, opts: TrainOptions, total: int) -> float:
@@ -121,6 +141,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     db)` builds the model instead of RetroModel (retrofitting)."""
     from tqdm.auto import tqdm
 
+    opts.validate()
     rank, world = dist.init_from_env()
     if opts.batch_size % world:
         raise RetroError(f"--batch-size {opts.batch_size} must be a multiple of the {world} processes")

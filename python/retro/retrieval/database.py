@@ -26,8 +26,9 @@ import numpy as np
 
 from .. import distributed as dist
 from ..atomic import atomic_path, read_json, write_json, write_npy
+from ..checks import check_choice, check_float, check_int
 from ..errors import RetroError
-from .corpus import CorpusReport, iter_documents
+from .corpus import CorpusReport, check_corpus, check_globs, read_documents
 from .embedder import DEFAULT_EMBEDDER
 from .tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_from_manifest
 
@@ -52,6 +53,8 @@ class BuildOptions:
     text_field: str = "text"
     max_documents: int | None = None
     seed: int = 0
+    include: tuple[str, ...] = ()  # globs a directory's files must match (paths relative to it); none: all
+    exclude: tuple[str, ...] = ()  # globs of files left out
     # how, not what: these do not change the database
     resume: bool = False
     overwrite: bool = False
@@ -63,23 +66,23 @@ class BuildOptions:
 
     def what(self) -> dict:
         """The options that determine the database's content."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._HOW}
+        what = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._HOW}
+        return {**what, "include": list(self.include), "exclude": list(self.exclude)}  # as JSON stores them
 
     def validate(self) -> None:
-        if self.chunk_size < 1:
-            raise RetroError(f"--chunk-size must be >= 1, got {self.chunk_size}")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise RetroError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        if self.vocab_size < 16:
-            raise RetroError(f"--vocab-size must be >= 16, got {self.vocab_size}")
-        if self.block_size < 1:
-            raise RetroError(f"--block-size must be >= 1, got {self.block_size}")
+        """RetroError for an option out of range, before any work starts."""
         from .index import KINDS
 
-        if self.index not in KINDS:
-            raise RetroError(f"--index must be one of {KINDS}, got {self.index!r}")
-        if not 0.0 < self.target_recall <= 1.0:
-            raise RetroError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        for name, value, low in (("--chunk-size", self.chunk_size, 1), ("--vocab-size", self.vocab_size, 16),
+                                 ("--block-size", self.block_size, 1), ("--batch-size", self.embed_batch_size, 1),
+                                 ("--seed", self.seed, 0)):
+            check_int(name, value, low)
+        check_int("--max-documents", self.max_documents, 1, optional=True)
+        check_float("--valid-fraction", self.valid_fraction, 0, 1, high_open=True)
+        check_float("--target-recall", self.target_recall, 0, 1, low_open=True)
+        check_choice("--index", self.index, KINDS)
+        check_globs(self.include, self.exclude)
+        check_corpus(self.corpus)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -108,8 +111,9 @@ def _prepare_folder(opts: BuildOptions) -> dict:
                 raise RetroError(f"{str(out)!r} holds an unfinished build; pass --resume to complete it "
                                  "or --overwrite to start again")
             state = read_json(state_path)
-            if state["options"] != opts.what():
-                diff = {k: (state["options"].get(k), v) for k, v in opts.what().items() if state["options"].get(k) != v}
+            saved = {"include": [], "exclude": [], **state["options"]}  # builds older than the globs
+            if saved != opts.what():
+                diff = {k: (saved.get(k), v) for k, v in opts.what().items() if saved.get(k) != v}
                 raise RetroError(f"--resume: the options differ from the unfinished build's: {diff} "
                                  "(was, now)")
             return state
@@ -266,16 +270,13 @@ def build_database(opts: BuildOptions, log=print) -> Path:
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
+    report = CorpusReport()  # read first: a corpus with nothing usable leaves no folder behind
+    documents = read_documents(opts.corpus, opts.text_field, report, opts.include, opts.exclude)
+    if opts.max_documents is not None:
+        documents = documents[: opts.max_documents]
     state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
     if state is None:
         raise RetroError("build preparation failed on rank 0")
-    report = CorpusReport()
-    documents = list(iter_documents(opts.corpus, opts.text_field, report))
-    if opts.max_documents is not None:
-        documents = documents[: opts.max_documents]
-    if not documents:
-        raise RetroError(f"corpus {opts.corpus!r} has no non-empty document ({report.files} files read, "
-                         f"{report.empty_documents} empty documents)")
 
     tok_path = out / "tokenizer.model"
     if opts.tokenizer is not None:
@@ -308,7 +309,8 @@ def build_database(opts: BuildOptions, log=print) -> Path:
             "index": index_info,
             "arrays": {a: _array_info(out / f"{a}.npy") for a in ARRAYS},
             "report": {"files": report.files, "documents": report.documents,
-                       "empty_documents_skipped": report.empty_documents,
+                       "empty_documents_skipped": report.empty_documents, "files_found": report.found,
+                       "files_skipped": report.skipped,
                        "non_utf8_bytes_replaced": report.replaced_bytes,
                        "vocab_reduced": state["stages"].get("vocab_reduced")},
             "options": {k: v for k, v in opts.what().items() if k not in ("out",)},
@@ -317,7 +319,7 @@ def build_database(opts: BuildOptions, log=print) -> Path:
         shutil.rmtree(out / "parts", ignore_errors=True)
         (out / "build_state.json").unlink(missing_ok=True)
         log(f"[build-db] wrote {str(out)!r}: {manifest['counts']['chunks']} chunks; "
-            f"{report.replaced_bytes} non-UTF-8 bytes replaced")
+            f"{report.replaced_bytes} non-UTF-8 bytes replaced; {report.describe()}")
     dist.barrier()
     return out
 

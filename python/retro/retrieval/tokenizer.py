@@ -136,16 +136,29 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "file": "tokenizer.model", "sha256": self.sha256, "vocab_size": self.vocab_size}
 
 
+def hf_source(spec: str | Path) -> tuple[str, dict]:
+    """A Hugging Face name, a local folder or a .gguf file -> the first argument and the keywords
+    of `from_pretrained` (a GGUF file: its folder and gguf_file=its name)."""
+    path = Path(spec)
+    if path.suffix.lower() != ".gguf":
+        return str(spec), {}
+    if not path.is_file():
+        raise RetroError(f"the GGUF file {str(spec)!r} does not exist")
+    return str(path.parent), {"gguf_file": path.name}
+
+
 class HFTokenizer:
-    """A Hugging Face tokenizer (name or local path), e.g. the tokenizer of a model to retrofit."""
+    """A Hugging Face tokenizer (name, local folder or .gguf file), e.g. the tokenizer of a model
+    to retrofit."""
 
     kind = "huggingface"
 
     def __init__(self, name_or_path: str):
         from transformers import AutoTokenizer
 
+        source, kwargs = hf_source(name_or_path)
         try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+            self.tok = AutoTokenizer.from_pretrained(source, **kwargs)
         except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ... from transformers
             raise RetroError(f"cannot load the Hugging Face tokenizer {name_or_path!r}: {exc}") from exc
         self.name = name_or_path
@@ -178,9 +191,9 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | Path) -> SentencePieceTokenizer | HFTokenizer:
-    """A SentencePiece model file, or else a Hugging Face tokenizer name or path."""
+    """A SentencePiece model file, or else a Hugging Face tokenizer name, folder or .gguf file."""
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() != ".gguf":
         return SentencePieceTokenizer.load(path)
     return HFTokenizer(str(spec))
 
