@@ -10,6 +10,13 @@
 # Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
 # TEST_TIMEOUT / BENCH_TIMEOUT / DEMO_TIMEOUT / LEARNING_SECONDS (seconds), DEMO_MINUTES (training
 # minutes per model), DEMO_EMBEDDER (frozen BERT name or folder), LEARNING_VARIANTS.
+# The lent machine has no network and no faiss, datasketch or MiniLM package: carry them (an
+# ignored folder named in `carry`), e.g. .gpu_carry/{minilm (the model folder, fp16 safetensors),
+# whl/datasketch-*.whl, rp/retro_pytorch, newsdb (benchmarks.retrieval_learning's database)}, then
+#   pip install --no-index --no-deps --target /tmp/site .gpu_carry/whl/*.whl
+#   PYTHONPATH=/tmp/site:$PWD/.gpu_carry/rp DEMO_EMBEDDER=$PWD/.gpu_carry/minilm \
+#     LEARNING_DB=.gpu_carry/newsdb bash benchmarks/gpu_check.sh
+# Without faiss the index is the torch exact search ("auto" picks it).
 # What comes back: $OUT/run.log (everything printed) and $OUT/results.tgz (benchmarks/results/*gpu*).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -57,7 +64,7 @@ run_all() {
   if has learning; then
     echo "== learning curves (GPU): every variant in its own process"
     start=$SECONDS
-    local variants=${LEARNING_VARIANTS:-gpt2init+noencln,base,qk,qk+smear,qk+smear+rlr=3,lr=1e-2,qk+smear+lr=1e-2,qk+smear+rlr=3+lr=1e-2,lucidrains}
+    local variants=${LEARNING_VARIANTS:-noqk+nosmear+nocopyinit+noencln,noqk+nosmear+nocopyinit,qk+smear+nocopyinit,base,base+norope,base+rlr=3,lucidrains}
     RETRO_TRITON_AUTOTUNE=0 $PY -m benchmarks.retrieval_learning --device cuda --steps 2000 --eval-every 100 \
         --jobs 16 --time-limit "${LEARNING_SECONDS:-150}" --variants "$variants" --tag news-gpu \
         ${LEARNING_DB:+--db "$LEARNING_DB"} > "$OUT/learning_news.log" 2>&1 &
@@ -65,7 +72,7 @@ run_all() {
     if [ -f "$demo/db/manifest.json" ]; then
       RETRO_TRITON_AUTOTUNE=0 $PY -m benchmarks.retrieval_learning --device cuda --steps 2000 --eval-every 100 \
           --batch 4 --seq-chunks 8 --jobs 16 --time-limit "${LEARNING_SECONDS:-150}" --tag demo-corpus-gpu \
-          --variants "${LEARNING_DEMO_VARIANTS:-base,qk+smear+rlr=3,lr=1e-2,qk+smear+lr=1e-2}" --db "$demo/db" \
+          --variants "${LEARNING_DEMO_VARIANTS:-base,noqk+nosmear+nocopyinit,base+lr=1e-2}" --db "$demo/db" \
           > "$OUT/learning_demo.log" 2>&1 || status=1
     fi
     wait $news || status=1

@@ -198,3 +198,14 @@ def test_time_budget_is_re_estimated_from_recent_speed():
     assert budget_steps(5, 17.0, times[:5], 180.0, 10_000) == 5 + 54
     assert budget_steps(25, 200.0, times, 180.0, 10_000) == 26  # over budget: stop at the next step
     assert budget_steps(25, 37.0, times, 180.0, 100) == 100      # never beyond --steps
+
+
+def test_time_budget_stops_training_near_the_budget(db, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    train(opts(db, tmp_path / "run", steps=100_000, time_budget=4.0, save_every=100_000))
+    seconds = time.perf_counter() - t0
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == state["total_steps"] < 100_000
+    assert seconds < 4.0 + 15.0, f"a 4 s budget trained for {seconds:.1f} s ({state['step']} steps)"

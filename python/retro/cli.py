@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", default="auto", choices=["auto", "flat", "ivf-flat", "ivf-pq", "torch"])
     b.add_argument("--target-recall", type=float, default=0.95, help="10-recall@10 that nprobe is tuned to")
     b.add_argument("--block-size", type=int, default=2048, help="chunks per embedding block (unit of --resume)")
-    b.add_argument("--batch-size", type=int, default=128, help="embedding batch size")
+    b.add_argument("--batch-size", type=int, help="embedding batch size (default 32 on the CPU, 128 on a GPU)")
     b.add_argument("--text-field", default="text")
     b.add_argument("--max-documents", type=int)
     b.add_argument("--seed", type=int, default=0)
@@ -299,13 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--text-field", default="text")
     dd.set_defaults(handler=_cmd_dedup)
 
+    from .demo import DemoOptions
+
     d = sub.add_parser("demo", help="the whole pipeline on an embedded corpus: RETRO against a baseline")
     d.add_argument("--corpus", help="your own corpus instead of the transformers models' sources")
     _add_globs(d)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--max-documents", type=int, help="files sampled (or documents read); default 240, 1500 on a GPU")
-    d.add_argument("--valid-fraction", type=float, default=0.1, help="documents held out, chosen at random")
-    d.add_argument("--train-minutes", type=float, default=3.0, help="for RETRO, and again for the baseline")
+    d.add_argument("--max-documents", type=int, help="files sampled (or documents read); default 200, 1500 on a GPU")
+    d.add_argument("--valid-fraction", type=float, default=DemoOptions.valid_fraction,
+                   help="documents held out, chosen at random")
+    d.add_argument("--train-minutes", type=float, default=DemoOptions.train_minutes,
+                   help="for RETRO, and again for the baseline")
     d.add_argument("--eval-documents", type=int, help="held-out documents to evaluate (default: all)")
     d.add_argument("-k", "--k", type=int, default=2, help="neighbours per chunk")
     d.add_argument("--prompt")

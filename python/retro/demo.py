@@ -30,9 +30,9 @@ from .retrieval.corpus import check_globs
 class DemoOptions:
     corpus: str | None = None         # None: a sample of the transformers models' sources
     out: str = "runs/demo"
-    max_documents: int | None = None  # files sampled (or documents read from --corpus); 240 CPU, 1500 GPU
-    valid_fraction: float = 0.1       # held out, chosen at random
-    train_minutes: float = 3.0        # for RETRO, and the same again for the baseline
+    max_documents: int | None = None  # files sampled (or documents read from --corpus); 200 CPU, 1500 GPU
+    valid_fraction: float = 0.12      # held out, chosen at random
+    train_minutes: float = 2.0        # for RETRO, and the same again for the baseline
     eval_documents: int | None = None  # held-out documents evaluated (default: all)
     k: int = 2
     seq_chunks: int = 8
@@ -65,6 +65,10 @@ class DemoOptions:
             raise RetroError("--include/--exclude select the files of --corpus DIR; pass --corpus too")
 
 
+DEMO_CPU_ENCODER = {"enc_dim": 64, "enc_heads": 2, "enc_head_dim": 32, "enc_depth": 1}
+DEMO_GPU_ENCODER = {"enc_dim": 512, "enc_heads": 8}
+
+
 def default_corpus() -> str:
     """The folder of the installed transformers models' sources."""
     import importlib.util
@@ -84,15 +88,25 @@ def python_files(root: str) -> list[Path]:
 
 
 def sample_corpus(root: str, n: int, seed: int, out: Path) -> Path:
-    """A seeded random sample of n Python files under root, written atomically to out as .jsonl
-    (one document per file)."""
+    """A seeded random sample of n Python files under root, taken folder by folder (whole model
+    packages, in random order, as a crawl takes whole repositories), written atomically to out as
+    .jsonl (one document per file). Which files are held out is decided later, per file, at random."""
     from .atomic import write_bytes
     from .retrieval.corpus import CorpusReport, iter_documents
 
     files = python_files(root)
     if len(files) < 3:
         raise RetroError(f"{root!r} has {len(files)} Python files; the demo needs at least 3")
-    pick = sorted(np.random.default_rng(seed).choice(len(files), min(n, len(files)), replace=False))
+    folders: dict[Path, list[int]] = {}
+    for i, f in enumerate(files):
+        folders.setdefault(f.parent, []).append(i)
+    groups = list(folders.values())
+    pick = []
+    for g in np.random.default_rng(seed).permutation(len(groups)):
+        pick.extend(groups[g][:n - len(pick)])
+        if len(pick) >= n:
+            break
+    pick.sort()
     lines, report = [], CorpusReport()
     for i in pick:
         for text in iter_documents(files[i], report=report):
@@ -125,6 +139,12 @@ def _train(opts, run: Path, log) -> float:
     return seconds
 
 
+def describe_encoder(overrides: dict) -> str:
+    if "enc_dim" not in overrides:
+        return ""
+    return f", encoder {overrides.get('enc_depth', 2)} x {overrides['enc_dim']}"
+
+
 def _pct_below(a: float, b: float) -> float:
     return 100.0 * (b - a) / b
 
@@ -142,10 +162,15 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     out = Path(o.out)
     db_dir = out / "db"
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
-    max_documents = o.max_documents or (1500 if on_gpu else 240)
+    max_documents = o.max_documents or (1500 if on_gpu else 200)
     config = o.config or ("172M" if on_gpu else "tiny")
     # the paper's 172M decoder; on a GPU its neighbour encoder at width 512 keeps the model < 150M parameters
-    overrides = {"enc_dim": 512, "enc_heads": 8} if o.config is None and on_gpu else {}
+    overrides = {}
+    if o.config is None:
+        # on a GPU: the paper's 172M decoder, its neighbour encoder 512 wide (< 150M parameters); on
+        # the CPU: the tiny decoder with a one-layer, 64-wide encoder, which the k x 2m neighbour
+        # tokens of every chunk (4x the decoder's tokens) make the costliest part of a step
+        overrides = DEMO_GPU_ENCODER if on_gpu else DEMO_CPU_ENCODER
     corpus = o.corpus
     if corpus is None:
         corpus = str(out / "corpus.jsonl")
@@ -167,7 +192,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
                   seq_chunks=o.seq_chunks, lr=3e-3, warmup=20, k=o.k, save_every=50,
                   time_budget=o.train_minutes * 60, seed=o.seed, device=o.device)
     runs = {"retro": out / "run", "baseline": out / "baseline"}
-    log(f"[demo] 2/6 training RETRO ({config}) for {o.train_minutes:g} min ({elapsed()})")
+    log(f"[demo] 2/6 training RETRO ({config}{describe_encoder(overrides)}) for {o.train_minutes:g} min ({elapsed()})")
     seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), resume=(runs["retro"] / "checkpoint").exists(),
                                             **common), runs["retro"], log)}
     log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, for {o.train_minutes:g} min "

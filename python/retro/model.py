@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
+from retro_kernels.nn import FeedForward, apply_rotary, rotary_angles
 
 from .checks import MAX_NEIGHBOURS, check_float, check_int
 from .errors import RetroError
-from retro_kernels.nn import FeedForward, apply_rotary, rotary_angles
 
 
 def paper_cca_layers(depth: int, start: int = 6, every: int = 3) -> tuple[int, ...]:

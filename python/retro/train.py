@@ -219,7 +219,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         now = time.perf_counter()
         step_times.append(now - t_last)
         t_last = now
-        if opts.time_budget and ck is None and step >= min(total, next_estimate):
+        if opts.time_budget and ck is None and next_estimate <= step < total:
             total = budget_steps(step, now - t_start, step_times, opts.time_budget, opts.steps)
             next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
             bar.total = total

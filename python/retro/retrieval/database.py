@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class BuildOptions:
     resume: bool = False
     overwrite: bool = False
     device: str | None = None
-    embed_batch_size: int = 128
+    embed_batch_size: int | None = None  # texts per BERT batch: 32 on the CPU (cache-sized), 128 on a GPU
     progress: bool = True
 
     _HOW = ("resume", "overwrite", "device", "embed_batch_size", "progress")
@@ -74,9 +75,9 @@ class BuildOptions:
         from .index import KINDS
 
         for name, value, low in (("--chunk-size", self.chunk_size, 1), ("--vocab-size", self.vocab_size, 16),
-                                 ("--block-size", self.block_size, 1), ("--batch-size", self.embed_batch_size, 1),
-                                 ("--seed", self.seed, 0)):
+                                 ("--block-size", self.block_size, 1), ("--seed", self.seed, 0)):
             check_int(name, value, low)
+        check_int("--batch-size", self.embed_batch_size, 1, optional=True)
         check_int("--max-documents", self.max_documents, 1, optional=True)
         check_float("--valid-fraction", self.valid_fraction, 0, 1, high_open=True)
         check_float("--target-recall", self.target_recall, 0, 1, low_open=True)
@@ -289,7 +290,11 @@ def build_database(opts: BuildOptions, log=print) -> Path:
         if dist.is_main():
             train_docs = [d for d, s in zip(documents, _split_documents(len(documents), opts.valid_fraction,
                                                                          opts.seed)) if s == 0]
+            log(f"[build-db] training a SentencePiece tokenizer (vocabulary {opts.vocab_size}) on "
+                f"{len(train_docs)} documents")
+            t0 = time.perf_counter()
             SentencePieceTokenizer.train(train_docs, opts.vocab_size, log=log).save(tok_path)
+            log(f"[build-db] tokenizer trained in {time.perf_counter() - t0:.0f} s")
         dist.barrier()
         tokenizer = SentencePieceTokenizer.load(tok_path)
     if tokenizer.vocab_size < opts.vocab_size and opts.tokenizer is None:
