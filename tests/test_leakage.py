@@ -56,7 +56,7 @@ def test_planted_near_duplicates_are_found(tmp_path):
     assert kept == train_docs[1:10:2]
     bad = run_cli("dedup-against", str(tmp_path / "eval.jsonl"), str(tmp_path / "train.jsonl"), "--threshold", "0",
                   check=False)
-    assert bad.returncode == 2 and "--threshold must be in (0, 1]" in bad.stderr
+    assert bad.returncode == 2 and "--threshold must be a number in (0, 1], got 0.0" in bad.stderr
 
 
 def test_word_ngrams():

