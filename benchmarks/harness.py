@@ -166,6 +166,3 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))

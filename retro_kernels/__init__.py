@@ -6,7 +6,6 @@ drop-in layers built on them.
 from ._extension import cpu_kernel_isa, has_cpu_kernels, has_cuda_kernels, has_triton
 from .nn import ChunkedCrossAttention, RetroEncoder
 from .ops import (
-    available_backends,
     chunked_cross_attention,
     chunked_cross_attention_decode,
     chunked_cross_attention_decode_reference,
@@ -22,7 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ChunkedCrossAttention",
     "RetroEncoder",
-    "available_backends",
     "chunked_cross_attention",
     "chunked_cross_attention_decode",
     "chunked_cross_attention_decode_reference",

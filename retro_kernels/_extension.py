@@ -11,11 +11,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.retro_kernels.*)
-
-    EXTENSION_ERROR: Exception | None = None
 except ImportError as exc:  # a source checkout that was never built, or a broken build
     _C = None
-    EXTENSION_ERROR = exc
     warnings.warn(
         f"retro_kernels._C could not be imported ({exc}); only the 'reference' and 'triton' "
         "backends are available. Build it with `pip install --no-build-isolation -e .`.",

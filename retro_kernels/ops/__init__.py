@@ -1,6 +1,5 @@
 """The public ops. Per op: naive.py (the reference that reads like the paper) beside op.py
 (validation, backend dispatch); the fused kernels they share live in grouped_attention/."""
-from ._backends import available_backends
 from .cca_decode import chunked_cross_attention_decode, chunked_cross_attention_decode_reference
 from .cca import chunked_cross_attention, chunked_cross_attention_reference
 from .neighbour_attention import (
@@ -11,7 +10,6 @@ from .neighbour_attention import (
 )
 
 __all__ = [
-    "available_backends",
     "chunked_cross_attention",
     "chunked_cross_attention_decode",
     "chunked_cross_attention_decode_reference",

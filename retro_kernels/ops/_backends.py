@@ -57,8 +57,3 @@ def resolve_backend(op: str, backend, device: torch.device, supported: tuple[str
         raise ValueError(f"backend={backend!r} cannot run {op}: {reason}")
     return backend
 
-
-def available_backends(op_supported: tuple[str, ...], device: torch.device | str) -> list[str]:
-    """The backends of `op_supported` that can run on `device` in this process."""
-    device = torch.device(device)
-    return [b for b in op_supported if _unusable_reason(b, device) is None]

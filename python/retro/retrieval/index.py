@@ -177,10 +177,7 @@ class SearchIndex:
         """-> distances (Q, k) float32 (squared L2), ids (Q, k) int64; -1 where fewer exist."""
         if k > self.ntotal:
             raise RetroError(f"k={k} is larger than the database ({self.ntotal} chunks)")
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.kind == "torch":
-            return self.impl.search(q, k)
-        return self.impl.search(q, k)
+        return self.impl.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
