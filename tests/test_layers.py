@@ -74,3 +74,16 @@ def test_layer_bad_input_is_named():
         layer(x, nb[0], mask)
     with pytest.raises(ValueError, match="rotary=True needs an even head_dim"):
         ChunkedCrossAttention(dim=8, heads=2, head_dim=7)
+
+
+def test_rotary_is_a_complex_rotation_of_the_half_split_pairs():
+    from retro_kernels.nn.rotary import apply_rotary, rotary_angles
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2, 8, dtype=torch.float64)  # (..., heads, head_dim)
+    positions = torch.tensor([0, 1, 7, 100, 2049])
+    cos, sin = rotary_angles(positions, 8, 10000.0, torch.float64)
+    got = apply_rotary(x, cos[:, None], sin[:, None])
+    theta = positions[:, None].double() * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(theta), theta)[:, None]
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=0, atol=1e-12)

@@ -21,10 +21,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x (..., heads, head_dim); cos, sin broadcastable to (..., 1, head_dim) -> rotated x in x's
     dtype (computed in float32, or float64 for float64 x)."""
     work = torch.promote_types(x.dtype, torch.float32)
+    half = x.shape[-1] // 2
     xw = x.to(work)
-    x1, x2 = xw.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xw * cos.to(work) + rotated * sin.to(work)).to(x.dtype)
+    x1, x2 = xw[..., :half], xw[..., half:]
+    c, s = cos[..., :half].to(work), sin[..., :half].to(work)  # both halves of the tables are equal
+    # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s): the pairs rotated, without building rotate_half(x)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 def cca_query_positions(positions: Tensor, chunk_size: int) -> Tensor:

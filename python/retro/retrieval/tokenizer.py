@@ -16,6 +16,15 @@ from ..errors import RetroError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() counts the host's in
+    some containers and VMs, and SentencePiece then starts that many threads)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
 class SentencePieceTokenizer:
     """SentencePiece model; pad = 0, unk = 1, bos = 2, eos = 3; newlines are pieces of their own."""
 
@@ -66,7 +75,7 @@ class SentencePieceTokenizer:
                     bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n", "\t"],
                     remove_extra_whitespaces=False, normalization_rule_name="identity",
                     allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
-                    num_threads=os.cpu_count() or 1, minloglevel=2,
+                    num_threads=usable_cpus(), minloglevel=2,
                     shuffle_input_sentence=False)
                 break
             except RuntimeError as exc:
@@ -99,7 +108,7 @@ class SentencePieceTokenizer:
         return hashlib.sha256(self.model_bytes).hexdigest()
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        ids = self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+        ids = self.sp.encode(texts, out_type=int, num_threads=usable_cpus())
         return [np.asarray(x, dtype=np.int32) for x in ids]
 
     def decode(self, ids) -> str:
