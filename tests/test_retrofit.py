@@ -126,3 +126,18 @@ def load_model_untrained(base_dir):
 
     return retrofit(AutoModelForCausalLM.from_pretrained(base_dir), cca_layers=(1,), chunk_size=16,
                     max_seq_len=64).eval()
+
+
+def test_the_frozen_base_stays_in_eval_mode_while_the_new_parts_train():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=100, n_positions=128,
+                                    resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    model = retrofit(hf, chunk_size=4, backend="cpu", encoder=dict(dim=24, head_dim=12))
+    model.train()
+    assert not model.base.training and not any(m.training for m in model.base.modules())
+    new = [m for n, m in model.named_modules() if n and not n.startswith("base")]
+    assert new and all(m.training for m in new)
+    tokens, nb, mask = data()
+    with torch.no_grad():  # dropout 0.5 in the base would make two passes differ if it were on
+        torch.testing.assert_close(model(tokens, nb, mask), model(tokens, nb, mask), rtol=0, atol=0)
+

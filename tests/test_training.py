@@ -213,3 +213,17 @@ def test_time_budget_stops_training_near_the_budget(db, tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == state["total_steps"] < 100_000
     assert seconds < 4.0 + 15.0, f"a 4 s budget trained for {seconds:.1f} s ({state['step']} steps)"
+
+
+def test_checkpointing_is_refused_for_retrofitted_models(db, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retro.errors import RetroError
+    from retro.retrofit import retrofit
+
+    def factory(cfg, database):
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=database.tokenizer.vocab_size))
+        return retrofit(hf, chunk_size=database.chunk_size, backend="cpu", encoder=dict(dim=24, head_dim=12))
+
+    with pytest.raises(RetroError, match="--checkpointing is not supported"):
+        train(opts(db, tmp_path / "run", checkpointing=True), log=lambda *_: None, model_factory=factory)
