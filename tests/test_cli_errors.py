@@ -67,6 +67,7 @@ BAD = [
     (["demo", "--valid-fraction", "1"], "1.0"),
     (["demo", "--config", "huge"], "'huge'"),
     (["demo", "--max-documents", "2"], "got 2"),
+    (["demo", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["demo", "--exclude", "*.py"], "--corpus"),
     (["dedup-against", "{tmp}/a", "{tmp}/b", "--threshold", "0"], "--threshold must be a number in (0, 1], got 0.0"),
     (["dedup-against", "{tmp}/a", "{tmp}/b"], "{tmp}/a"),
