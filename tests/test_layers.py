@@ -87,3 +87,18 @@ def test_rotary_is_a_complex_rotation_of_the_half_split_pairs():
     theta = positions[:, None].double() * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
     z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(theta), theta)[:, None]
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=0, atol=1e-12)
+
+
+def test_smeared_keys_mix_each_neighbour_token_with_the_one_before():
+    torch.manual_seed(0)
+    layer = ChunkedCrossAttention(dim=16, heads=2, head_dim=8, chunk_size=4, context_dim=12, rotary=False,
+                                  smear_keys=True).double()
+    with torch.no_grad():
+        layer.smear.copy_(torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    nb = torch.randn(2, 3, 2, 8, 12, dtype=torch.float64)  # (batch, chunks, k, r, context_dim)
+    k, _ = layer.project_neighbours(nb)
+    plain = layer.to_k(nb).view(2, 3, 2, 8, 2, 8)
+    a = torch.sigmoid(layer.smear)[:, None]
+    for j in range(8):
+        before = plain[..., j - 1, :, :] if j else torch.zeros_like(plain[..., 0, :, :])
+        torch.testing.assert_close(k[..., j, :, :], (1 - a) * plain[..., j, :, :] + a * before)

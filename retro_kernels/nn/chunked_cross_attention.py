@@ -83,9 +83,9 @@ class ChunkedCrossAttention(nn.Module):
         k = self.to_k(neighbours).view(shape)
         v = self.to_v(neighbours).view(shape)
         if self.smear_keys:  # k_j <- (1 - a) k_j + a k_{j-1}, a = sigmoid(smear) per head
-            previous = nn.functional.pad(k.movedim(-3, 0)[:-1], (0, 0, 0, 0) + (0, 0) * (k.dim() - 3) + (1, 0))
+            previous = nn.functional.pad(k, (0, 0, 0, 0, 1, 0))[..., :-1, :, :]  # k_{j-1}, zero before the first
             a = torch.sigmoid(self.smear).to(k.dtype)[:, None]
-            k = k + a * (previous.movedim(0, -3) - k)
+            k = k + a * (previous - k)
         if self.qk_norm:  # autocast runs the norm in float32: back to the projection's dtype
             k = nn.functional.normalize(k, dim=-1).to(v.dtype)
         if self.rotary:
