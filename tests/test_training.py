@@ -171,6 +171,7 @@ def test_demo_command_on_a_small_corpus(tmp_path):
                   "retrieved for chunk", "| alpha |"):
         assert stage in out, stage
     assert any("baseline" in line and "bits/byte" in line for line in out.splitlines())
+    assert "k=1 neighbours per chunk" in out  # the CPU default: one neighbour (k = 2 costs more than it gives)
     again = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
                     "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
     assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage
