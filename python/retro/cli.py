@@ -96,8 +96,17 @@ def _cmd_train(a) -> None:
                        seq_chunks=a.seq_chunks, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, k=a.k, seed=a.seed, save_every=a.save_every, resume=a.resume,
                        device=a.device, bf16=a.bf16, compile=a.compile, checkpointing=a.checkpointing,
-                       backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
+                       fsdp=a.fsdp, backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
                        progress=not a.no_progress), **_retrofit_kwargs(a))
+    from .distributed import shutdown
+
+    shutdown()
+
+
+def _cmd_convert_checkpoint(a) -> None:
+    from .fsdp import convert_checkpoint
+
+    convert_checkpoint(a.run, a.out, a.step)
 
 
 def layer_list(text: str) -> tuple[int, ...]:
@@ -257,11 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on GPUs")
     tr.add_argument("--compile", action="store_true")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                                                        "states (FSDP2); sharded checkpoints in RUN/checkpoints")
     tr.add_argument("--backend", default="auto", help="retro_kernels backend")
     tr.add_argument("--retrofit", help="a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
     tr.add_argument("--cca-layers", type=layer_list, help="e.g. 5,8,11")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=_cmd_train)
+
+    cc = sub.add_parser("convert-checkpoint", help="a sharded (--fsdp) checkpoint as the single-file one "
+                                                   "generate and evaluate load")
+    cc.add_argument("run")
+    cc.add_argument("--step", type=int, help="which saved step (default: the newest)")
+    cc.add_argument("--out", help="the run folder to write OUT/checkpoint into (default: RUN)")
+    cc.set_defaults(handler=_cmd_convert_checkpoint)
 
     g = sub.add_parser("generate", help="continue prompts, retrieving at every chunk boundary")
     g.add_argument("run")
