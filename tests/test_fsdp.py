@@ -97,18 +97,11 @@ def until(run, dst, step):
 
 
 @pytest.fixture(scope="module")
-def one(db, tmp_path_factory):
-    """The 1-process run without --fsdp (single-file checkpoints): the reference curve."""
-    run = tmp_path_factory.mktemp("one") / "run"
-    train(opts(db, run), log=lambda *_: None)
-    return run
-
-
-@pytest.fixture(scope="module")
 def runs(db, tmp_path_factory):
     """The two 2-process runs, started together (each is mostly start-up): "two", a whole --fsdp
     run with --checkpointing; "one_to_two", a 1-process --fsdp run killed after step 2's checkpoint
-    (at step 3), resumed by 2 processes. The 1-process part runs here, before both start."""
+    (at step 3), resumed by 2 processes. While they run, this process trains "one", the reference:
+    1 process without --fsdp (single-file checkpoints)."""
     root = tmp_path_factory.mktemp("runs")
     os.environ["RETRO_TEST_FAIL_AT_STEP"] = "3"
     try:
@@ -121,9 +114,17 @@ def runs(db, tmp_path_factory):
         train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None)
     procs = [torchrun(*cli_args(db, root / "two", "--fsdp", "--checkpointing")),
              torchrun(*cli_args(db, root / "one_to_two", "--fsdp", "--resume"))]
-    for proc in procs:
-        finished(proc)
-    return {"two": root / "two", "one_to_two": root / "one_to_two", "killed": killed}
+    try:
+        train(opts(db, root / "one"), log=lambda *_: None)
+    finally:
+        for proc in procs:
+            finished(proc)
+    return {"two": root / "two", "one_to_two": root / "one_to_two", "killed": killed, "one": root / "one"}
+
+
+@pytest.fixture(scope="module")
+def one(runs):
+    return runs["one"]
 
 
 def test_two_processes_match_one_and_resume_on_one(db, one, runs, tmp_path, capsys):
