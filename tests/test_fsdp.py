@@ -146,6 +146,8 @@ def test_two_processes_match_one_and_resume_on_one(db, one, runs, tmp_path, caps
     np.testing.assert_allclose(log(resumed), ref, rtol=RTOL)
 
     # the converted checkpoint holds the 1-process run's weights; generate loads it
+    with pytest.raises(RetroError, match="sharded checkpoints only .* `retro convert-checkpoint "):
+        load_model(two)
     status, _, _ = retro_cli(capsys, "convert-checkpoint", two, "--out", tmp_path / "converted")
     assert status == 0 and (tmp_path / "converted" / "checkpoint" / "model.safetensors").exists()
     a, _ = load_model(one, device="cpu")
