@@ -34,6 +34,16 @@ TORCHRUN_TIMEOUT = 150  # seconds; a hung rendezvous or collective fails the tes
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here (the torchrun children get OMP_NUM_THREADS=1): on 2 busy cores a
+    second thread spin-waits, and tiny models run 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
@@ -175,3 +185,59 @@ def test_convert_checkpoint_errors(one, tmp_path, capsys):
         fsdp.convert_checkpoint(one, step=0)
     with pytest.raises(RetroError, match=r"--step 3: .* \(complete steps: none\)"):
         fsdp.convert_checkpoint(one, step=3)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (fully_shard needs a group)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_layers_run_through_fsdp_with_checkpointing(one_rank_group, monkeypatch):
+    """fully_shard on one rank: every decoder block and encoder layer is its own FSDP unit and is
+    called through its hooks, checkpointing re-runs each block in the backward pass, bf16 on the
+    CPU stays float32, and the loss and gradients are those of the unsharded model."""
+    import copy
+
+    import retro.model
+    from torch.distributed.fsdp import FSDPModule
+    from retro.model import RetroModel, preset
+
+    calls = []
+    layer_fn = retro.model.RetroModel._layer
+    monkeypatch.setattr(retro.model.RetroModel, "_layer", lambda self, *a: calls.append(1) or layer_fn(self, *a))
+    cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16})
+    plain = RetroModel(cfg)
+    sharded = copy.deepcopy(plain)
+    plain.checkpointing = sharded.checkpointing = True
+    fsdp.shard_model(sharded, torch.device("cpu"), bf16=True)
+    units = fsdp.shard_units(sharded)
+    assert len(units) == cfg.depth + cfg.enc_depth and all(isinstance(u, FSDPModule) for u in units + [sharded])
+    entered = []
+    for u in units:
+        u.register_forward_pre_hook(lambda *_: entered.append(1))
+    tokens = torch.randint(0, 50, (2, 16))
+    neighbours, mask = torch.randint(0, 50, (2, 4, 2, 8)), torch.rand(2, 4, 2, 8) > 0.2
+    losses = []
+    for model in (plain, sharded):
+        model.train()
+        calls.clear()
+        out = model(tokens, neighbours, mask)
+        assert out.dtype == torch.float32
+        loss = out.square().mean()
+        loss.backward()
+        assert len(calls) == 2 * cfg.depth  # each block ran again in the backward pass
+        losses.append(loss.item())
+    # every unit's hooks fired, in the forward pass and again in the recomputation (the encoder runs
+    # inside the first CCA block, so it is recomputed with it)
+    assert len(entered) == 2 * (cfg.depth + cfg.enc_depth)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    grads = dict(sharded.named_parameters())
+    for name, p in plain.named_parameters():
+        g = grads[name].grad
+        torch.testing.assert_close(g.full_tensor() if hasattr(g, "full_tensor") else g, p.grad, rtol=1e-5, atol=1e-7,
+                                   msg=name)

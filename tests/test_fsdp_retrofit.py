@@ -12,7 +12,7 @@ from retrieval_helpers import quick_database
 from retro import fsdp
 from retro.train import TrainOptions, load_model, train
 from retro.retrofit import retrofit_factory
-from test_fsdp import finished, log, torchrun
+from test_fsdp import finished, log, one_thread, torchrun  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
