@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from retrieval_helpers import quick_database
 from retro import fsdp
@@ -39,6 +40,9 @@ def test_retrofit_two_processes_match_one(tmp_path, monkeypatch):
         finished(proc)
     np.testing.assert_allclose(log(tmp_path / "two"), log(tmp_path / "one"), rtol=RTOL)
     fsdp.convert_checkpoint(tmp_path / "two", log=lambda *_: None)
+    saved = FileSystemReader(str(fsdp.latest_step_dir(tmp_path / "two"))).read_metadata().state_dict_metadata
+    assert any(key.startswith("model.cca.") for key in saved)
+    assert not any(key.startswith("model.base.") for key in saved)  # frozen: not saved
     config = json.loads((tmp_path / "two" / "checkpoint" / "config.json").read_text())
     assert config["retrofit"]["base"] == str(base)
     a, _ = load_model(tmp_path / "one", device="cpu")

@@ -53,6 +53,13 @@ def test_shard_bounds_and_errors(tmp_path, capsys):
         BuildOptions(corpus=str(ROOT / "README.md"), out="x", shards=2, index="ivf-pq").validate()
     with pytest.raises(RetroError, match=r"shards must be in \[0, 3\), got \[3\]"):
         ShardedIndex(np.zeros((9, 2), np.float32), shard_bounds(9, 3), shards=[3])
+    index = ShardedIndex(np.zeros((9, 2), np.float32), shard_bounds(9, 3), device="cpu")
+    with pytest.raises(RetroError, match="k must be an integer >= 1, got 0"):
+        index.search(np.zeros((1, 2)), 0)
+    with pytest.raises(RetroError, match=r"queries must be \(Q, 2\) vectors, got shape \(1, 3\)"):
+        index.search(np.zeros((1, 3)), 1)
+    d, i = ShardedIndex(np.zeros((9, 2), np.float32), shard_bounds(9, 3), shards=[]).search(np.zeros((2, 2)), 3)
+    assert (i == -1).all() and np.isinf(d).all() and i.shape == (2, 3)  # a rank without a shard
 
 
 def test_ties_broken_by_distance_then_id(tmp_path):

@@ -11,7 +11,7 @@ composes: the model checkpoints each block's call, FSDP's hooks run inside it an
 unshard/reshard during the recomputation.
 
 Checkpoints (torch.distributed.checkpoint): RUN/checkpoints/step-XXXXXXXX/ holds every rank's
-shards of the model and optimizer (`*.distcp`, `.metadata`), config.json, state.json, rng.pt (the
+shards of the model (its trainable weights) and optimizer (`*.distcp`, `.metadata`), config.json, state.json, rng.pt (the
 RNG state of every rank) and COMPLETE. All ranks write into RUN/checkpoints/.step-XXXXXXXX.tmp;
 rank 0 then adds COMPLETE and renames the folder, so a folder named step-* is always whole. A
 checkpoint loads on any number of processes (the shards are re-cut on loading), and
@@ -109,10 +109,18 @@ def latest_step_dir(run: Path) -> Path:
     return steps[-1]
 
 
+def _options(model):
+    """Frozen weights (a retrofitted model's base) are not saved: they come from the base model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 def _state_dicts(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -173,7 +181,8 @@ def load_sharded(path: Path, model, optimizer) -> None:
     sd = _state_dicts(model, optimizer)
     with _one_process_quiet():
         dcp.load(sd, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=_options(model))
 
 
 def convert_checkpoint(run: str | Path, out: str | Path | None = None, step: int | None = None,

@@ -93,7 +93,7 @@ class ShardedIndex:
         bad = [s for s in self.shards if not 0 <= s < count]
         if bad:
             raise RetroError(f"shards must be in [0, {count}), got {bad}")
-        self.kind, self.ntotal = "sharded", int(self.bounds[-1])
+        self.kind, self.ntotal, self.dim = "sharded", int(self.bounds[-1]), int(vectors.shape[1])
         self.settings = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.faiss = None
@@ -128,7 +128,12 @@ class ShardedIndex:
         pass
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        check_int("k", k, 1)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise RetroError(f"queries must be (Q, {self.dim}) vectors, got shape {tuple(queries.shape)}")
+        if not self.shards:  # a rank with no shard (more ranks than shards): nothing found
+            return np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         if hasattr(self, "flats"):
             # faiss finds candidates in float32: ask for more than k (all, where the last one is
             # within rounding of the k-th), recompute their distances as exact_search does, and
