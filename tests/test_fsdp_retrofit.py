@@ -1,6 +1,7 @@
 """`retro train --fsdp --retrofit`: a frozen Hugging Face model (a tiny random Llama saved locally)
 with CCA and an encoder added, sharded over 2 CPU processes (its blocks and the encoder layers),
-trains the 1-process loss curve; the converted checkpoint holds the new weights only and loads.
+trains the 1-process loss curve and resumes on 1 process; checkpoints and the converted file hold
+the new weights only, and the converted one loads.
 The tolerance is test_fsdp.py's (see there)."""
 import json
 
@@ -13,7 +14,7 @@ from retrieval_helpers import quick_database
 from retro import fsdp
 from retro.train import TrainOptions, load_model, train
 from retro.retrofit import retrofit_factory
-from test_fsdp import finished, log, one_thread, torchrun  # noqa: F401 (a fixture)
+from test_fsdp import finished, log, one_thread, torchrun, until  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
@@ -32,13 +33,18 @@ def test_retrofit_two_processes_match_one(tmp_path, monkeypatch):
             "--warmup", "2", "--save-every", "2", "--device", "cpu", "--no-progress", "--retrofit", str(base),
             "--cca-layers", "1,3"]
     proc = torchrun(*args, "--out", str(tmp_path / "two"), "--fsdp")
+    opts = dict(db=str(db), steps=3, batch_size=4, seq_chunks=4, lr=3e-3, warmup=2, save_every=2, device="cpu",
+                progress=False)
+    factory = retrofit_factory(str(base), (1, 3))
     try:
-        train(TrainOptions(db=str(db), out=str(tmp_path / "one"), steps=3, batch_size=4, seq_chunks=4, lr=3e-3,
-                           warmup=2, save_every=2, device="cpu", progress=False),
-              log=lambda *_: None, model_factory=retrofit_factory(str(base), (1, 3)))
+        train(TrainOptions(out=str(tmp_path / "one"), **opts), log=lambda *_: None, model_factory=factory)
     finally:
         finished(proc)
     np.testing.assert_allclose(log(tmp_path / "two"), log(tmp_path / "one"), rtol=RTOL)
+    # 2 -> 1 from step 2: the checkpoint lacks the frozen base, which the factory loads again
+    resumed = until(tmp_path / "two", tmp_path / "resumed", 2)
+    train(TrainOptions(out=str(resumed), fsdp=True, resume=True, **opts), log=lambda *_: None, model_factory=factory)
+    np.testing.assert_allclose(log(resumed), log(tmp_path / "one"), rtol=RTOL)
     fsdp.convert_checkpoint(tmp_path / "two", log=lambda *_: None)
     saved = FileSystemReader(str(fsdp.latest_step_dir(tmp_path / "two"))).read_metadata().state_dict_metadata
     assert any(key.startswith("model.cca.") for key in saved)
