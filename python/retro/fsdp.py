@@ -11,12 +11,14 @@ composes: the model checkpoints each block's call, FSDP's hooks run inside it an
 unshard/reshard during the recomputation.
 
 Checkpoints (torch.distributed.checkpoint): RUN/checkpoints/step-XXXXXXXX/ holds every rank's
-shards of the model (its trainable weights) and optimizer (`*.distcp`, `.metadata`), config.json, state.json, rng.pt (the
-RNG state of every rank) and COMPLETE. All ranks write into RUN/checkpoints/.step-XXXXXXXX.tmp;
-rank 0 then adds COMPLETE and renames the folder, so a folder named step-* is always whole. A
-checkpoint loads on any number of processes (the shards are re-cut on loading), and
-`convert_checkpoint` turns one into the single-file RUN/checkpoint that `generate` and `evaluate`
-read.
+shards of the model's trainable weights and of the optimizer states (`*.distcp`, `.metadata`),
+config.json, state.json, rng.pt (the RNG state of every rank) and COMPLETE. Frozen weights (a
+retrofitted model's base) are left out: they are loaded from the base model. All ranks write into
+RUN/checkpoints/.step-XXXXXXXX.tmp; rank 0 then adds COMPLETE and renames the folder, so a folder
+named step-* is always whole. A checkpoint loads on any number of processes (the shards are re-cut
+on loading), and `convert_checkpoint` turns one into the single-file RUN/checkpoint that
+`generate` and `evaluate` read. With one process (no process group) `--fsdp` shards nothing but
+writes and reads the same sharded checkpoints.
 """
 from __future__ import annotations
 
