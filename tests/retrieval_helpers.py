@@ -56,3 +56,41 @@ def run_cli(*args, env=None, check=True, timeout=SUBPROCESS_TIMEOUT) -> subproce
 
 def database_files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+
+
+class HashingEmbedder:
+    """A stand-in for BertEmbedder in tests that need a database but not BERT: a text's vector is
+    its bag of words hashed into `dim` buckets, normalised (deterministic, instant; similar texts
+    get near vectors)."""
+
+    dim = 32
+
+    def __init__(self, name: str = "hashing-test-embedder", device=None, batch_size=None):
+        self.name = name
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dim": self.dim}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import zlib
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.split():
+                out[row, zlib.crc32(word.encode()) % self.dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def quick_database(root: Path, monkeypatch, docs: int = 10, words: int = 330, **build) -> Path:
+    """A small database built with HashingEmbedder instead of BERT, its neighbours (k=2, extra=6)
+    precomputed: ROOT/db."""
+    import retro.retrieval.embedder
+    from retro.retrieval import BuildOptions, build_database, compute_neighbours
+
+    monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", HashingEmbedder)
+    corpus = write_corpus(root / "corpus", docs=docs, words=words)
+    opts = dict(corpus=str(corpus), out=str(root / "db"), vocab_size=300, chunk_size=16, block_size=256,
+                valid_fraction=0.2, progress=False, embedder="hashing-test-embedder", **build)
+    build_database(BuildOptions(**opts), log=lambda *_: None)
+    compute_neighbours(root / "db", k=2, extra=6, progress=False, log=lambda *_: None)
+    return root / "db"

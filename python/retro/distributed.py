@@ -43,3 +43,10 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shutdown() -> None:
+    """Destroys the process group (after a barrier), so that torchrun's processes exit cleanly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Training (`retro train --db DIR --config tiny --out RUN`): AdamW, linear warm-up then cosine
 decay, gradient clipping, bfloat16 autocast on a GPU, optional activation checkpointing and
-torch.compile, atomic checkpoints, exact resume, and data parallelism under torchrun (DDP)."""
+torch.compile, atomic checkpoints, exact resume, and data parallelism under torchrun (DDP, or
+sharded with --fsdp: fsdp.py)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
+from . import fsdp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
 from .data import IGNORE, Sampler, TrainSequences
@@ -49,6 +51,7 @@ class TrainOptions:
     bf16: bool | None = None     # default: on CUDA
     compile: bool = False
     checkpointing: bool = False
+    fsdp: bool = False           # shard weights, gradients and optimizer states (fsdp.py); sharded checkpoints
     backend: str = "auto"
     time_budget: float | None = None  # seconds of training: `steps` re-estimated from the measured speed
     overrides: dict = field(default_factory=dict)  # RetroConfig fields
@@ -151,12 +154,12 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     run = Path(opts.out)
     ck = None
     if opts.resume:
-        ck = load_checkpoint(run)
+        ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
         if ck["state"]["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
             raise RetroError(f"{str(run)!r} was trained with another tokenizer than {opts.db!r}'s")
         cfg = RetroConfig.from_dict(ck["config"]["model"])
     else:
-        if (run / "checkpoint").exists():
+        if (run / "checkpoint").exists() or fsdp.complete_steps(run):
             raise RetroError(f"{str(run)!r} already holds a run; pass --resume to continue it or choose another --out")
         overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "neighbours": opts.k,
                      "max_seq_len": opts.seq_chunks * db.chunk_size, "backend": opts.backend, **opts.overrides}
@@ -173,15 +176,22 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
                          "train without it")
     model.checkpointing = opts.checkpointing
     weights_to_save = getattr(model, "trainable_state_dict", model.state_dict)  # retrofit: new weights only
+    if opts.fsdp and world > 1:
+        fsdp.shard_model(model, device, bf16)
     optimizer = make_optimizer(model, opts)
     step, total = 0, opts.steps
     if ck is not None:
-        model.load_state_dict(ck["weights"], strict=model_factory is None)
-        optimizer.load_state_dict(ck["optimizer"]["optimizer"])
-        set_rng_state(ck["optimizer"]["rng"][min(rank, len(ck["optimizer"]["rng"]) - 1)])
+        if opts.fsdp:
+            fsdp.load_sharded(ck["dir"], model, optimizer)
+            rngs = ck["rng"]
+        else:
+            model.load_state_dict(ck["weights"], strict=model_factory is None)
+            optimizer.load_state_dict(ck["optimizer"]["optimizer"])
+            rngs = ck["optimizer"]["rng"]
+        set_rng_state(rngs[min(rank, len(rngs) - 1)])
         step, total = ck["state"]["step"], ck["state"]["total_steps"]
     net = model
-    if world > 1:
+    if world > 1 and not opts.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=not opts.retrieval)
     if opts.compile:
@@ -224,7 +234,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
             next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
             bar.total = total
         record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
-                  "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": float(grad_norm)}
+                  "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": fsdp.full_value(grad_norm)}
         if dist.is_main():
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -240,12 +250,15 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
                 gathered = [None] * world
                 torch.distributed.all_gather_object(gathered, rngs[0])
                 rngs = gathered
-            if dist.is_main():
-                state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
-                         "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "db": str(Path(opts.db).resolve()),
-                         "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
-                save_checkpoint(run, weights_to_save(), {"model": cfg.to_dict(), **getattr(model, "extra_config", {})},
-                                state, {"optimizer": optimizer.state_dict(), "rng": rngs})
+            state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
+                     "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "db": str(Path(opts.db).resolve()),
+                     "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
+            config = {"model": cfg.to_dict(), **getattr(model, "extra_config", {})}
+            if opts.fsdp:  # every rank writes its shards
+                fsdp.save_sharded(run, step, model, optimizer, config, state, rngs)
+            elif dist.is_main():
+                save_checkpoint(run, weights_to_save(), config, state,
+                                {"optimizer": optimizer.state_dict(), "rng": rngs})
             dist.barrier()
     bar.close()
     return run

@@ -11,6 +11,7 @@ A database folder holds memory-mapped numpy arrays, the faiss index and manifest
   chunk_doc.npy    (C,)   int32   the document of each chunk (training documents only)
   embeddings.npy   (C, dim) float32  the keys
   index.faiss              the faiss index of the keys (absent for the "torch" index)
+  index-shards/            instead, with --shards N: the index in N shards by chunk id (sharded.py)
 Chunks never cross a document boundary. The manifest is written last: a folder without one is an
 unfinished build, which `--resume` completes block by block into exactly the database an
 uninterrupted build gives.
@@ -36,7 +37,7 @@ from .tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_from_ma
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "doc_start", "doc_split", "doc_bytes", "chunk_start", "chunk_len", "chunk_doc", "embeddings")
 _OWN_NAMES = {f"{a}.npy" for a in ARRAYS} | {"index.faiss", "manifest.json", "build_state.json",
-                                             "tokenizer.model", "parts"}
+                                             "tokenizer.model", "parts", "index-shards"}
 
 
 @dataclass
@@ -56,6 +57,7 @@ class BuildOptions:
     seed: int = 0
     include: tuple[str, ...] = ()  # globs a directory's files must match (paths relative to it); none: all
     exclude: tuple[str, ...] = ()  # globs of files left out
+    shards: int = 1  # the exact index split by chunk id into this many shards (retrieval/sharded.py)
     # how, not what: these do not change the database
     resume: bool = False
     overwrite: bool = False
@@ -75,13 +77,17 @@ class BuildOptions:
         from .index import KINDS
 
         for name, value, low in (("--chunk-size", self.chunk_size, 1), ("--vocab-size", self.vocab_size, 16),
-                                 ("--block-size", self.block_size, 1), ("--seed", self.seed, 0)):
+                                 ("--block-size", self.block_size, 1), ("--seed", self.seed, 0),
+                                 ("--shards", self.shards, 1)):
             check_int(name, value, low)
         check_int("--batch-size", self.embed_batch_size, 1, optional=True)
         check_int("--max-documents", self.max_documents, 1, optional=True)
         check_float("--valid-fraction", self.valid_fraction, 0, 1, high_open=True)
         check_float("--target-recall", self.target_recall, 0, 1, low_open=True)
         check_choice("--index", self.index, KINDS)
+        if self.shards > 1 and self.index not in ("auto", "flat", "torch"):
+            raise RetroError(f"--shards {self.shards} needs an exact index (--index auto, flat or torch), "
+                             f"got --index {self.index}")
         check_globs(self.include, self.exclude)
         check_corpus(self.corpus)
 
@@ -112,7 +118,7 @@ def _prepare_folder(opts: BuildOptions) -> dict:
                 raise RetroError(f"{str(out)!r} holds an unfinished build; pass --resume to complete it "
                                  "or --overwrite to start again")
             state = read_json(state_path)
-            saved = {"include": [], "exclude": [], **state["options"]}  # builds older than the globs
+            saved = {"include": [], "exclude": [], "shards": 1, **state["options"]}  # older builds
             if saved != opts.what():
                 diff = {k: (saved.get(k), v) for k, v in opts.what().items() if saved.get(k) != v}
                 raise RetroError(f"--resume: the options differ from the unfinished build's: {diff} "
@@ -245,7 +251,15 @@ def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
         return state["stages"]["index"]
     vectors = np.load(out / "embeddings.npy", mmap_mode="r")
     kind = choose_kind(len(vectors)) if opts.index == "auto" else opts.index
-    if kind == "torch":
+    if opts.shards > 1:
+        from .index import faiss_available
+        from .sharded import build_shards
+
+        kind = kind if kind in ("flat", "torch") else "flat" if faiss_available() else "torch"
+        bounds = build_shards(vectors, opts.shards, out, kind)
+        settings = IndexSettings(kind=kind, recall=1.0, extra={"shards": opts.shards, "bounds": bounds.tolist()})
+        log(f"[build-db] {kind} index over {len(vectors)} chunks in {opts.shards} shards")
+    elif kind == "torch":
         settings = IndexSettings(kind="torch", recall=1.0)
     else:
         import faiss

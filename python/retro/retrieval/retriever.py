@@ -37,7 +37,13 @@ class Retriever:
             raise RetroError(f"{str(path)!r} was built with the embedder {built_with!r}; queries embedded with "
                              f"{embedder!r} would not match its keys")
         settings = IndexSettings(**db.manifest["index"])
-        if index == "torch" or settings.kind == "torch":
+        if settings.extra.get("shards"):
+            from .sharded import load_sharded_index
+
+            search_index = load_sharded_index(Path(path), db, settings.extra, settings.kind, device=device,
+                                              use_faiss=index != "torch")
+            search_index.settings = settings
+        elif index == "torch" or settings.kind == "torch":
             settings = IndexSettings(kind="torch", recall=1.0)
             search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
         else:
