@@ -2,6 +2,7 @@
 the forward with retrieval compiles as one graph (and the check sees a graph break when one is
 put in), compiled training follows eager training in float32, and the FLOP formula equals a
 direct count of the matrix products."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -73,18 +74,22 @@ def test_a_graph_break_is_seen_and_refused(monkeypatch):
     torch._dynamo.reset()
 
 
-def run_training(dtype, compile_backend, steps, cfg, batch):
-    """Per-step losses of `steps` AdamW steps (the training loop's optimizer and loss) from one
-    initialisation, in dtype, eager or compiled with compile_backend."""
+def run_training(dtype, compile_backend, steps, cfg, batch, device="cpu", bf16=False):
+    """Per-step losses of `steps` training steps (the training loop's loss, clipping and
+    optimizer: fused AdamW when compiled on CUDA) from one initialisation, with weights in dtype
+    (and bfloat16 autocast with bf16=True), eager or compiled with compile_backend."""
     torch.manual_seed(0)
-    model = RetroModel(cfg).to(dtype).train()
+    device = torch.device(device)
+    model = RetroModel(cfg).to(device=device, dtype=dtype).train()
     if compile_backend is not None:
         compile_for_training(model, compile_backend)
     opts = TrainOptions(db="", out="", lr=3e-3, weight_decay=0.1)
-    optimizer = make_optimizer(model, opts)
+    optimizer = make_optimizer(model, opts, use_fused_adamw(device, compile_backend is not None))
+    batch = SimpleNamespace(**{k: v.to(device) for k, v in vars(batch).items()})
     losses = []
     for _ in range(steps):
-        loss, nll, count = sequence_loss(model, batch, world=1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, nll, count = sequence_loss(model, batch, world=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -94,21 +99,24 @@ def run_training(dtype, compile_backend, steps, cfg, batch):
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_eager_float32():
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", pytest.param("inductor", marks=pytest.mark.skipif(
+    os.environ.get("RETRO_TEST_INDUCTOR") != "1", reason="inductor's CPU build takes minutes: RETRO_TEST_INDUCTOR=1"))])
+def test_compiled_training_follows_eager_float32(backend):
     """Tolerance, derived (flash-attention's error-ratio rule): float32 eager training deviates
     from the same training in float64 by err_eager = max over steps |L32 - L64|; compiled float32
     training (fused ops reorder the rounding) must deviate at most 2 * err_eager + 2 ulp(L)
     (ulp(5.7) = 4.8e-7 in float32: a loss is one float32 rounding of a mean), so that compiled
     and eager differ by at most 3 * err_eager + 2 ulp. Dropout is off (compiled graphs draw other
-    random numbers). The backend traces the whole forward and backward as inductor receives it
-    (decompositions, min-cut partition, the custom ops through their fakes and autograd) and runs
-    it op by op: inductor's CPU code generation takes minutes on 2 cores."""
+    random numbers). aot_eager_decomp_partition traces the whole forward and backward as inductor
+    receives it (decompositions, min-cut partition, the custom ops through their fakes and
+    autograd) and runs it op by op; inductor itself (its CPU code generation takes about two
+    minutes on 2 cores) runs with RETRO_TEST_INDUCTOR=1."""
     cfg = preset("tiny", **SMALL)
     batch = inputs(cfg)
     steps = 4
     l64 = run_training(torch.float64, None, steps, cfg, batch)
     l32 = run_training(torch.float32, None, steps, cfg, batch)
-    compiled = run_training(torch.float32, "aot_eager_decomp_partition", steps, cfg, batch)
+    compiled = run_training(torch.float32, backend, steps, cfg, batch)
     torch._dynamo.reset()
     assert (l64[1:] < l64[0]).all()  # it trains
     ulp = torch.finfo(torch.float32).eps * l64.abs().max()
