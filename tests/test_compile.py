@@ -15,6 +15,7 @@ from retro.flops import forward_flops_per_token, mfu, peak_flops, training_flops
 from retro.model import RetroModel, preset
 from retro.train import TrainOptions, make_optimizer, sequence_loss
 from retro_kernels.nn import ChunkedCrossAttention
+from retro_kernels._extension import has_triton, triton_interpreting
 
 SMALL = dict(vocab_size=300, chunk_size=16, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2,
              enc_head_dim=16, depth=2, cca_layers=(1,), max_seq_len=64)
@@ -49,6 +50,30 @@ def test_forward_with_retrieval_is_one_graph():
     expected = model(b.tokens, b.neighbours, b.neighbour_mask)
     compile_for_training(model, backend="eager")
     torch.testing.assert_close(model(b.tokens, b.neighbours, b.neighbour_mask), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (has_triton() and triton_interpreting()), reason="needs triton's interpreter (TRITON_INTERPRET=1)")
+def test_triton_path_is_one_graph():
+    """The GPU's path (backend "triton"; here its kernels under the interpreter): the backend
+    checks (has_triton imports triton) must not break the graph; the compiled forward and
+    backward give eager's loss and gradients."""
+    cfg = preset("tiny", **{**SMALL, "backend": "triton"})
+    model = RetroModel(cfg).train()
+    b = inputs(cfg, batch=1, chunks=2)
+    explained = torch._dynamo.explain(model)(b.tokens, b.neighbours, b.neighbour_mask)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    loss = sequence_loss(model, b, world=1)[0]
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compile_for_training(model, backend="aot_eager")
+    compiled_loss = sequence_loss(model, b, world=1)[0]
+    compiled_loss.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, loss)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
 
 
 @pytest.mark.slow
