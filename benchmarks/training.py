@@ -117,15 +117,17 @@ def main(argv=None):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"{label} got {','.join(bad)!r}; expected a comma-separated subset of {', '.join(allowed)}")
-    batch, chunks = a.batch or (8 if gpu else 2), a.seq_chunks or (32 if gpu else 4)
-    for label, value in (("--batch", batch), ("--seq-chunks", chunks), ("--steps", a.steps)):
-        if value < 1:
-            raise ValueError(f"{label} must be >= 1, got {value}")
+    batch = a.batch if a.batch is not None else (8 if gpu else 2)
+    chunks = a.seq_chunks if a.seq_chunks is not None else (32 if gpu else 4)
+    for label, value, low in (("--batch", batch, 1), ("--seq-chunks", chunks, 1), ("--steps", a.steps, 1),
+                              ("--warmup", a.warmup, 0)):
+        if value < low:
+            raise ValueError(f"{label} must be >= {low}, got {value}")
     machine = machine_name(device.type)
     peak = peak_flops(machine) if gpu else None
     notes = [f"training step: batch {batch} x {chunks} chunks of 64 tokens, vocabulary 32000, "
              f"{'bf16 autocast' if gpu else 'float32'}, gradient clipping, AdamW; compile = `retro train --compile` "
-             f"(fullgraph torch.compile, backend {a.compile_backend}, AdamW fused on CUDA); eager = AdamW for-each",
+             f"(fullgraph torch.compile, backend {a.compile_backend}, AdamW fused on CUDA); eager = AdamW's default (for-each on CUDA)",
              "k = 2 neighbours of 128 tokens per 64-token chunk, synthetic; retrieval off = the same decoder "
              "without neighbours (RETRO[OFF]: the CCA blocks and the encoder do not run)",
              "step ms: median of the timed steps; first step s: the first step alone (compilation included); "
