@@ -58,7 +58,7 @@ def test_triton_path_is_one_graph():
     """The GPU's path (backend "triton"; here its kernels under the interpreter): the backend
     checks (has_triton imports triton) must not break the graph; the compiled forward and
     backward give eager's loss and gradients."""
-    cfg = preset("tiny", **{**SMALL, "backend": "triton"})
+    cfg = preset("tiny", **{**SMALL, "backend": "triton", "enc_depth": 1})
     model = RetroModel(cfg).train()
     b = inputs(cfg, batch=1, chunks=2)
     explained = torch._dynamo.explain(model)(b.tokens, b.neighbours, b.neighbour_mask)
