@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared GPU call: build the extension with CUDA, run the GPU tests and the GPU
 # benchmarks, and leave logs and results under $OUT (default benchmarks/results/gpu-run).
-# Meant for the lent H100/H200 (torch 2.11 + triton 3.6, no network); under 8 minutes there.
+# Meant for the lent H100/H200 (torch 2.11 + triton 3.6, no network); under 8 minutes there without
+# the training section, which may take up to TRAIN_TIMEOUT (540 s) more: it needs no build, so
+#   GPU_SECTIONS=training TRAIN_CONFIGS=172M bash benchmarks/gpu_check.sh   runs it alone.
 #   bash benchmarks/gpu_check.sh
-# Sections (GPU_SECTIONS, default all): build tests demo learning benchmarks.
+# Sections (GPU_SECTIONS, default all): build tests demo learning training benchmarks.
 #   demo      `retro demo --device cuda` (172M decoder, 1500 files): RETRO[ON]/[OFF]/baseline bits per byte
 #   learning  benchmarks.retrieval_learning on the GPU: every variant's learning curve (one process
 #             each), on LEARNING_DB (default: the news near-duplicate corpus) and on the demo's database
+#   training  benchmarks.training: training tokens/s and MFU, eager against `retro train --compile`, for
+#             TRAIN_CONFIGS (default 172M,425M) with and without retrieval; results
+#             training_gpu_<configs>-<card>.{json,md} (a run cut short keeps the variants it finished)
 # Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
-# TEST_TIMEOUT / BENCH_TIMEOUT / DEMO_TIMEOUT / LEARNING_SECONDS (seconds), DEMO_MINUTES (training
+# TEST_TIMEOUT / BENCH_TIMEOUT / DEMO_TIMEOUT / TRAIN_TIMEOUT / LEARNING_SECONDS (seconds), TRAIN_ARGS
+# (more benchmarks.training options, e.g. "--steps 5"), DEMO_MINUTES (training
 # minutes per model), DEMO_EMBEDDER (frozen BERT name or folder), LEARNING_VARIANTS.
 # The lent machine has no network and no faiss, datasketch or MiniLM package: carry them (an
 # ignored folder named in `carry`), e.g. .gpu_carry/{minilm (the model folder, fp16 safetensors),
@@ -25,7 +31,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
-has() { [[ " ${GPU_SECTIONS:-build tests demo learning benchmarks} " == *" $1 "* ]]; }
+has() { [[ " ${GPU_SECTIONS:-build tests demo learning training benchmarks} " == *" $1 "* ]]; }
 
 run_all() {
   local status=0 start
@@ -78,6 +84,15 @@ run_all() {
     wait $news || status=1
     tail -n 20 "$OUT/learning_news.log" "$OUT/learning_demo.log" 2>/dev/null
     echo "learning took $((SECONDS - start)) s"
+  fi
+
+  if has training; then
+    echo "== training throughput and MFU: eager vs --compile (${TRAIN_CONFIGS:-172M,425M}; retrieval on, off)"
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout ${TRAIN_TIMEOUT:-540} $PY -m benchmarks.training --device cuda --configs "${TRAIN_CONFIGS:-172M,425M}" \
+        ${TRAIN_ARGS:-} || { echo "benchmarks.training FAILED"; status=1; }
+    echo "training took $((SECONDS - start)) s"
   fi
 
   has benchmarks || return $status

@@ -7,7 +7,7 @@ import importlib
 import os
 import warnings
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+import torch  # loads libtorch before the extension
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.retro_kernels.*)
@@ -36,6 +36,12 @@ def cpu_kernel_isa() -> str | None:
     return _C.cpu_isa()
 
 
+# The availability checks below run inside the public ops, which torch.compile traces: each is
+# marked constant for the process (assume_constant_result), so tracing calls it once instead of
+# breaking the graph at the import or the extension call it makes.
+
+
+@torch.compiler.assume_constant_result
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return _C is not None and _C.cuda_kernels_compiled()
@@ -47,10 +53,15 @@ def triton_interpreting() -> bool:
 
 
 @functools.cache
-def has_triton() -> bool:
-    """True when triton can be imported."""
+def _import_triton() -> bool:
     try:
         importlib.import_module("triton")
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def has_triton() -> bool:
+    """True when triton can be imported (imported once, on the first call)."""
+    return _import_triton()

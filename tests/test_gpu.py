@@ -1,6 +1,7 @@
 """GPU checks (marker `gpu`; skipped without CUDA): every backend against the float64 reference
 with the error-ratio rule in bfloat16 and float16, the Triton backward against autograd through
-the reference, and the CUDA decode kernel. Run by benchmarks/gpu_check.sh on the device."""
+the reference, the CUDA decode kernel, and `train --compile` (inductor, bf16 autocast, fused AdamW)
+against eager training. Run by benchmarks/gpu_check.sh on the device."""
 import pytest
 import torch
 
@@ -100,3 +101,21 @@ def test_retro_model_decoding_matches_full_forward_on_gpu():
             new = {r: (nb[r, t // 16], mask[r, t // 16]) for r in range(B)} if t % 16 == 15 else {}
             step = model.step(state, tok[:, t], new)
             torch.testing.assert_close(step, full[:, t], rtol=2e-3, atol=2e-3)
+
+
+def test_compiled_training_follows_eager_bf16():
+    """`retro train --compile` on the GPU: inductor, bfloat16 autocast, fused AdamW, the Triton
+    ops. Error-ratio rule against float32 eager training (same weights, same batch): the compiled
+    bf16 losses deviate at most 2x as much as eager bf16's, plus 1e-3 (an eighth of bfloat16's
+    eps, 2^-7: a loss averages the rounding of many logits)."""
+    from retro.model import preset
+    from test_compile import inputs, run_training
+
+    cfg = preset("tiny", vocab_size=300, max_seq_len=256)
+    batch = inputs(cfg, batch=2, chunks=4)
+    reference = run_training(torch.float32, None, 4, cfg, batch, device="cuda")
+    eager = run_training(torch.float32, None, 4, cfg, batch, device="cuda", bf16=True)
+    compiled = run_training(torch.float32, "inductor", 4, cfg, batch, device="cuda", bf16=True)
+    torch._dynamo.reset()
+    err_eager, err_compiled = (eager - reference).abs().max(), (compiled - reference).abs().max()
+    assert err_compiled <= 2 * err_eager + 1e-3, (compiled, eager, reference)

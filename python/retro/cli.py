@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue a killed run exactly")
     tr.add_argument("--device")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on GPUs")
-    tr.add_argument("--compile", action="store_true")
+    tr.add_argument("--compile", action="store_true",
+                    help="torch.compile the model as one graph (fullgraph); fused AdamW on CUDA")
     tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
                                                         "states (FSDP2); sharded checkpoints in RUN/checkpoints")

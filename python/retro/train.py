@@ -19,6 +19,7 @@ from . import distributed as dist
 from . import fsdp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
+from .compiled import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import IGNORE, Sampler, TrainSequences
 from .errors import RetroError
 from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
@@ -49,7 +50,8 @@ class TrainOptions:
     resume: bool = False
     device: str | None = None
     bf16: bool | None = None     # default: on CUDA
-    compile: bool = False
+    compile: bool = False        # fullgraph torch.compile of the model; fused AdamW on CUDA (compiled.py)
+    compile_backend: str = "inductor"  # tests: a tracing-only backend (COMPILE_BACKENDS)
     checkpointing: bool = False
     fsdp: bool = False           # shard weights, gradients and optimizer states (fsdp.py); sharded checkpoints
     backend: str = "auto"
@@ -74,6 +76,8 @@ class TrainOptions:
         check_float("retrieval_lr_scale", self.retrieval_lr_scale, 0)
         check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_preset(self.config)
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise RetroError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile_backend!r}")
         self.overrides = check_config_fields(self.overrides)
 
 
@@ -100,9 +104,10 @@ def is_retrieval_parameter(name: str) -> bool:
     return any(part in name.split(".") for part in ("encoder", "to_encoder", "cca", "cca_norm"))
 
 
-def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices other than embeddings; the retrieval parameters at
-    lr * retrieval_lr_scale (each group's "lr_scale" is applied by lr_at's caller)."""
+def make_optimizer(model: torch.nn.Module, opts: TrainOptions, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW (its fused CUDA kernel with fused=True); weight decay on matrices other than
+    embeddings; the retrieval parameters at lr * retrieval_lr_scale (each group's "lr_scale" is
+    applied by lr_at's caller)."""
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -112,14 +117,15 @@ def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.Ad
         groups.setdefault((decay, scale), []).append(p)
     return torch.optim.AdamW([{"params": ps, "weight_decay": opts.weight_decay if decay else 0.0, "lr_scale": scale}
                               for (decay, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))],
-                             lr=opts.lr, betas=(0.9, 0.95))
+                             lr=opts.lr, betas=(0.9, 0.95), fused=fused or None)
 
 
 def sequence_loss(model, batch, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over this rank's scored targets, scaled so that DDP's gradient mean
     equals the gradient of (all ranks' NLL) / (all ranks' scored targets). -> (loss, nll, count)."""
     logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 from bf16; float64 stays
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
     count = (batch.targets != IGNORE).sum()
     total = count.clone()
@@ -178,7 +184,8 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     weights_to_save = getattr(model, "trainable_state_dict", model.state_dict)  # retrofit: new weights only
     if opts.fsdp and world > 1:
         fsdp.shard_model(model, device, bf16)
-    optimizer = make_optimizer(model, opts)
+    fused = use_fused_adamw(device, opts.compile)
+    optimizer = make_optimizer(model, opts, fused)
     step, total = 0, opts.steps
     if ck is not None:
         if opts.fsdp:
@@ -188,14 +195,15 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
             model.load_state_dict(ck["weights"], strict=model_factory is None)
             optimizer.load_state_dict(ck["optimizer"]["optimizer"])
             rngs = ck["optimizer"]["rng"]
+        set_fused(optimizer, fused)  # this run's choice, not the saved one
         set_rng_state(rngs[min(rank, len(rngs) - 1)])
         step, total = ck["state"]["step"], ck["state"]["total_steps"]
+    if opts.compile:
+        compile_for_training(model, opts.compile_backend)
     net = model
     if world > 1 and not opts.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=not opts.retrieval)
-    if opts.compile:
-        net = torch.compile(net)
 
     log_path = run / "log.jsonl"
     if dist.is_main():
