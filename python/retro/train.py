@@ -23,41 +23,43 @@ from .compiled import COMPILE_BACKENDS, compile_for_training, set_fused, use_fus
 from .data import IGNORE, Sampler, TrainSequences
 from .errors import RetroError
 from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
+from .options import option
 from .retrieval.database import ChunkDatabase
 from .retrieval.neighbours import compute_neighbours, load_neighbours
 
 
 @dataclass
 class TrainOptions:
-    db: str
-    out: str
-    config: str = "tiny"
-    steps: int = 1000
-    batch_size: int = 8          # sequences per step, all ranks together
-    seq_chunks: int = 4          # sequence length in chunks: n = seq_chunks * chunk_size
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    k: int = 2
-    retrieval: bool = True       # False: the same decoder trained without neighbours (the baseline)
-    retrieval_lr_scale: float = 1.0  # learning rate of the encoder and CCA blocks, relative to lr
-    extra: int = 6               # extra neighbour candidates for dropping same-sequence documents
-    seed: int = 0
-    save_every: int = 200
-    log_every: int = 10
-    resume: bool = False
-    device: str | None = None
-    bf16: bool | None = None     # default: on CUDA
-    compile: bool = False        # fullgraph torch.compile of the model; fused AdamW on CUDA (compiled.py)
-    compile_backend: str = "inductor"  # tests: a tracing-only backend (COMPILE_BACKENDS)
-    checkpointing: bool = False
-    fsdp: bool = False           # shard weights, gradients and optimizer states (fsdp.py); sharded checkpoints
-    backend: str = "auto"
-    time_budget: float | None = None  # seconds of training: `steps` re-estimated from the measured speed
-    overrides: dict = field(default_factory=dict)  # RetroConfig fields
-    progress: bool = True
+    db: str = option(help="the database folder (build-db, then neighbours)")
+    out: str = option(help="the run folder (checkpoints, log.jsonl)")
+    config: str = option("tiny", "model preset: tiny, 172M, 425M, 1.5B or 7.5B")
+    steps: int = option(1000, "optimizer steps (with --time-budget: re-estimated from the measured speed)")
+    batch_size: int = option(8, "sequences per step, all processes together")
+    seq_chunks: int = option(4, "sequence length in chunks: n = seq_chunks * chunk_size")
+    lr: float = option(1e-3, "peak learning rate (linear warm-up, cosine decay)")
+    min_lr_ratio: float = option(0.1, "the final learning rate, relative to --lr")
+    warmup: int = option(50, "warm-up steps")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    k: int = option(2, "neighbours per chunk", short="-k")
+    retrieval: bool = option(True, "--no-retrieval: the same decoder trained without neighbours (the baseline)")
+    retrieval_lr_scale: float = option(1.0, "learning rate of the encoder and CCA blocks, relative to --lr")
+    extra: int = option(6, "extra neighbour candidates, for dropping the sequence's own documents")
+    seed: int = option(0, "seed of the initialisation and the data order")
+    save_every: int = option(200, "steps between checkpoints")
+    log_every: int = option(10, "steps between progress lines")
+    resume: bool = option(False, "continue a killed run exactly")
+    device: str | None = option(None, "default: cuda if there is one")
+    bf16: bool | None = option(None, "bf16 autocast (default: on GPUs)")
+    compile: bool = option(False, "torch.compile the model as one graph (fullgraph); fused AdamW on CUDA")
+    compile_backend: str = option("inductor", cli=False)  # tests: a tracing-only backend (COMPILE_BACKENDS)
+    checkpointing: bool = option(False, "activation checkpointing")
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2); sharded "
+                               "checkpoints in RUN/checkpoints")
+    backend: str = option("auto", "retro_kernels backend: auto, reference, cpu, triton or cuda")
+    time_budget: float | None = option(None, "seconds of training: --steps re-estimated from the measured speed")
+    overrides: dict = option(cli=False, default_factory=dict)  # RetroConfig fields (--set FIELD=VALUE)
+    progress: bool = option(True, "a progress bar")
 
     def validate(self) -> None:
         """RetroError for an option out of range, an unknown --config or a bad --set, before any

@@ -31,7 +31,9 @@ from ..atomic import atomic_path, read_json, write_json, write_npy
 from ..checks import check_choice, check_float, check_int
 from ..errors import RetroError
 from .corpus import CorpusReport, check_corpus, check_globs, read_documents
+from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .embedder import DEFAULT_EMBEDDER
+from .index import KINDS
 from .tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_from_manifest
 
 FORMAT_VERSION = 1
@@ -42,28 +44,32 @@ _OWN_NAMES = {f"{a}.npy" for a in ARRAYS} | {"index.faiss", "manifest.json", "bu
 
 @dataclass
 class BuildOptions:
-    corpus: str
-    out: str
-    tokenizer: str | None = None  # a SentencePiece file or HF tokenizer; None: train one
-    vocab_size: int = 8000
-    chunk_size: int = 64
-    valid_fraction: float = 0.0
-    embedder: str = DEFAULT_EMBEDDER
-    index: str = "auto"
-    target_recall: float = 0.95
-    block_size: int = 2048  # chunks per embedding block (the unit of resumption)
-    text_field: str = "text"
-    max_documents: int | None = None
-    seed: int = 0
-    include: tuple[str, ...] = ()  # globs a directory's files must match (paths relative to it); none: all
-    exclude: tuple[str, ...] = ()  # globs of files left out
-    shards: int = 1  # the exact index split by chunk id into this many shards (retrieval/sharded.py)
+    corpus: str = option(help="a text file, a directory of text files, or .jsonl/.jsonl.gz", positional=True)
+    out: str = option(help="the database folder")
+    tokenizer: str | None = option(None, "a SentencePiece file or a Hugging Face tokenizer name/path "
+                                         "(default: train one into the database)")
+    vocab_size: int = option(8000, "the trained tokenizer's vocabulary")
+    chunk_size: int = option(64, "tokens per chunk (m)")
+    valid_fraction: float = option(0.0, "whole documents held out for evaluation")
+    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder")
+    index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-flat below 5M, then ivf-pq; "
+                                "torch exact search without faiss)", choices=KINDS)
+    target_recall: float = option(0.95, "10-recall@10 that nprobe is tuned to")
+    block_size: int = option(2048, "chunks per embedding block (the unit of --resume)")
+    text_field: str = option("text", "the text field of .jsonl documents")
+    max_documents: int | None = option(None, "read at most this many documents")
+    seed: int = option(0, "seed of the held-out choice")
+    include: tuple[str, ...] = option((), INCLUDE_HELP, metavar="GLOB")
+    exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
+    shards: int = option(1, "split the exact index by chunk id into N shards, searchable in one process or one per "
+                            "rank")
     # how, not what: these do not change the database
-    resume: bool = False
-    overwrite: bool = False
-    device: str | None = None
-    embed_batch_size: int | None = None  # texts per BERT batch: 32 on the CPU (cache-sized), 128 on a GPU
-    progress: bool = True
+    resume: bool = option(False, "complete an interrupted build")
+    overwrite: bool = option(False, "replace an existing database")
+    device: str | None = option(None, "where to embed (default: cuda if there is one)")
+    embed_batch_size: int | None = option(None, "texts per BERT batch (default 32 on the CPU, which keeps them in "
+                                                "cache, 128 on a GPU)", flag="batch-size")
+    progress: bool = option(True, cli=False)
 
     _HOW = ("resume", "overwrite", "device", "embed_batch_size", "progress")
 
@@ -74,8 +80,6 @@ class BuildOptions:
 
     def validate(self) -> None:
         """RetroError for an option out of range, before any work starts."""
-        from .index import KINDS
-
         for name, value, low in (("--chunk-size", self.chunk_size, 1), ("--vocab-size", self.vocab_size, 16),
                                  ("--block-size", self.block_size, 1), ("--seed", self.seed, 0),
                                  ("--shards", self.shards, 1)):
