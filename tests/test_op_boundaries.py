@@ -1,6 +1,7 @@
 """The compiled ops (torch.ops.retro_kernels.*), called directly, with one argument inconsistent with
 the others: every size of every tensor argument one larger and one smaller, another dtype, other
-strides (not contiguous), another device (meta), and out-of-range integer arguments. Each call
+strides (not contiguous), another device (meta), another number of dimensions, and out-of-range or
+inconsistent integers of the problem's description (q_rows, groups, prefix_rows). Each call
 must raise before a kernel reads memory -- ValueError for shapes, strides, devices and ranges,
 TypeError for dtypes -- with a message that starts with the op's name and names the argument.
 Sizes that an op derives from an argument (rather than checks against another) may change alone:
@@ -22,7 +23,7 @@ from retro_kernels.ops.block_attention import block_attention, block_attention_d
 from retro_kernels.ops.block_attention.naive import block_attention_reference
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
-B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 4, 2, 5, 6, 4  # N // M = 3 of L = 4 key groups used
+B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 5, 2, 5, 6, 4
 G = 3  # key groups of the decode op
 SCALE = 0.3
 
@@ -50,9 +51,10 @@ CPP_OPS = [
 TRITON_OPS = [OpSpec(s.op + "_triton", s.kind, s.backward, s.legit) for s in CPP_OPS if s.kind != "decode"]
 OPS = ([pytest.param(s, id=str(s)) for s in CPP_OPS] if has_cpu_kernels() else []) + \
       ([pytest.param(s, id=str(s)) for s in TRITON_OPS] if TRITON_OK else [])
-# The description's integers of the consistent block problem: chunked cross-attention's mapping
-# (rows 0 .. M-2 attend to nothing, the last group has M-1 of its M rows, key group 3 is unused).
-DESCRIPTION = {"q_rows": M, "groups": N // M, "prefix_rows": M - 1}
+# The description's integers of the consistent block problem, chunked cross-attention's mapping
+# with slack: rows 0 .. M-2 attend to nothing, the other 15 rows fill groups 0 .. 2 of M rows (the
+# last one M-1), group 3 has no rows, key group 4 is not attended.
+DESCRIPTION = {"q_rows": M, "groups": 4, "prefix_rows": M - 1}
 
 
 def _inputs(kind: str, device="cpu") -> dict:
@@ -70,7 +72,7 @@ def _op(spec: OpSpec):
     return getattr(torch.ops.retro_kernels, spec.op)
 
 
-def _reference(kind: str, q, k, v, key_mask, q_rows=M, groups=N // M, prefix_rows=M - 1):
+def _reference(kind: str, q, k, v, key_mask, q_rows=M, groups=4, prefix_rows=M - 1):
     if kind == "decode":
         return block_attention_reference(q, k, v, key_mask, 1, q.shape[1], 0, SCALE)[0]
     return block_attention_reference(q, k, v, key_mask, q_rows, groups, prefix_rows, SCALE)[0]
@@ -128,7 +130,8 @@ def mutations(spec: OpSpec):
             for delta in (1, -1):
                 legal = (name, dim) in spec.legit
                 yield name, f"size{dim}{delta:+d}", _resized(t, dim, delta), None if legal else ValueError
-        yield name, "ndim", t[None], ValueError
+        yield name, "ndim+1", t[None], ValueError
+        yield name, "ndim=1", t.reshape(-1), ValueError
         yield name, "dtype", _other_dtype(t), TypeError
         yield name, "strides", _non_contiguous(t), ValueError
         yield name, "meta", t.to("meta"), ValueError
@@ -136,19 +139,19 @@ def mutations(spec: OpSpec):
     yield "softmax_scale", "nan", float("nan"), ValueError
     yield "softmax_scale", "inf", float("inf"), ValueError
     if spec.kind == "block":
-        # (N - (M - 1)) = 15 rows in 3 groups of 6 rows, 4 key groups.
+        # N - prefix_rows = 15 rows in groups of q_rows = 6; 4 groups; 5 key groups.
         yield "q_rows", "0", 0, ValueError
         yield "q_rows", "-1", -1, ValueError
-        yield "q_rows", "4", 4, ValueError             # 15 rows need 4 groups of 4
-        yield "q_rows", "5", 5, None                   # 3 groups of 5 rows
+        yield "q_rows", "3", 3, ValueError             # 15 rows need 5 groups of 3
+        yield "q_rows", "4", 4, None                   # 4 groups of 4 rows
         yield "q_rows", "2**62", 2 ** 62, None         # all rows in group 0, no overflow
         yield "groups", "-1", -1, ValueError
         yield "groups", "2", 2, ValueError             # 15 rows need 3 groups of 6
-        yield "groups", "4", 4, None                   # group 3 has no rows
-        yield "groups", "5", 5, ValueError             # k has 4 key groups
-        yield "prefix_rows", "-1", -1, ValueError
-        yield "prefix_rows", "0", 0, ValueError        # 20 rows need 4 groups of 6
-        yield "prefix_rows", "6", 6, None              # 14 rows
+        yield "groups", "3", 3, None                   # every group has rows
+        yield "groups", "5", 5, None                   # every key group attended
+        yield "groups", "6", 6, ValueError             # k has 5 key groups
+        yield "prefix_rows", "-1", -1, ValueError      # (21 rows would fit 4 groups of 6)
+        yield "prefix_rows", "0", 0, None              # 20 rows
         yield "prefix_rows", "20", N, None             # no row attends
         yield "prefix_rows", "21", N + 1, ValueError   # more than q's rows
 

@@ -179,7 +179,6 @@ inline BlockProblem check_block_problem(const ArgChecker& c, const at::Tensor& q
   p.key_groups = k.size(1);
   p.keys = k.size(2);
   c.at_least("q_rows", q_rows, 1);
-  c.at_least("groups", groups, 0);
   c.at_most("groups", groups, p.key_groups, from("key_groups", k, "k").c_str());
   c.at_least("prefix_rows", prefix_rows, 0);
   c.at_most("prefix_rows", prefix_rows, p.rows, from("rows", q).c_str());
@@ -187,7 +186,8 @@ inline BlockProblem check_block_problem(const ArgChecker& c, const at::Tensor& q
   p.groups = groups;
   p.prefix_rows = prefix_rows;
   p.q_valid = p.rows - prefix_rows;
-  // ceil(q_valid / q_rows), without forming q_valid + q_rows (q_rows may be huge).
+  // ceil(q_valid / q_rows), without forming q_valid + q_rows (q_rows may be huge); >= 0, so this
+  // also refuses a negative groups.
   const int64_t needed = p.q_valid / q_rows + (p.q_valid % q_rows != 0);
   TORCH_CHECK_VALUE(groups >= needed, c.op(), ": groups is ", groups, ", expected >= ", needed,
                     " = ceil((rows - prefix_rows) / q_rows) = ceil((", p.rows, " - ", prefix_rows,

@@ -102,10 +102,11 @@ class ArgChecker:
             raise ValueError(f"{self.op}: {name} is {value}, expected a finite number")
 
 
-def _check_keys(c: ArgChecker, q: Tensor, k, v, key_mask, q_name_sizes: str, k_groups: int) -> None:
+def _check_keys(c: ArgChecker, q: Tensor, k, v, key_mask, q_name_sizes: str, decode: bool) -> None:
+    """k, v and key_mask against q; k's key_groups are q's rows for the decode op."""
     c.ndim("k", k, 5, GROUPS_KV)
-    B, _, H, D = q.shape
-    c.tensor("k", k, (B, k_groups, k.shape[2], H, D), GROUPS_KV, _from(q_name_sizes, q))
+    B, rows, H, D = q.shape
+    c.tensor("k", k, (B, rows if decode else k.shape[1], k.shape[2], H, D), GROUPS_KV, _from(q_name_sizes, q))
     c.tensor("v", v, k.shape, GROUPS_KV, _from("the shape", k, "k"))
     c.mask("key_mask", key_mask, k.shape[:3], GROUPS_MASK, _from("the first three sizes", k, "k"))
 
@@ -115,15 +116,13 @@ def check_block(op: str, q, k, v, key_mask, q_rows: int, groups: int, prefix_row
     """The arguments of block_attention_fwd (layouts.py describes them); with grad_out (backward
     ops): grad_out and out like q, lse (batch, heads, rows)."""
     c = ArgChecker(op, q, ROWS_Q, 4, dtypes)
-    c.ndim("k", k, 5, GROUPS_KV)
-    _check_keys(c, q, k, v, key_mask, "batch, heads and head_dim", k.shape[1])
+    _check_keys(c, q, k, v, key_mask, "batch, heads and head_dim", decode=False)
     rows, key_groups = q.shape[1], k.shape[1]
     c.at_least("q_rows", q_rows, 1)
-    c.at_least("groups", groups, 0)
     c.at_most("groups", groups, key_groups, _from("key_groups", k, "k"))
     c.at_least("prefix_rows", prefix_rows, 0)
     c.at_most("prefix_rows", prefix_rows, rows, _from("rows", q))
-    needed = -(-(rows - prefix_rows) // q_rows)
+    needed = -(-(rows - prefix_rows) // q_rows)  # >= 0, so this also refuses a negative groups
     if groups < needed:
         raise ValueError(f"{op}: groups is {groups}, expected >= {needed} = ceil((rows - prefix_rows) / q_rows) "
                          f"= ceil(({rows} - {prefix_rows}) / {q_rows}) ({_from('rows', q)})")
@@ -139,5 +138,5 @@ def check_decode(op: str, q, k, v, key_mask, scale: float, dtypes=ALL_DTYPES) ->
     """The arguments of block_attention_decode: q (B, G, H, D); k, v (B, G, keys, H, D);
     key_mask (B, G, keys)."""
     c = ArgChecker(op, q, DECODE_Q, 4, dtypes)
-    _check_keys(c, q, k, v, key_mask, "batch, key_groups, heads and head_dim", q.shape[1])
+    _check_keys(c, q, k, v, key_mask, "batch, key_groups, heads and head_dim", decode=True)
     c.finite("softmax_scale", scale)
