@@ -31,7 +31,7 @@ def block_attention(problem: BlockProblem, softmax_scale: float, backend: str) -
         out, _ = block_attention_fwd_triton(*problem.args, softmax_scale)
     else:
         raise ValueError(f"block_attention: backend is {backend!r}, expected 'cpu' or 'triton'")
-    return out.view(problem.out_shape)
+    return out if problem.out_shape is None else out.view(problem.out_shape)
 
 
 def block_attention_decode(problem: BlockProblem, softmax_scale: float) -> Tensor:
@@ -43,7 +43,7 @@ def block_attention_decode(problem: BlockProblem, softmax_scale: float) -> Tenso
                          f"groups {problem.groups} of {problem.k.shape[1]}")
     out = torch.ops.retro_kernels.block_attention_decode(problem.q, problem.k, problem.v, problem.key_mask,
                                                          softmax_scale)
-    return out.view(problem.out_shape)
+    return out if problem.out_shape is None else out.view(problem.out_shape)
 
 
 __all__ = ["BlockProblem", "block_attention", "block_attention_decode"]
