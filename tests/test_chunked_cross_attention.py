@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_reference
+from retro_kernels.ops.block_attention import layouts
 from testing import CCACase, cca_spec_loop, check_backend, random_cca
 
 CASES = [
@@ -92,10 +93,12 @@ def test_opcheck_cpu_ops(with_mask):
     case = CCACase(2, 13, 2, 8, 4, 2, 3, 4)
     q, k, v, m = random_cca(case, dtype=torch.float32, mask="random" if with_mask else None)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.retro_kernels.cca_fwd.default, (q, k, v, m, 4, 0.3))
-    out, lse = torch.ops.retro_kernels.cca_fwd(q, k, v, m, 4, 0.3)
-    args = (torch.randn_like(q), q.detach(), k.detach(), v.detach(), m, out.detach(), lse, 4, 0.3)
-    torch.library.opcheck(torch.ops.retro_kernels.cca_bwd.default, args)
+    p = layouts.cca(q, k, v, m, 4)
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_fwd.default, (*p.args, 0.3))
+    out, lse = torch.ops.retro_kernels.block_attention_fwd(*p.args, 0.3)
+    args = (torch.randn_like(p.q), p.q.detach(), p.k.detach(), p.v.detach(), p.key_mask, out.detach(), lse,
+            p.q_rows, p.groups, p.prefix_rows, 0.3)
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_bwd.default, args)
 
 
 @pytest.mark.slow
@@ -120,9 +123,8 @@ def test_auto_picks_cpu_kernel_for_cpu_tensors(monkeypatch):
     case = CCACase(1, 16, 1, 8, 2, 1, 4, 8)
     q, k, v, _ = random_cca(case, dtype=torch.float32)
     calls = []
-    real = torch.ops.retro_kernels.cca_fwd
-
     import retro_kernels.ops.cca.op as op_module
-    monkeypatch.setattr(op_module, "forward_op", lambda name, backend: calls.append(backend) or real)
+    real = op_module.block_attention
+    monkeypatch.setattr(op_module, "block_attention", lambda p, s, backend: calls.append(backend) or real(p, s, backend))
     chunked_cross_attention(q, k, v, chunk_size=8)
     assert calls == ["cpu"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
+from retro_kernels.ops.block_attention import layouts
 from testing import CCACase, check_decode, random_cca, random_decode_step
 
 
@@ -45,5 +46,7 @@ def test_decode_bad_input_is_named():
 def test_opcheck_decode_op():
     q, k, v, m = random_decode_step()
     q, k, v = q.float(), k.float(), v.float()
-    torch.library.opcheck(torch.ops.retro_kernels.cca_decode.default, (q, k, v, m, 0.2),
+    problem = layouts.decode(q, k, v, m)
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_decode.default,
+                          (problem.q, problem.k, problem.v, problem.key_mask, 0.2),
                           test_utils=("test_schema", "test_faketensor"))

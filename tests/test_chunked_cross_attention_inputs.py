@@ -65,6 +65,6 @@ def test_mask_on_other_device_is_named(monkeypatch):
 
 def test_no_kernel_runs_on_bad_input(monkeypatch):
     import retro_kernels.ops.cca.op as op_module
-    monkeypatch.setattr(op_module, "forward_op", lambda *a: pytest.fail("a kernel was called"))
+    monkeypatch.setattr(op_module, "block_attention", lambda *a: pytest.fail("a kernel was called"))
     with pytest.raises(ValueError):
         call(chunk_size=-3)

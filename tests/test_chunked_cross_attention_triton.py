@@ -5,6 +5,7 @@ import torch
 
 from retro_kernels import chunked_cross_attention
 from retro_kernels._extension import has_triton, triton_interpreting
+from retro_kernels.ops.block_attention import layouts
 from testing import CCACase, check_backend, random_cca, with_grads
 
 pytestmark = pytest.mark.skipif(
@@ -48,15 +49,15 @@ def test_triton_kernels_write_every_output_element():
     no NaN: every element is written, exact 0 (and lse = +inf) where nothing is attended. Chunk
     size 20 spans two row blocks of 16 (two prefix blocks, float32 dk/dv partials), chunk 1 of
     batch 0 is fully masked and chunk 2 is beyond seq_len // chunk_size (unused)."""
-    from retro_kernels.ops.grouped_attention import triton_launch
-    from retro_kernels.ops.grouped_attention.registration import _cca_problem
+    from retro_kernels.ops.block_attention import triton_launch
 
     case = CCACase(2, 50, 2, 24, 3, 3, 5, 20)
     q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE, mask="random")
-    q_rows, k_g, v_g, m_g, layout = _cca_problem(q, k, v, m, 20)
+    p = layouts.cca(q, k, v, m, 20)
+    q_rows, k_g, v_g, m_g = p.q, p.k, p.v, p.key_mask
     nan = float("nan")
     out, lse = torch.full_like(q, nan), torch.full((2, 2, 50), nan, device=DEVICE)
-    triton_launch.forward(q_rows, k_g, v_g, m_g, layout, 0.3, out=out, lse=lse)
+    triton_launch.forward(q_rows, k_g, v_g, m_g, p.q_rows, p.groups, p.prefix_rows, 0.3, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
     assert (out[:, :19] == 0).all() and (lse[:, :, :19] == float("inf")).all()  # before the first chunk
     assert (out[0, 39:50] == 0).all() and (lse[0, :, 39:50] == float("inf")).all()  # chunk 1 fully masked
@@ -66,7 +67,8 @@ def test_triton_kernels_write_every_output_element():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
     dq, dk, dv = (torch.full_like(x, nan) for x in (q, k_g, v_g))
-    triton_launch.backward(torch.randn_like(q), q_rows, k_g, v_g, m_g, out, lse, layout, 0.3, dq=dq, dk=dk, dv=dv)
+    triton_launch.backward(torch.randn_like(q), q_rows, k_g, v_g, m_g, out, lse, p.q_rows, p.groups, p.prefix_rows,
+                           0.3, dq=dq, dk=dk, dv=dv)
     assert not dq.isnan().any() and not dk.isnan().any() and not dv.isnan().any()
     assert (dq[:, :19] == 0).all() and (dq[0, 39:50] == 0).all()
     assert (dk[:, 2] == 0).all() and (dv[:, 2] == 0).all()  # the unused chunk
@@ -87,7 +89,8 @@ def test_opcheck_triton_ops():
     case = CCACase(1, 13, 2, 16, 4, 2, 3, 4)
     q, k, v, m = random_cca(case, dtype=torch.float32, device=DEVICE)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.retro_kernels.cca_fwd_triton.default, (q, k, v, m, 4, 0.25),
+    p = layouts.cca(q, k, v, m, 4)
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_fwd_triton.default, (*p.args, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -43,8 +43,8 @@ def test_triton_float32_on_gpu():
 def test_auto_picks_triton_on_cuda(monkeypatch):
     import retro_kernels.ops.cca.op as op_module
     calls = []
-    real = op_module.forward_op
-    monkeypatch.setattr(op_module, "forward_op", lambda n, b: calls.append(b) or real(n, b))
+    real = op_module.block_attention
+    monkeypatch.setattr(op_module, "block_attention", lambda p, s, b: calls.append(b) or real(p, s, b))
     q, k, v, _ = random_cca(CCACase(1, 64, 2, 64, 1, 2, 8, 64), dtype=torch.bfloat16, device="cuda")
     chunked_cross_attention(q, k, v, chunk_size=64)
     assert calls == ["triton"]

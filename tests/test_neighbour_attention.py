@@ -7,6 +7,7 @@ import torch
 from retro_kernels import (neighbour_cross_attention, neighbour_cross_attention_reference,
                            neighbour_self_attention, neighbour_self_attention_reference)
 from retro_kernels._extension import has_triton, triton_interpreting
+from retro_kernels.ops.block_attention import layouts
 from testing import check_backend, cross_spec_loop, self_spec_loop
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
@@ -79,15 +80,16 @@ def test_cpu_gradcheck(which):
     assert torch.autograd.gradcheck(make("cpu", m), [x.requires_grad_() for x in (q, k, v)])
 
 
-@pytest.mark.parametrize("name", ["neighbour_self_attn", "neighbour_cross_attn"])
+@pytest.mark.parametrize("name", ["neighbour_self", "neighbour_cross"])
 def test_opcheck(name):
     s, c = problem((1, 2, 2, 5, 2, 8, 3))
     q, k, v, m = (s if "self" in name else c)
     q, k, v = (x.float().requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(getattr(torch.ops.retro_kernels, f"{name}_fwd").default, (q, k, v, m, 0.3))
+    layout = layouts.neighbour_self if name == "neighbour_self" else layouts.neighbour_cross
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_fwd.default, (*layout(q, k, v, m).args, 0.3))
     if TRITON_OK:
-        torch.library.opcheck(getattr(torch.ops.retro_kernels, f"{name}_fwd_triton").default,
-                              tuple(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in (q, k, v, m, 0.3)),
+        p = layout(*(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in (q, k, v, m)))
+        torch.library.opcheck(torch.ops.retro_kernels.block_attention_fwd_triton.default, (*p.args, 0.3),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

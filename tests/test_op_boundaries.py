@@ -1,6 +1,7 @@
 """The compiled ops (torch.ops.retro_kernels.*), called directly, with one argument inconsistent with
 the others: every size of every tensor argument one larger and one smaller, another dtype, other
-strides (not contiguous), another device (meta), and out-of-range integer arguments. Each call
+strides (not contiguous), another device (meta), another number of dimensions, and out-of-range or
+inconsistent integers of the problem's description (q_rows, groups, prefix_rows). Each call
 must raise before a kernel reads memory -- ValueError for shapes, strides, devices and ranges,
 TypeError for dtypes -- with a message that starts with the op's name and names the argument.
 Sizes that an op derives from an argument (rather than checks against another) may change alone:
@@ -18,16 +19,19 @@ import torch
 from retro_kernels import (chunked_cross_attention_decode_reference, chunked_cross_attention_reference,
                            neighbour_cross_attention_reference, neighbour_self_attention_reference)
 from retro_kernels._extension import has_cpu_kernels, has_cuda_kernels, has_triton, triton_interpreting
+from retro_kernels.ops.block_attention import block_attention, block_attention_decode, layouts
+from retro_kernels.ops.block_attention.naive import block_attention_reference
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
-B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 3, 2, 5, 6, 4  # N // M = 3 = L chunks used
+B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 5, 2, 5, 6, 4
+G = 3  # key groups of the decode op
 SCALE = 0.3
 
 
 @dataclass(frozen=True)
 class OpSpec:
     op: str                # torch.ops.retro_kernels.<op>
-    family: str            # cca, self, cross or decode
+    kind: str              # block (block_attention_fwd/_bwd) or decode (block_attention_decode)
     backward: bool = False
     legit: tuple = ()      # (argument, dimension) whose size may change alone
 
@@ -40,66 +44,63 @@ class OpSpec:
 
 
 CPP_OPS = [
-    OpSpec("cca_fwd", "cca", legit=(("q", 1),)),
-    OpSpec("cca_bwd", "cca", backward=True),
-    OpSpec("neighbour_self_attn_fwd", "self"),
-    OpSpec("neighbour_self_attn_bwd", "self", backward=True),
-    OpSpec("neighbour_cross_attn_fwd", "cross", legit=(("q", 2), ("q", 3))),
-    OpSpec("neighbour_cross_attn_bwd", "cross", backward=True),
-    OpSpec("cca_decode", "decode"),
+    OpSpec("block_attention_fwd", "block", legit=(("q", 1),)),
+    OpSpec("block_attention_bwd", "block", backward=True),
+    OpSpec("block_attention_decode", "decode"),
 ]
-TRITON_OPS = [OpSpec(s.op + "_triton", s.family, s.backward, s.legit) for s in CPP_OPS if s.family != "decode"]
+TRITON_OPS = [OpSpec(s.op + "_triton", s.kind, s.backward, s.legit) for s in CPP_OPS if s.kind != "decode"]
 OPS = ([pytest.param(s, id=str(s)) for s in CPP_OPS] if has_cpu_kernels() else []) + \
       ([pytest.param(s, id=str(s)) for s in TRITON_OPS] if TRITON_OK else [])
-MASK_NAME = {"cca": "neighbour_mask", "self": "neighbour_mask", "cross": "chunk_mask", "decode": "neighbour_mask"}
+# The description's integers of the consistent block problem, chunked cross-attention's mapping
+# with slack: rows 0 .. M-2 attend to nothing, the other 15 rows fill groups 0 .. 2 of M rows (the
+# last one M-1), group 3 has no rows, key group 4 is not attended.
+DESCRIPTION = {"q_rows": M, "groups": 4, "prefix_rows": M - 1}
 
 
-def _inputs(family: str, device="cpu") -> dict:
-    """Consistent float32 q, k, v and mask of one family (mask with some padding)."""
+def _inputs(kind: str, device="cpu") -> dict:
+    """Consistent float32 q, k, v and key_mask of one op kind (mask with some padding)."""
     g = torch.Generator().manual_seed(0)
-    shapes = {"cca": ((B, N, H, D), (B, L, K, R, H, D)), "self": ((B, L, K, R, H, D), (B, L, K, R, H, D)),
-              "cross": ((B, L, K, R, H, D), (B, L, C, H, D)), "decode": ((B, H, D), (B, K, R, H, D))}
-    q_shape, k_shape = shapes[family]
-    mask_shape = k_shape[:-2]
+    q_shape, k_shape = {"block": ((B, N, H, D), (B, L, K * R, H, D)),
+                        "decode": ((B, G, H, D), (B, G, K * R, H, D))}[kind]
     x = {name: torch.randn(shape, generator=g).to(device)
          for name, shape in (("q", q_shape), ("k", k_shape), ("v", k_shape))}
-    x[MASK_NAME[family]] = (torch.rand(mask_shape, generator=g) > 0.25).to(device)
+    x["key_mask"] = (torch.rand(k_shape[:3], generator=g) > 0.25).to(device)
     return x
 
 
-def _reference(family: str, q, k, v, mask):
-    return {"cca": lambda: chunked_cross_attention_reference(q, k, v, M, mask, SCALE),
-            "self": lambda: neighbour_self_attention_reference(q, k, v, mask, SCALE),
-            "cross": lambda: neighbour_cross_attention_reference(q, k, v, mask, SCALE),
-            "decode": lambda: chunked_cross_attention_decode_reference(q, k, v, mask, SCALE)}[family]()
+def _op(spec: OpSpec):
+    return getattr(torch.ops.retro_kernels, spec.op)
+
+
+def _reference(kind: str, q, k, v, key_mask, q_rows=M, groups=4, prefix_rows=M - 1):
+    if kind == "decode":
+        return block_attention_reference(q, k, v, key_mask, 1, q.shape[1], 0, SCALE)[0]
+    return block_attention_reference(q, k, v, key_mask, q_rows, groups, prefix_rows, SCALE)[0]
 
 
 @functools.cache
 def _forward_outputs(spec: OpSpec):
     """out and lse of the consistent inputs, from the forward op of the same backend."""
-    x = _inputs(spec.family)
     fwd = getattr(torch.ops.retro_kernels, spec.op.replace("_bwd", "_fwd"))
-    params = (M, SCALE) if spec.family == "cca" else (SCALE,)
-    return fwd(*x.values(), *params)
+    return fwd(*_inputs(spec.kind).values(), *DESCRIPTION.values(), SCALE)
 
 
 def consistent_args(spec: OpSpec, real: bool = False) -> dict:
     """The op's arguments by schema name, all consistent. A backward op gets out and lse of the
     right shapes and dtypes; their values come from the forward op only when `real`."""
-    x = _inputs(spec.family)
+    x = _inputs(spec.kind)
     if spec.backward:
         q = x["q"]
-        rows = q.shape[1] if spec.family == "cca" else q.shape[1] * q.shape[2] * q.shape[3]
-        out, lse = _forward_outputs(spec) if real else (torch.zeros_like(q), torch.zeros(B, H, rows))
+        out, lse = _forward_outputs(spec) if real else (torch.zeros_like(q), torch.zeros(B, H, N))
         x = {"grad_out": torch.randn_like(q), **x, "out": out, "lse": lse}
-    if spec.family == "cca":
-        x["chunk_size"] = M
+    if spec.kind == "block":
+        x.update(DESCRIPTION)
     x["softmax_scale"] = SCALE
     return x
 
 
 def call(spec: OpSpec, args: dict):
-    return getattr(torch.ops.retro_kernels, spec.op)(*args.values())
+    return _op(spec)(*args.values())
 
 
 def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -129,16 +130,30 @@ def mutations(spec: OpSpec):
             for delta in (1, -1):
                 legal = (name, dim) in spec.legit
                 yield name, f"size{dim}{delta:+d}", _resized(t, dim, delta), None if legal else ValueError
+        yield name, "ndim+1", t[None], ValueError
+        yield name, "ndim=1", t.reshape(-1), ValueError
         yield name, "dtype", _other_dtype(t), TypeError
         yield name, "strides", _non_contiguous(t), ValueError
         yield name, "meta", t.to("meta"), ValueError
     yield "q", "int64", args["q"].long(), TypeError
     yield "softmax_scale", "nan", float("nan"), ValueError
     yield "softmax_scale", "inf", float("inf"), ValueError
-    if spec.family == "cca":
-        yield "chunk_size", "0", 0, ValueError
-        yield "chunk_size", "-1", -1, ValueError
-        yield "chunk_size", "2**62", 2 ** 62, None  # longer than the sequence: all zeros, no overflow
+    if spec.kind == "block":
+        # N - prefix_rows = 15 rows in groups of q_rows = 6; 4 groups; 5 key groups.
+        yield "q_rows", "0", 0, ValueError
+        yield "q_rows", "-1", -1, ValueError
+        yield "q_rows", "3", 3, ValueError             # 15 rows need 5 groups of 3
+        yield "q_rows", "4", 4, None                   # 4 groups of 4 rows
+        yield "q_rows", "2**62", 2 ** 62, None         # all rows in group 0, no overflow
+        yield "groups", "-1", -1, ValueError
+        yield "groups", "2", 2, ValueError             # 15 rows need 3 groups of 6
+        yield "groups", "3", 3, None                   # every group has rows
+        yield "groups", "5", 5, None                   # every key group attended
+        yield "groups", "6", 6, ValueError             # k has 5 key groups
+        yield "prefix_rows", "-1", -1, ValueError      # (21 rows would fit 4 groups of 6)
+        yield "prefix_rows", "0", 0, None              # 20 rows
+        yield "prefix_rows", "20", N, None             # no row attends
+        yield "prefix_rows", "21", N + 1, ValueError   # more than q's rows
 
 
 @functools.cache
@@ -158,13 +173,14 @@ def _cases():
 def test_inconsistent_argument_is_refused_and_named(spec, name, what, error):
     args = consistent_args(spec)
     args[name] = mutation_table(spec)[name, what][0]
-    if error is None:  # a size the op derives from this argument: legal
+    if error is None:  # a size or an integer the op derives the problem from: legal
         result = call(spec, args)
         if not spec.backward:
             out = result[0] if isinstance(result, tuple) else result
-            params = [args[n] for n in ("q", "k", "v", MASK_NAME[spec.family])]
-            expected = _reference(spec.family, *params) if name != "chunk_size" else torch.zeros_like(out)
-            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            params = [args[n] for n in ("q", "k", "v", "key_mask")]
+            if spec.kind == "block":
+                params += [args["q_rows"], args["groups"], args["prefix_rows"]]
+            torch.testing.assert_close(out, _reference(spec.kind, *params), rtol=1e-4, atol=1e-5)
         return
     with pytest.raises(error) as info:
         call(spec, args)
@@ -176,17 +192,64 @@ def test_inconsistent_argument_is_refused_and_named(spec, name, what, error):
 @pytest.mark.parametrize("spec", OPS)
 def test_consistent_call_succeeds_and_matches_reference(spec):
     args = consistent_args(spec, real=True)
-    x = _inputs(spec.family)
-    mask = x[MASK_NAME[spec.family]]
+    x = _inputs(spec.kind)
     result = call(spec, args)
     if not spec.backward:
         out = result[0] if isinstance(result, tuple) else result
-        torch.testing.assert_close(out, _reference(spec.family, x["q"], x["k"], x["v"], mask), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, _reference(spec.kind, *x.values()), rtol=1e-4, atol=1e-5)
+        if spec.kind == "block":
+            lse = block_attention_reference(*x.values(), *DESCRIPTION.values(), SCALE)[1]
+            torch.testing.assert_close(result[1], lse, rtol=1e-4, atol=1e-5)
         return
     leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v")]
-    expected = torch.autograd.grad(_reference(spec.family, *leaves, mask), leaves, args["grad_out"])
+    expected = torch.autograd.grad(_reference(spec.kind, *leaves, x["key_mask"]), leaves, args["grad_out"])
     for got, exp in zip(result, expected):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+# ---- each public op's description (layouts.py), run by each backend ---------------------------------
+
+
+def _family_inputs(family: str):
+    g = torch.Generator().manual_seed(1)
+    shapes = {"cca": ((B, N, H, D), (B, L, K, R, H, D)), "self": ((B, L, K, R, H, D), (B, L, K, R, H, D)),
+              "cross": ((B, L, K, R, H, D), (B, L, C, H, D)), "decode": ((B, H, D), (B, K, R, H, D))}
+    q_shape, k_shape = shapes[family]
+    q, k, v = (torch.randn(s, generator=g) for s in (q_shape, k_shape, k_shape))
+    return q, k, v, torch.rand(k_shape[:-2], generator=g) > 0.25
+
+
+FAMILIES = {
+    "cca": (lambda q, k, v, m: layouts.cca(q, k, v, m, M),
+            lambda q, k, v, m: chunked_cross_attention_reference(q, k, v, M, m, SCALE)),
+    "self": (layouts.neighbour_self, lambda q, k, v, m: neighbour_self_attention_reference(q, k, v, m, SCALE)),
+    "cross": (layouts.neighbour_cross, lambda q, k, v, m: neighbour_cross_attention_reference(q, k, v, m, SCALE)),
+}
+BACKENDS = (["cpu"] if has_cpu_kernels() else []) + (["triton"] if TRITON_OK else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_description_matches_its_reference(family, backend):
+    """layouts.<family> run by the block op of `backend`: the output and the gradients of the
+    public op's reference."""
+    describe, reference = FAMILIES[family]
+    q, k, v, m = _family_inputs(family)
+    grad = torch.randn_like(q)
+    got_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = block_attention(describe(*got_leaves, m), SCALE, backend)
+    exp_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = reference(*exp_leaves, m)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, got_leaves, grad), torch.autograd.grad(expected, exp_leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not has_cpu_kernels(), reason="needs retro_kernels._C")
+def test_decode_description_matches_its_reference():
+    q, k, v, m = _family_inputs("decode")
+    torch.testing.assert_close(block_attention_decode(layouts.decode(q, k, v, m), SCALE),
+                               chunked_cross_attention_decode_reference(q, k, v, m, SCALE), rtol=1e-4, atol=1e-5)
 
 
 # ---- the CUDA decode op (compiled in only with CUDA) ---------------------------------------------
@@ -201,13 +264,13 @@ def _cuda_decode_ready():
 @pytest.mark.parametrize("name", ["q", "k", "v", "neighbour_mask"])
 def test_cuda_decode_refuses_inconsistent_arguments(name):
     _cuda_decode_ready()
-    spec = OpSpec("cca_decode", "decode")
+    spec = OpSpec("block_attention_decode", "decode")
     for arg, what, replacement, error in mutations(spec):
         if arg != name or error is None or what == "meta":
             continue
         args = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in consistent_args(spec).items()}
         args[arg] = replacement.cuda()
-        with pytest.raises(error, match=rf"^cca_decode: .*\b{arg}\b"):
+        with pytest.raises(error, match=rf"^block_attention_decode: .*\b{arg}\b"):
             call(spec, args)
     args = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in consistent_args(spec).items()}
     args[name] = args[name].cpu()
@@ -218,18 +281,22 @@ def test_cuda_decode_refuses_inconsistent_arguments(name):
 @pytest.mark.gpu
 def test_cuda_decode_limits():
     _cuda_decode_ready()
-    op = torch.ops.retro_kernels.cca_decode
-    q, k = torch.randn(65536, 1, 8, device="cuda"), torch.randn(65536, 1, 2, 1, 8, device="cuda")
-    with pytest.raises(ValueError, match=r"cca_decode: batch \* heads .* 65536, expected <= 65535"):
+    op = torch.ops.retro_kernels.block_attention_decode
+    q, k = torch.randn(32768, 2, 1, 8, device="cuda"), torch.randn(32768, 2, 2, 1, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"block_attention_decode: batch \* key_groups \* heads .* 65536, "
+                                         r"expected <= 65535"):
         op(q, k, k, None, 1.0)
-    q, k = torch.randn(1, 1, 300, device="cuda"), torch.randn(1, 1, 2, 1, 300, device="cuda")
-    with pytest.raises(ValueError, match="cca_decode: head_dim .* 300, expected <= 256"):
+    q, k = torch.randn(1, 1, 1, 300, device="cuda"), torch.randn(1, 1, 2, 1, 300, device="cuda")
+    with pytest.raises(ValueError, match="block_attention_decode: head_dim .* 300, expected <= 256"):
         op(q, k, k, None, 1.0)
-    with pytest.raises(TypeError, match="cca_decode: q has dtype torch.float64"):
+    with pytest.raises(TypeError, match="block_attention_decode: q has dtype torch.float64"):
         op(q.double(), k.double(), k.double(), None, 1.0)
-    empty = op(torch.randn(0, 2, 8, device="cuda"), torch.randn(0, 1, 2, 2, 8, device="cuda"),
+    empty = op(torch.randn(0, 1, 2, 8, device="cuda"), torch.randn(0, 1, 2, 2, 8, device="cuda"),
                torch.randn(0, 1, 2, 2, 8, device="cuda"), None, 1.0)
-    assert empty.shape == (0, 2, 8)
+    assert empty.shape == (0, 1, 2, 8)
+    # Several key groups per batch element: each (batch element, group) is one row of the kernel.
+    q, k, v, m = (x.cuda() for x in _inputs("decode").values())
+    torch.testing.assert_close(op(q, k, v, m, SCALE), _reference("decode", q, k, v, m), rtol=1e-4, atol=1e-5)
 
 
 # ---- the Triton launchers ------------------------------------------------------------------------
@@ -239,17 +306,15 @@ def test_cuda_decode_limits():
 def launch_problem():
     if not TRITON_OK:
         pytest.skip("needs triton and a GPU or TRITON_INTERPRET=1")
-    from retro_kernels.ops.grouped_attention.layouts import GroupedLayout
-
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(2, 10, 2, 8, device=dev)                      # 2 groups of 5 rows
     k, v = torch.randn(2, 2, 3, 2, 8, device=dev), torch.randn(2, 2, 3, 2, 8, device=dev)
     mask = torch.ones(2, 2, 3, dtype=torch.bool, device=dev)
-    return q, k, v, mask, GroupedLayout(q_rows=5, q_valid=10, groups=2, keys=3, prefix_rows=0)
+    return q, k, v, mask, (5, 2, 0)  # q_rows, groups, prefix_rows
 
 
 @pytest.mark.parametrize("name, bad, error, words", [
-    ("k", lambda t: t[:, :, :2], ValueError, ["k", "shape"]),
+    ("k", lambda t: t[:1].contiguous(), ValueError, ["k", "shape"]),
     ("v", lambda t: t[:, :1], ValueError, ["v", "shape"]),
     ("v", lambda t: t.half(), TypeError, ["v", "dtype"]),
     ("q", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1), ValueError, ["q", "strides"]),
@@ -258,10 +323,10 @@ def launch_problem():
     ("q", lambda t: t.double(), TypeError, ["q", "dtype"]),
     ("q", lambda t: torch.randn(2, 10, 2, 300, device=t.device), ValueError, ["head_dim", "300", "256"]),
     ("q", lambda t: torch.randn(65536, 10, 1, 8, device=t.device), ValueError, ["batch * heads", "65535"]),
-    ("q", lambda t: t[:, :9].contiguous(), ValueError, ["layout", "9 rows"]),
+    ("q", lambda t: torch.cat([t, t[:, :1]], 1), ValueError, ["groups", "11 rows"]),
 ])
 def test_triton_launcher_checks(launch_problem, name, bad, error, words):
-    from retro_kernels.ops.grouped_attention import triton_launch
+    from retro_kernels.ops.block_attention import triton_launch
 
     q, k, v, mask, layout = launch_problem
     args = dict(q=q, k=k, v=v, mask=mask)
@@ -271,16 +336,16 @@ def test_triton_launcher_checks(launch_problem, name, bad, error, words):
         args["k"], args["v"] = (torch.zeros(b, 2, 3, 1, 8, device=q.device) for _ in range(2))
         args["mask"] = None
     with pytest.raises(error) as info:
-        triton_launch.forward(args["q"], args["k"], args["v"], args["mask"], layout, SCALE)
+        triton_launch.forward(args["q"], args["k"], args["v"], args["mask"], *layout, SCALE)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
 
 
 def test_triton_launcher_checks_backward_arguments(launch_problem):
-    from retro_kernels.ops.grouped_attention import triton_launch
+    from retro_kernels.ops.block_attention import triton_launch
 
     q, k, v, mask, layout = launch_problem
-    out, lse = triton_launch.forward(q, k, v, mask, layout, SCALE)
+    out, lse = triton_launch.forward(q, k, v, mask, *layout, SCALE)
     good = dict(grad_out=torch.randn_like(q), out=out, lse=lse)
     for name, bad, error in (("grad_out", good["grad_out"][:, :5], ValueError), ("out", out.half(), TypeError),
                              ("lse", lse[:, :1], ValueError), ("lse", lse.double(), TypeError),
@@ -288,5 +353,5 @@ def test_triton_launcher_checks_backward_arguments(launch_problem):
         kw = dict(good)
         kw[name] = bad
         extra = {"dk": kw.pop("dk")} if "dk" in kw else {}
-        with pytest.raises(error, match=rf"triton grouped attention backward: {name} "):
-            triton_launch.backward(kw["grad_out"], q, k, v, mask, kw["out"], kw["lse"], layout, SCALE, **extra)
+        with pytest.raises(error, match=rf"triton block attention backward: {name} "):
+            triton_launch.backward(kw["grad_out"], q, k, v, mask, kw["out"], kw["lse"], *layout, SCALE, **extra)

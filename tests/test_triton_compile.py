@@ -18,7 +18,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from retro_kernels.ops.grouped_attention.triton_kernels import grouped_attention_bwd_kernel, grouped_attention_fwd_kernel
+from retro_kernels.ops.block_attention.triton_kernels import block_attention_bwd_kernel, block_attention_fwd_kernel
 
 POINTERS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}
 def signature(kernel, dtype, constexprs):
@@ -31,7 +31,7 @@ def signature(kernel, dtype, constexprs):
         else: out[name] = "fp32" if name == "scale" else "i32"
     return out
 results = []
-for kernel in (grouped_attention_fwd_kernel, grouped_attention_bwd_kernel):
+for kernel in (block_attention_fwd_kernel, block_attention_bwd_kernel):
     for dtype, head_dim, mask in (("bf16", 64, True), ("fp16", 128, False), ("fp32", 32, True)):
         c = dict(HAS_MASK=mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_dim, PRECISION="ieee" if dtype == "fp32" else "tf32")
         k = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, dtype, c), constexprs=c),

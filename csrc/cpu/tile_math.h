@@ -3,7 +3,7 @@
 //
 // Instruction sets. The kernels are templates over an ISA description (IsaDefault, IsaAvx2,
 // IsaAvx512 below) that fixes the width of the GCC/Clang vector-extension type the matrix product
-// works in and its register blocking. grouped_attention.cpp instantiates each template once per
+// works in and its register blocking. block_attention.cpp instantiates each template once per
 // ISA inside an entry function compiled for that ISA (RK_TARGET_AVX2 / RK_TARGET_AVX512; the
 // default entry is compiled for the baseline target, SSE2 on x86-64, NEON on AArch64) and picks
 // one entry at run time (cpu_isa()). Everything here is force-inlined, so it is compiled with

@@ -7,7 +7,7 @@
 // Failures raise through TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (Python ValueError / TypeError),
 // with messages of the form
 //   "<op>: <argument> has shape [..], expected [..] <layout> (<where the sizes come from>)".
-// retro_kernels/ops/grouped_attention/arg_checks.py holds the same checks for the Triton ops and
+// retro_kernels/ops/block_attention/arg_checks.py holds the same checks for the Triton ops and
 // the fake implementations, with the same messages.
 #pragma once
 
@@ -126,44 +126,102 @@ class ArgChecker {
   at::ScalarType dtype_;
 };
 
-// ---- the layouts of the ops' arguments -------------------------------------------------------
+// ---- the block-attention problem ---------------------------------------------------------------
+// The one description every op takes (retro_kernels/ops/block_attention/layouts.py maps each
+// public op onto it):
+//   q          (batch, rows, heads, head_dim); rows = prefix_rows + q_valid
+//   k, v       (batch, key_groups, keys, heads, head_dim), key_groups >= groups
+//   key_mask   (batch, key_groups, keys) bool, optional
+//   q_rows     query rows per group: row prefix_rows + g * q_rows + i attends to key group g
+//   groups     key groups that have query rows, ceil(q_valid / q_rows) <= groups <= key_groups
+//   prefix_rows  rows before group 0's first row; they attend to nothing
 
-inline constexpr const char* kCcaQ = "(batch, seq_len, heads, head_dim)";
-inline constexpr const char* kNeighbours = "(batch, num_chunks, num_neighbours, neighbour_len, heads, head_dim)";
-inline constexpr const char* kNeighbourMask = "(batch, num_chunks, num_neighbours, neighbour_len)";
-inline constexpr const char* kChunkKV = "(batch, num_chunks, chunk_len, heads, head_dim)";
-inline constexpr const char* kChunkMask = "(batch, num_chunks, chunk_len)";
-inline constexpr const char* kDecodeQ = "(batch, heads, head_dim)";
-inline constexpr const char* kDecodeKV = "(batch, num_neighbours, neighbour_len, heads, head_dim)";
-inline constexpr const char* kDecodeMask = "(batch, num_neighbours, neighbour_len)";
+inline constexpr const char* kRowsQ = "(batch, rows, heads, head_dim)";
+inline constexpr const char* kGroupsKV = "(batch, key_groups, keys, heads, head_dim)";
+inline constexpr const char* kGroupsMask = "(batch, key_groups, keys)";
 inline constexpr const char* kLse = "(batch, heads, rows)";
 
 inline std::string from(const char* what, const at::Tensor& t, const char* name = "q") {
   return std::string(what) + " from " + name + " of shape " + str(t.sizes());
 }
 
-// The backward's extra arguments: grad_out and out like q, lse (batch, heads, lse_rows) in the
+// The checked sizes of one problem.
+struct BlockProblem {
+  int64_t batch = 0, rows = 0, heads = 0, head_dim = 0;
+  int64_t key_groups = 0, keys = 0;
+  int64_t q_rows = 0, groups = 0, prefix_rows = 0;
+  int64_t q_valid = 0;  // rows - prefix_rows
+};
+
+// k, v and key_mask against q (whose dimensions, dtype and device the checker has checked).
+inline void check_keys(const ArgChecker& c, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const std::optional<at::Tensor>& key_mask) {
+  c.ndim("k", k, 5, kGroupsKV);
+  c.tensor("k", k, {q.size(0), k.size(1), k.size(2), q.size(2), q.size(3)}, kGroupsKV,
+           from("batch, heads and head_dim", q));
+  c.tensor("v", v, k.sizes(), kGroupsKV, from("the shape", k, "k"));
+  c.mask("key_mask", key_mask, k.sizes().slice(0, 3), kGroupsMask,
+         from("the first three sizes", k, "k"));
+}
+
+// Every argument of block_attention_fwd (and of _bwd, with grad_out, out and lse) against the
+// others, before any kernel touches memory.
+inline BlockProblem check_block_problem(const ArgChecker& c, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v,
+                                        const std::optional<at::Tensor>& key_mask, int64_t q_rows,
+                                        int64_t groups, int64_t prefix_rows, double scale) {
+  check_keys(c, q, k, v, key_mask);
+  BlockProblem p;
+  p.batch = q.size(0);
+  p.rows = q.size(1);
+  p.heads = q.size(2);
+  p.head_dim = q.size(3);
+  p.key_groups = k.size(1);
+  p.keys = k.size(2);
+  c.at_least("q_rows", q_rows, 1);
+  c.at_most("groups", groups, p.key_groups, from("key_groups", k, "k").c_str());
+  c.at_least("prefix_rows", prefix_rows, 0);
+  c.at_most("prefix_rows", prefix_rows, p.rows, from("rows", q).c_str());
+  p.q_rows = q_rows;
+  p.groups = groups;
+  p.prefix_rows = prefix_rows;
+  p.q_valid = p.rows - prefix_rows;
+  // ceil(q_valid / q_rows), without forming q_valid + q_rows (q_rows may be huge); >= 0, so this
+  // also refuses a negative groups.
+  const int64_t needed = p.q_valid / q_rows + (p.q_valid % q_rows != 0);
+  TORCH_CHECK_VALUE(groups >= needed, c.op(), ": groups is ", groups, ", expected >= ", needed,
+                    " = ceil((rows - prefix_rows) / q_rows) = ceil((", p.rows, " - ", prefix_rows,
+                    ") / ", q_rows, ") (", from("rows", q), ")");
+  c.finite("softmax_scale", scale);
+  return p;
+}
+
+// The backward's extra arguments: grad_out and out like q, lse (batch, heads, rows) in the
 // accumulation dtype.
-inline void check_backward_extras(const ArgChecker& c, const at::Tensor& q, const char* q_layout,
+inline void check_backward_extras(const ArgChecker& c, const at::Tensor& q,
                                   const at::Tensor& grad_out, const at::Tensor& out,
-                                  const at::Tensor& lse, int64_t lse_rows) {
-  c.tensor("grad_out", grad_out, q.sizes(), q_layout, from("the shape", q));
-  c.tensor("out", out, q.sizes(), q_layout, from("the shape", q));
-  c.tensor("lse", lse, {q.size(0), q.size(-2), lse_rows}, kLse,
+                                  const at::Tensor& lse) {
+  c.tensor("grad_out", grad_out, q.sizes(), kRowsQ, from("the shape", q));
+  c.tensor("out", out, q.sizes(), kRowsQ, from("the shape", q));
+  c.tensor("lse", lse, {q.size(0), q.size(2), q.size(1)}, kLse,
            from("batch, heads and rows", q), lse_dtype(c.dtype()),
            "the accumulation dtype of q's dtype");
 }
 
-// One decoding step of chunked cross-attention (the CPU and the CUDA glue share it):
-// q (B, H, D); k, v (B, K, R, H, D); mask (B, K, R).
-inline void check_cca_decode(const ArgChecker& c, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                             double scale) {
-  c.ndim("k", k, 5, kDecodeKV);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = k.size(1), R = k.size(2);
-  c.tensor("k", k, {B, K, R, H, D}, kDecodeKV, from("batch, heads and head_dim", q));
-  c.tensor("v", v, k.sizes(), kDecodeKV, from("the shape", k, "k"));
-  c.mask("neighbour_mask", mask, {B, K, R}, kDecodeMask, from("the first three sizes", k, "k"));
+// block_attention_decode (the CPU and the CUDA glue share it): one query row per key group,
+// q (batch, key_groups, heads, head_dim); k, v (batch, key_groups, keys, heads, head_dim);
+// key_mask (batch, key_groups, keys).
+inline constexpr const char* kDecodeQ = "(batch, key_groups, heads, head_dim)";
+
+inline void check_decode(const ArgChecker& c, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const std::optional<at::Tensor>& key_mask,
+                         double scale) {
+  c.ndim("k", k, 5, kGroupsKV);
+  c.tensor("k", k, {q.size(0), q.size(1), k.size(2), q.size(2), q.size(3)}, kGroupsKV,
+           from("batch, key_groups, heads and head_dim", q));
+  c.tensor("v", v, k.sizes(), kGroupsKV, from("the shape", k, "k"));
+  c.mask("key_mask", key_mask, k.sizes().slice(0, 3), kGroupsMask,
+         from("the first three sizes", k, "k"));
   c.finite("softmax_scale", scale);
 }
 

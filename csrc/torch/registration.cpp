@@ -1,37 +1,29 @@
 // The op schemas of retro_kernels (one TORCH_LIBRARY for the whole package) and the pybind11
 // module `retro_kernels._C` that loads them. Kernels register per device in cpu_ops.cpp and
-// csrc/torch_cuda/; fake (meta) implementations and autograd live in Python
-// (retro_kernels/ops/grouped_attention/registration.py), as in pytorch/extension-cpp.
+// csrc/torch_cuda/; fake (meta) implementations and autograd live in Python beside the ops'
+// description (retro_kernels/ops/block_attention/compiled.py), as in pytorch/extension-cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "../cpu/grouped_attention.h"
+#include "../cpu/block_attention.h"
 
 TORCH_LIBRARY(retro_kernels, m) {
   // Fake (meta) implementations and autograd are registered when the package is imported.
-  m.impl_abstract_pystub("retro_kernels.ops.grouped_attention.registration");
-  // Chunked cross-attention (docs/semantics.md, "Chunked cross-attention"): q (B, N, H, D); k/v (B, L, K, R, H, D);
-  // neighbour_mask (B, L, K, R) bool. Returns out (B, N, H, D) and lse (B, H, N).
-  m.def("cca_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, int chunk_size, "
-        "float softmax_scale) -> (Tensor, Tensor)");
-  m.def("cca_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "Tensor out, Tensor lse, int chunk_size, float softmax_scale) -> (Tensor, Tensor, Tensor)");
-  // Neighbour self-attention: q/k/v (B, L, K, R, H, D), attention within each neighbour.
-  m.def("neighbour_self_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, "
-        "float softmax_scale) -> (Tensor, Tensor)");
-  m.def("neighbour_self_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor? neighbour_mask, Tensor out, Tensor lse, float softmax_scale) "
+  m.impl_abstract_pystub("retro_kernels.ops.block_attention.compiled");
+  // Block-local attention (retro_kernels/ops/block_attention/layouts.py): row prefix_rows + g * q_rows + i of
+  // q (B, rows, H, D) attends to the keys of group g of k/v (B, key_groups, keys, H, D) under
+  // one softmax, masked by key_mask (B, key_groups, keys) bool (True = real key); rows before
+  // prefix_rows attend to nothing (out 0, lse +inf). groups <= key_groups groups have rows.
+  // Returns out like q and lse (B, H, rows); the backward returns dq, dk, dv.
+  m.def("block_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, int q_rows, "
+        "int groups, int prefix_rows, float softmax_scale) -> (Tensor, Tensor)");
+  m.def("block_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+        "Tensor out, Tensor lse, int q_rows, int groups, int prefix_rows, float softmax_scale) "
         "-> (Tensor, Tensor, Tensor)");
-  // Neighbour cross-attention: q (B, L, K, R, H, D); k/v (B, L, C, H, D) shared by the K
-  // neighbours of a chunk; chunk_mask (B, L, C).
-  m.def("neighbour_cross_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? chunk_mask, "
-        "float softmax_scale) -> (Tensor, Tensor)");
-  m.def("neighbour_cross_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor? chunk_mask, Tensor out, Tensor lse, float softmax_scale) "
-        "-> (Tensor, Tensor, Tensor)");
-  // One decoding step of CCA: q (B, H, D); k/v (B, K, R, H, D); neighbour_mask (B, K, R).
-  m.def("cca_decode(Tensor q, Tensor k, Tensor v, Tensor? neighbour_mask, float softmax_scale) "
-        "-> Tensor");
+  // One query row per key group (incremental decoding): q (B, G, H, D); k/v (B, G, keys, H, D);
+  // key_mask (B, G, keys). block_attention_fwd's out for q_rows = 1, groups = G, prefix_rows = 0.
+  m.def("block_attention_decode(Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+        "float softmax_scale) -> Tensor");
 }
 
 namespace retro_kernels {

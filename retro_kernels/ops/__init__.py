@@ -1,5 +1,5 @@
 """The public ops. Per op: naive.py (the reference that reads like the paper) beside op.py
-(validation, backend dispatch); the fused kernels they share live in grouped_attention/."""
+(validation, backend dispatch); the fused kernels they share live in block_attention/ (block-local attention)."""
 from .cca_decode import chunked_cross_attention_decode, chunked_cross_attention_decode_reference
 from .cca import chunked_cross_attention, chunked_cross_attention_reference
 from .neighbour_attention import (

@@ -5,8 +5,8 @@ from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
-from ..grouped_attention.registration import contiguous, forward_op
-from ..grouped_attention.triton_limits import triton_or_reference
+from ..block_attention import block_attention, layouts
+from ..block_attention.triton_limits import triton_or_reference
 from .naive import chunked_cross_attention_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "triton")
@@ -62,5 +62,4 @@ def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
     name = triton_or_reference(name, backend, q)
     if name == "reference":
         return chunked_cross_attention_reference(q, k, v, chunk_size, neighbour_mask, scale)
-    out, _ = forward_op("cca", name)(*contiguous(q, k, v, neighbour_mask), chunk_size, scale)
-    return out
+    return block_attention(layouts.cca(q, k, v, neighbour_mask, chunk_size), scale, name)

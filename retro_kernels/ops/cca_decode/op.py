@@ -6,13 +6,13 @@ from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
-from ..grouped_attention.registration import contiguous
+from ..block_attention import block_attention_decode, layouts
 from .naive import chunked_cross_attention_decode_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "cuda")
 _PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)}
 _KV = "(batch, num_neighbours, neighbour_len, heads, head_dim)"
-# The CUDA kernel's limits (csrc/cuda/cca_decode.h; the grid's y dimension holds batch * heads).
+# The CUDA kernel's limits (csrc/cuda/block_attention_decode.h; the grid's y dimension holds batch * heads).
 _CUDA_MAX_HEAD_DIM = 256
 _CUDA_MAX_ROWS = 65535
 
@@ -60,4 +60,4 @@ def chunked_cross_attention_decode(q: Tensor, k: Tensor, v: Tensor, neighbour_ma
         name = "reference"
     if name == "reference":
         return chunked_cross_attention_decode_reference(q, k, v, neighbour_mask, scale)
-    return torch.ops.retro_kernels.cca_decode(*contiguous(q, k, v, neighbour_mask), scale)
+    return block_attention_decode(layouts.decode(q, k, v, neighbour_mask), scale)

@@ -1,13 +1,13 @@
 """neighbour_self_attention and neighbour_cross_attention: the neighbour encoder's attentions as
-fused, differentiable ops (the kernels are those of chunked cross-attention, grouped_attention/)."""
+fused, differentiable ops (the kernels are those of chunked cross-attention, block_attention/)."""
 from __future__ import annotations
 
 from torch import Tensor
 
 from .. import _checks
 from .._backends import resolve_backend
-from ..grouped_attention.registration import contiguous, forward_op
-from ..grouped_attention.triton_limits import triton_or_reference
+from ..block_attention import block_attention, layouts
+from ..block_attention.triton_limits import triton_or_reference
 from .naive import neighbour_cross_attention_reference, neighbour_self_attention_reference
 
 SUPPORTED_BACKENDS = ("reference", "cpu", "triton")
@@ -46,7 +46,7 @@ def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Te
     name = _backend("neighbour_self_attention", backend, q)
     if name == "reference":
         return neighbour_self_attention_reference(q, k, v, neighbour_mask, scale)
-    return forward_op("neighbour_self_attn", name)(*contiguous(q, k, v, neighbour_mask), scale)[0]
+    return block_attention(layouts.neighbour_self(q, k, v, neighbour_mask), scale, name)
 
 
 def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, chunk_mask: Tensor | None = None,
@@ -76,4 +76,4 @@ def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, chunk_mask: Tenso
     name = _backend("neighbour_cross_attention", backend, q)
     if name == "reference":
         return neighbour_cross_attention_reference(q, k, v, chunk_mask, scale)
-    return forward_op("neighbour_cross_attn", name)(*contiguous(q, k, v, chunk_mask), scale)[0]
+    return block_attention(layouts.neighbour_cross(q, k, v, chunk_mask), scale, name)

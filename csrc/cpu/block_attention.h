@@ -1,7 +1,8 @@
-// Grouped attention on the CPU: the one fused kernel behind chunked cross-attention,
+// Block-local attention on the CPU: the one fused kernel behind chunked cross-attention,
 // neighbour self-attention, neighbour cross-attention and single-token decoding.
 //
-// Every one of those ops is "group g of queries attends to group g of keys under one softmax":
+// Every one of those ops is "row block g of the queries attends to key block g under one
+// softmax" (block-local attention; not grouped-query attention: every head has its own keys):
 //
 //   q, out   : (batch, groups * q_rows, heads, head_dim)   rows r = g * q_rows + i, r < q_valid_rows
 //   k, v     : (batch, groups, keys,   heads, head_dim)
@@ -12,8 +13,9 @@
 //
 //   out[b, r, h] = sum_j softmax_j(scale * q[b, r, h] . k[b, g, j, h]) v[b, g, j, h],  g = r / q_rows
 //
-// The layout below carries element strides, so a caller maps its own tensors onto it without
-// copies (chunked cross-attention passes q shifted by chunk_size - 1 rows this way).
+// The layout below carries element strides. csrc/torch/cpu_ops.cpp builds it from the one
+// description of a problem (q_rows, groups, prefix_rows and the tensors' sizes; see
+// retro_kernels/ops/block_attention/layouts.py for how each op maps onto it).
 // Raw pointers only; the torch glue lives in csrc/torch/.
 #pragma once
 
@@ -23,7 +25,7 @@
 
 namespace retro_kernels::cpu {
 
-struct GroupedAttentionLayout {
+struct BlockAttentionLayout {
   int64_t batch = 0, groups = 0, heads = 0, head_dim = 0;
   int64_t q_rows = 0;        // query rows per group
   int64_t q_valid_rows = 0;  // rows that exist per batch element (<= groups * q_rows)
@@ -43,13 +45,13 @@ CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);  // "default", "avx2", "avx512"
 
 // Forward: writes out (rows of groups without any real key are 0) and lse.
-void grouped_attention_forward(const GroupedAttentionLayout& layout, c10::ScalarType dtype,
+void block_attention_forward(const BlockAttentionLayout& layout, c10::ScalarType dtype,
                                const void* q, const void* k, const void* v, const bool* key_mask,
                                double scale, void* out, void* lse);
 
 // Backward: given grad_out, out and lse from the forward, writes grad_q, grad_k, grad_v
 // (every element of the groups' rows and keys is written).
-void grouped_attention_backward(const GroupedAttentionLayout& layout, c10::ScalarType dtype,
+void block_attention_backward(const BlockAttentionLayout& layout, c10::ScalarType dtype,
                                 const void* grad_out, const void* q, const void* k, const void* v,
                                 const bool* key_mask, const void* out, const void* lse,
                                 double scale, void* grad_q, void* grad_k, void* grad_v);

@@ -1,8 +1,8 @@
-"""Launchers for the grouped-attention Triton kernels (triton_kernels.py).
+"""Launchers for the block-attention Triton kernels (triton_kernels.py).
 
-q-like tensors are (B, T, H, D) with T = prefix_rows + q_valid; k-like tensors are
-(B, G, keys, H, D) with G >= layout.groups; all contiguous. Both launchers check every tensor against
-the layout and the kernels' limits (dtype, head_dim, the grid, int32 offsets) before launching, and
+They take the description of layouts.py: q-like tensors (B, T, H, D) with T = prefix_rows + q_valid,
+k-like tensors (B, G, keys, H, D) with G >= groups, all contiguous, and q_rows, groups, prefix_rows.
+Both launchers check every tensor against that description and the kernels' limits (dtype, head_dim, the grid, int32 offsets) before launching, and
 take optional preallocated outputs (which the kernels must write in full). On a GPU the kernels autotune over a small space
 (RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from ..._extension import triton_interpreting
 from . import triton_limits
-from .layouts import GroupedLayout, lse_dtype
-from .triton_kernels import grouped_attention_bwd_kernel, grouped_attention_fwd_kernel
+from .layouts import lse_dtype
+from .triton_kernels import block_attention_bwd_kernel, block_attention_fwd_kernel
 
 _INTERPRET = triton_interpreting()
 _KEY = ["q_rows", "n_keys", "head_dim"]
@@ -41,8 +42,8 @@ else:
         for n in (32, 64) for w in (4, 8) for s in (1, 2)
     ]
 
-_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(grouped_attention_fwd_kernel)
-_bwd = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(grouped_attention_bwd_kernel)
+_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(block_attention_fwd_kernel)
+_bwd = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(block_attention_bwd_kernel)
 
 
 def _block_m(q_rows: int, head_dim: int, backward: bool) -> int:
@@ -65,15 +66,32 @@ def _mask_args(mask: Tensor | None, fallback: Tensor):
     return m, (m.stride(0), m.stride(1), m.stride(2)), True
 
 
-def _grid(layout: GroupedLayout, block_m: int, batch_heads: int):
+@dataclass(frozen=True)
+class _Layout:
+    """The kernels' integers, derived from the description (and the tensors' sizes)."""
+    q_rows: int
+    q_valid: int
+    groups: int
+    keys: int
+    prefix_rows: int
+
+
+def _layout(q: Tensor, k: Tensor, q_rows: int, groups: int, prefix_rows: int) -> _Layout:
+    q_valid = q.shape[1] - prefix_rows
+    # A group never has more rows than exist: a larger q_rows changes nothing (only group 0 can
+    # then have rows) but would overflow g * q_rows and the grid.
+    return _Layout(min(q_rows, max(q_valid, 1)), q_valid, groups, k.shape[2], prefix_rows)
+
+
+def _grid(layout: _Layout, block_m: int, batch_heads: int):
     row_blocks = triton.cdiv(layout.q_rows, block_m)
-    grouped = layout.groups * row_blocks
+    group_programs = layout.groups * row_blocks
     prefix = triton.cdiv(layout.prefix_rows, block_m)
-    return row_blocks, grouped, (grouped + prefix, batch_heads)
+    return row_blocks, group_programs, (group_programs + prefix, batch_heads)
 
 
 def _fail(error, what: str, name: str, got, expected) -> None:
-    raise error(f"triton grouped attention {what}: {name} {got}, expected {expected}")
+    raise error(f"triton block attention {what}: {name} {got}, expected {expected}")
 
 
 def _check_tensor(what: str, name: str, t, shape, dtype, device) -> None:
@@ -90,10 +108,10 @@ def _check_tensor(what: str, name: str, t, shape, dtype, device) -> None:
         _fail(ValueError, what, name, f"has strides {t.stride()}", "contiguous strides")
 
 
-def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, layout: GroupedLayout, scale: float,
-                  **extra) -> None:
-    """Every tensor against q and the layout, and the kernels' limits. extra: name -> (tensor or None,
-    "q" (like q), "k" (like k) or "lse")."""
+def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, q_rows: int, groups: int,
+                  prefix_rows: int, scale: float, **extra) -> _Layout:
+    """Every tensor against q and the description, and the kernels' limits; returns the kernels'
+    integers. extra: name -> (tensor or None, "q" (like q), "k" (like k) or "lse")."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         _fail(ValueError, what, "q", f"is {getattr(q, 'shape', type(q).__name__)}", "a (batch, rows, heads, head_dim) tensor")
     B, T, H, D = q.shape
@@ -104,18 +122,18 @@ def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, layout: Grou
     _check_tensor(what, "q", q, q.shape, q.dtype, q.device)
     if not 1 <= D <= triton_limits.MAX_HEAD_DIM:
         _fail(ValueError, what, "head_dim", f"is {D}", f"1 .. {triton_limits.MAX_HEAD_DIM}")
-    if min(layout.q_rows, layout.q_valid, layout.groups, layout.keys, layout.prefix_rows) < 0 or layout.q_rows < 1:
-        _fail(ValueError, what, "layout", f"is {layout}", "non-negative sizes and q_rows >= 1")
-    if layout.prefix_rows + layout.q_valid != T:
-        _fail(ValueError, what, "layout", f"covers prefix_rows + q_valid = {layout.prefix_rows + layout.q_valid} rows",
-              f"q's {T} rows")
-    if layout.q_valid > layout.groups * layout.q_rows:
-        _fail(ValueError, what, "layout", f"has q_valid = {layout.q_valid} rows",
-              f"at most groups * q_rows = {layout.groups * layout.q_rows}")
+    if q_rows < 1:
+        _fail(ValueError, what, "q_rows", f"is {q_rows}", ">= 1")
+    if not 0 <= prefix_rows <= T:
+        _fail(ValueError, what, "prefix_rows", f"is {prefix_rows}", f"0 .. q's {T} rows")
+    if groups < 0 or groups * q_rows < T - prefix_rows:
+        _fail(ValueError, what, "groups", f"is {groups}",
+              f"enough groups of q_rows = {q_rows} rows for q's {T} rows after prefix_rows = {prefix_rows}")
     if not isinstance(k, torch.Tensor) or k.dim() != 5:
-        _fail(ValueError, what, "k", f"is {getattr(k, 'shape', type(k).__name__)}", "a (batch, groups, keys, heads, head_dim) tensor")
-    if k.shape[1] < layout.groups:
-        _fail(ValueError, what, "k", f"has {k.shape[1]} groups", f"at least layout.groups = {layout.groups}")
+        _fail(ValueError, what, "k", f"is {getattr(k, 'shape', type(k).__name__)}", "a (batch, key_groups, keys, heads, head_dim) tensor")
+    if k.shape[1] < groups:
+        _fail(ValueError, what, "k", f"has {k.shape[1]} key groups", f"at least groups = {groups}")
+    layout = _layout(q, k, q_rows, groups, prefix_rows)
     k_shape = (B, k.shape[1], layout.keys, H, D)
     _check_tensor(what, "k", k, k_shape, q.dtype, q.device)
     _check_tensor(what, "v", v, k_shape, q.dtype, q.device)
@@ -139,12 +157,14 @@ def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, layout: Grou
         if t.shape[0] and t.stride(0) > triton_limits.MAX_INT32:
             _fail(ValueError, what, name, f"has {t.stride(0)} elements per batch element",
                   f"<= {triton_limits.MAX_INT32} (the kernels' int32 offsets)")
+    return layout
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: GroupedLayout,
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_rows: int, groups: int, prefix_rows: int,
             scale: float, out: Tensor | None = None, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """-> out (B, T, H, D) like q, lse (B, H, T). out and lse, when given, are written in full."""
-    _check_launch("forward", q, k, v, mask, layout, scale, out=(out, "q"), lse=(lse, "lse"))
+    layout = _check_launch("forward", q, k, v, mask, q_rows, groups, prefix_rows, scale, out=(out, "q"),
+                           lse=(lse, "lse"))
     B, T, H, D = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, H, T), dtype=lse_dtype(q.dtype), device=q.device) if lse is None else lse
@@ -152,7 +172,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: Groupe
         return out, lse
     p = layout.prefix_rows
     block_m = _block_m(layout.q_rows, D, backward=False)
-    row_blocks, grouped, grid = _grid(layout, block_m, B * H)
+    row_blocks, group_programs, grid = _grid(layout, block_m, B * H)
     mask_t, (smb, smg, smr), has_mask = _mask_args(mask, q)
     qv, ov, lv = q[:, p:], out[:, p:], lse[:, :, p:]
     _fwd[grid](
@@ -161,7 +181,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: Groupe
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         smb, smg, smr,
         lse.stride(0), lse.stride(1),
-        H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, grouped, scale,
+        H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, group_programs, scale,
         HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
         PRECISION=_precision(q.dtype),
     )
@@ -169,12 +189,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layout: Groupe
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-             out: Tensor, lse: Tensor, layout: GroupedLayout, scale: float, dq: Tensor | None = None,
-             dk: Tensor | None = None, dv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             out: Tensor, lse: Tensor, q_rows: int, groups: int, prefix_rows: int, scale: float,
+             dq: Tensor | None = None, dk: Tensor | None = None,
+             dv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq like q, dk and dv like k (groups without query rows get 0). dq, dk and dv, when given,
     are written in full."""
-    _check_launch("backward", q, k, v, mask, layout, scale, grad_out=(grad_out, "q"), out=(out, "q"),
-                  lse=(lse, "lse"), dq=(dq, "q"), dk=(dk, "k"), dv=(dv, "k"))
+    layout = _check_launch("backward", q, k, v, mask, q_rows, groups, prefix_rows, scale,
+                           grad_out=(grad_out, "q"), out=(out, "q"), lse=(lse, "lse"), dq=(dq, "q"),
+                           dk=(dk, "k"), dv=(dv, "k"))
     for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
         if t is None:
             _fail(ValueError, "backward", name, "is None", "a tensor")
@@ -189,7 +211,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
         return dq, dk, dv
     p = layout.prefix_rows
     block_m = _block_m(layout.q_rows, D, backward=True)
-    row_blocks, grouped, grid = _grid(layout, block_m, B * H)
+    row_blocks, group_programs, grid = _grid(layout, block_m, B * H)
     if row_blocks == 1:
         dk_buf, dv_buf = dk, dv
         part_stride = 0
@@ -209,7 +231,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
         part_stride, dk_buf.stride(-5), dk_buf.stride(-4), dk_buf.stride(-3), dk_buf.stride(-2),
         smb, smg, smr,
         lse.stride(0), lse.stride(1),
-        H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, grouped, scale,
+        H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, group_programs, scale,
         HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
         PRECISION=_precision(q.dtype),
     )

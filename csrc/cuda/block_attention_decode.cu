@@ -1,11 +1,11 @@
-// See cca_decode.h. Per (sequence, head) and slice of keys, groups of LPK lanes each own one key
+// See block_attention_decode.h. Per (sequence, head) and slice of keys, groups of LPK lanes each own one key
 // at a time: lane l of a group holds head_dim elements [l * VEC * NV, (l + 1) * VEC * NV), read
 // with 16-byte loads, so a warp reads 32 / LPK keys at once, two per group per step to keep more
 // loads in flight. Each group keeps an online softmax in base 2:
 //   s_j = scale * log2(e) * q . k_j;  m' = max(m, s_j);  l = l 2^(m - m') + 2^(s_j - m');
 //   acc = acc 2^(m - m') + 2^(s_j - m') v_j
-// Groups merge by shuffles, warps through shared memory, slices in cca_decode_combine.
-#include "cca_decode.h"
+// Groups merge by shuffles, warps through shared memory, slices in block_attention_decode_combine.
+#include "block_attention_decode.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -107,7 +107,7 @@ struct SoftmaxState {
 };
 
 template <typename T, int VEC, int LPK, int NV, bool kVector, bool kDirect>
-__global__ void __launch_bounds__(kThreads) cca_decode_split(DecodeArgs a) {
+__global__ void __launch_bounds__(kThreads) block_attention_decode_split(DecodeArgs a) {
   constexpr int N = VEC * NV;     // elements per lane
   constexpr int KPW = 32 / LPK;   // keys a warp reads at once
   const int bh = blockIdx.y;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) cca_decode_split(DecodeArgs a) {
 
 // Merges the slices of one (sequence, head): grid batch * heads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cca_decode_combine(DecodeArgs a) {
+__global__ void __launch_bounds__(kThreads) block_attention_decode_combine(DecodeArgs a) {
   const int bh = blockIdx.x;
   const int64_t b = bh / a.heads, h = bh % a.heads;
   const int64_t row = a.head_dim + 2;
@@ -214,13 +214,13 @@ template <typename T, int VEC, int LPK, int NV, bool kVector>
 cudaError_t launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid(a.splits, static_cast<unsigned>(a.batch * a.heads));
   if (a.splits == 1) {
-    cca_decode_split<T, VEC, LPK, NV, kVector, true><<<grid, kThreads, 0, stream>>>(a);
+    block_attention_decode_split<T, VEC, LPK, NV, kVector, true><<<grid, kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
-  cca_decode_split<T, VEC, LPK, NV, kVector, false><<<grid, kThreads, 0, stream>>>(a);
+  block_attention_decode_split<T, VEC, LPK, NV, kVector, false><<<grid, kThreads, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  cca_decode_combine<T><<<static_cast<unsigned>(a.batch * a.heads), kThreads, 0, stream>>>(a);
+  block_attention_decode_combine<T><<<static_cast<unsigned>(a.batch * a.heads), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -262,7 +262,7 @@ size_t decode_workspace_floats(int64_t batch, int64_t heads, int64_t head_dim, i
   return splits > 1 ? static_cast<size_t>(batch * heads * splits * (head_dim + 2)) : 0;
 }
 
-cudaError_t launch_cca_decode(const DecodeArgs& a, DType dtype, cudaStream_t stream) {
+cudaError_t launch_block_attention_decode(const DecodeArgs& a, DType dtype, cudaStream_t stream) {
   if (a.head_dim < 1 || a.head_dim > kMaxHeadDim || a.splits < 1) return cudaErrorInvalidValue;
   if (a.batch * a.heads == 0) return cudaSuccess;
   switch (dtype) {

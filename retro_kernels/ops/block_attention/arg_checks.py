@@ -1,6 +1,6 @@
 """Argument checks of the fused ops (torch.ops.retro_kernels.*), in Python: the Triton ops and the
 fake (meta) implementations of every op run them. The C++ ops run the same checks in
-csrc/torch/arg_checks.h, with the same messages:
+csrc/torch/arg_checks.h, with the same messages (layouts.py describes the arguments):
 
     "<op>: <argument> has shape [..], expected [..] <layout> (<where the sizes come from>)"
 
@@ -16,14 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-CCA_Q = "(batch, seq_len, heads, head_dim)"
-NEIGHBOURS = "(batch, num_chunks, num_neighbours, neighbour_len, heads, head_dim)"
-NEIGHBOUR_MASK = "(batch, num_chunks, num_neighbours, neighbour_len)"
-CHUNK_KV = "(batch, num_chunks, chunk_len, heads, head_dim)"
-CHUNK_MASK = "(batch, num_chunks, chunk_len)"
-DECODE_Q = "(batch, heads, head_dim)"
-DECODE_KV = "(batch, num_neighbours, neighbour_len, heads, head_dim)"
-DECODE_MASK = "(batch, num_neighbours, neighbour_len)"
+ROWS_Q = "(batch, rows, heads, head_dim)"
+GROUPS_KV = "(batch, key_groups, keys, heads, head_dim)"
+GROUPS_MASK = "(batch, key_groups, keys)"
+DECODE_Q = "(batch, key_groups, heads, head_dim)"
 LSE = "(batch, heads, rows)"
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -106,67 +102,41 @@ class ArgChecker:
             raise ValueError(f"{self.op}: {name} is {value}, expected a finite number")
 
 
-def _backward_extras(c: ArgChecker, q: Tensor, q_layout: str, grad_out, out, lse, lse_rows: int) -> None:
-    c.tensor("grad_out", grad_out, q.shape, q_layout, _from("the shape", q))
-    c.tensor("out", out, q.shape, q_layout, _from("the shape", q))
-    c.tensor("lse", lse, (q.shape[0], q.shape[-2], lse_rows), LSE, _from("batch, heads and rows", q),
-             lse_dtype(c.dtype), "the accumulation dtype of q's dtype")
+def _check_keys(c: ArgChecker, q: Tensor, k, v, key_mask, q_name_sizes: str, decode: bool) -> None:
+    """k, v and key_mask against q; k's key_groups are q's rows for the decode op."""
+    c.ndim("k", k, 5, GROUPS_KV)
+    B, rows, H, D = q.shape
+    c.tensor("k", k, (B, rows if decode else k.shape[1], k.shape[2], H, D), GROUPS_KV, _from(q_name_sizes, q))
+    c.tensor("v", v, k.shape, GROUPS_KV, _from("the shape", k, "k"))
+    c.mask("key_mask", key_mask, k.shape[:3], GROUPS_MASK, _from("the first three sizes", k, "k"))
 
 
-def check_cca(op: str, q, k, v, mask, chunk_size: int, scale: float, dtypes=ALL_DTYPES,
-              grad_out=None, out=None, lse=None) -> None:
-    """q (B, N, H, D); k, v (B, L, K, R, H, D) with L >= N // chunk_size; mask (B, L, K, R).
-    With grad_out (backward ops): grad_out and out like q, lse (B, H, N)."""
-    c = ArgChecker(op, q, CCA_Q, 4, dtypes)
-    c.ndim("k", k, 6, NEIGHBOURS)
-    c.at_least("chunk_size", chunk_size, 1)
-    B, N, H, D = q.shape
-    L, K, R = k.shape[1:4]
-    c.tensor("k", k, (B, L, K, R, H, D), NEIGHBOURS, _from("batch, heads and head_dim", q))
-    if L < N // chunk_size:
-        raise ValueError(f"{op}: k has {L} chunks (shape {_str(k.shape)}), expected at least "
-                         f"seq_len // chunk_size = {N} // {chunk_size} = {N // chunk_size} (seq_len from q)")
-    c.tensor("v", v, k.shape, NEIGHBOURS, _from("the shape", k, "k"))
-    c.mask("neighbour_mask", mask, (B, L, K, R), NEIGHBOUR_MASK, _from("the first four sizes", k, "k"))
+def check_block(op: str, q, k, v, key_mask, q_rows: int, groups: int, prefix_rows: int, scale: float,
+                dtypes=ALL_DTYPES, grad_out=None, out=None, lse=None) -> None:
+    """The arguments of block_attention_fwd (layouts.py describes them); with grad_out (backward
+    ops): grad_out and out like q, lse (batch, heads, rows)."""
+    c = ArgChecker(op, q, ROWS_Q, 4, dtypes)
+    _check_keys(c, q, k, v, key_mask, "batch, heads and head_dim", decode=False)
+    rows, key_groups = q.shape[1], k.shape[1]
+    c.at_least("q_rows", q_rows, 1)
+    c.at_most("groups", groups, key_groups, _from("key_groups", k, "k"))
+    c.at_least("prefix_rows", prefix_rows, 0)
+    c.at_most("prefix_rows", prefix_rows, rows, _from("rows", q))
+    needed = -(-(rows - prefix_rows) // q_rows)  # >= 0, so this also refuses a negative groups
+    if groups < needed:
+        raise ValueError(f"{op}: groups is {groups}, expected >= {needed} = ceil((rows - prefix_rows) / q_rows) "
+                         f"= ceil(({rows} - {prefix_rows}) / {q_rows}) ({_from('rows', q)})")
     c.finite("softmax_scale", scale)
     if grad_out is not None or out is not None or lse is not None:
-        _backward_extras(c, q, CCA_Q, grad_out, out, lse, N)
+        c.tensor("grad_out", grad_out, q.shape, ROWS_Q, _from("the shape", q))
+        c.tensor("out", out, q.shape, ROWS_Q, _from("the shape", q))
+        c.tensor("lse", lse, (q.shape[0], q.shape[2], rows), LSE, _from("batch, heads and rows", q),
+                 lse_dtype(c.dtype), "the accumulation dtype of q's dtype")
 
 
-def check_self(op: str, q, k, v, mask, scale: float, dtypes=ALL_DTYPES, grad_out=None, out=None,
-               lse=None) -> None:
-    """q, k, v (B, L, K, R, H, D); mask (B, L, K, R)."""
-    c = ArgChecker(op, q, NEIGHBOURS, 6, dtypes)
-    c.tensor("k", k, q.shape, NEIGHBOURS, _from("the shape", q))
-    c.tensor("v", v, q.shape, NEIGHBOURS, _from("the shape", q))
-    c.mask("neighbour_mask", mask, q.shape[:4], NEIGHBOUR_MASK, _from("the first four sizes", q))
-    c.finite("softmax_scale", scale)
-    if grad_out is not None or out is not None or lse is not None:
-        _backward_extras(c, q, NEIGHBOURS, grad_out, out, lse, q.shape[1] * q.shape[2] * q.shape[3])
-
-
-def check_cross(op: str, q, k, v, mask, scale: float, dtypes=ALL_DTYPES, grad_out=None, out=None,
-                lse=None) -> None:
-    """q (B, L, K, R, H, D); k, v (B, L, C, H, D); mask (B, L, C)."""
-    c = ArgChecker(op, q, NEIGHBOURS, 6, dtypes)
-    c.ndim("k", k, 5, CHUNK_KV)
-    B, L, _, _, H, D = q.shape
-    C = k.shape[2]
-    c.tensor("k", k, (B, L, C, H, D), CHUNK_KV, _from("batch, num_chunks, heads and head_dim", q))
-    c.tensor("v", v, k.shape, CHUNK_KV, _from("the shape", k, "k"))
-    c.mask("chunk_mask", mask, (B, L, C), CHUNK_MASK, _from("the first three sizes", k, "k"))
-    c.finite("softmax_scale", scale)
-    if grad_out is not None or out is not None or lse is not None:
-        _backward_extras(c, q, NEIGHBOURS, grad_out, out, lse, q.shape[1] * q.shape[2] * q.shape[3])
-
-
-def check_cca_decode(op: str, q, k, v, mask, scale: float, dtypes=ALL_DTYPES) -> None:
-    """q (B, H, D); k, v (B, K, R, H, D); mask (B, K, R)."""
-    c = ArgChecker(op, q, DECODE_Q, 3, dtypes)
-    c.ndim("k", k, 5, DECODE_KV)
-    B, H, D = q.shape
-    K, R = k.shape[1:3]
-    c.tensor("k", k, (B, K, R, H, D), DECODE_KV, _from("batch, heads and head_dim", q))
-    c.tensor("v", v, k.shape, DECODE_KV, _from("the shape", k, "k"))
-    c.mask("neighbour_mask", mask, (B, K, R), DECODE_MASK, _from("the first three sizes", k, "k"))
+def check_decode(op: str, q, k, v, key_mask, scale: float, dtypes=ALL_DTYPES) -> None:
+    """The arguments of block_attention_decode: q (B, G, H, D); k, v (B, G, keys, H, D);
+    key_mask (B, G, keys)."""
+    c = ArgChecker(op, q, DECODE_Q, 4, dtypes)
+    _check_keys(c, q, k, v, key_mask, "batch, key_groups, heads and head_dim", decode=True)
     c.finite("softmax_scale", scale)

@@ -1,8 +1,11 @@
-// One decoding step of chunked cross-attention on the GPU, in plain CUDA C++ (no torch headers,
-// so `nvcc -c` checks it anywhere). The torch glue is csrc/torch_cuda/cca_decode_cuda.cpp.
+// Block-local attention with one query row per key group, the form incremental decoding takes
+// (one step of chunked cross-attention: retro_kernels/ops/block_attention/layouts.py), on the GPU
+// in plain CUDA C++ (no torch headers, so `nvcc -c` checks it anywhere). The torch glue is
+// csrc/torch_cuda/block_attention_decode_cuda.cpp; it passes each (batch element, key group) of
+// the op's description as one `batch` element here.
 //
-//   q    (batch, heads, head_dim)                the new token of each sequence
-//   k, v (batch, keys, heads, head_dim)          keys = num_neighbours * neighbour_len
+//   q    (batch, heads, head_dim)                one query row per batch element
+//   k, v (batch, keys, heads, head_dim)          keys = num_neighbours * neighbour_len for CCA
 //   mask (batch, keys) bool, true = real key     (optional)
 //   out  (batch, heads, head_dim) = softmax(scale * q . k) v over real keys; 0 if none is real.
 //
@@ -47,6 +50,6 @@ int decode_num_splits(int64_t batch, int64_t heads, int64_t keys, int sm_count);
 size_t decode_workspace_floats(int64_t batch, int64_t heads, int64_t head_dim, int splits);
 
 // Launches on `stream`; returns the launch error (cudaSuccess when none).
-cudaError_t launch_cca_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t launch_block_attention_decode(const DecodeArgs& args, DType dtype, cudaStream_t stream);
 
 }  // namespace retro_kernels::cuda

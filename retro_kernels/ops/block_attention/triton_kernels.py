@@ -1,7 +1,7 @@
-"""Triton kernels for grouped attention: group g of query rows attends to group g of keys under
-one softmax. Chunked cross-attention, neighbour self-attention and neighbour cross-attention are
-all this problem with different strides (see triton_launch.py), so one forward and one backward
-kernel serve all three.
+"""Triton kernels for block-local attention: row block g of the queries attends to key group g
+under one softmax. Chunked cross-attention, neighbour self-attention and neighbour cross-attention
+are all this problem (layouts.py maps each onto it), so one forward and one backward kernel serve
+all three.
 
 Tensors, in elements, the head dimension contiguous:
   q, out, do, dq   row r of batch b, head h at  b*stride_qb + r*stride_qr + h*stride_qh
@@ -60,20 +60,20 @@ def _group_rows(pid, row_blocks, q_rows, q_valid, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M: tl.constexpr):
-    """Rows before group 0 handled by program pid (>= grouped_programs), and which exist."""
-    rows = (pid - grouped_programs) * BLOCK_M + tl.arange(0, BLOCK_M) - prefix_rows
+def _prefix_rows(pid, group_programs, prefix_rows, BLOCK_M: tl.constexpr):
+    """Rows before group 0 handled by program pid (>= group_programs), and which exist."""
+    rows = (pid - group_programs) * BLOCK_M + tl.arange(0, BLOCK_M) - prefix_rows
     return rows, rows < 0
 
 
 @triton.jit
-def grouped_attention_fwd_kernel(
+def block_attention_fwd_kernel(
     Q, K, V, MASK, OUT, LSE,
     stride_qb, stride_qr, stride_qh,
     stride_kb, stride_kg, stride_kr, stride_kh,
     stride_mb, stride_mg, stride_mr,
     stride_lb, stride_lh,
-    heads, q_rows, q_valid, n_keys, head_dim, prefix_rows, row_blocks, grouped_programs, scale,
+    heads, q_rows, q_valid, n_keys, head_dim, prefix_rows, row_blocks, group_programs, scale,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -84,8 +84,8 @@ def grouped_attention_fwd_kernel(
     o_base = OUT + b * stride_qb + h * stride_qh
     l_base = LSE + b * stride_lb + h * stride_lh
 
-    if pid >= grouped_programs:  # rows that attend to nothing
-        rows, ok = _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M)
+    if pid >= group_programs:  # rows that attend to nothing
+        rows, ok = _prefix_rows(pid, group_programs, prefix_rows, BLOCK_M)
         zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=OUT.dtype.element_ty)
         tl.store(o_base + rows[:, None] * stride_qr + offs_d[None, :], zero, mask=ok[:, None] & d_ok[None, :])
         tl.store(l_base + rows, tl.full((BLOCK_M,), float("inf"), tl.float32), mask=ok)
@@ -126,14 +126,14 @@ def grouped_attention_fwd_kernel(
 
 
 @triton.jit
-def grouped_attention_bwd_kernel(
+def block_attention_bwd_kernel(
     Q, K, V, MASK, OUT, DO, LSE, DQ, DK, DV,
     stride_qb, stride_qr, stride_qh,
     stride_kb, stride_kg, stride_kr, stride_kh,
     stride_dp, stride_db, stride_dg, stride_dr, stride_dh,
     stride_mb, stride_mg, stride_mr,
     stride_lb, stride_lh,
-    heads, q_rows, q_valid, n_keys, head_dim, prefix_rows, row_blocks, grouped_programs, scale,
+    heads, q_rows, q_valid, n_keys, head_dim, prefix_rows, row_blocks, group_programs, scale,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -142,8 +142,8 @@ def grouped_attention_bwd_kernel(
     d_ok = offs_d < head_dim
     row_off = b * stride_qb + h * stride_qh
 
-    if pid >= grouped_programs:  # rows that attend to nothing get no gradient
-        rows, ok = _prefix_rows(pid, grouped_programs, prefix_rows, BLOCK_M)
+    if pid >= group_programs:  # rows that attend to nothing get no gradient
+        rows, ok = _prefix_rows(pid, group_programs, prefix_rows, BLOCK_M)
         zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=DQ.dtype.element_ty)
         tl.store(DQ + row_off + rows[:, None] * stride_qr + offs_d[None, :], zero, mask=ok[:, None] & d_ok[None, :])
         return

@@ -1,4 +1,4 @@
-// Fused grouped attention on the CPU (see grouped_attention.h for the problem it solves).
+// Fused block-local attention on the CPU (see block_attention.h for the problem it solves).
 //
 // One task per (batch, group, head), spread over threads with at::parallel_for (OpenMP in
 // PyTorch's builds). A task walks its query rows in blocks of kBlockM and its keys in blocks of
@@ -25,7 +25,7 @@
 // the baseline target (16-byte vectors: SSE2, NEON). cpu_isa() picks one once per process from
 // __builtin_cpu_supports (RETRO_KERNELS_CPU_ISA can lower it, e.g. to test the baseline path),
 // and every call goes to that ISA's entry (RK_CALL_ISA).
-#include "grouped_attention.h"
+#include "block_attention.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -58,7 +58,7 @@ struct TaskView {
 };
 
 template <typename T>
-RK_INLINE TaskView<T> task_view(const GroupedAttentionLayout& L, const bool* key_mask, int64_t task) {
+RK_INLINE TaskView<T> task_view(const BlockAttentionLayout& L, const bool* key_mask, int64_t task) {
   const int64_t h = task % L.heads;
   const int64_t g = (task / L.heads) % L.groups;
   const int64_t b = task / (L.heads * L.groups);
@@ -132,7 +132,7 @@ struct ForwardScratch {
 };
 
 template <typename Isa, typename T>
-RK_INLINE void forward_task(const GroupedAttentionLayout& L, const TaskView<T>& t, const T* q,
+RK_INLINE void forward_task(const BlockAttentionLayout& L, const TaskView<T>& t, const T* q,
                             const T* k, const T* v, acc_type_t<T> scale, T* out,
                             acc_type_t<T>* lse, ForwardScratch<T>& w) {
   using A = acc_type_t<T>;
@@ -203,7 +203,7 @@ struct BackwardScratch {
 };
 
 template <typename Isa, typename T>
-RK_INLINE void backward_task(const GroupedAttentionLayout& L, const TaskView<T>& t,
+RK_INLINE void backward_task(const BlockAttentionLayout& L, const TaskView<T>& t,
                              const T* dout, const T* q, const T* k, const T* v, const T* out,
                              const acc_type_t<T>* lse, acc_type_t<T> scale, T* dq, T* dk, T* dv,
                              BackwardScratch<T>& w) {
@@ -263,7 +263,7 @@ RK_INLINE void backward_task(const GroupedAttentionLayout& L, const TaskView<T>&
 
 // The task loops, instantiated for one instruction set by the entries below.
 template <typename Isa, typename T>
-RK_INLINE void forward_all(const GroupedAttentionLayout& L, const T* q, const T* k, const T* v,
+RK_INLINE void forward_all(const BlockAttentionLayout& L, const T* q, const T* k, const T* v,
                            const bool* mask, double scale, T* out, acc_type_t<T>* lse,
                            int64_t begin, int64_t end) {
   ForwardScratch<T> w(L.head_dim);
@@ -274,7 +274,7 @@ RK_INLINE void forward_all(const GroupedAttentionLayout& L, const T* q, const T*
 }
 
 template <typename Isa, typename T>
-RK_INLINE void backward_all(const GroupedAttentionLayout& L, const T* dout, const T* q,
+RK_INLINE void backward_all(const BlockAttentionLayout& L, const T* dout, const T* q,
                             const T* k, const T* v, const bool* mask, const T* out,
                             const acc_type_t<T>* lse, double scale, T* dq, T* dk, T* dv,
                             int64_t begin, int64_t end) {
@@ -289,12 +289,12 @@ RK_INLINE void backward_all(const GroupedAttentionLayout& L, const T* dout, cons
 // the baseline target): the force-inlined kernel and tile_math.h code inside it are generated
 // for that ISA, with its vector width and register blocking (ISA).
 #define RK_DEFINE_ENTRIES(TARGET, ISA, SUFFIX, T, NAME)                                         \
-  TARGET void forward_##NAME##_##SUFFIX(const GroupedAttentionLayout& L, const T* q, const T* k, \
+  TARGET void forward_##NAME##_##SUFFIX(const BlockAttentionLayout& L, const T* q, const T* k, \
                                         const T* v, const bool* mask, double scale, T* out,     \
                                         acc_type_t<T>* lse, int64_t begin, int64_t end) {       \
     forward_all<ISA, T>(L, q, k, v, mask, scale, out, lse, begin, end);                         \
   }                                                                                             \
-  TARGET void backward_##NAME##_##SUFFIX(const GroupedAttentionLayout& L, const T* dout,        \
+  TARGET void backward_##NAME##_##SUFFIX(const BlockAttentionLayout& L, const T* dout,        \
                                          const T* q, const T* k, const T* v, const bool* mask,  \
                                          const T* out, const acc_type_t<T>* lse, double scale,  \
                                          T* dq, T* dk, T* dv, int64_t begin, int64_t end) {     \
@@ -358,7 +358,7 @@ CpuIsa detect_cpu_isa() {
 #define RK_CALL_ISA(FN, NAME, ...) FN##_##NAME##_default(__VA_ARGS__)
 #endif
 
-int64_t num_tasks(const GroupedAttentionLayout& L) { return L.batch * L.groups * L.heads; }
+int64_t num_tasks(const BlockAttentionLayout& L) { return L.batch * L.groups * L.heads; }
 
 }  // namespace
 
@@ -376,7 +376,7 @@ int64_t num_tasks(const GroupedAttentionLayout& L) { return L.batch * L.groups *
     RK_CASE(BFloat16, c10::BFloat16, bf16, CALL)                       \
     RK_CASE(Half, c10::Half, f16, CALL)                                \
     default:                                                           \
-      TORCH_CHECK(false, "grouped attention: unsupported dtype ", DTYPE); \
+      TORCH_CHECK(false, "block attention: unsupported dtype ", DTYPE); \
   }
 
 CpuIsa cpu_isa() {
@@ -395,7 +395,7 @@ const char* cpu_isa_name(CpuIsa isa) {
   }
 }
 
-void grouped_attention_forward(const GroupedAttentionLayout& L, c10::ScalarType dtype,
+void block_attention_forward(const BlockAttentionLayout& L, c10::ScalarType dtype,
                                const void* q, const void* k, const void* v, const bool* key_mask,
                                double scale, void* out, void* lse) {
   if (num_tasks(L) == 0) return;
@@ -410,7 +410,7 @@ void grouped_attention_forward(const GroupedAttentionLayout& L, c10::ScalarType 
 #undef RK_FWD
 }
 
-void grouped_attention_backward(const GroupedAttentionLayout& L, c10::ScalarType dtype,
+void block_attention_backward(const BlockAttentionLayout& L, c10::ScalarType dtype,
                                 const void* grad_out, const void* q, const void* k, const void* v,
                                 const bool* key_mask, const void* out, const void* lse,
                                 double scale, void* grad_q, void* grad_k, void* grad_v) {

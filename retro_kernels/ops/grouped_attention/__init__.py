@@ -1,1 +1,0 @@
-"""The fused kernel family behind CCA and the neighbour-encoder attentions (see layouts.py)."""
