@@ -4,9 +4,10 @@ silent fallback), and AdamW's fused kernel on CUDA.
 
 The model is compiled in place (nn.Module.compile): its state_dict keeps its names, and DDP,
 which wraps it afterwards, runs its own hooks eagerly around the compiled forward (checked by hand
-on 2 CPU processes: the gradients equal one process's to 1.5e-8; not in the test suite). The retro_kernels ops trace through
-their fake implementations and autograd registrations (retro_kernels/ops/grouped_attention/
-registration.py); the CPU test compares compiled training with eager training in float32.
+on 2 CPU processes: the gradients equal one process's to 1.5e-8; not in the test suite). The
+retro_kernels ops trace through their fake implementations and autograd registrations (beside each
+op in retro_kernels/ops/block_attention/); the CPU test compares compiled training with eager
+training in float32.
 """
 from __future__ import annotations
 
