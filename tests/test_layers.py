@@ -102,3 +102,16 @@ def test_smeared_keys_mix_each_neighbour_token_with_the_one_before():
     for j in range(8):
         before = plain[..., j - 1, :, :] if j else torch.zeros_like(plain[..., 0, :, :])
         torch.testing.assert_close(k[..., j, :, :], (1 - a) * plain[..., j, :, :] + a * before)
+
+
+def test_rotary_table_is_the_reference_computed_once():
+    """rotary_table: rotary_angles of positions 0 .. n-1 to the last bit, one table per head size,
+    device and dtype (a shorter length is a slice of the longer one, not a new computation)."""
+    from retro_kernels.nn import rotary_table
+
+    for dtype in (torch.float32, torch.float64):
+        cos, sin = rotary_table(300, 16, 500.0, "cpu", dtype)
+        want = rotary_angles(torch.arange(300), 16, 500.0, dtype)
+        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+        short = rotary_table(7, 16, 500.0, "cpu", dtype)[0]
+        assert short.data_ptr() == cos.data_ptr() and short.shape == (7, 16)

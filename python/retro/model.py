@@ -5,8 +5,11 @@ A decoder of pre-norm blocks: self-attention (rotary, SDPA, causal) -> chunked c
 CCA layer, on the hidden states there: E_u = Encoder(RET(C_u), H_u). Without neighbours the
 model is RETRO[OFF]: the CCA blocks leave the residual stream untouched.
 
-Decoding (`step`) keeps a key/value cache for self-attention; when a chunk completes, its
-neighbours are encoded once and each CCA layer caches their keys/values for the next window.
+Decoding (`prefill`, `step`): each DecoderLayer has `step`, its CCA block
+ChunkedCrossAttention.step; the caches are preallocated and written in place (KVCache for
+self-attention, NeighbourCache for what CCA reads: when a chunk completes, its neighbours are
+encoded once and each CCA layer caches their keys/values for the next window). The step is two
+static-shape halves around that encoding, which compile_decoding() hands to torch.compile.
 """
 from __future__ import annotations
 
@@ -346,8 +349,8 @@ class RetroModel(nn.Module):
         (default: the configuration's k; any k works, the paper evaluates with more than it trains with)."""
         p = next(self.parameters())
         state = DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype, neighbours)
-        if self._compiled_step is not None:
-            state.mark_static()
+        if self._compiled_step is not None and state.pos.device.type == "cuda":
+            state.mark_static()  # CUDA graphs may write them
         return state
 
     @torch.no_grad()
@@ -503,6 +506,7 @@ class DecodeState:
                                          cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
 
     def mark_static(self) -> None:
-        """Tells torch.compile these tensors keep their addresses (CUDA graphs may then write them)."""
+        """Tells torch.compile these tensors keep their addresses, so CUDA graphs may write them in
+        place (unguarded: a new state of the same shapes re-records the graphs, never recompiles)."""
         for t in [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbours.tensors():
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)
