@@ -36,9 +36,13 @@ def cpu_kernel_isa() -> str | None:
     return _C.cpu_isa()
 
 
+# asked once: a plain bool that torch.compile reads as a constant (it cannot trace into _C)
+_CUDA_KERNELS = _C is not None and bool(_C.cuda_kernels_compiled())
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return _C is not None and _C.cuda_kernels_compiled()
+    return _CUDA_KERNELS
 
 
 def triton_interpreting() -> bool:
