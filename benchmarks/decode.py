@@ -57,7 +57,7 @@ def main(argv=None):
         nb = torch.randint(0, cfg.vocab_size, (batch, L, K, R), device=device)
         mask = torch.rand(batch, L, K, R, device=device) > 0.05
         for compiled in (False, True):
-            model._compiled_step = None
+            model.eager_decoding()
             if compiled:
                 torch._dynamo.reset()
                 model.compile_decoding(mode="reduce-overhead" if gpu else None)

@@ -132,6 +132,6 @@ def test_compiled_decoding_step_matches_eager_on_gpu():
         try:
             compiled = run()
         finally:
-            model._compiled_step = None
+            model.eager_decoding()
             torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)

@@ -91,8 +91,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tok
     if compile:
         if not hasattr(model, "compile_decoding"):
             raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
-        if model._compiled_step is None:
-            model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
+        model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, neighbours=k)
     gens = [Generation(p, "", []) for p in prompts]

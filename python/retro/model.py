@@ -254,7 +254,7 @@ class RetroModel(nn.Module):
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
         self.norm = nn.LayerNorm(cfg.dim)
         self.checkpointing = False  # activation checkpointing of the decoder layers
-        self._compiled_step = None  # compile_decoding()
+        self._compiled_step = self._compiled_mode = None  # compile_decoding()
         self.apply(self._init)
         if cfg.copy_init:
             self.copy_prior()
@@ -396,9 +396,17 @@ class RetroModel(nn.Module):
     def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
         """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs
         on a GPU); retrieval and the encoder at chunk completions stay eager. The decoding caches
-        are preallocated and updated in place, so one graph serves every step."""
-        self._compiled_step = (torch.compile(self._step_below, mode=mode, fullgraph=fullgraph),
-                               torch.compile(self._step_above, mode=mode, fullgraph=fullgraph))
+        are preallocated and updated in place, so one graph serves every step. Compiles once per
+        mode: calling it again with the same mode keeps the compiled step."""
+        if self._compiled_step is None or self._compiled_mode != (mode, fullgraph):
+            self._compiled_step = (torch.compile(self._step_below, mode=mode, fullgraph=fullgraph),
+                                   torch.compile(self._step_above, mode=mode, fullgraph=fullgraph))
+            self._compiled_mode = (mode, fullgraph)
+        return self
+
+    def eager_decoding(self) -> "RetroModel":
+        """Undoes compile_decoding(): step() runs eagerly again."""
+        self._compiled_step = self._compiled_mode = None
         return self
 
 
