@@ -5,7 +5,9 @@
 # the training section, which may take up to TRAIN_TIMEOUT (540 s) more: it needs no build, so
 #   GPU_SECTIONS=training TRAIN_CONFIGS=172M bash benchmarks/gpu_check.sh   runs it alone.
 #   bash benchmarks/gpu_check.sh
-# Sections (GPU_SECTIONS, default all): build tests demo learning training benchmarks.
+# Sections (GPU_SECTIONS, default all): build tests decode demo learning training benchmarks.
+#   decode    benchmarks.decode: RetroModel.step tokens/s at batch 1 and 32 (172M, bf16), eager
+#             against compile_decoding() (torch.compile mode reduce-overhead: CUDA graphs)
 #   demo      `retro demo --device cuda` (172M decoder, 1500 files): RETRO[ON]/[OFF]/baseline bits per byte
 #   learning  benchmarks.retrieval_learning on the GPU: every variant's learning curve (one process
 #             each), on LEARNING_DB (default: the news near-duplicate corpus) and on the demo's database
@@ -13,8 +15,8 @@
 #             TRAIN_CONFIGS (default 172M,425M) with and without retrieval; results
 #             training_gpu_<configs>-<card>.{json,md} (a run cut short keeps the variants it finished)
 # Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
-# TEST_TIMEOUT / BENCH_TIMEOUT / DEMO_TIMEOUT / TRAIN_TIMEOUT / LEARNING_SECONDS (seconds), TRAIN_ARGS
-# (more benchmarks.training options, e.g. "--steps 5"), DEMO_MINUTES (training
+# TEST_TIMEOUT / BENCH_TIMEOUT / DECODE_TIMEOUT / DEMO_TIMEOUT / TRAIN_TIMEOUT / LEARNING_SECONDS (seconds),
+# TRAIN_ARGS (more benchmarks.training options, e.g. "--steps 5"), DEMO_MINUTES (training
 # minutes per model), DEMO_EMBEDDER (frozen BERT name or folder), LEARNING_VARIANTS.
 # The lent machine has no network and no faiss, datasketch or MiniLM package: carry them (an
 # ignored folder named in `carry`), e.g. .gpu_carry/{minilm (the model folder, fp16 safetensors),
@@ -31,7 +33,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
-has() { [[ " ${GPU_SECTIONS:-build tests demo learning training benchmarks} " == *" $1 "* ]]; }
+has() { [[ " ${GPU_SECTIONS:-build tests decode demo learning training benchmarks} " == *" $1 "* ]]; }
 
 run_all() {
   local status=0 start
@@ -55,6 +57,13 @@ run_all() {
     RETRO_TRITON_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider \
         tests/test_gpu.py -k "${GPU_TEST_FILTER:-}" || status=1
     echo "tests took $((SECONDS - start)) s"
+  fi
+
+  if has decode; then
+    echo "== decoding throughput (GPU): eager and compiled step"
+    start=$SECONDS
+    timeout ${DECODE_TIMEOUT:-300} $PY -m benchmarks.decode --device cuda ${DECODE_ARGS:-} || status=1
+    echo "decode took $((SECONDS - start)) s"
   fi
 
   local demo=${DEMO_OUT:-/tmp/retro-gpu-demo}

@@ -36,15 +36,13 @@ def cpu_kernel_isa() -> str | None:
     return _C.cpu_isa()
 
 
-# The availability checks below run inside the public ops, which torch.compile traces: each is
-# marked constant for the process (assume_constant_result), so tracing calls it once instead of
-# breaking the graph at the import or the extension call it makes.
+# asked once: a plain bool that torch.compile reads as a constant (it cannot trace into _C)
+_CUDA_KERNELS = _C is not None and bool(_C.cuda_kernels_compiled())
 
 
-@torch.compiler.assume_constant_result
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return _C is not None and _C.cuda_kernels_compiled()
+    return _CUDA_KERNELS
 
 
 def triton_interpreting() -> bool:

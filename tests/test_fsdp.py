@@ -209,8 +209,8 @@ def test_sharded_layers_run_through_fsdp_with_checkpointing(one_rank_group, monk
     from retro.model import RetroModel, preset
 
     calls = []
-    layer_fn = retro.model.RetroModel._layer
-    monkeypatch.setattr(retro.model.RetroModel, "_layer", lambda self, *a: calls.append(1) or layer_fn(self, *a))
+    layer_fn = retro.model.DecoderLayer.forward
+    monkeypatch.setattr(retro.model.DecoderLayer, "forward", lambda self, *a: calls.append(1) or layer_fn(self, *a))
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16})
     plain = RetroModel(cfg)
     sharded = copy.deepcopy(plain)

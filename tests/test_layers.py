@@ -102,3 +102,34 @@ def test_smeared_keys_mix_each_neighbour_token_with_the_one_before():
     for j in range(8):
         before = plain[..., j - 1, :, :] if j else torch.zeros_like(plain[..., 0, :, :])
         torch.testing.assert_close(k[..., j, :, :], (1 - a) * plain[..., j, :, :] + a * before)
+
+
+def test_rotary_table_is_the_reference_computed_once():
+    """rotary_table: rotary_angles of positions 0 .. n-1 to the last bit, one table per head size,
+    device and dtype (a shorter length is a slice of the longer one, not a new computation)."""
+    from retro_kernels.nn import rotary_table
+
+    for dtype in (torch.float32, torch.float64):
+        cos, sin = rotary_table(300, 16, 500.0, "cpu", dtype)
+        want = rotary_angles(torch.arange(300), 16, 500.0, dtype)
+        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+        short = rotary_table(7, 16, 500.0, "cpu", dtype)[0]
+        assert short.data_ptr() == cos.data_ptr() and short.shape == (7, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_step_at_per_row_positions_is_the_full_layer(backend):
+    """step: each row's one token at its own position, against the cached keys/values of the chunk
+    that position attends (an all-False mask before the first complete chunk), gives forward's output
+    at that position."""
+    layer = make(backend, qk_norm=True, smear_keys=True)
+    x, nb, mask = inputs(N=14, L=4)
+    full = layer(x, nb, mask)
+    k, v = layer.project_neighbours(nb)  # (B, L, K, R, H, D)
+    for positions in ([0, 13], [3, 7], [12, 2], [5, 11]):
+        pos = torch.tensor(positions)
+        u = (pos + 1) // 4 - 1
+        rows = torch.arange(2)
+        m = mask[rows, u.clamp(min=0)] & (u >= 0)[:, None, None]
+        got = layer.step(x[rows, pos][:, None], pos, k[rows, u.clamp(min=0)], v[rows, u.clamp(min=0)], m)
+        torch.testing.assert_close(got[:, 0], full[rows, pos], rtol=1e-10, atol=1e-10)

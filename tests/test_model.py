@@ -114,3 +114,37 @@ def test_qk_norm_attention_is_the_layer_with_normalised_queries_and_keys():
     assert torch.allclose(q.norm(dim=-1), torch.full_like(q[..., 0], 3.0)) and torch.allclose(k.norm(dim=-1), torch.ones_like(k[..., 0]))
     want = layer.to_out(chunked_cross_attention_reference(q, k, v, chunk_size=4, softmax_scale=1.0).reshape(2, 11, 16))
     torch.testing.assert_close(layer(x, ctx), want)
+
+
+def greedy_decode(model, tokens, nb, mask, prompts, steps, m=4):
+    """Greedy decoding of rows with prompts of the given lengths: neighbours arrive at every
+    completed chunk, as in generation -> tokens (B, steps + 1)."""
+    B = len(prompts)
+    state = model.new_state(B, 32)
+    logits = torch.stack([model.prefill(state, r, tokens[r, :p], nb[r, :p // m] if p >= m else None,
+                                        mask[r, :p // m] if p >= m else None) for r, p in enumerate(prompts)])
+    out = [logits.argmax(-1)]
+    for _ in range(steps):
+        pos = state.pos.tolist()
+        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+        out.append(model.step(state, out[-1], new).argmax(-1))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_gives_the_eager_greedy_tokens():
+    """compile_decoding(): both halves of the step compile whole (fullgraph, the custom decode op
+    through its fake), one graph serves every step, and greedy decoding gives the eager tokens."""
+    torch.manual_seed(0)
+    model = RetroModel(tiny(depth=2, cca_layers=(1,), enc_depth=1)).eval()
+    tok, nb, mask = inputs(B=2, n=24, K=2)
+    eager = greedy_decode(model, tok, nb, mask, [3, 6], 12)
+    torch._dynamo.reset()
+    model.compile_decoding()
+    try:
+        compiled = greedy_decode(model, tok, nb, mask, [3, 6], 12)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = greedy_decode(model, tok, nb, mask, [3, 6], 12)  # new caches of the same shapes: no recompiling
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)

@@ -141,3 +141,24 @@ def test_the_frozen_base_stays_in_eval_mode_while_the_new_parts_train():
     with torch.no_grad():  # dropout 0.5 in the base would make two passes differ if it were on
         torch.testing.assert_close(model(tokens, nb, mask), model(tokens, nb, mask), rtol=0, atol=0)
 
+
+
+def test_compiled_generation_is_refused_for_retrofitted_models():
+    """A retrofitted model decodes through the base model's own caches, eagerly: compile=True is
+    refused by name."""
+    from retro.errors import RetroError
+    from retro.generate import generate
+
+    class Tokenizer:
+        eos_id = -1
+
+        def encode(self, prompts):
+            return [[1, 2, 3] for _ in prompts]
+
+        def decode(self, tokens):
+            return ""
+
+    model = retrofit(MODELS["gpt2"](), chunk_size=4, backend="cpu", encoder=dict(dim=24, head_dim=12)).eval()
+    with pytest.raises(RetroError, match="compile"):
+        generate(model, None, ["x"], max_new_tokens=2, tokenizer=Tokenizer(), compile=True)
+    assert len(generate(model, None, ["x"], max_new_tokens=2, tokenizer=Tokenizer(), temperature=0)[0].tokens) == 2

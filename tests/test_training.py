@@ -184,8 +184,8 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, m
     import retro.model
 
     calls = []
-    layer = retro.model.RetroModel._layer
-    monkeypatch.setattr(retro.model.RetroModel, "_layer", lambda self, *a: calls.append(1) or layer(self, *a))
+    layer = retro.model.DecoderLayer.forward
+    monkeypatch.setattr(retro.model.DecoderLayer, "forward", lambda self, *a, **kw: calls.append(1) or layer(self, *a, **kw))
     train(opts(db, tmp_path / "plain", steps=3), log=lambda *_: None)
     plain = len(calls)
     calls.clear()

@@ -134,7 +134,7 @@ def _cmd_generate(a) -> None:
     model, _ = load_model(a.run, device=a.device)
     retriever = Retriever.load(a.db, device=a.device) if not a.no_retrieval else None
     gens = generate(model, retriever, a.prompt, **asdict(sampling),
-                    tokenizer=None if retriever is not None else ChunkDatabase(a.db).tokenizer)
+                    tokenizer=None if retriever is not None else ChunkDatabase(a.db).tokenizer, compile=a.compile)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
         if a.show_neighbours:
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-k", "--k", type=int)
     g.add_argument("--show-neighbours", action="store_true", help="print what was retrieved")
     g.add_argument("--no-retrieval", action="store_true", help="RETRO[OFF]")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step (torch.compile; CUDA graphs on a GPU)")
     g.add_argument("--device")
     g.set_defaults(handler=_cmd_generate)
 

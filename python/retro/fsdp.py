@@ -23,7 +23,6 @@ writes and reads the same sharded checkpoints.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -45,17 +44,6 @@ _STEP = re.compile(r"^step-(\d{8})$")
 
 # ---- sharding -----------------------------------------------------------------------------------
 
-def _route_layers_through_call(model: torch.nn.Module) -> None:
-    """RetroModel.forward runs decoder layer i as `model._layer(layer, i, ...)`, never `layer(...)`,
-    but FSDP gathers a module's weights in hooks on its call. So each layer's forward becomes the
-    model's `_layer` bound to it, and the model's `_layer` calls the layer: the same computation,
-    now through the layer's hooks (inside torch.utils.checkpoint too, when checkpointing)."""
-    run = model._layer  # the class's method, bound (a test's patched one included)
-    for layer in model.layers:
-        layer.forward = functools.partial(run, layer)
-    model._layer = lambda layer, *args: layer(*args)
-
-
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules sharded one by one: decoder blocks, then encoder layers."""
     blocks = getattr(model, "blocks", None)  # RetrofittedLM: the base model's blocks
@@ -74,8 +62,6 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> tor
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()  # float32: no casts
-    if not hasattr(model, "blocks"):
-        _route_layers_through_call(model)
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -70,9 +70,11 @@ def _retrieve(retriever: Retriever, chunks: list[np.ndarray], k: int, device):
 @torch.no_grad()
 def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-             k: int | None = None, stop_at_eos: bool = True, tokenizer=None) -> list[Generation]:
+             k: int | None = None, stop_at_eos: bool = True, tokenizer=None, compile: bool = False) -> list[Generation]:
     """Continues each prompt. retriever None generates without retrieval (RETRO[OFF]); the
-    tokenizer is then required (otherwise the database's is used)."""
+    tokenizer is then required (otherwise the database's is used). compile: the one-token step
+    through torch.compile (CUDA graphs on a GPU; RETRO models, not retrofitted ones); retrieval and
+    the encoder at chunk completions stay eager."""
     SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, k).validate()
     if not prompts:
         raise RetroError("no prompt given")
@@ -86,6 +88,11 @@ def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tok
     if any(len(t) == 0 for t in encoded):
         raise RetroError("a prompt encodes to no token; give at least one character")
     max_len = max(len(t) for t in encoded) + max_new_tokens  # the caches' length (any length works)
+    if compile:
+        if not hasattr(model, "compile_decoding"):
+            raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
+        model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
+        max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, neighbours=k)
     gens = [Generation(p, "", []) for p in prompts]
     history = [list(t) for t in encoded]

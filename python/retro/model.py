@@ -5,8 +5,11 @@ A decoder of pre-norm blocks: self-attention (rotary, SDPA, causal) -> chunked c
 CCA layer, on the hidden states there: E_u = Encoder(RET(C_u), H_u). Without neighbours the
 model is RETRO[OFF]: the CCA blocks leave the residual stream untouched.
 
-Decoding (`step`) keeps a key/value cache for self-attention; when a chunk completes, its
-neighbours are encoded once and each CCA layer caches their keys/values for the next window.
+Decoding (`prefill`, `step`): each DecoderLayer has `step`, its CCA block
+ChunkedCrossAttention.step; the caches are preallocated and written in place (KVCache for
+self-attention, NeighbourCache for what CCA reads: when a chunk completes, its neighbours are
+encoded once and each CCA layer caches their keys/values for the next window). The step is two
+static-shape halves around that encoding, which compile_decoding() hands to torch.compile.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
-from retro_kernels.nn import FeedForward, apply_rotary, rotary_angles
+from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 
 from .checks import MAX_NEIGHBOURS, check_float, check_int
 from .errors import RetroError
@@ -150,37 +153,45 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def _qkv(self, x: Tensor, positions: Tensor):
-        """x (B, n, dim), positions (B, n) -> rotated q, k and v, each (B, H, n, D)."""
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor):
+        """x (B, n, dim), rotary tables (B or 1, n, head_dim) -> rotated q, k and v, each (B, H, n, D)."""
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.heads, self.head_dim).unbind(2)
-        cos, sin = rotary_angles(positions, self.head_dim, self.base, torch.promote_types(x.dtype, torch.float32))
         q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos[:, :, None], sin[:, :, None])
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, kv: "_KV | None" = None, row: int | None = None) -> Tensor:
+    def _table(self, length: int, x: Tensor):
+        return rotary_table(length, self.head_dim, self.base, x.device, torch.promote_types(x.dtype, torch.float32))
+
+    def forward(self, x: Tensor, kv: "KVCache | None" = None, row: int = 0) -> Tensor:
+        """x (B, n, dim) at positions 0 .. n-1 -> (B, n, dim), causal. With kv (a prefill, B = 1):
+        the keys/values of every position are kept in row `row` of kv."""
         B, n, _ = x.shape
-        q, k, v = self._qkv(x, torch.arange(n, device=x.device).expand(B, n))
-        if kv is not None:  # prefill of one sequence: keep the keys/values of every position
-            kv.k[row, :, :n], kv.v[row, :, :n] = k[0], v[0]
+        cos, sin = self._table(n, x)
+        q, k, v = self._qkv(x, cos[None], sin[None])
+        if kv is not None:
+            kv.fill(row, k[0], v[0])
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(B, n, -1))
 
-    def step(self, x: Tensor, pos: Tensor, cache) -> Tensor:
-        """x (B, 1, dim) at positions pos (B,) -> (B, 1, dim), attending to the cache."""
-        q, k, v = self._qkv(x, pos[:, None])
-        rows = torch.arange(len(pos), device=x.device)
-        cache.k[rows, :, pos], cache.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
-        seen = torch.arange(cache.k.shape[2], device=x.device)[None, :] <= pos[:, None]  # (B, T)
+    def step(self, x: Tensor, pos: Tensor, kv: "KVCache") -> Tensor:
+        """x (B, 1, dim) at positions pos (B,) -> (B, 1, dim), attending to kv (updated in place)."""
+        cos, sin = self._table(kv.max_len, x)
+        q, k, v = self._qkv(x, cos[pos][:, None], sin[pos][:, None])
+        kv.update(pos, k[:, :, 0], v[:, :, 0])
+        seen = torch.arange(kv.max_len, device=x.device)[None, :] <= pos[:, None]  # (B, T)
         # One query per sequence: two small products. (SDPA with a mask picks cuDNN here, whose
         # per-call set-up costs milliseconds of CPU time, more than the whole step.)
-        scores = (q @ cache.k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+        scores = (q @ kv.k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         scores = scores * self.head_dim ** -0.5  # (B, H, 1, T)
-        o = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1).to(q.dtype) @ cache.v
+        o = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1).to(q.dtype) @ kv.v
         return self.out(o.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
 
 class DecoderLayer(nn.Module):
+    """Self-attention -> chunked cross-attention (if the layer has it) -> feed-forward, pre-norm,
+    residual around each. forward runs a whole sequence, step one token per sequence."""
+
     def __init__(self, cfg: RetroConfig, index: int):
         super().__init__()
         self.attn_norm, self.attn = nn.LayerNorm(cfg.dim), SelfAttention(cfg)
@@ -192,6 +203,36 @@ class DecoderLayer(nn.Module):
                                              qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
         self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, dropout=cfg.dropout, hidden=cfg.ff_dim)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, enc: Tensor | None = None, mask: Tensor | None = None,
+                encode: "typing.Callable[[Tensor], tuple] | None" = None, kv: "KVCache | None" = None,
+                row: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (B, n, dim) -> (x, enc, mask). enc (B, L, K, R, enc_dim), mask (B, L, K, R): the
+        encoded neighbours the CCA block reads. encode (the first CCA layer): a function of the
+        states H after self-attention returning (enc, mask), the encoder's run. kv, row: a prefill's
+        self-attention cache and row."""
+        x = x + self.drop(self.attn(self.attn_norm(x), kv, row))
+        if encode is not None:
+            enc, mask = encode(x)
+        if self.cca is not None and enc is not None:
+            x = x + self.drop(self.cca(self.cca_norm(x), enc, mask))
+        return x + self.drop(self.ff(self.ff_norm(x))), enc, mask
+
+    def step_attention(self, x: Tensor, pos: Tensor, kv: "KVCache") -> Tensor:
+        """The self-attention block of one decoding step: x (B, 1, dim) at positions pos (B,)."""
+        return x + self.attn.step(self.attn_norm(x), pos, kv)
+
+    def step_rest(self, x: Tensor, pos: Tensor, neighbours: "tuple[Tensor, Tensor, Tensor] | None") -> Tensor:
+        """The CCA (reading the cached neighbour keys, values and mask) and feed-forward blocks of
+        one decoding step."""
+        if self.cca is not None:
+            x = x + self.cca.step(self.cca_norm(x), pos, *neighbours)
+        return x + self.ff(self.ff_norm(x))
+
+    def step(self, x: Tensor, pos: Tensor, kv: "KVCache", neighbours=None) -> Tensor:
+        """One token per sequence: x (B, 1, dim) at positions pos (B,) -> (B, 1, dim); kv is
+        updated in place, neighbours = NeighbourCache.read(layer index) for a CCA layer."""
+        return self.step_rest(self.step_attention(x, pos, kv), pos, neighbours)
 
 
 class RetroModel(nn.Module):
@@ -213,6 +254,7 @@ class RetroModel(nn.Module):
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
         self.norm = nn.LayerNorm(cfg.dim)
         self.checkpointing = False  # activation checkpointing of the decoder layers
+        self._compiled_step = self._compiled_mode = None  # compile_decoding()
         self.apply(self._init)
         if cfg.copy_init:
             self.copy_prior()
@@ -263,36 +305,41 @@ class RetroModel(nn.Module):
         """neighbour tokens (B, L, K, R), chunk states H_u (B, L, m, dim) -> E (B, L, K, R, enc_dim)."""
         return self.encoder(self.encoder_in_norm(self.to_encoder(self.embed(neighbours))), chunk_states, neighbour_mask)
 
-    def _layer(self, layer: DecoderLayer, i: int, x: Tensor, neighbours, neighbour_mask, enc, cache):
-        kv, row = (None, None) if cache is None else (cache.self_attn[i], cache.row)
-        x = x + layer.drop(layer.attn(layer.attn_norm(x), kv, row))
-        if cache is not None and i == self.first_cca:
-            cache.keep_chunk_states(x)  # H after the first CCA layer's self-attention
-        if layer.cca is not None and neighbours is not None:
-            chunks = x.shape[1] // self.cfg.chunk_size
-            mask = None if neighbour_mask is None else neighbour_mask[:, :chunks]
-            if i == self.first_cca:  # the encoder runs once, on the unshifted chunk states H_u
-                h = x[:, : chunks * self.cfg.chunk_size].reshape(x.shape[0], chunks, self.cfg.chunk_size, -1)
-                enc = self.encode(neighbours[:, :chunks], mask, h)
-                if cache is not None:
-                    cache.keep_neighbours(self, enc, mask, x.shape[1])
-            x = x + layer.drop(layer.cca(layer.cca_norm(x), enc, mask))
-        return x + layer.drop(layer.ff(layer.ff_norm(x))), enc
+    def cca_layers(self) -> dict[int, ChunkedCrossAttention]:
+        return {i: self.layers[i].cca for i in self.cfg.cca_layers}
+
+    def _encoder_at(self, neighbours: Tensor | None, neighbour_mask: Tensor | None,
+                    cache: "DecodeState | None" = None, row: int = 0):
+        """The first CCA layer's `encode`: the encoder on the unshifted chunk states H_u of the
+        complete chunks; a prefill also keeps what decoding needs in the cache."""
+        m = self.cfg.chunk_size
+
+        def encode(h: Tensor):
+            chunks = h.shape[1] // m
+            enc = mask = None
+            if neighbours is not None:
+                mask = None if neighbour_mask is None else neighbour_mask[:, :chunks]
+                enc = self.encode(neighbours[:, :chunks], mask, h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
+            if cache is not None:
+                cache.neighbours.keep(row, h[0], None if enc is None else enc[0], None if mask is None else mask[0])
+            return enc, mask
+        return encode
 
     def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None,
-                cache: "DecodeState | None" = None) -> Tensor:
+                cache: "DecodeState | None" = None, row: int = 0) -> Tensor:
         """tokens (B, n); neighbours (B, L, K, R) token ids of the k neighbours [chunk, continuation]
-        of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab)."""
-        n = tokens.shape[1]
-        if neighbours is not None and n // self.cfg.chunk_size == 0:
+        of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab).
+        cache, row: a prefill (B = 1) fills row `row` of the decoding caches."""
+        if neighbours is not None and tokens.shape[1] // self.cfg.chunk_size == 0:
             neighbours = None  # no complete chunk yet: nothing to attend to
-        x, enc = self.embed(tokens), None
+        x, enc, mask = self.embed(tokens), None, None
         for i, layer in enumerate(self.layers):
+            encode = self._encoder_at(neighbours, neighbour_mask, cache, row) if i == self.first_cca else None
+            kv = None if cache is None else cache.self_attn[i]
             if self.checkpointing and self.training:
-                x, enc = torch.utils.checkpoint.checkpoint(self._layer, layer, i, x, neighbours, neighbour_mask,
-                                                           enc, None, use_reentrant=False)
+                x, enc, mask = torch.utils.checkpoint.checkpoint(layer, x, enc, mask, encode, use_reentrant=False)
             else:
-                x, enc = self._layer(layer, i, x, neighbours, neighbour_mask, enc, cache)
+                x, enc, mask = layer(x, enc, mask, encode, kv, row)
         return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
 
     # ---- incremental decoding ---------------------------------------------------------------------
@@ -301,108 +348,173 @@ class RetroModel(nn.Module):
         """Caches for decoding `batch` sequences of up to max_len tokens with `neighbours` per chunk
         (default: the configuration's k; any k works, the paper evaluates with more than it trains with)."""
         p = next(self.parameters())
-        return DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype, neighbours)
+        state = DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype, neighbours)
+        if self._compiled_step is not None and state.pos.device.type == "cuda":
+            state.mark_static()  # CUDA graphs may write them
+        return state
 
     @torch.no_grad()
     def prefill(self, state: "DecodeState", row: int, tokens: Tensor, neighbours: Tensor | None = None,
                 neighbour_mask: Tensor | None = None) -> Tensor:
         """Runs sequence `row`'s prompt tokens (n,) in one parallel pass, with the neighbours (L, K, R)
         of its complete chunks, filling its caches -> logits (vocab,) after the last prompt token."""
-        state.row = row
         logits = self.forward(tokens[None], None if neighbours is None else neighbours[None],
-                              None if neighbour_mask is None else neighbour_mask[None], cache=state)
+                              None if neighbour_mask is None else neighbour_mask[None], cache=state, row=row)
         state.pos[row] = tokens.shape[0]
-        state.row = None
         return logits[0, -1]
 
     @torch.no_grad()
     def step(self, state: "DecodeState", tokens: Tensor, new_neighbours: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
         """Feeds one token per sequence (tokens (B,), at positions state.pos) -> logits (B, vocab).
         new_neighbours maps a row whose token completes chunk u (pos % m == m - 1) to that chunk's
-        retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached."""
-        cfg, pos = self.cfg, state.pos
+        retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached.
+        Two static-shape halves around the encoder (compile_decoding() compiles them)."""
+        below, above = self._compiled_step or (self._step_below, self._step_above)
+        x = below(state, tokens)
+        if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
+            state.neighbours.refresh(self.encode, new_neighbours)
+        return above(state, x)
+
+    def _step_below(self, state: "DecodeState", tokens: Tensor) -> Tensor:
+        """The layers up to the first CCA layer's self-attention; keeps its states of the chunk in progress."""
         x = self.embed(tokens)[:, None]
-        for i, layer in enumerate(self.layers):
-            x = x + layer.attn.step(layer.attn_norm(x), pos, state.self_attn[i])
-            if i == self.first_cca:
-                state.chunk_states[torch.arange(len(pos)), pos % cfg.chunk_size] = x[:, 0]
-                if new_neighbours:
-                    state.encode_completed(self, new_neighbours)
-            if layer.cca is not None:
-                k, v = state.cca_kv[i]
-                x = x + layer.cca.step(layer.cca_norm(x), pos, k, v, state.cca_mask)
-            x = x + layer.ff(layer.ff_norm(x))
-        state.pos += 1
+        for i in range(self.first_cca):
+            x = self.layers[i].step(x, state.pos, state.self_attn[i])
+        x = self.layers[self.first_cca].step_attention(x, state.pos, state.self_attn[self.first_cca])
+        state.neighbours.record(state.pos, x[:, 0])
+        return x
+
+    def _step_above(self, state: "DecodeState", x: Tensor) -> Tensor:
+        """The rest: the first CCA layer's CCA and feed-forward, then the layers above it."""
+        pos, p0 = state.pos, self.first_cca
+        x = self.layers[p0].step_rest(x, pos, state.neighbours.read(p0))
+        for i in range(p0 + 1, len(self.layers)):
+            x = self.layers[i].step(x, pos, state.self_attn[i], state.neighbours.read(i))
+        pos.add_(1)
         return F.linear(self.norm(x[:, 0]), self.embed.weight)
 
+    def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
+        """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs
+        on a GPU); retrieval and the encoder at chunk completions stay eager. The decoding caches
+        are preallocated and updated in place, so one graph serves every step. Compiles once per
+        mode: calling it again with the same mode keeps the compiled step."""
+        if self._compiled_step is None or self._compiled_mode != (mode, fullgraph):
+            self._compiled_step = (torch.compile(self._step_below, mode=mode, fullgraph=fullgraph),
+                                   torch.compile(self._step_above, mode=mode, fullgraph=fullgraph))
+            self._compiled_mode = (mode, fullgraph)
+        return self
 
-class _KV:
+    def eager_decoding(self) -> "RetroModel":
+        """Undoes compile_decoding(): step() runs eagerly again."""
+        self._compiled_step = self._compiled_mode = None
+        return self
+
+
+class KVCache:
+    """Self-attention keys/values (batch, heads, max_len, head_dim), preallocated, written in place."""
+
     def __init__(self, batch, heads, max_len, head_dim, device, dtype):
         self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
+
+    def fill(self, row: int, k: Tensor, v: Tensor) -> None:
+        """A prefill: k, v (heads, n, head_dim) of positions 0 .. n-1 of sequence `row`."""
+        n = k.shape[1]
+        self.k[row, :, :n], self.v[row, :, :n] = k, v
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """One step: k, v (batch, heads, head_dim) of each sequence's token at its position pos (batch,)."""
+        rows = torch.arange(len(pos), device=pos.device)
+        self.k[rows, :, pos], self.v[rows, :, pos] = k, v
 
 
 class NeighbourCache:
-    """Per sequence being decoded: the first CCA layer's states of its chunk in progress, and each
-    CCA layer's keys/values of the neighbours of its current chunk (mask all False before the
-    first chunk completes)."""
+    """What CCA reads while decoding, preallocated for `batch` sequences and updated in place: the
+    first CCA layer's states of each sequence's chunk in progress, and each CCA layer's keys/values
+    of the neighbours its next positions attend (mask all False before the first chunk completes).
+    It owns their life: keep (after a prefill), record (each step), refresh (a chunk completes)."""
 
-    def __init__(self, cfg: RetroConfig, batch: int, hidden: int, device, dtype, neighbours: int | None = None):
-        neighbours = cfg.neighbours if neighbours is None else neighbours
+    def __init__(self, cca_layers: dict[int, ChunkedCrossAttention], batch: int, hidden: int, device, dtype,
+                 neighbours: int, neighbour_len: int):
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= 1024:
             raise ValueError(f"neighbours must be an int in [1, 1024], got {neighbours!r}")
-        self.chunk_states = torch.zeros(batch, cfg.chunk_size, hidden, device=device, dtype=dtype)
-        shape = (batch, neighbours, cfg.neighbour_len, cfg.heads, cfg.head_dim)
-        self.cca_kv = {i: (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                       for i in cfg.cca_layers}
-        self.cca_mask = torch.zeros(shape[:3], dtype=torch.bool, device=device)
-
-    def store(self, cca_layers: dict, rows, enc: Tensor, mask: Tensor) -> None:
-        """Caches, for `rows`, every CCA layer's (rotated) keys/values of encoded neighbours enc
-        (b, K, R, enc_dim); cca_layers maps a layer index to its ChunkedCrossAttention."""
+        self.cca = cca_layers
+        first = next(iter(cca_layers.values()))
+        self.chunk_size = first.chunk_size
+        self.chunk_states = torch.zeros(batch, self.chunk_size, hidden, device=device, dtype=dtype)
+        self.kv = {}
         for i, layer in cca_layers.items():
+            shape = (batch, neighbours, neighbour_len, layer.heads, layer.head_dim)
+            self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        self.mask = torch.zeros((batch, neighbours, neighbour_len), dtype=torch.bool, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.chunk_states, self.mask] + [t for kv in self.kv.values() for t in kv]
+
+    def read(self, i: int, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """CCA layer i's cached keys, values and mask (of `rows`, default all); None for a layer without CCA."""
+        if i not in self.kv:
+            return None
+        rows = slice(None) if rows is None else rows
+        return self.kv[i][0][rows], self.kv[i][1][rows], self.mask[rows]
+
+    def store(self, rows: Tensor, enc: Tensor, mask: Tensor) -> None:
+        """Caches, for `rows`, every CCA layer's (rotated) keys/values of encoded neighbours enc
+        (b, K, R, enc_dim) and their mask (b, K, R)."""
+        for i, layer in self.cca.items():
             k, v = layer.project_neighbours(enc)
-            self.cca_kv[i][0][rows], self.cca_kv[i][1][rows] = k.to(self.cca_kv[i][0].dtype), v.to(self.cca_kv[i][1].dtype)
-        self.cca_mask[rows] = mask
+            self.kv[i][0].index_copy_(0, rows, k.to(self.kv[i][0].dtype))
+            self.kv[i][1].index_copy_(0, rows, v.to(self.kv[i][1].dtype))
+        self.mask.index_copy_(0, rows, mask)
+
+    def keep(self, row: int, h: Tensor, enc: Tensor | None, mask: Tensor | None) -> None:
+        """After a prefill of n tokens: h (n, hidden), the first CCA layer's states after its
+        self-attention; enc (L, K, R, enc_dim) the encoded neighbours of its complete chunks (None
+        without), mask (L, K, R) or None. Keeps the states of the chunk in progress and the
+        keys/values of the chunk that position n (the next) attends, unless position n itself
+        completes a chunk (then its step retrieves and refreshes)."""
+        n, m = h.shape[0], self.chunk_size
+        start = (n // m) * m
+        self.chunk_states[row, : n - start] = h[start:n].to(self.chunk_states.dtype)
+        self.mask[row] = False
+        if enc is None or n % m == m - 1:
+            return
+        last = (n + 1) // m - 1
+        chunk_mask = mask[last] if mask is not None else torch.ones(enc.shape[1:3], dtype=torch.bool, device=enc.device)
+        self.store(torch.tensor([row], device=enc.device), enc[last][None], chunk_mask[None])
+
+    def record(self, pos: Tensor, h: Tensor, rows: Tensor | None = None) -> None:
+        """One step: h (b, hidden), the first CCA layer's states after its self-attention of the
+        tokens at positions pos (b,) of `rows` (default all), into their chunk in progress."""
+        rows = torch.arange(len(pos), device=pos.device) if rows is None else rows
+        self.chunk_states[rows, pos % self.chunk_size] = h.to(self.chunk_states.dtype)
+
+    def refresh(self, encode, new: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Chunks just completed: new maps a row to its chunk's retrieved neighbours (K, R) and mask
+        (K, R). encode(neighbours, mask, chunk_states) is the model's encoder; it runs once on them
+        with the rows' recorded chunk states, and every CCA layer caches their keys/values."""
+        order = sorted(new)
+        rows = torch.tensor(order, device=self.mask.device)
+        nb = torch.stack([new[r][0] for r in order])[:, None]      # (b, 1, K, R)
+        mask = torch.stack([new[r][1] for r in order])[:, None]
+        enc = encode(nb, mask, self.chunk_states[rows][:, None])   # (b, 1, K, R, enc_dim)
+        self.store(rows, enc[:, 0], mask[:, 0])
 
 
-class DecodeState(NeighbourCache):
-    """Caches of a batch being decoded: per-sequence positions and self-attention keys/values,
-    plus the neighbour caches."""
+class DecodeState:
+    """Caches of a batch being decoded, all preallocated for `batch` sequences of max_len tokens:
+    per-sequence positions, self-attention keys/values per layer, the neighbour cache."""
 
     def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype, neighbours: int | None = None):
         cfg = model.cfg
-        super().__init__(cfg, batch, cfg.dim, device, dtype, neighbours)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.self_attn = [_KV(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
-        self.row = None  # the row a prefill writes into
+        self.self_attn = [KVCache(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
+        self.neighbours = NeighbourCache(model.cca_layers(), batch, cfg.dim, device, dtype,
+                                         cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
 
-    def encode_completed(self, model: RetroModel, new: dict[int, tuple[Tensor, Tensor]]) -> None:
-        """Encodes the neighbours of the chunks just completed (rows of `new`) with those rows'
-        cached chunk states, and caches every CCA layer's keys/values for them."""
-        rows = torch.tensor(sorted(new), device=self.pos.device)
-        nb = torch.stack([new[r][0] for r in sorted(new)])[:, None]      # (b, 1, K, R)
-        mask = torch.stack([new[r][1] for r in sorted(new)])[:, None]
-        enc = model.encode(nb, mask, self.chunk_states[rows][:, None])      # (b, 1, K, R, enc_dim)
-        self._store(model, rows, enc[:, 0], mask[:, 0])
-
-    def _store(self, model: RetroModel, rows, enc, mask) -> None:
-        self.store({i: model.layers[i].cca for i in model.cfg.cca_layers}, rows, enc, mask)
-
-    def keep_chunk_states(self, x: Tensor) -> None:
-        """Prefill (x (1, n, dim) after the first CCA layer's self-attention): keeps the states of
-        the chunk still in progress after the prompt."""
-        n, m = x.shape[1], self.chunk_states.shape[1]
-        start = (n // m) * m
-        self.chunk_states[self.row, : n - start] = x[0, start:n].to(self.chunk_states.dtype)
-
-    def keep_neighbours(self, model: RetroModel, enc: Tensor, mask: Tensor | None, n: int) -> None:
-        """Prefill: caches the CCA keys/values of the chunk that position n (the next one) attends,
-        unless position n itself completes a chunk (then step() retrieves and encodes it)."""
-        m = model.cfg.chunk_size
-        if n % m == m - 1:
-            return
-        last = (n + 1) // m - 1
-        chunk_mask = mask[:, last] if mask is not None else torch.ones(enc.shape[:1] + enc.shape[2:4],
-                                                                       dtype=torch.bool, device=enc.device)
-        self._store(model, torch.tensor([self.row], device=enc.device), enc[:, last], chunk_mask)
+    def mark_static(self) -> None:
+        """Tells torch.compile these tensors keep their addresses, so CUDA graphs may write them in
+        place (unguarded: a new state of the same shapes re-records the graphs, never recompiles)."""
+        for t in [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbours.tensors():
+            torch._dynamo.mark_static_address(t, guard=False)

@@ -10,7 +10,7 @@ layer, on the hidden states there (docs/semantics.md, "Encoder").
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,28 @@ def _with_hidden(output, hidden):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
 
+# The keyword argument that carries one call's _Pass to the CCA hooks: Hugging Face models hand
+# their forward's extra keyword arguments down to every block.
+PASS_KWARG = "retro_pass"
+
+
+@dataclass
+class _Pass:
+    """What one call of the base model brings to the CCA after its blocks. A whole sequence:
+    the neighbours (B, L, K, R) and mask, enc once the first CCA layer has encoded them; with cache
+    (a prefill of row `row`), what decoding needs is kept. One token (positions set): the row's
+    neighbour cache is read, recorded, and refreshed with `new` (neighbours, mask) of the chunk it
+    completes."""
+    neighbours: Tensor | None = None
+    mask: Tensor | None = None
+    cache: NeighbourCache | None = None
+    row: int = 0
+    positions: Tensor | None = None
+    new: tuple[Tensor, Tensor] | None = None
+    enc: Tensor | None = None
+    seen: int = 0
+
+
 class RetrofittedLM(nn.Module):
     """forward(tokens (B, n), neighbours (B, L, K, R) | None, neighbour_mask) -> logits (B, n, V);
     prefill/step decode as RetroModel does (one base-model cache per sequence)."""
@@ -64,9 +86,8 @@ class RetrofittedLM(nn.Module):
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
                                     cross_attend_layers=(0,), backend=cfg.backend)
         self.extra_config = {"retrofit": {"base": base_name}}
-        self._ctx = None  # what the block hooks see during one call
         for i in cfg.cca_layers:
-            self.blocks[i].register_forward_hook(self._hook(i))
+            self.blocks[i].register_forward_hook(self._hook(i), with_kwargs=True)
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.base.eval()
@@ -87,51 +108,52 @@ class RetrofittedLM(nn.Module):
         return self.encoder(self.to_encoder(emb), chunk_states.to(emb.dtype), mask)
 
     def _hook(self, i: int):
-        def hook(module, args, output):
-            ctx = self._ctx
-            if ctx is None or ctx.get("neighbours") is None and ctx.get("state") is None:
+        def hook(module, args, kwargs, output):
+            p = kwargs.get(PASS_KWARG)
+            if p is None:
                 return output
+            p.seen += 1
             h = _hidden(output)
-            out = self._full(i, h, ctx) if ctx.get("state") is None else self._step(i, h, ctx)
+            out = self._sequence(i, h, p) if p.positions is None else self._token(i, h, p)
             return _with_hidden(output, out)
         return hook
 
-    def _full(self, i, h, ctx):
+    def _sequence(self, i: int, h: Tensor, p: _Pass) -> Tensor:
         m = self.cfg.chunk_size
         chunks = h.shape[1] // m
-        mask = ctx["mask"][:, :chunks] if ctx["mask"] is not None else None
+        mask = p.mask[:, :chunks] if p.mask is not None and p.neighbours is not None else None
         if i == self.first_cca:
-            states = h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1)
-            ctx["enc"] = self.encode(ctx["neighbours"][:, :chunks], mask, states)
-            if ctx.get("keep") is not None:
-                ctx["keep"](h, ctx["enc"], mask)
-        return h + self.cca[str(i)](self.cca_norm[str(i)](h), ctx["enc"], mask).to(h.dtype)
+            if p.neighbours is not None:
+                p.enc = self.encode(p.neighbours[:, :chunks], mask, h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
+            if p.cache is not None:
+                p.cache.keep(p.row, h[0], None if p.enc is None else p.enc[0], None if mask is None else mask[0])
+        if p.enc is None:
+            return h
+        return h + self.cca[str(i)](self.cca_norm[str(i)](h), p.enc, mask).to(h.dtype)
 
-    def _step(self, i, h, ctx):
-        st, row, pos = ctx["state"], ctx["row"], ctx["pos"]
-        m = self.cfg.chunk_size
+    def _token(self, i: int, h: Tensor, p: _Pass) -> Tensor:
+        rows = torch.tensor([p.row], device=h.device)
         if i == self.first_cca:
-            st.chunk_states[row, pos % m] = h[0, 0]
-            if ctx.get("new") is not None:
-                nb, mask = ctx["new"]
-                enc = self.encode(nb[None, None], mask[None, None], st.chunk_states[row][None, None])
-                st.store(self.cca_layers(), row, enc[0, 0], mask)
-        layer = self.cca[str(i)]
-        k, v = st.cca_kv[i]
-        out = layer.step(self.cca_norm[str(i)](h), torch.tensor([pos], device=h.device), k[row:row + 1],
-                         v[row:row + 1], st.cca_mask[row:row + 1])
+            p.cache.record(p.positions, h[:, 0], rows)
+            if p.new is not None:
+                p.cache.refresh(self.encode, {p.row: p.new})
+        out = self.cca[str(i)].step(self.cca_norm[str(i)](h), p.positions, *p.cache.read(i, slice(p.row, p.row + 1)))
         return h + out.to(h.dtype)
+
+    def _run(self, p: _Pass, **kwargs):
+        out = self.base(**kwargs, **{PASS_KWARG: p})
+        if p.seen != len(self.cfg.cca_layers):
+            raise RetroError(f"the base model's blocks did not receive the keyword argument {PASS_KWARG!r} "
+                             "(a transformers version that hands the forward's keyword arguments to its blocks "
+                             "is needed)")
+        return out.logits
 
     # -- the model -------------------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None) -> Tensor:
-        if neighbours is not None and tokens.shape[1] // self.cfg.chunk_size == 0:
-            neighbours = None
-        self._ctx = {"neighbours": neighbours, "mask": neighbour_mask}
-        try:
+        if neighbours is None or tokens.shape[1] // self.cfg.chunk_size == 0:
             return self.base(input_ids=tokens, use_cache=False).logits
-        finally:
-            self._ctx = None
+        return self._run(_Pass(neighbours, neighbour_mask), input_ids=tokens, use_cache=False)
 
     def cca_layers(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
@@ -147,60 +169,38 @@ class RetrofittedLM(nn.Module):
     def prefill(self, state, row: int, tokens: Tensor, neighbours=None, neighbour_mask=None) -> Tensor:
         from transformers import DynamicCache
 
-        n, m = tokens.shape[0], self.cfg.chunk_size
-        cache = DynamicCache()
-
-        def keep(h, enc, mask):  # the chunk in progress and the neighbours position n attends
-            start = (n // m) * m
-            state.chunk_states[row, : n - start] = h[0, start:n]
-            if n % m != m - 1:
-                last = (n + 1) // m - 1
-                chunk_mask = mask[0, last] if mask is not None else torch.ones(enc.shape[2:4], dtype=torch.bool,
-                                                                              device=enc.device)
-                state.store(self.cca_layers(), row, enc[0, last], chunk_mask)
-
-        if neighbours is None or n // m == 0:  # chunk states are still needed for the chunk in progress
-            def grab(module, args, output):
-                h = _hidden(output)
-                state.chunk_states[row, : n - (n // m) * m] = h[0, (n // m) * m:n]
-            handle = self.blocks[self.first_cca].register_forward_hook(grab)
-            self._ctx = None
-        else:
-            handle = None
-            self._ctx = {"neighbours": neighbours[None], "mask": None if neighbour_mask is None else neighbour_mask[None],
-                         "keep": keep}
-        try:
-            logits = self.base(input_ids=tokens[None], use_cache=True, **{self._cache_kw: cache}).logits
-        finally:
-            self._ctx = None
-            if handle is not None:
-                handle.remove()
+        n, cache = tokens.shape[0], DynamicCache()
+        if neighbours is None or n // self.cfg.chunk_size == 0:
+            neighbours = neighbour_mask = None  # the chunk states are still kept for the chunk in progress
+        p = _Pass(None if neighbours is None else neighbours[None],
+                  None if neighbour_mask is None else neighbour_mask[None], cache=state.neighbours, row=row)
+        logits = self._run(p, input_ids=tokens[None], use_cache=True, **{self._cache_kw: cache})
         state.caches[row] = cache
         state.pos[row] = n
         return logits[0, -1]
 
     @torch.no_grad()
     def step(self, state, tokens: Tensor, new_neighbours: dict) -> Tensor:
+        """One token per sequence, one sequence at a time (each has its own base-model cache)."""
         out = []
         for row in range(len(tokens)):
             pos = int(state.pos[row])
-            self._ctx = {"state": state, "row": row, "pos": pos, "new": new_neighbours.get(row)}
-            try:
-                logits = self.base(input_ids=tokens[row:row + 1, None], use_cache=True,
-                                   position_ids=torch.tensor([[pos]], device=tokens.device),
-                                   **{self._cache_kw: state.caches[row]}).logits
-            finally:
-                self._ctx = None
+            positions = torch.tensor([pos], device=tokens.device)
+            p = _Pass(cache=state.neighbours, row=row, positions=positions, new=new_neighbours.get(row))
+            logits = self._run(p, input_ids=tokens[row:row + 1, None], use_cache=True, position_ids=positions[None],
+                               **{self._cache_kw: state.caches[row]})
             out.append(logits[0, -1])
             state.pos[row] += 1
         return torch.stack(out)
 
 
-class RetrofitState(NeighbourCache):
-    """Per-sequence base-model caches and positions, plus the neighbour caches."""
+class RetrofitState:
+    """Per-sequence base-model caches and positions, plus the neighbour cache."""
 
     def __init__(self, model: RetrofittedLM, batch: int, device, dtype, neighbours: int | None = None):
-        super().__init__(model.cfg, batch, model.base.config.hidden_size, device, dtype, neighbours)
+        cfg = model.cfg
+        self.neighbours = NeighbourCache(model.cca_layers(), batch, model.base.config.hidden_size, device, dtype,
+                                         cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
         self.pos = torch.zeros(batch, dtype=torch.long)
         self.caches = [None] * batch
 

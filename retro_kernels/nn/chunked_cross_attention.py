@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..ops import _checks
 from ..ops.cca import chunked_cross_attention
 from ..ops.cca_decode import chunked_cross_attention_decode
-from .rotary import apply_rotary, cca_query_positions, rotary_angles
+from .rotary import apply_rotary, cca_query_positions, rotary_table
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -88,9 +88,8 @@ class ChunkedCrossAttention(nn.Module):
             k = k + a * (previous - k)
         if self.qk_norm:  # autocast runs the norm in float32: back to the projection's dtype
             k = nn.functional.normalize(k, dim=-1).to(v.dtype)
-        if self.rotary:
-            positions = torch.arange(neighbours.shape[-2], device=neighbours.device)
-            cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base, _work_dtype(k))
+        if self.rotary:  # neighbour token i' at rotary position i'
+            cos, sin = rotary_table(k.shape[-3], self.head_dim, self.rotary_base, k.device, _work_dtype(k))
             k = apply_rotary(k, cos[:, None], sin[:, None])
         return k, v
 
@@ -101,9 +100,9 @@ class ChunkedCrossAttention(nn.Module):
         if self.qk_norm:
             q = (nn.functional.normalize(q, dim=-1) * self.qk_gain[:, None]).to(q.dtype)
         if self.rotary:
-            rot = cca_query_positions(positions, self.chunk_size)
-            cos, sin = rotary_angles(rot, self.head_dim, self.rotary_base, _work_dtype(q))
-            q = apply_rotary(q, cos[..., None, :], sin[..., None, :])
+            rot = cca_query_positions(positions, self.chunk_size)  # in m-1 .. 2m-2
+            cos, sin = rotary_table(2 * self.chunk_size - 1, self.head_dim, self.rotary_base, q.device, _work_dtype(q))
+            q = apply_rotary(q, cos[rot][..., None, :], sin[rot][..., None, :])
         return q
 
     def forward(self, x: Tensor, neighbours: Tensor, neighbour_mask: Tensor | None = None) -> Tensor:
@@ -115,21 +114,27 @@ class ChunkedCrossAttention(nn.Module):
                                       softmax_scale=self.softmax_scale, backend=self.backend)
         return self.to_out(out.reshape(B, N, self.heads * self.head_dim))
 
-    def step(self, x: Tensor, positions: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
-             backend: str | None = None) -> Tensor:
-        """x (batch, 1, dim) at sequence positions (batch,); k, v (batch, K, R, heads, head_dim) from
-        project_neighbours for the chunk each position attends; neighbour_mask (batch, K, R)
-        -> (batch, 1, dim). Positions 0 .. chunk_size-2 must come with an all-False mask (output 0)."""
+    def step(self, x: Tensor, positions: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None) -> Tensor:
+        """One token per sequence, each at its own position: x (batch, 1, dim) at sequence positions
+        (batch,); k, v (batch, K, R, heads, head_dim) from project_neighbours for the chunk each
+        position attends; neighbour_mask (batch, K, R) -> (batch, 1, dim). A position before its
+        sequence's first complete chunk (0 .. chunk_size-2) must come with an all-False mask (output 0).
+        Shapes only, no data-dependent branch: torch.compile captures it whole."""
         _checks.check_tensor("x", x, "(batch, 1, dim)", 3)
         if x.shape[1] != 1:
             raise ValueError(f"step: x must hold one token per sequence, got shape {tuple(x.shape)}")
-        q = self.project_queries(x, positions.reshape(-1, 1))[:, 0]
-        backend = backend or self.backend
-        if backend not in ("reference", "cpu", "cuda"):
-            backend = "auto"
+        if positions.shape != x.shape[:1]:
+            raise ValueError(f"step: positions must have shape (batch,) = {tuple(x.shape[:1])}, got {tuple(positions.shape)}")
+        q = self.project_queries(x, positions[:, None])[:, 0]
         out = chunked_cross_attention_decode(q, k.to(q.dtype), v.to(q.dtype), neighbour_mask,
-                                             softmax_scale=self.softmax_scale, backend=backend)
+                                             softmax_scale=self.softmax_scale, backend=self.decode_backend)
         return self.to_out(out.reshape(x.shape[0], 1, -1))
+
+    @property
+    def decode_backend(self) -> str:
+        """The decode op's backend for this layer's: the same where the decode op has it (reference,
+        cpu, cuda), else "auto" (triton: the CUDA decode kernel)."""
+        return self.backend if self.backend in ("reference", "cpu", "cuda") else "auto"
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, chunk_size={self.chunk_size}, "

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from ..ops import _checks
 from ..ops.neighbour_attention import neighbour_cross_attention, neighbour_self_attention
-from .rotary import apply_rotary, rotary_angles
+from .rotary import apply_rotary, rotary_table
 
 
-def _rotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """x (..., n, heads, head_dim) at positions (n,) -> rotated x."""
-    cos, sin = rotary_angles(positions, x.shape[-1], base, torch.promote_types(x.dtype, torch.float32))
+def _rotate(x: Tensor, base: float) -> Tensor:
+    """x (..., n, heads, head_dim) at positions 0 .. n-1 -> rotated x."""
+    cos, sin = rotary_table(x.shape[-3], x.shape[-1], base, x.device, torch.promote_types(x.dtype, torch.float32))
     return apply_rotary(x, cos[:, None], sin[:, None])
 
 
@@ -35,8 +35,7 @@ class NeighbourSelfAttention(nn.Module):
         shape = x.shape[:-1] + (self.heads, self.head_dim)
         q, k, v = (t.reshape(shape) for t in self.to_qkv(x).chunk(3, dim=-1))
         if self.rotary:
-            pos = torch.arange(x.shape[-2], device=x.device)
-            q, k = _rotate(q, pos, self.base), _rotate(k, pos, self.base)
+            q, k = _rotate(q, self.base), _rotate(k, self.base)
         out = neighbour_self_attention(q, k, v, neighbour_mask, backend=self.backend)
         return self.to_out(out.reshape(x.shape[:-1] + (-1,)))
 
@@ -58,8 +57,8 @@ class NeighbourCrossAttention(nn.Module):
         kv_shape = chunk_states.shape[:-1] + (self.heads, self.head_dim)
         k, v = self.to_k(chunk_states).reshape(kv_shape), self.to_v(chunk_states).reshape(kv_shape)
         if self.rotary:
-            q = _rotate(q, torch.arange(x.shape[-2], device=x.device), self.base)
-            k = _rotate(k, torch.arange(chunk_states.shape[-2], device=x.device), self.base)
+            q = _rotate(q, self.base)
+            k = _rotate(k, self.base)
         out = neighbour_cross_attention(q, k, v, chunk_mask, backend=self.backend)
         return self.to_out(out.reshape(x.shape[:-1] + (-1,)))
 
