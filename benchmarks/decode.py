@@ -19,8 +19,10 @@ from retro.model import RetroModel, preset
 
 
 @torch.no_grad()
-def decode_run(model, batch: int, steps: int, nb, mask, device) -> float:
-    """Seconds for `steps` greedy steps of `batch` sequences from position 0."""
+def decode_run(model, batch: int, steps: int, nb, mask, device, use_neighbours: bool = True) -> float:
+    """Seconds for `steps` greedy steps of `batch` sequences from position 0; at each completed
+    chunk c the neighbours nb[:, c] (cycling through nb's chunks) are encoded, unless
+    use_neighbours is False (RETRO[OFF])."""
     m = model.cfg.chunk_size
     state = model.new_state(batch, steps + 1)
     tok = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
@@ -28,7 +30,8 @@ def decode_run(model, batch: int, steps: int, nb, mask, device) -> float:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for t in range(steps):
-        new = {r: (nb[r, t // m], mask[r, t // m]) for r in range(batch)} if t % m == m - 1 else {}
+        c = (t // m) % nb.shape[1]
+        new = {r: (nb[r, c], mask[r, c]) for r in range(batch)} if use_neighbours and t % m == m - 1 else {}
         tok = model.step(state, tok, new).argmax(-1)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -30,23 +30,13 @@ def train_step_fn(model, opt, tokens, nb, mask, use_neighbours: bool, bf16: bool
 
 def decode_tokens_per_s(model, batch: int, steps: int, nb, mask, use_neighbours: bool, device,
                         warmup: bool = True) -> float:
-    """Median-free single timing after one untimed warm-up pass (first calls set up kernels)."""
+    """Tokens/s of `steps` greedy decoding steps (benchmarks.decode.decode_run), timed once after
+    an untimed warm-up pass (first calls set up kernels)."""
+    from benchmarks.decode import decode_run
+
     if warmup:
-        decode_tokens_per_s(model, batch, min(steps, 2 * model.cfg.chunk_size), nb, mask, use_neighbours, device, False)
-    m = model.cfg.chunk_size
-    state = model.new_state(batch, steps + 1)
-    tok = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for t in range(steps):
-        new = {}
-        if use_neighbours and t % m == m - 1:
-            new = {r: (nb[r, 0], mask[r, 0]) for r in range(batch)}
-        tok = model.step(state, tok, new).argmax(-1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+        decode_run(model, batch, min(steps, 2 * model.cfg.chunk_size), nb, mask, device, use_neighbours)
+    return batch * steps / decode_run(model, batch, steps, nb, mask, device, use_neighbours)
 
 
 def main(argv=None):

@@ -32,17 +32,8 @@ SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "en
 STEPS, SAVE_EVERY, RTOL = 4, 2, 1e-5
 TORCHRUN_TIMEOUT = 150  # seconds; a hung rendezvous or collective fails the test instead of hanging it
 
-pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here (the torchrun children get OMP_NUM_THREADS=1): on 2 busy cores a
-    second thread spin-waits, and tiny models run 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from retro.retrieval.sharded import (ShardedIndex, build_shards, exact_search, m
 TORCHRUN_TIMEOUT = 150  # seconds: a hung rendezvous fails the test instead of hanging it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here (the torchrun children get OMP_NUM_THREADS=1): on 2 busy cores a
-    second thread spin-waits, and tiny models run 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

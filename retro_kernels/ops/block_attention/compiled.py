@@ -19,6 +19,7 @@ import torch
 
 from ..._extension import has_cpu_kernels
 from . import arg_checks
+from .autograd import block_attention_autograd
 from .layouts import lse_dtype
 
 if has_cpu_kernels():
@@ -36,21 +37,8 @@ if has_cpu_kernels():
                                softmax_scale, grad_out=grad_out, out=out, lse=lse)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def _block_attention_setup_context(ctx, inputs, output):
-        q, k, v, key_mask, q_rows, groups, prefix_rows, softmax_scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, key_mask, out, lse)
-        ctx.params = (q_rows, groups, prefix_rows, softmax_scale)
-        ctx.mark_non_differentiable(lse)
-
-    def _block_attention_backward(ctx, grad_out, _grad_lse):
-        q, k, v, key_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.retro_kernels.block_attention_bwd(grad_out.contiguous(), q, k, v, key_mask,
-                                                                 out, lse, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
-
-    torch.library.register_autograd("retro_kernels::block_attention_fwd", _block_attention_backward,
-                                    setup_context=_block_attention_setup_context)
+    _backward, _setup_context = block_attention_autograd(torch.ops.retro_kernels.block_attention_bwd)
+    torch.library.register_autograd("retro_kernels::block_attention_fwd", _backward, setup_context=_setup_context)
 
     @torch.library.register_fake("retro_kernels::block_attention_decode")
     def _block_attention_decode_fake(q, k, v, key_mask, softmax_scale):

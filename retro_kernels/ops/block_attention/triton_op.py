@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import arg_checks
+from .autograd import block_attention_autograd
 from .layouts import lse_dtype
 
 _DTYPES = arg_checks.TRITON_DTYPES
@@ -67,18 +68,5 @@ def _block_attention_bwd_triton_fake(grad_out, q, k, v, key_mask, out, lse, q_ro
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, q_rows, groups, prefix_rows, softmax_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_mask, out, lse)
-    ctx.params = (q_rows, groups, prefix_rows, softmax_scale)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, key_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = block_attention_bwd_triton(grad_out.contiguous(), q, k, v, key_mask, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None
-
-
+_backward, _setup_context = block_attention_autograd(block_attention_bwd_triton)
 block_attention_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
