@@ -14,9 +14,9 @@ from retrieval_helpers import quick_database
 from retro import fsdp
 from retro.train import TrainOptions, load_model, train
 from retro.retrofit import retrofit_factory
-from test_fsdp import finished, log, one_thread, torchrun, until  # noqa: F401 (a fixture)
+from test_fsdp import finished, log, torchrun, until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RTOL = 1e-5
 
 

@@ -10,7 +10,7 @@ layer, on the hidden states there (docs/semantics.md, "Encoder").
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,21 +46,22 @@ def _with_hidden(output, hidden):
 PASS_KWARG = "retro_pass"
 
 
-@dataclass
 class _Pass:
     """What one call of the base model brings to the CCA after its blocks. A whole sequence:
     the neighbours (B, L, K, R) and mask, enc once the first CCA layer has encoded them; with cache
     (a prefill of row `row`), what decoding needs is kept. One token (positions set): the row's
     neighbour cache is read, recorded, and refreshed with `new` (neighbours, mask) of the chunk it
-    completes."""
-    neighbours: Tensor | None = None
-    mask: Tensor | None = None
-    cache: NeighbourCache | None = None
-    row: int = 0
-    positions: Tensor | None = None
-    new: tuple[Tensor, Tensor] | None = None
-    enc: Tensor | None = None
-    seen: int = 0
+    completes.
+    A plain object, not a dataclass: FSDP copies the dataclasses among a module's arguments when it
+    moves them, and every block must see (and fill in) this same one."""
+
+    def __init__(self, neighbours: Tensor | None = None, mask: Tensor | None = None,
+                 cache: NeighbourCache | None = None, row: int = 0, positions: Tensor | None = None,
+                 new: tuple[Tensor, Tensor] | None = None):
+        self.neighbours, self.mask, self.cache, self.row = neighbours, mask, cache, row
+        self.positions, self.new = positions, new
+        self.enc: Tensor | None = None
+        self.seen = 0
 
 
 class RetrofittedLM(nn.Module):
