@@ -107,6 +107,7 @@ def main() -> None:
     base = rows[0]["bpb_on"]
     for r in rows:
         r["below_baseline_pct"] = 100 * (base - r["bpb_on"]) / base
+        r.update(on=f"{r['bpb_on']:.4f}", off=f"{r['bpb_off']:.4f}", below=f"{r['below_baseline_pct']:.1f}")
 
     def plot(path):
         import matplotlib
@@ -127,8 +128,8 @@ def main() -> None:
 
     write_results("demo_neighbours", machine_name(), rows, [
         ("variant", "variant"), ("k", "k"), ("cca_layers", "CCA layers"), ("step_s", "s/step"),
-        ("ratio", "x baseline step"), ("steps", "steps in the baseline's time"), ("bpb_on", "bits/byte (ON)"),
-        ("bpb_off", "bits/byte (OFF)"), ("below_baseline_pct", "% below baseline")], [
+        ("ratio", "x baseline step"), ("steps", "steps in the baseline's time"), ("on", "bits/byte (ON)"),
+        ("off", "bits/byte (OFF)"), ("below", "% below baseline")], [
         f"database {a.db} ({retriever.db.num_chunks} chunks); the demo's CPU model: tiny decoder, encoder 1 x 64, "
         "batch 4 x 512 tokens, AdamW lr 3e-3, seed 0",
         f"steps: the baseline's {a.baseline_steps} (its count in the demo's 2 minutes), each variant "

@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=768)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8", action="store_true", help="only batch 128, batch 32 and the int8 variants, written "
+                                                        "as embedding_cpu_int8-<machine>")
     a = p.parse_args()
 
     from retro.retrieval.database import ChunkDatabase, chunk_texts
@@ -90,7 +92,7 @@ def main() -> None:
     rate = matmul_rate(cfg.hidden_size, cfg.intermediate_size)
 
     float_model = e.model
-    models = {b: (b, float_model) for b in SIZES}
+    models = {b: (b, float_model) for b in ((128, 32) if a.int8 else SIZES)}
     models.update({name: (32, quantised(float_model, parts)) for name, parts in INT8.items()})
     speed, keys = {v: [] for v in models}, {}
     for _ in range(a.reps):
@@ -126,7 +128,7 @@ def main() -> None:
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    write_results("embedding_cpu", machine_name(), rows, [
+    write_results("embedding_cpu_int8" if a.int8 else "embedding_cpu", machine_name(), rows, [
         ("batch", "texts per batch"), ("chunks_per_s", "chunks/s"), ("vs_128", "x batch 128"),
         ("gflops", "GFLOP/s"), ("max_abs_diff", "max |key - key(128)|"), ("top1_agreement", "top-1 = batch 128's")], [
         f"{len(texts)} chunks of {db.path} ({pieces:.1f} word pieces each on average), "
