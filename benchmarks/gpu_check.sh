@@ -5,7 +5,7 @@
 # the training section, which may take up to TRAIN_TIMEOUT (540 s) more: it needs no build, so
 #   GPU_SECTIONS=training TRAIN_CONFIGS=172M bash benchmarks/gpu_check.sh   runs it alone.
 #   bash benchmarks/gpu_check.sh
-# Sections (GPU_SECTIONS, default all): build tests decode demo learning training benchmarks.
+# Sections (GPU_SECTIONS, default all): build tests decode demo learning training fsdp benchmarks.
 #   decode    benchmarks.decode: RetroModel.step tokens/s at batch 1 and 32 (172M, bf16), eager
 #             against compile_decoding() (torch.compile mode reduce-overhead: CUDA graphs)
 #   demo      `retro demo --device cuda` (172M decoder, 1500 files): RETRO[ON]/[OFF]/baseline bits per byte
@@ -14,8 +14,11 @@
 #   training  benchmarks.training: training tokens/s and MFU, eager against `retro train --compile`, for
 #             TRAIN_CONFIGS (default 172M,425M) with and without retrieval; results
 #             training_gpu_<configs>-<card>.{json,md} (a run cut short keeps the variants it finished)
+#   fsdp      benchmarks.training --modes ddp,fsdp on FSDP_CONFIGS (default 425M), one card (world size 1):
+#             tokens/s and peak memory under `train --fsdp`'s sharding next to DDP
 # Subsets: GPU_TEST_FILTER (pytest -k expression), GPU_BENCHMARKS ("module[:arg,arg] ..."),
-# TEST_TIMEOUT / BENCH_TIMEOUT / DECODE_TIMEOUT / DEMO_TIMEOUT / TRAIN_TIMEOUT / LEARNING_SECONDS (seconds),
+# TEST_TIMEOUT / BENCH_TIMEOUT / DECODE_TIMEOUT / DEMO_TIMEOUT / TRAIN_TIMEOUT / FSDP_TIMEOUT / LEARNING_SECONDS
+# (seconds), FSDP_CONFIGS,
 # TRAIN_ARGS (more benchmarks.training options, e.g. "--steps 5"), DEMO_MINUTES (training
 # minutes per model), DEMO_EMBEDDER (frozen BERT name or folder), LEARNING_VARIANTS.
 # The lent machine has no network and no faiss, datasketch or MiniLM package: carry them (an
@@ -33,7 +36,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
-has() { [[ " ${GPU_SECTIONS:-build tests decode demo learning training benchmarks} " == *" $1 "* ]]; }
+has() { [[ " ${GPU_SECTIONS:-build tests decode demo learning training fsdp benchmarks} " == *" $1 "* ]]; }
 
 run_all() {
   local status=0 start
@@ -102,6 +105,14 @@ run_all() {
     timeout ${TRAIN_TIMEOUT:-540} $PY -m benchmarks.training --device cuda --configs "${TRAIN_CONFIGS:-172M,425M}" \
         ${TRAIN_ARGS:-} || { echo "benchmarks.training FAILED"; status=1; }
     echo "training took $((SECONDS - start)) s"
+  fi
+
+  if has fsdp; then
+    echo "== FSDP next to DDP on one card (${FSDP_CONFIGS:-425M}, retrieval on)"
+    start=$SECONDS
+    timeout ${FSDP_TIMEOUT:-240} $PY -m benchmarks.training --device cuda --configs "${FSDP_CONFIGS:-425M}" \
+        --modes ddp,fsdp --retrieval on || { echo "benchmarks.training (fsdp) FAILED"; status=1; }
+    echo "fsdp took $((SECONDS - start)) s"
   fi
 
   has benchmarks || return $status

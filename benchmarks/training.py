@@ -13,7 +13,11 @@ count of matrix products, 3x the forward; decoder N(8da + 4df) + 4Nna + 2dV per 
 c(4da + 4kra + 2k 4ea), encoder 2k((2de) + D_e(8eb + 4rb + 16e^2) + 4eb + 4mb) + 4db; peak
 989.4 TFLOP/s for H100 SXM and H200, NVIDIA's datasheet figure with sparsity halved).
 
-    python -m benchmarks.training [--device cuda] [--configs 172M,425M] [--modes eager,compile]
+ddp / fsdp: eager, in a world of one process, wrapped in DistributedDataParallel or sharded with
+`retro train --fsdp`'s fully_shard (bf16 gathers on a GPU): what one card holds and runs under
+each before scaling out (the memory of FSDP over N cards: docs/scale.md).
+
+    python -m benchmarks.training [--device cuda] [--configs 172M,425M] [--modes eager,compile,ddp,fsdp]
 """
 from __future__ import annotations
 
@@ -30,7 +34,21 @@ from retro.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_tok
 from retro.model import PRESETS, RetroModel, preset
 from retro.train import TrainOptions, make_optimizer, sequence_loss
 
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "ddp", "fsdp")
+
+
+def one_process_group(device: torch.device) -> None:
+    """A world of one process (gloo on the CPU, nccl on a GPU), for the ddp and fsdp modes: their
+    memory and speed on one card, the step before scaling out."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def synthetic_batch(cfg, batch: int, chunks: int, retrieval: bool, device) -> SimpleNamespace:
@@ -57,13 +75,24 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     compiled = mode == "compile"
     if compiled:
         compile_for_training(model, compile_backend)
+    net = model
+    if mode in ("ddp", "fsdp"):  # eager, world size 1
+        one_process_group(device)
+        if mode == "fsdp":
+            from retro.fsdp import shard_model
+
+            shard_model(model, device, bf16)
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index or 0] if device.type == "cuda" else None,
+                find_unused_parameters=not retrieval)
     fused = use_fused_adamw(device, compiled)
     optimizer = make_optimizer(model, TrainOptions(db="", out="", lr=1e-4), fused)
     data = synthetic_batch(cfg, batch, chunks, retrieval, device)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, nll, count = sequence_loss(model, data, world=1)
+            loss, nll, count = sequence_loss(net, data, world=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -88,7 +117,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
         row["mfu_pct"] = 100 * utilisation
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    del model, optimizer, data
+    del model, net, optimizer, data
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -99,7 +128,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", default=None, help="comma-separated presets; default 172M,425M on a GPU, tiny on the CPU")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: eager, compile")
+    p.add_argument("--modes", default="eager,compile", help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--retrieval", default="on,off", help="comma-separated: on, off")
     p.add_argument("--batch", type=int, default=None, help="sequences per step; default 8 on a GPU, 2 on the CPU")
     p.add_argument("--seq-chunks", type=int, default=None, help="chunks per sequence; default 32 (2048 tokens) on a GPU, 4 on the CPU")
