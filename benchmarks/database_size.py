@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--run", default="runs/demo/run")
     p.add_argument("--db", default="runs/demo/db")
     p.add_argument("--baseline", default=None, help="a run trained without retrieval (optional)")
-    p.add_argument("-k", "--k", type=int, default=2)
+    p.add_argument("-k", "--k", type=int, default=None, help="neighbours per chunk (default: the model's k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     a = p.parse_args()
@@ -36,6 +36,7 @@ def main() -> None:
     from retro.train import load_model
 
     model, state = load_model(a.run, device=a.device)
+    a.k = a.k or model.cfg.neighbours
     retriever = Retriever.load(a.db, device=a.device)
     db = retriever.db
     base = prepare(retriever, a.k, seq_len=model.cfg.max_seq_len, retrieval=False)
