@@ -3,7 +3,8 @@
 The compiled sources come from csrc/sources.txt, the one list that CMakeLists.txt reads too.
 Where torch has CUDA (and nvcc is found) the CUDA kernels and their glue are compiled in;
 otherwise a CPU-only extension is built and everything else still works.
-Set RETRO_KERNELS_NO_CUDA=1 to force a CPU-only build.
+Set RETRO_KERNELS_NO_CUDA=1 to force a CPU-only build, RETRO_KERNELS_REQUIRE_CUDA=1 to fail
+instead of building one (scripts/cuda_check.sh does).
 """
 import os
 from pathlib import Path
@@ -30,11 +31,27 @@ def read_sources() -> dict[str, list[str]]:
     return sections
 
 
+def cuda_wheel_include_flags() -> list[str]:
+    """-idirafter flags for the headers of the CUDA libraries that torch's CUDA wheels install
+    (the nvidia-* packages: cusparse.h, cublas_v2.h, ...), which torch's CUDA headers include. A
+    CUDA toolkit with only the compiler and runtime lacks them; searched after every other
+    include directory, so a full toolkit's own headers win."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = sorted({str(d) for root in nvidia.__path__ for d in Path(root).glob("*/include") if d.is_dir()})
+    return [flag for d in dirs for flag in ("-idirafter", d)]
+
+
 def extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     sources = read_sources()
+    missing = [path for paths in sources.values() for path in paths if not (ROOT / path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"csrc/sources.txt lists files that do not exist: {', '.join(missing)}")
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -42,6 +59,11 @@ def extension_modules():
     )
     # -fno-trapping-math/-fno-math-errno (as torch itself builds) let the softmax loops vectorise.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-Wno-psabi"]
+    if not with_cuda and os.environ.get("RETRO_KERNELS_REQUIRE_CUDA") == "1":
+        raise RuntimeError(
+            "RETRO_KERNELS_REQUIRE_CUDA=1 but the CUDA extension cannot be built: "
+            f"torch {torch.__version__} has CUDA {torch.version.cuda}, CUDA_HOME is {CUDA_HOME}"
+        )
     if not with_cuda:
         return [
             CppExtension(
@@ -57,7 +79,7 @@ def extension_modules():
             "retro_kernels._C",
             sources["cpu"] + sources["cuda"] + sources["cuda-glue"],
             define_macros=[("RETRO_KERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx + cuda_wheel_include_flags(), "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     ]
