@@ -2,8 +2,10 @@
 neighbours of every completed chunk encoded once) at batch 1 and 32, eager against the step
 compiled by compile_decoding() (torch.compile; mode "reduce-overhead", i.e. CUDA graphs, on a
 GPU). Synthetic tokens and neighbours: retrieval's own cost is in benchmarks/retrieval.py.
-tokens/s = batch * steps / seconds, timed after a warm-up run of the same length (the compiled
-runs compile there).
+tokens/s = batch * steps / seconds, timed after a warm-up generation of the same shapes: the
+compiled runs compile and record their CUDA graphs there, and the timed generation replays them
+(it refuses to report a run that recorded graphs). The backend column is the CCA decode op's
+backend that ran (a fallback is never labelled as the fused kernel).
 
     python -m benchmarks.decode [--device cuda] [--config 172M] [--steps 256] [--batches 1,32]
 """
@@ -14,8 +16,8 @@ import time
 
 import torch
 
-from benchmarks.harness import bar_plot, machine_name, write_results
-from retro.model import RetroModel, preset
+from benchmarks.harness import bar_plot, fused_backend, machine_name, probe, write_results
+from retro.model import RetroModel, preset, recorded_cuda_graphs
 
 
 @torch.no_grad()
@@ -36,6 +38,14 @@ def decode_run(model, batch: int, steps: int, nb, mask, device, use_neighbours: 
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def decode_backend(model, batch: int, device, dtype) -> str:
+    """The backend the CCA decode op runs for this model's step at `batch` (the op's own
+    resolution); refuses a fallback: the rows measure the fused decode kernel."""
+    layer = next(iter(model.cca_layers().values()))
+    return fused_backend(f"decode batch {batch}", "chunked_cross_attention_decode", layer.decode_backend,
+                         probe((batch, layer.heads, layer.head_dim), device, dtype))
 
 
 def main(argv=None):
@@ -64,13 +74,19 @@ def main(argv=None):
             if compiled:
                 torch._dynamo.reset()
                 model.compile_decoding(mode="reduce-overhead" if gpu else None)
+            graphs = compiled and gpu
             t0 = time.perf_counter()
-            decode_run(model, batch, steps, nb, mask, device)  # warm-up (and compilation)
+            decode_run(model, batch, steps, nb, mask, device)  # warm-up (compilation, graph recording)
             warm = time.perf_counter() - t0
+            recorded = recorded_cuda_graphs() if graphs else 0
             seconds = decode_run(model, batch, steps, nb, mask, device)
+            if graphs and recorded_cuda_graphs() != recorded:
+                raise RuntimeError(f"batch {batch}: the timed generation recorded CUDA graphs "
+                                   f"({recorded} -> {recorded_cuda_graphs()}); it would time recordings, not replays")
             rows.append({"step": "compiled" if compiled else "eager", "batch": batch, "steps": steps,
+                         "backend": decode_backend(model, batch, device, dtype),
                          "ms_per_step": seconds / steps * 1e3, "tokens_per_s": batch * steps / seconds,
-                         "warmup_s": warm})
+                         "cuda_graphs": recorded, "warmup_s": warm})
             print(rows[-1], flush=True)
     for r in rows:
         eager = next(e for e in rows if e["batch"] == r["batch"] and e["step"] == "eager")
@@ -78,11 +94,14 @@ def main(argv=None):
     machine = machine_name(device.type)
     notes = [f"config {name} ({dtype}), {steps} steps from position 0 with k = {K} neighbours of {R} tokens "
              f"encoded at every {m}-token chunk; greedy; synthetic neighbours (no retrieval I/O)",
-             "tokens/s = batch * steps / seconds after a warm-up run (warm-up s: the first run, compilation included)",
+             "tokens/s = batch * steps / seconds of a generation after a warm-up generation of the same shapes "
+             "(warm-up s: compilation and CUDA-graph recording included; CUDA graphs: how many the warm-up "
+             "recorded, the timed generation replays them and records none)",
              "compiled: RetroModel.compile_decoding(), torch.compile of the step's two halves around the encoder"
              + (" (mode reduce-overhead: CUDA graphs)" if gpu else " (default mode)")]
-    cols = [("step", "step"), ("batch", "batch"), ("steps", "steps"), ("ms_per_step", "ms/step"),
-            ("tokens_per_s", "tokens/s"), ("vs_eager", "vs eager"), ("warmup_s", "warm-up s")]
+    cols = [("step", "step"), ("batch", "batch"), ("steps", "steps"), ("backend", "CCA decode backend"),
+            ("ms_per_step", "ms/step"), ("tokens_per_s", "tokens/s"), ("vs_eager", "vs eager"),
+            ("cuda_graphs", "CUDA graphs"), ("warmup_s", "warm-up s")]
     batches = sorted({r["batch"] for r in rows})
     write_results(f"decode_{'gpu' if gpu else 'cpu'}", machine, rows, cols, notes,
                   lambda path: bar_plot(path, [f"batch {b}" for b in batches],

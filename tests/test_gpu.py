@@ -123,36 +123,56 @@ def test_compiled_training_follows_eager_bf16():
     assert err_compiled <= 2 * err_eager + 1e-3, (compiled, eager, reference)
 
 
-def test_compiled_decoding_step_matches_eager_on_gpu():
-    """compile_decoding(mode="reduce-overhead"): the step's two halves as CUDA graphs give the
-    eager step's logits (float32) and greedy tokens."""
+def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
+    """compile_decoding(mode="reduce-overhead"): a whole generation (prefills of three prompt
+    lengths, then 70 teacher-forced steps crossing five chunk boundaries, neighbours retrieved at
+    each) as CUDA graphs gives the eager step's logits: against float64, its error is at most twice
+    the eager float32 error (plus float32 rounding of the logits). A second generation of the same
+    shapes replays the graphs recorded by the first, records none, and gives the same logits."""
     import sys
+    from dataclasses import replace
     from pathlib import Path
 
+    from torch._dynamo.utils import counters
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from retro.model import RetroModel, preset
+    from retro.model import RetroModel, preset, recorded_cuda_graphs
 
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=97, chunk_size=16, max_seq_len=128, backend="auto")
+    m, B, prompts, steps, V = 16, 3, [5, 16, 23], 70, 97
+    cfg = preset("tiny", vocab_size=V, chunk_size=m, max_seq_len=256, backend="auto")
     model = RetroModel(cfg).cuda().eval()
-    B, n = 2, 40
-    tok = torch.randint(0, 97, (B, n), device="cuda")
-    nb = torch.randint(0, 97, (B, n // 16 + 1, 2, 32), device="cuda")
-    mask = torch.rand(B, n // 16 + 1, 2, 32, device="cuda") > 0.2
+    exact_model = RetroModel(replace(cfg, backend="reference")).cuda().double().eval()
+    exact_model.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, V, (B, max(prompts) + steps), device="cuda")
+    L = tokens.shape[1] // m + 1
+    nb = torch.randint(0, V, (B, L, 2, 2 * m), device="cuda")
+    mask = torch.rand(B, L, 2, 2 * m, device="cuda") > 0.2
 
-    def run():
-        state, out = model.new_state(B, 64), []
-        for t in range(n):
-            new = {r: (nb[r, t // 16], mask[r, t // 16]) for r in range(B)} if t % 16 == 15 else {}
-            out.append(model.step(state, tok[:, t], new).clone())
-        return torch.stack(out, 1)
+    def generation(model):
+        state = model.new_state(B, 128)
+        out = [torch.stack([model.prefill(state, r, tokens[r, :p], nb[r, :p // m] if p >= m else None,
+                                          mask[r, :p // m] if p >= m else None) for r, p in enumerate(prompts)])]
+        for _ in range(steps):
+            pos = state.pos.tolist()
+            new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+            out.append(model.step(state, tokens[torch.arange(B), state.pos], new))
+        return torch.stack(out, 1).double()
 
     with torch.no_grad():
-        eager = run()
+        exact, eager = generation(exact_model), generation(model)
+        counters.clear()
         model.compile_decoding(mode="reduce-overhead")
         try:
-            compiled = run()
+            graphs = generation(model)       # warm-up, then recording, then replays
+            recorded = recorded_cuda_graphs()
+            again = generation(model)        # the same shapes: replays only
+            assert recorded_cuda_graphs() == recorded > 0, "the second generation recorded new CUDA graphs"
+            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
         finally:
             model.eager_decoding()
             torch._dynamo.reset()
-    torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)
+    floor = torch.finfo(torch.float32).eps * exact.abs().max()
+    err_eager, err_graphs = (eager - exact).abs().max(), (graphs - exact).abs().max()
+    assert err_graphs <= 2 * err_eager + floor, (err_graphs, err_eager, floor)
+    assert torch.equal(again, graphs)

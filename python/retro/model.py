@@ -9,10 +9,12 @@ Decoding (`prefill`, `step`): each DecoderLayer has `step`, its CCA block
 ChunkedCrossAttention.step; the caches are preallocated and written in place (KVCache for
 self-attention, NeighbourCache for what CCA reads: when a chunk completes, its neighbours are
 encoded once and each CCA layer caches their keys/values for the next window). The step is two
-static-shape halves around that encoding, which compile_decoding() hands to torch.compile.
+static-shape halves around that encoding, which compile_decoding() hands to torch.compile; on a
+GPU (mode "reduce-overhead") each half is a CUDA graph, recorded once per cache shape.
 """
 from __future__ import annotations
 
+import copy
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
@@ -255,6 +257,7 @@ class RetroModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.checkpointing = False  # activation checkpointing of the decoder layers
         self._compiled_step = self._compiled_mode = None  # compile_decoding()
+        self._static_states: dict[tuple, DecodeState] = {}  # compiled decoding: one per cache shape
         self.apply(self._init)
         if cfg.copy_init:
             self.copy_prior()
@@ -348,10 +351,21 @@ class RetroModel(nn.Module):
         """Caches for decoding `batch` sequences of up to max_len tokens with `neighbours` per chunk
         (default: the configuration's k; any k works, the paper evaluates with more than it trains with)."""
         p = next(self.parameters())
-        state = DecodeState(self, batch, max_len, device or p.device, dtype or p.dtype, neighbours)
-        if self._compiled_step is not None and state.pos.device.type == "cuda":
-            state.mark_static()  # CUDA graphs may write them
-        return state
+        device, dtype = torch.device(device or p.device), dtype or p.dtype
+        if self._compiled_step is None:
+            return DecodeState(self, batch, max_len, device, dtype, neighbours)
+        # Compiled: static caches, as CUDA graphs need. One set per shape, reset in place, so the
+        # graphs recorded for it replay in every later generation of that shape.
+        key = (batch, max_len, device, dtype, self.cfg.neighbours if neighbours is None else neighbours)
+        state = self._static_states.get(key)
+        if state is None:
+            state = self._static_states[key] = DecodeState(self, batch, max_len, device, dtype, neighbours)
+            if device.type == "cuda":
+                state.mark_static()
+        else:
+            state.reset()
+        state.ticket += 1
+        return copy.copy(state)  # this generation's handle; an older one is refused by step()
 
     @torch.no_grad()
     def prefill(self, state: "DecodeState", row: int, tokens: Tensor, neighbours: Tensor | None = None,
@@ -368,12 +382,31 @@ class RetroModel(nn.Module):
         """Feeds one token per sequence (tokens (B,), at positions state.pos) -> logits (B, vocab).
         new_neighbours maps a row whose token completes chunk u (pos % m == m - 1) to that chunk's
         retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached.
-        Two static-shape halves around the encoder (compile_decoding() compiles them)."""
-        below, above = self._compiled_step or (self._step_below, self._step_above)
+        Two static-shape halves around the encoder (compile_decoding() compiles them). Compiled,
+        the logits are a copy: CUDA graphs reuse their output memory at the next step."""
+        if self._compiled_step is None:
+            x = self._step_below(state, tokens)
+            if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
+                state.neighbours.refresh(self.encode, new_neighbours)
+            return self._step_above(state, x)
+        self._check_current(state)
+        below, above = self._compiled_step
+        # One step = one CUDA-graph generation: without the mark, each compiled call would start
+        # its own and free the previous one's outputs, x among them, before `above` reads it.
+        torch.compiler.cudagraph_mark_step_begin()
         x = below(state, tokens)
-        if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
+        if new_neighbours:
             state.neighbours.refresh(self.encode, new_neighbours)
-        return above(state, x)
+        return above(state, x).clone()
+
+    def _check_current(self, state: "DecodeState") -> None:
+        """Compiled decoding shares one set of caches per shape: a state handed out before the
+        latest new_state() of its shape has been reset and must not step."""
+        static = next((s for s in self._static_states.values() if s.pos is state.pos), None)
+        if static is None or static.ticket != state.ticket:
+            raise RetroError("this DecodeState is stale: compiled decoding keeps one set of caches per "
+                             "(batch, max_len) and a later new_state() of its shape reset them "
+                             "(or it was made before compile_decoding()); make a new one")
 
     def _step_below(self, state: "DecodeState", tokens: Tensor) -> Tensor:
         """The layers up to the first CCA layer's self-attention; keeps its states of the chunk in progress."""
@@ -395,19 +428,41 @@ class RetroModel(nn.Module):
 
     def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
         """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs
-        on a GPU); retrieval and the encoder at chunk completions stay eager. The decoding caches
-        are preallocated and updated in place, so one graph serves every step. Compiles once per
-        mode: calling it again with the same mode keeps the compiled step."""
+        on a GPU); retrieval and the encoder at chunk completions stay eager. Compiles once per
+        mode: calling it again with the same mode keeps the compiled step.
+
+        The caches become static, as gpt-fast's: new_state() hands out one preallocated set per
+        (batch, max_len, device, dtype, k), reset in place, so the CUDA graphs recorded in the
+        first generation of a shape are replayed by every later one (a state from before the
+        latest new_state() of its shape is refused). Each step marks a new CUDA-graph generation
+        (torch.compiler.cudagraph_mark_step_begin), so the two halves run as graphs of one step
+        and the first half's output survives the eager encoder between them."""
         if self._compiled_step is None or self._compiled_mode != (mode, fullgraph):
             self._compiled_step = (torch.compile(self._step_below, mode=mode, fullgraph=fullgraph),
                                    torch.compile(self._step_above, mode=mode, fullgraph=fullgraph))
             self._compiled_mode = (mode, fullgraph)
+            self._static_states = {}
         return self
 
     def eager_decoding(self) -> "RetroModel":
-        """Undoes compile_decoding(): step() runs eagerly again."""
+        """Undoes compile_decoding(): step() runs eagerly again, the static caches are freed."""
         self._compiled_step = self._compiled_mode = None
+        self._static_states = {}
         return self
+
+
+def recorded_cuda_graphs(device: int | None = None) -> int:
+    """How many CUDA graphs torch.compile's CUDA-graph trees hold on a device (default: the
+    current one): compiled decoding records them once per cache shape, later generations replay."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_container(torch.cuda.current_device() if device is None else device).tree_manager
+    if manager is None:
+        return 0
+
+    def count(nodes) -> int:
+        return sum(1 + count([c for cs in n.children.values() for c in cs]) for n in nodes)
+    return count([n for nodes in manager.roots.values() for n in nodes])
 
 
 class KVCache:
@@ -512,9 +567,19 @@ class DecodeState:
         self.self_attn = [KVCache(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
         self.neighbours = NeighbourCache(model.cca_layers(), batch, cfg.dim, device, dtype,
                                          cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
+        self.ticket = 0  # compiled decoding: which new_state() handed this set of caches out last
+
+    def tensors(self) -> list[Tensor]:
+        """Every cache tensor (positions, self-attention keys/values, the neighbour cache)."""
+        return [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbours.tensors()
+
+    def reset(self) -> None:
+        """Empties the caches in place (their addresses stay): as a new state of the same shapes."""
+        for t in self.tensors():
+            t.zero_()
 
     def mark_static(self) -> None:
         """Tells torch.compile these tensors keep their addresses, so CUDA graphs may write them in
         place (unguarded: a new state of the same shapes re-records the graphs, never recompiles)."""
-        for t in [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbours.tensors():
+        for t in self.tensors():
             torch._dynamo.mark_static_address(t, guard=False)
