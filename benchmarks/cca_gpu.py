@@ -17,7 +17,8 @@ import traceback
 import torch
 
 from benchmarks import cca_baselines as base
-from benchmarks.harness import bar_plot, machine_name, peak_memory_bytes, time_fn, write_results
+from benchmarks.harness import (BASELINE_BACKEND, bar_plot, fused_backend, machine_name, peak_memory_bytes, time_fn,
+                                write_results)
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
 
 # (label, batch, seq_len, heads, head_dim, neighbours, neighbour_len, chunk_size)
@@ -26,6 +27,17 @@ SHAPES = [
     ("H32 D128", 8, 2048, 32, 128, 2, 128, 64),
 ]
 DECODE_SHAPES = [(1, 16, 64), (64, 16, 64), (256, 16, 64), (64, 32, 128), (256, 32, 128)]
+OURS, OURS_DECODE = "ours (triton)", "ours (cuda)"  # the rows of our kernels; every other row is a baseline
+
+
+def row_backend(impl: str, op: str, q: torch.Tensor) -> str:
+    """The "backend" of the row `impl`: for ours, the backend the op runs (raises unless it is the
+    fused kernel of its label: triton for CCA, cuda for decode); BASELINE_BACKEND for the others."""
+    if impl == OURS:
+        return fused_backend(impl, op, "triton", q, expected=("triton",))
+    if impl == OURS_DECODE:
+        return fused_backend(impl, op, "cuda", q, expected=("cuda",))
+    return BASELINE_BACKEND
 
 
 def card_rates() -> dict:
@@ -53,8 +65,8 @@ def layer_impls(p: base.Problem) -> dict:
     from torch.nn.attention import SDPBackend
 
     impls = {
-        "ours (triton)": lambda p: chunked_cross_attention(p.q, p.k, p.v, chunk_size=p.chunk_size,
-                                                           neighbour_mask=p.mask, backend="triton"),
+        OURS: lambda p: chunked_cross_attention(p.q, p.k, p.v, chunk_size=p.chunk_size,
+                                                neighbour_mask=p.mask, backend="triton"),
         "eager reshape": base.eager_layer,
         "SDPA default": base.sdpa_layer,
         "SDPA cuDNN": lambda p: base.sdpa_layer(p, SDPBackend.CUDNN_ATTENTION),
@@ -73,7 +85,7 @@ def bare_impls(p: base.Problem, grad: bool) -> dict:
     prep = base.prepared_sdpa_inputs(p, grad)
     ours = lambda: chunked_cross_attention(p.q, p.k, p.v, chunk_size=p.chunk_size,  # noqa: E731
                                            neighbour_mask=p.mask, backend="triton")
-    return {"ours (triton)": (ours, (p.q, p.k, p.v)),
+    return {OURS: (ours, (p.q, p.k, p.v)),
             "eager reshape": (base.bare_eager(prep), prep[:3]),
             "SDPA default": (base.bare_sdpa(prep), prep[:3]),
             "SDPA cuDNN": (base.bare_sdpa(prep, SDPBackend.CUDNN_ATTENTION), prep[:3])}
@@ -120,7 +132,8 @@ def run_shape(label, B, N, H, D, K, R, m, rates, reps):
                                         for n, f in layer_impls(pg).items()}),
                              ("bare attention", bare_impls(pg, mode != "forward"))):
             for name, (fn, inputs) in impls.items():
-                row = {"shape": label, "batch": B, "mode": mode, "level": level, "impl": name}
+                row = {"shape": label, "batch": B, "mode": mode, "level": level, "impl": name,
+                       "backend": row_backend(name, "chunked_cross_attention", pg.q)}  # raises, not recorded
                 try:
                     if level == "layer" and mode == "forward":
                         with torch.no_grad():
@@ -159,9 +172,10 @@ def run_decode(B, H, D, reps, K=2, R=128):
     vt = v.view(B, K * R, H, D).transpose(1, 2)
     sdpa_mask = mask.view(B, 1, 1, K * R)
     impls = {
-        "ours (cuda)": lambda: chunked_cross_attention_decode(q, k, v, mask, backend="cuda"),
+        OURS_DECODE: lambda: chunked_cross_attention_decode(q, k, v, mask, backend="cuda"),
         "SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kt, vt, attn_mask=sdpa_mask),
     }
+    backends = {name: row_backend(name, "chunked_cross_attention_decode", q) for name in impls}  # before timing
     rows = []
     for mode in ("eager", "cuda graph"):
         times = {}
@@ -180,7 +194,8 @@ def run_decode(B, H, D, reps, K=2, R=128):
                 run = graph.replay
             times[name] = time_fn(run, device="cuda", warmup=5, reps=reps)["median_ms"]
         for name, t in times.items():
-            rows.append({"shape": f"B{B} H{H} D{D} k{K} r{R}", "mode": mode, "impl": name, "median_us": t * 1e3,
+            rows.append({"shape": f"B{B} H{H} D{D} k{K} r{R}", "mode": mode, "impl": name,
+                         "backend": backends[name], "median_us": t * 1e3,
                          "tokens_per_s": B / t * 1e3, "speedup_vs_sdpa": times["SDPA"] / t})
     return rows
 
@@ -198,13 +213,14 @@ def main(argv=None):
     for B, H, D in DECODE_SHAPES:
         decode_rows += run_decode(B, H, D, reps=50)
     write_results("cca_decode_gpu", machine, decode_rows,
-                  [("shape", "shape"), ("mode", "mode"), ("impl", "impl"), ("median_us", "median us"),
+                  [("shape", "shape"), ("mode", "mode"), ("impl", "impl"), ("backend", "backend"),
+                   ("median_us", "median us"),
                    ("tokens_per_s", "tokens/s"), ("speedup_vs_sdpa", "x SDPA")],
                   ["one CCA decode step over a batch, bf16, 10% of neighbour tokens masked; tokens/s = batch / time",
                    "eager: each step launched from Python (validation and dispatch included); cuda graph: replays"],
                   lambda path: bar_plot(path, [f"{r['shape']} {r['mode']}" for r in decode_rows if r["impl"] == "SDPA"],
                                         {i: [r["tokens_per_s"] for r in decode_rows if r["impl"] == i]
-                                         for i in ("ours (cuda)", "SDPA")}, "tokens/s", f"CCA decode, {machine}"))
+                                         for i in (OURS_DECODE, "SDPA")}, "tokens/s", f"CCA decode, {machine}"))
 
     notes = [f"measured in this run: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (8192^3), "
              f"device copy {rates['copy_gbs']:.0f} GB/s (read + write)",
@@ -213,7 +229,7 @@ def main(argv=None):
              "layer: from unshifted q/k/v to the unshifted output, all copies included; bare: attention only",
              "seq_len 2048, chunk 64, 2 neighbours of 128 tokens"]
     columns = [("shape", "shape"), ("batch", "B"), ("mode", "mode"), ("level", "level"), ("impl", "impl"),
-               ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("pct_matmul", "% matmul"),
+               ("backend", "backend"), ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("pct_matmul", "% matmul"),
                ("pct_bandwidth", "% bandwidth"), ("peak_mib", "peak MiB"),
                ("speedup_vs_best_baseline", "x best baseline"), ("max_abs_err_vs_fp32", "max err"), ("error", "error")]
     rows = []

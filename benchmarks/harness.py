@@ -1,5 +1,6 @@
-"""Shared benchmark harness: timing (median of many runs), peak memory, machine name, and the
-results as JSON, a Markdown table and a plot under benchmarks/results/."""
+"""Shared benchmark harness: timing (median of many runs), peak memory, machine name, the backend
+each row measured (and the refusal to label a fallback as a fused kernel), and the results as
+JSON, a Markdown table and a plot under benchmarks/results/."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -45,6 +46,106 @@ def machine_name(device: str = "cpu") -> str:
     except OSError:
         pass
     return f"{model}, {cpu_isa_label()}, {torch.get_num_threads()} threads"
+
+
+# ---- the backend a row measured --------------------------------------------------------------
+
+FUSED_BACKENDS = ("cpu", "triton", "cuda")  # retro_kernels' fused kernels
+BASELINE_BACKEND = "torch"                  # the "backend" of a row that runs no retro_kernels op
+NO_RETRIEVAL = "none (no retrieval)"        # a model row whose retrieval ops do not run
+
+
+class FallbackLabelError(RuntimeError):
+    """A row labelled as a fused kernel would record the time of another backend (a fallback)."""
+
+
+def ran_backend(op: str, backend: str, q: torch.Tensor) -> str:
+    """The backend retro_kernels op `op` runs when called with backend=`backend` and queries like
+    q: retro_kernels.ops.resolved_backend, the op's own resolution (an explicit backend that
+    cannot run raises, as the op would)."""
+    from retro_kernels.ops import resolved_backend
+
+    return resolved_backend(op, backend, q)
+
+
+def require_fused(label: str, ran: str | Mapping[str, str],
+                  expected: tuple[str, ...] = FUSED_BACKENDS) -> str | Mapping[str, str]:
+    """`ran` (a backend, or op -> backend for a row running several ops), after checking that the
+    row labelled `label`, which claims a fused kernel, measures one of `expected`; raises
+    FallbackLabelError otherwise (a fallback's time must not be recorded as the fused kernel's)."""
+    for op, name in (ran.items() if isinstance(ran, Mapping) else [("its op", ran)]):
+        if name not in expected:
+            raise FallbackLabelError(
+                f"row {label!r} is labelled as a fused kernel, but {op} runs backend {name!r} there, "
+                f"expected one of {expected}: refusing to record a fallback's time as the fused kernel's "
+                "(build the extension with CUDA / install triton, or choose a supported shape)")
+    return ran
+
+
+def fused_backend(label: str, op: str, backend: str, q: torch.Tensor,
+                  expected: tuple[str, ...] = FUSED_BACKENDS) -> str:
+    """ran_backend(op, backend, q) for the row `label` that claims a fused kernel: raises
+    FallbackLabelError where it is not one of `expected`."""
+    return require_fused(label, ran_backend(op, backend, q), expected)
+
+
+def labelled_backend(op: str, backend: str, q: torch.Tensor) -> str:
+    """For a row labelled by the backend it asks `op` for (e.g. "reference", "cpu"): the backend
+    that runs; raises FallbackLabelError where a row labelled with a fused backend would run another."""
+    ran = ran_backend(op, backend, q)
+    return require_fused(backend, ran, (backend,)) if backend in FUSED_BACKENDS else ran
+
+
+def probe(shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` on `device` holding one element (expanded): what backend resolution
+    reads (device, dtype, shape) without the memory of a real input."""
+    return torch.empty((), device=device, dtype=dtype).expand(shape)
+
+
+def _layer_op(layer: torch.nn.Module, batch: int, chunks: int, neighbours: int, neighbour_len: int,
+              decode: bool) -> tuple[str, str, tuple[int, ...]] | None:
+    """(op, backend, shape of its queries) of a retro_kernels layer of a model; None for others."""
+    from retro_kernels.nn import ChunkedCrossAttention, NeighbourCrossAttention, NeighbourSelfAttention
+
+    if isinstance(layer, ChunkedCrossAttention):
+        if decode:
+            return "chunked_cross_attention_decode", layer.decode_backend, (batch, layer.heads, layer.head_dim)
+        return ("chunked_cross_attention", layer.backend,
+                (batch, chunks * layer.chunk_size, layer.heads, layer.head_dim))
+    ops = {NeighbourSelfAttention: "neighbour_self_attention", NeighbourCrossAttention: "neighbour_cross_attention"}
+    op = next((name for cls, name in ops.items() if isinstance(layer, cls)), None)
+    if op is None:
+        return None
+    L = 1 if decode else chunks  # decoding encodes one chunk of neighbours per sequence
+    return op, layer.backend, (batch, L, neighbours, neighbour_len, layer.heads, layer.head_dim)
+
+
+def model_backends(model: torch.nn.Module, batch: int, chunks: int, neighbours: int, neighbour_len: int,
+                   dtype: torch.dtype, decode: bool = False) -> dict[str, str]:
+    """op -> the backend each retro_kernels op inside `model` runs (its ChunkedCrossAttention and
+    neighbour-encoder layers, each with its own `backend`), for training on `batch` sequences of
+    `chunks` chunks with queries in `dtype` (the autocast dtype under autocast), or with
+    decode=True for decoding `batch` sequences (the decode op, and the encoder on one chunk of
+    neighbours per sequence). An op whose layers resolve differently reads e.g. "reference/triton"."""
+    device = next(model.parameters()).device
+    found: dict[str, set[str]] = {}
+    for layer in model.modules():
+        described = _layer_op(layer, batch, chunks, neighbours, neighbour_len, decode)
+        if described is not None:
+            op, backend, shape = described
+            found.setdefault(op, set()).add(ran_backend(op, backend, probe(shape, device, dtype)))
+    return {op: "/".join(sorted(names)) for op, names in sorted(found.items())}
+
+
+def backend_column(backends: Mapping[str, str]) -> str:
+    """The "backend" cell of a row running several ops: the one backend they all run, else
+    "op=backend, ..."; NO_RETRIEVAL for none."""
+    names = set(backends.values())
+    if not names:
+        return NO_RETRIEVAL
+    if len(names) == 1:
+        return names.pop()
+    return ", ".join(f"{op}={name}" for op, name in backends.items())
 
 
 def slug(text: str) -> str:

@@ -13,8 +13,11 @@ import time
 
 import torch
 
-from benchmarks.harness import bar_plot, machine_name, time_fn, write_results
+from benchmarks.harness import (NO_RETRIEVAL, backend_column, bar_plot, machine_name, model_backends, require_fused,
+                                time_fn, write_results)
 from retro.model import RetroModel, preset
+
+FUSED_VARIANT = "RETRO (fused kernels)"  # backend "auto": must resolve to fused kernels, or the run is refused
 
 
 def train_step_fn(model, opt, tokens, nb, mask, use_neighbours: bool, bf16: bool):
@@ -39,6 +42,17 @@ def decode_tokens_per_s(model, batch: int, steps: int, nb, mask, use_neighbours:
     return batch * steps / decode_run(model, batch, steps, nb, mask, device, use_neighbours)
 
 
+def variant_backends(label: str, model, fused: bool, use_neighbours: bool, batch: int, chunks: int,
+                     dtype: torch.dtype, decode: bool) -> str:
+    """The "backend" cell of a row: what each retrieval op of `model` runs for that row's inputs
+    (harness.model_backends); raises where a variant labelled fused (`fused`) would time a fallback."""
+    if not use_neighbours:
+        return NO_RETRIEVAL
+    cfg = model.cfg
+    ran = model_backends(model, batch, chunks, cfg.neighbours, cfg.neighbour_len, dtype, decode=decode)
+    return backend_column(require_fused(label, ran) if fused else ran)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -53,9 +67,11 @@ def main(argv=None):
     if a.quick:
         decode_steps = 64
     rows = []
-    variants = [("RETRO (fused kernels)", "auto", True), ("RETRO (reference backend)", "reference", True),
+    variants = [(FUSED_VARIANT, "auto", True), ("RETRO (reference backend)", "reference", True),
                 ("decoder without retrieval", "auto", False)]
+    dtype = torch.bfloat16 if gpu else torch.float32  # training: autocast's; decoding: the weights'
     for label, backend, use_nb in variants:
+        fused = label == FUSED_VARIANT
         torch.manual_seed(0)
         cfg = preset(name, vocab_size=32000, backend=backend, max_seq_len=L * 64)
         model = RetroModel(cfg).to(device)
@@ -64,16 +80,19 @@ def main(argv=None):
         nb = torch.randint(0, cfg.vocab_size, (B, L, K, R), device=device)
         mask = torch.rand(B, L, K, R, device=device) > 0.05
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ran = {decode: variant_backends(label, model, fused, use_nb, decode_batch if decode else B, L, dtype, decode)
+               for decode in (False, True)}  # before timing: a fallback labelled fused is refused
         t = time_fn(train_step_fn(model, opt, tokens, nb, mask, use_nb, gpu), device=device.type, warmup=2,
                     reps=5 if a.quick else 10)
-        rows.append({"mode": "train", "variant": label, "config": name, "batch": B, "seq_len": L * m,
+        rows.append({"mode": "train", "variant": label, "backend": ran[False], "config": name, "batch": B,
+                     "seq_len": L * m,
                      "median_ms": t["median_ms"], "tokens_per_s": B * L * m / t["median_ms"] * 1e3})
         model.eval()
         dmodel = model.to(torch.bfloat16) if gpu else model
         with torch.no_grad():
             tps = decode_tokens_per_s(dmodel, decode_batch, decode_steps, nb[:1].expand(decode_batch, -1, -1, -1),
                                       mask[:1].expand(decode_batch, -1, -1, -1), use_nb, device)
-        rows.append({"mode": "decode", "variant": label, "config": name, "batch": decode_batch,
+        rows.append({"mode": "decode", "variant": label, "backend": ran[True], "config": name, "batch": decode_batch,
                      "seq_len": decode_steps, "tokens_per_s": tps})
         print(rows[-2], rows[-1], flush=True)
         del model, dmodel, opt
@@ -87,7 +106,7 @@ def main(argv=None):
              f"decoding batch {decode_batch} x {decode_steps} steps ({'bf16' if gpu else 'float32'})",
              "k = 2 neighbours of 128 tokens per 64-token chunk; synthetic tokens and neighbours (no retrieval I/O)",
              "vs_no_retrieval: tokens/s relative to the same decoder run without neighbours"]
-    cols = [("mode", "mode"), ("variant", "variant"), ("config", "config"), ("batch", "batch"),
+    cols = [("mode", "mode"), ("variant", "variant"), ("backend", "backend"), ("config", "config"), ("batch", "batch"),
             ("seq_len", "tokens/seq or steps"), ("median_ms", "step ms"), ("tokens_per_s", "tokens/s"),
             ("vs_no_retrieval", "vs no retrieval")]
     write_results(f"model_{'gpu' if gpu else 'cpu'}", machine, rows, cols, notes,

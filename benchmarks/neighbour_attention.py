@@ -16,8 +16,22 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import bar_plot, machine_name, peak_memory_bytes, time_fn, write_results
+from benchmarks.harness import (BASELINE_BACKEND, bar_plot, fused_backend, machine_name, peak_memory_bytes, ran_backend,
+                                time_fn, write_results)
 from retro_kernels import neighbour_cross_attention, neighbour_self_attention
+
+OPS = {"self": "neighbour_self_attention", "cross": "neighbour_cross_attention"}
+REFERENCE = "eager reference"
+
+
+def row_backend(impl: str, op: str, fused: str, q: torch.Tensor) -> str:
+    """The "backend" of the row `impl` of `op` ("self" or "cross"): ours must run the fused
+    backend `fused` (raises otherwise), the eager reference runs "reference", SDPA no op of ours."""
+    if impl == f"ours ({fused})":
+        return fused_backend(impl, OPS[op], fused, q, expected=(fused,))
+    if impl == REFERENCE:
+        return ran_backend(OPS[op], "reference", q)
+    return BASELINE_BACKEND
 
 
 def sdpa_self(q, k, v, mask):
@@ -64,12 +78,12 @@ def main(argv=None):
         "self": ((q, k, v, nmask), 4.0 * B * L * K * H * R * R * D, {
             f"ours ({fused})": lambda q, k, v, m: neighbour_self_attention(q, k, v, m, backend=fused),
             "SDPA (reshaped)": sdpa_self,
-            "eager reference": lambda q, k, v, m: neighbour_self_attention(q, k, v, m, backend="reference"),
+            REFERENCE: lambda q, k, v, m: neighbour_self_attention(q, k, v, m, backend="reference"),
         }),
         "cross": ((q, kc, vc, cmask), 4.0 * B * L * K * H * R * C * D, {
             f"ours ({fused})": lambda q, k, v, m: neighbour_cross_attention(q, k, v, m, backend=fused),
             "SDPA (states repeated k times)": sdpa_cross_repeat,
-            "eager reference": lambda q, k, v, m: neighbour_cross_attention(q, k, v, m, backend="reference"),
+            REFERENCE: lambda q, k, v, m: neighbour_cross_attention(q, k, v, m, backend="reference"),
         }),
     }
     rows = []
@@ -77,6 +91,7 @@ def main(argv=None):
         for mode in ("forward", "forward+backward"):
             group = []
             for name, fn in impls.items():
+                backend = row_backend(name, op, fused, a)  # before timing: a fallback is refused, not measured
                 leaves = [x.detach().clone().requires_grad_(mode != "forward") for x in (a, b, c)]
                 if mode == "forward":
                     def run(fn=fn, leaves=leaves):
@@ -92,7 +107,8 @@ def main(argv=None):
                 t = time_fn(run, device=dev, warmup=2, reps=reps)
                 mem = peak_memory_bytes(run, device=dev)
                 f = flops * (1.0 if mode == "forward" else 3.5)
-                group.append({"op": op, "mode": mode, "impl": name, "dtype": str(dtype).replace("torch.", ""),
+                group.append({"op": op, "mode": mode, "impl": name, "backend": backend,
+                              "dtype": str(dtype).replace("torch.", ""),
                               "median_ms": t["median_ms"], "runs": t["runs"], "tflops": f / t["median_ms"] / 1e9,
                               "peak_mib": mem / 2**20})
             sdpa = next(r for r in group if r["impl"].startswith("SDPA"))
@@ -104,7 +120,8 @@ def main(argv=None):
     notes = [f"B={B}, chunks={L}, k={K}, r={R}, heads={H}, head_dim={D}, chunk states m={C}, {dtype}",
              "FLOPs: self 4*B*L*k*H*r*r*D, cross 4*B*L*k*H*r*m*D; forward+backward = 3.5x forward",
              "10% of neighbour tokens masked; memory: peak bytes allocated by one call"]
-    columns = [("op", "op"), ("mode", "mode"), ("impl", "impl"), ("dtype", "dtype"), ("median_ms", "median ms"),
+    columns = [("op", "op"), ("mode", "mode"), ("impl", "impl"), ("backend", "backend"), ("dtype", "dtype"),
+               ("median_ms", "median ms"),
                ("tflops", "TFLOP/s"), ("speedup_vs_sdpa", "x SDPA"), ("peak_mib", "peak MiB"),
                ("memory_vs_sdpa", "memory / SDPA"), ("runs", "runs")]
 

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.harness import machine_name, time_fn, write_results
+from benchmarks.harness import NO_RETRIEVAL, backend_column, machine_name, model_backends, time_fn, write_results
 from retro.compiled import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
 from retro.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_token
 from retro.model import PRESETS, RetroModel, preset
@@ -72,6 +72,9 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     torch._dynamo.reset()
     cfg = preset(name, vocab_size=32000, max_seq_len=chunks * PRESETS[name].get("chunk_size", 64))
     model = RetroModel(cfg).to(device).train()
+    # what the retrieval ops run (backend "auto"; queries in bf16 under autocast): recorded, not assumed
+    ran = backend_column(model_backends(model, batch, chunks, cfg.neighbours, cfg.neighbour_len,
+                                        torch.bfloat16 if bf16 else torch.float32)) if retrieval else NO_RETRIEVAL
     compiled = mode == "compile"
     if compiled:
         compile_for_training(model, compile_backend)
@@ -108,7 +111,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     n = chunks * cfg.chunk_size
     tokens_per_s = batch * n / t["median_ms"] * 1e3
     flops = training_flops_per_token(cfg, n, retrieval)
-    row = {"config": name, "retrieval": "on" if retrieval else "off", "mode": mode,
+    row = {"config": name, "retrieval": "on" if retrieval else "off", "mode": mode, "backend": ran,
            "optimizer": "AdamW fused" if fused else "AdamW", "batch": batch, "seq_len": n,
            "first_step_s": first_s, "first_loss": first_loss, "median_ms": t["median_ms"],
            "tokens_per_s": tokens_per_s, "gflop_per_token": flops / 1e9, "tflop_s": tokens_per_s * flops / 1e12}
@@ -168,7 +171,8 @@ def main(argv=None):
              "H100/H200 datasheets (the figure with sparsity halved): "
              + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in PEAK_BF16_FLOPS)
              + (f"; this card: {peak / 1e12:.1f}" if peak else "; no peak for this device: no MFU")]
-    cols = [("config", "config"), ("retrieval", "retrieval"), ("mode", "mode"), ("optimizer", "optimizer"),
+    cols = [("config", "config"), ("retrieval", "retrieval"), ("mode", "mode"), ("backend", "backend"),
+            ("optimizer", "optimizer"),
             ("seq_len", "tokens/seq"), ("first_step_s", "first step s"), ("first_loss", "first loss"),
             ("median_ms", "step ms"), ("tokens_per_s", "tokens/s"), ("gflop_per_token", "GFLOP/token"),
             ("tflop_s", "model TFLOP/s"), ("mfu_pct", "MFU %"), ("peak_gib", "peak GiB"),

@@ -1,5 +1,6 @@
 """The public ops. Per op: naive.py (the reference that reads like the paper) beside op.py
 (validation, backend dispatch); the fused kernels they share live in block_attention/ (block-local attention)."""
+from ._backends import BackendFallbackWarning, resolved_backend
 from .cca_decode import chunked_cross_attention_decode, chunked_cross_attention_decode_reference
 from .cca import chunked_cross_attention, chunked_cross_attention_reference
 from .neighbour_attention import (
@@ -10,6 +11,7 @@ from .neighbour_attention import (
 )
 
 __all__ = [
+    "BackendFallbackWarning",
     "chunked_cross_attention",
     "chunked_cross_attention_decode",
     "chunked_cross_attention_decode_reference",
@@ -18,4 +20,5 @@ __all__ = [
     "neighbour_cross_attention_reference",
     "neighbour_self_attention",
     "neighbour_self_attention_reference",
+    "resolved_backend",
 ]

@@ -23,9 +23,11 @@ def triton_unsupported(q: Tensor) -> str | None:
     return None
 
 
-def triton_or_reference(name: str, backend: str, q: Tensor) -> str:
+def triton_or_reference(name: str, backend: str, q: Tensor, op: str = "block_attention") -> str:
     """`name` (the resolved backend), or "reference" where auto chose Triton for a problem it does not
-    support; an explicit backend="triton" for such a problem raises (TypeError for the dtype)."""
+    support (announced once per op and reason by a BackendFallbackWarning on CUDA tensors); an
+    explicit backend="triton" for such a problem raises (TypeError for the dtype). op: the public
+    op's name, for the warning."""
     if name != "triton":
         return name
     reason = triton_unsupported(q)
@@ -33,4 +35,6 @@ def triton_or_reference(name: str, backend: str, q: Tensor) -> str:
         return name
     if backend == "triton":
         raise (TypeError if q.dtype not in DTYPES else ValueError)(f"backend='triton' {reason}")
-    return "reference"
+    from .._backends import fall_back  # here: this module stays importable on its own
+
+    return fall_back(op, "triton", f"backend='triton' {reason}", q.device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _checks
-from .._backends import resolve_backend
+from .._backends import backend_resolver, resolve_backend
 from ..block_attention import block_attention, layouts
 from ..block_attention.triton_limits import triton_or_reference
 from .naive import chunked_cross_attention_reference
 
+OP = "chunked_cross_attention"
 SUPPORTED_BACKENDS = ("reference", "cpu", "triton")
 _PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
 
@@ -36,6 +37,13 @@ def _validate(q, k, v, chunk_size, neighbour_mask) -> None:
     _checks.check_mask("neighbour_mask", neighbour_mask, k.shape[:4], _MASK, q.device)
 
 
+@backend_resolver(OP)
+def _backend(backend: str, q: Tensor) -> str:
+    """The backend chunked_cross_attention runs for queries q (also resolved_backend's answer)."""
+    name = resolve_backend(OP, backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
+    return triton_or_reference(name, backend, q, op=OP)
+
+
 def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
                             neighbour_mask: Tensor | None = None, softmax_scale: float | None = None,
                             backend: str = "auto") -> Tensor:
@@ -58,8 +66,7 @@ def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
     """
     _validate(q, k, v, chunk_size, neighbour_mask)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    name = resolve_backend("chunked_cross_attention", backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    name = triton_or_reference(name, backend, q)
+    name = _backend(backend, q)
     if name == "reference":
         return chunked_cross_attention_reference(q, k, v, chunk_size, neighbour_mask, scale)
     return block_attention(layouts.cca(q, k, v, neighbour_mask, chunk_size), scale, name)

@@ -5,16 +5,44 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backends import resolve_backend
+from .._backends import backend_resolver, fall_back, resolve_backend
 from ..block_attention import block_attention_decode, layouts
 from .naive import chunked_cross_attention_decode_reference
 
+OP = "chunked_cross_attention_decode"
 SUPPORTED_BACKENDS = ("reference", "cpu", "cuda")
 _PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)}
 _KV = "(batch, num_neighbours, neighbour_len, heads, head_dim)"
 # The CUDA kernel's limits (csrc/cuda/block_attention_decode.h; the grid's y dimension holds batch * heads).
 _CUDA_MAX_HEAD_DIM = 256
 _CUDA_MAX_ROWS = 65535
+
+
+def _cuda_unsupported(q: Tensor) -> str | None:
+    """Why the CUDA decode kernel cannot take queries q (batch, heads, head_dim); None if it can."""
+    B, H, D = q.shape
+    if q.dtype == torch.float64 or not 1 <= D <= _CUDA_MAX_HEAD_DIM or B * H > _CUDA_MAX_ROWS:
+        return (f"backend='cuda' supports float16, bfloat16 and float32 with 1 <= head_dim <= "
+                f"{_CUDA_MAX_HEAD_DIM} and batch * heads <= {_CUDA_MAX_ROWS}; got dtype {q.dtype}, "
+                f"head_dim {D}, batch {B} and heads {H}")
+    return None
+
+
+@backend_resolver(OP)
+def _backend(backend: str, q: Tensor) -> str:
+    """The backend chunked_cross_attention_decode runs for queries q (also resolved_backend's
+    answer): "auto" falls back to the reference outside the CUDA kernel's limits (warning once),
+    an explicit backend="cuda" raises there."""
+    name = resolve_backend(OP, backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
+    if name != "cuda":
+        return name
+    reason = _cuda_unsupported(q)
+    if reason is None:
+        return name
+    if backend == "cuda":
+        raise ValueError(reason)
+    return fall_back(OP, "cuda", reason, q.device)
+
 
 def _validate(q, k, v, neighbour_mask) -> None:
     _checks.check_tensor("q", q, "(batch, heads, head_dim)", 3)
@@ -50,14 +78,7 @@ def chunked_cross_attention_decode(q: Tensor, k: Tensor, v: Tensor, neighbour_ma
     """
     _validate(q, k, v, neighbour_mask)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    name = resolve_backend("chunked_cross_attention_decode", backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    B, H, D = q.shape
-    if name == "cuda" and (q.dtype == torch.float64 or not 1 <= D <= _CUDA_MAX_HEAD_DIM or B * H > _CUDA_MAX_ROWS):
-        if backend == "cuda":
-            raise ValueError(f"backend='cuda' supports float16, bfloat16 and float32 with 1 <= head_dim <= "
-                             f"{_CUDA_MAX_HEAD_DIM} and batch * heads <= {_CUDA_MAX_ROWS}; got dtype {q.dtype}, "
-                             f"head_dim {D}, batch {B} and heads {H}")
-        name = "reference"
+    name = _backend(backend, q)
     if name == "reference":
         return chunked_cross_attention_decode_reference(q, k, v, neighbour_mask, scale)
     return block_attention_decode(layouts.decode(q, k, v, neighbour_mask), scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _checks
-from .._backends import resolve_backend
+from .._backends import backend_resolver, resolve_backend
 from ..block_attention import block_attention, layouts
 from ..block_attention.triton_limits import triton_or_reference
 from .naive import neighbour_cross_attention_reference, neighbour_self_attention_reference
@@ -17,8 +17,21 @@ _CHUNK = "(batch, num_chunks, chunk_len, heads, head_dim)"
 
 
 def _backend(op: str, backend, q: Tensor) -> str:
+    """The backend `op` (either neighbour attention) runs for queries q."""
     name = resolve_backend(op, backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    return triton_or_reference(name, backend, q)
+    return triton_or_reference(name, backend, q, op=op)
+
+
+@backend_resolver("neighbour_self_attention")
+def _self_backend(backend: str, q: Tensor) -> str:
+    """The backend neighbour_self_attention runs for queries q (also resolved_backend's answer)."""
+    return _backend("neighbour_self_attention", backend, q)
+
+
+@backend_resolver("neighbour_cross_attention")
+def _cross_backend(backend: str, q: Tensor) -> str:
+    """The backend neighbour_cross_attention runs for queries q (also resolved_backend's answer)."""
+    return _backend("neighbour_cross_attention", backend, q)
 
 
 def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Tensor | None = None,
@@ -43,7 +56,7 @@ def neighbour_self_attention(q: Tensor, k: Tensor, v: Tensor, neighbour_mask: Te
     _checks.check_mask("neighbour_mask", neighbour_mask, q.shape[:4],
                        "(batch, num_chunks, num_neighbours, neighbour_len)", q.device)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    name = _backend("neighbour_self_attention", backend, q)
+    name = _self_backend(backend, q)
     if name == "reference":
         return neighbour_self_attention_reference(q, k, v, neighbour_mask, scale)
     return block_attention(layouts.neighbour_self(q, k, v, neighbour_mask), scale, name)
@@ -73,7 +86,7 @@ def neighbour_cross_attention(q: Tensor, k: Tensor, v: Tensor, chunk_mask: Tenso
     _checks.check_sizes("v", v, {**expected, 2: (k.shape[2], "k's chunk_len")})
     _checks.check_mask("chunk_mask", chunk_mask, k.shape[:3], "(batch, num_chunks, chunk_len)", q.device)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    name = _backend("neighbour_cross_attention", backend, q)
+    name = _cross_backend(backend, q)
     if name == "reference":
         return neighbour_cross_attention_reference(q, k, v, chunk_mask, scale)
     return block_attention(layouts.neighbour_cross(q, k, v, chunk_mask), scale, name)
