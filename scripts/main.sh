@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: sets up (or reuses) the environment, then runs `retro demo`: the whole RETRO
-# pipeline on the installed transformers models' sources (database, RETRO and a baseline trained
+# pipeline on the model sources of transformers 5.24.0 (pinned) (database, RETRO and a baseline trained
 # for the same time, bits per byte with and without retrieval, by overlap and without near-
 # duplicates, generation with the retrieved neighbours). Extra arguments go to the demo
 # (e.g. --train-minutes 8, --corpus DIR, --out runs/mine).

@@ -1,8 +1,8 @@
 """`retro demo`: the whole pipeline on an embedded default corpus, showing what retrieval buys.
 
-The default corpus is real code every installation has: the Python sources of the Hugging Face
-`transformers` models (a dependency). Like code on GitHub, these files share much text with each
-other (model families are written by copying), which is where RETRO's gains concentrate. The
+The default corpus is real code, the same on every installation: the Python sources of the Hugging
+Face `transformers` models of one pinned release (default_corpus.py). Like code on GitHub, these
+files share much text with each other (model families are written by copying), which is where RETRO's gains concentrate. The
 demo builds a database from a seeded random sample of them (held-out files chosen at random),
 trains the tiny RETRO model and, for the same wall time, the same decoder without retrieval (the
 baseline), then prints bits per byte of RETRO[ON], RETRO[OFF] and the baseline; the same split
@@ -25,13 +25,14 @@ from .errors import RetroError
 from .model import check_preset
 from .options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .retrieval.corpus import check_globs
+from .default_corpus import default_corpus, describe as describe_default_corpus
 from .retrieval.embedder import DEFAULT_EMBEDDER
 
 
 @dataclass
 class DemoOptions:
-    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of a sample of the installed "
-                                      "transformers models' sources")
+    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of a sample of the model "
+                                      "sources of transformers 5.24.0 (pinned)")
     out: str = option("runs/demo", "the demo's folder (database, runs, summary)")
     max_documents: int | None = option(None, "files sampled (or documents read from --corpus); default 200, 1500 "
                                              "on a GPU")
@@ -71,17 +72,6 @@ class DemoOptions:
 
 DEMO_CPU_ENCODER = {"enc_dim": 64, "enc_heads": 2, "enc_head_dim": 32, "enc_depth": 1}
 DEMO_GPU_ENCODER = {"enc_dim": 512, "enc_heads": 8}
-
-
-def default_corpus() -> str:
-    """The folder of the installed transformers models' sources."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        raise RetroError("the default demo corpus is the installed `transformers` package's sources; install "
-                         "transformers or pass --corpus DIR")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "models")
 
 
 def python_files(root: str) -> list[Path]:
@@ -182,7 +172,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
         corpus = str(out / "corpus.jsonl")
         if not Path(corpus).exists():
             sample_corpus(default_corpus(), max_documents, o.seed, Path(corpus))
-        log(f"[demo] 1/6 database from {max_documents} files sampled from {default_corpus()}")
+        log(f"[demo] 1/6 database from {max_documents} files sampled from {describe_default_corpus()}")
     else:
         log(f"[demo] 1/6 database from {corpus} (at most {max_documents} documents)")
     if not (db_dir / "manifest.json").exists():
