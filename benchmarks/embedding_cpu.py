@@ -78,12 +78,12 @@ def main() -> None:
     a = p.parse_args()
 
     from retro.retrieval.database import ChunkDatabase, chunk_texts
-    from retro.retrieval.embedder import BertEmbedder
+    from retro.retrieval.embedder import make_embedder
 
     db = ChunkDatabase(a.db)
     idx = np.sort(np.random.default_rng(a.seed).choice(db.num_chunks, min(a.chunks, db.num_chunks), replace=False))
     texts = chunk_texts(db.tokenizer, np.asarray(db.tokens), db.chunk_start[idx], db.chunk_len[idx])
-    e = BertEmbedder(db.manifest["embedder"]["name"], device="cpu")
+    e = make_embedder(db.manifest["embedder"]["name"], device="cpu")
     e.embed(texts[:32])  # warm-up
     pieces = float(np.mean([len(x) for x in e.tokenizer(texts)["input_ids"]]))
     weights = sum(m.weight.numel() for m in e.model.encoder.modules() if isinstance(m, torch.nn.Linear))

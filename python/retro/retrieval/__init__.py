@@ -1,11 +1,12 @@
 """Retrieval: corpus -> tokenizer -> chunks -> frozen-BERT keys -> faiss index -> neighbours."""
 from .corpus import CorpusReport, iter_documents
 from .database import BuildOptions, ChunkDatabase, build_database
-from .embedder import DEFAULT_EMBEDDER, BertEmbedder
+from .embedder import DEFAULT_EMBEDDER, BertEmbedder, make_embedder
 from .neighbours import compute_neighbours, load_neighbours
 from .retriever import Retriever, SearchResult
+from .static_embedder import STATIC_PREFIX, StaticEmbedder
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 __all__ = ["BertEmbedder", "BuildOptions", "ChunkDatabase", "CorpusReport", "DEFAULT_EMBEDDER", "HFTokenizer",
-           "Retriever", "SearchResult", "SentencePieceTokenizer", "build_database", "compute_neighbours",
-           "iter_documents", "load_neighbours", "load_tokenizer"]
+           "Retriever", "STATIC_PREFIX", "SearchResult", "SentencePieceTokenizer", "StaticEmbedder", "build_database",
+           "compute_neighbours", "iter_documents", "load_neighbours", "load_tokenizer", "make_embedder"]

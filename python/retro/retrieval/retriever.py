@@ -61,9 +61,9 @@ class Retriever:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .embedder import BertEmbedder
+            from .embedder import make_embedder
 
-            self._embedder = BertEmbedder(self.embedder_name, device=self.device)
+            self._embedder = make_embedder(self.embedder_name, device=self.device)
             want = self.db.manifest["embedder"]["dim"]
             if self._embedder.dim != want:
                 raise RetroError(f"the embedder {self.embedder_name!r} gives {self._embedder.dim}-dim vectors; "
