@@ -6,10 +6,14 @@ Both launchers check every tensor against that description and the kernels' limi
 take optional preallocated outputs (which the kernels must write in full). On a GPU the kernels autotune over a small space
 (RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
-the multi-block paths are exercised too.
+the multi-block paths are exercised too. candidate_configs is the one place that picks the block
+sizes and configurations: only those whose estimated shared memory fits sm_90's 227 KiB (float32
+at head_dim > 128 gets smaller row blocks); tests/test_triton_compile.py compiles them all.
 """
 from __future__ import annotations
 
+import functools
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -26,32 +30,118 @@ from .triton_kernels import block_attention_bwd_kernel, block_attention_fwd_kern
 _INTERPRET = triton_interpreting()
 _KEY = ["q_rows", "n_keys", "head_dim"]
 
-if _INTERPRET:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-elif os.environ.get("RETRO_TRITON_AUTOTUNE", "1") == "0":
-    _FWD_CONFIGS = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-        for n in (64, 128) for w in (4, 8) for s in (2, 3)
-    ] + [triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4)]  # no spills at head_dim 64 (sm_90)
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-        for n in (32, 64) for w in (4, 8) for s in (1, 2)
-    ]
 
-_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(block_attention_fwd_kernel)
-_bwd = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(block_attention_bwd_kernel)
+def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _block_m(q_rows: int, head_dim: int, backward: bool) -> int:
+# mode -> (forward configs, backward configs). "autotune" is what a GPU runs; "default"
+# (RETRO_TRITON_AUTOTUNE=0) keeps one configuration; "interpret" is TRITON_INTERPRET=1.
+CONFIGS = {
+    "interpret": ([triton.Config({"BLOCK_N": 16}, num_warps=1)], [triton.Config({"BLOCK_N": 16}, num_warps=1)]),
+    "default": ([_config(64, 4, 2)], [_config(32, 4, 1)]),
+    "autotune": (
+        [_config(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+        + [_config(128, 8, 4)],  # no spills at head_dim 64 (sm_90)
+        [_config(n, w, s) for n in (32, 64) for w in (4, 8) for s in (1, 2)],
+    ),
+}
+
+
+def _mode() -> str:
+    """The key of CONFIGS this process launches with."""
     if _INTERPRET:
-        cap = 16
+        return "interpret"
+    return "default" if os.environ.get("RETRO_TRITON_AUTOTUNE", "1") == "0" else "autotune"
+
+
+_MODE = _mode()
+
+
+def shared_memory(dtype: torch.dtype, block_m: int, block_n: int, block_d: int, num_stages: int,
+                  backward: bool, float32_partials: bool = False) -> int:
+    """Estimated bytes of shared memory (sm_90) of one kernel instance: the tiles the compiler keeps
+    there, q-like (BLOCK_M, BLOCK_D), k-like (BLOCK_N, BLOCK_D) once per pipeline buffer, and
+    (BLOCK_M, BLOCK_N) probabilities, plus 1 KiB for reductions. Calibrated on Triton 3.9's sm_90
+    compiles of every configuration at every block size the launchers use (1,119): it decides
+    "fits in MAX_SHARED_MEMORY" as they do; it is 7 KiB low to 21 KiB high above 180 KiB, up to
+    28 KiB off below. tests/test_triton_compile.py compiles every configuration it admits.
+
+    16-bit dots run on tensor cores: with BLOCK_M >= 64 as Hopper warp-group MMAs reading both
+    operands from shared memory (one k/v buffer per stage), below that as mma.sync (num_stages - 1
+    buffers, the probabilities through shared memory); the backward's transposed dots have
+    BLOCK_N rows, so where BLOCK_M reaches 64 and BLOCK_N does not, q and do are kept in both
+    layouts. float32 ("ieee") dots run on FMA units, with one k/v buffer in the backward.
+    float32_partials: the backward writes dk/dv as float32 partials (more than one row block)."""
+    e = dtype.itemsize
+    tensor_cores = e == 2
+    if not backward:
+        warp_group = tensor_cores and block_m >= 64
+        kv_buffers = num_stages if warp_group else num_stages - 1
+        probs = 0 if warp_group else block_m * block_n
+        tiles = block_m * block_d + kv_buffers * 2 * block_n * block_d + probs
     else:
-        cap = 64 if backward and head_dim > 64 else 128
-    return max(16, min(triton.next_power_of_2(max(q_rows, 1)), cap))
+        q_copies = 4 if tensor_cores and block_m >= 64 > block_n else 2
+        kv_buffers = num_stages if tensor_cores else 1
+        tiles = q_copies * block_m * block_d + kv_buffers * 2 * block_n * block_d + block_m * block_n
+        if float32_partials and tensor_cores:  # the float32 dk/dv stores take (stages + 1) / 2 k-tiles more
+            tiles += (num_stages + 1) * block_n * block_d // 2
+    return e * tiles + 1024
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a launch for (dtype, head_dim, q_rows) uses: its block sizes, whether the backward writes
+    float32 dk/dv partials (q_rows > block_m), and the configurations it may choose among (all
+    estimated to fit sm_90's shared memory; the autotuner times them, a single one just runs)."""
+    block_m: int
+    block_d: int
+    float32_partials: bool
+    configs: tuple[triton.Config, ...]
+
+
+def _fitting(configs, dtype: torch.dtype, block_m: int, block_d: int, backward: bool,
+             partials: bool) -> tuple[triton.Config, ...]:
+    return tuple(c for c in configs if shared_memory(dtype, block_m, c.kwargs["BLOCK_N"], block_d, c.num_stages,
+                                                     backward, partials) <= triton_limits.MAX_SHARED_MEMORY)
+
+
+@functools.cache
+@functools.lru_cache(maxsize=None)  # per launch: keeps the launchers' per-call cost flat
+def candidate_configs(dtype: torch.dtype, head_dim: int, q_rows: int, backward: bool,
+                      mode: str | None = None) -> Candidates:
+    """The launchers' choice for queries of `dtype` and `head_dim` in groups of `q_rows` rows
+    (mode: a key of CONFIGS, default this process's). BLOCK_D is the next power of two >= head_dim
+    (>= 16); BLOCK_M the next power of two >= q_rows in [16, cap] (cap 16 under the interpreter, 64
+    for the backward beyond head_dim 64, else 128), halved while no configuration of the mode fits;
+    the configurations are those that fit at these block sizes."""
+    mode = _MODE if mode is None else mode
+    configs = CONFIGS[mode][backward]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cap = 16 if mode == "interpret" else 64 if backward and head_dim > 64 else 128
+    block_m = max(16, min(triton.next_power_of_2(max(q_rows, 1)), cap))
+    while block_m > 16 and not _fitting(configs, dtype, block_m, block_d, backward, backward and q_rows > block_m):
+        block_m //= 2
+    partials = backward and q_rows > block_m
+    fitting = _fitting(configs, dtype, block_m, block_d, backward, partials)
+    if not fitting:
+        raise RuntimeError(f"no {mode} configuration fits shared memory for {dtype}, head_dim {head_dim}")
+    return Candidates(block_m, block_d, partials, fitting)
+
+
+def _prune(backward: bool):
+    """The autotuner's early_config_prune: its list (this process's CONFIGS) cut to candidate_configs
+    for the launch's dtype, head_dim and q_rows (all in the autotune key)."""
+    def prune(configs, named_args, **kwargs):
+        return list(candidate_configs(named_args["Q"].dtype, named_args["head_dim"], named_args["q_rows"],
+                                      backward).configs)
+    return prune
+
+
+_fwd = triton.autotune(configs=CONFIGS[_MODE][0], key=_KEY,
+                       prune_configs_by={"early_config_prune": _prune(False)})(block_attention_fwd_kernel)
+_bwd = triton.autotune(configs=CONFIGS[_MODE][1], key=_KEY,
+                       prune_configs_by={"early_config_prune": _prune(True)})(block_attention_bwd_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -171,8 +261,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_rows: int, g
     if B * H == 0 or T == 0:
         return out, lse
     p = layout.prefix_rows
-    block_m = _block_m(layout.q_rows, D, backward=False)
-    row_blocks, group_programs, grid = _grid(layout, block_m, B * H)
+    blocks = candidate_configs(q.dtype, D, layout.q_rows, backward=False)
+    row_blocks, group_programs, grid = _grid(layout, blocks.block_m, B * H)
     mask_t, (smb, smg, smr), has_mask = _mask_args(mask, q)
     qv, ov, lv = q[:, p:], out[:, p:], lse[:, :, p:]
     _fwd[grid](
@@ -182,7 +272,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_rows: int, g
         smb, smg, smr,
         lse.stride(0), lse.stride(1),
         H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, group_programs, scale,
-        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_MASK=has_mask, BLOCK_M=blocks.block_m, BLOCK_D=blocks.block_d,
         PRECISION=_precision(q.dtype),
     )
     return out, lse
@@ -210,9 +300,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
     if B * H == 0 or T == 0:
         return dq, dk, dv
     p = layout.prefix_rows
-    block_m = _block_m(layout.q_rows, D, backward=True)
-    row_blocks, group_programs, grid = _grid(layout, block_m, B * H)
-    if row_blocks == 1:
+    blocks = candidate_configs(q.dtype, D, layout.q_rows, backward=True)
+    row_blocks, group_programs, grid = _grid(layout, blocks.block_m, B * H)
+    if not blocks.float32_partials:  # one row block per group
         dk_buf, dv_buf = dk, dv
         part_stride = 0
     else:  # one float32 partial per row block, summed below (deterministic)
@@ -232,10 +322,10 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
         smb, smg, smr,
         lse.stride(0), lse.stride(1),
         H, layout.q_rows, layout.q_valid, layout.keys, D, p, row_blocks, group_programs, scale,
-        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_MASK=has_mask, BLOCK_M=blocks.block_m, BLOCK_D=blocks.block_d,
         PRECISION=_precision(q.dtype),
     )
-    if row_blocks > 1:
+    if blocks.float32_partials:
         dk[:, : layout.groups] = dk_buf.sum(0).to(dk.dtype)
         dv[:, : layout.groups] = dv_buf.sum(0).to(dv.dtype)
     return dq, dk, dv

@@ -9,6 +9,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256           # BLOCK_D = next power of two >= head_dim, tested up to 256
 MAX_GRID_Y = 65535           # CUDA's limit on gridDim.y, which holds batch * heads
 MAX_INT32 = 2 ** 31 - 1      # the kernels form in-batch offsets (row * stride) in int32
+MAX_SHARED_MEMORY = 227 * 1024  # bytes of shared memory a block may use on sm_90 (H100, H200)
 
 
 def triton_unsupported(q: Tensor) -> str | None:
