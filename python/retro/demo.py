@@ -2,13 +2,14 @@
 
 The default corpus is real code, the same on every installation: the Python sources of the Hugging
 Face `transformers` models of one pinned release (default_corpus.py). Like code on GitHub, these
-files share much text with each other (model families are written by copying), which is where RETRO's gains concentrate. The
-demo builds a database from a seeded random sample of them (held-out files chosen at random),
-trains the tiny RETRO model and, for the same wall time, the same decoder without retrieval (the
-baseline), then prints bits per byte of RETRO[ON], RETRO[OFF] and the baseline; the same split
-by how much of each evaluated chunk its neighbours contain (overlap alpha); and the same again
-without the held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in the database,
-so one sees how much of the gain is copying. Each stage resumes if the demo is run again.
+files share much text with each other (model families are written by copying), which is where
+RETRO's gains concentrate. The demo builds a database from a seeded random sample of them (held-out
+files chosen at random), trains the tiny RETRO model and, for the same wall time, the same decoder
+without retrieval (the baseline), then prints bits per byte of RETRO[ON], RETRO[OFF] and the
+baseline; the same split by how much of each evaluated chunk its neighbours contain (overlap alpha);
+and the same again without the held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in
+the database, so one sees how much of the gain is copying. Each stage resumes if the demo is run
+again.
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ class DemoOptions:
     config: str | None = option(None, "model preset (default: tiny on the CPU; 172M with a 512-wide encoder on a "
                                       "GPU)")
     batch_size: int | None = option(None, "sequences per step (default 4 on the CPU, 16 on a GPU)")
-    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder")
+    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
+                                             "static:NAME for its distilled static token embeddings (100x faster "
+                                             "on a CPU)")
     prompt: str | None = option(None, "the prompt continued at the end (default: the start of a held-out file)")
     max_new_tokens: int = option(96, cli=False)
     seed: int = option(0, "seed of the file sample, the held-out choice and training")
