@@ -92,6 +92,22 @@ def fall_back(op: str, wanted: str, reason: str, device: torch.device, to: str =
     return to
 
 
+def within_limits(op: str, name: str, fused: str, backend: str, q: Tensor,
+                  why: Callable[[Tensor], str | None],
+                  error: Callable[[Tensor], type[Exception]] = lambda q: ValueError) -> str:
+    """`name` (the resolved backend), unless it is the fused backend `fused` and its kernel cannot take
+    queries q: why(q) says why (None when it can). Then an explicit backend=fused raises
+    error(q)(reason), and "auto" falls back to the reference through fall_back (warns on CUDA)."""
+    if name != fused:
+        return name
+    reason = why(q)
+    if reason is None:
+        return name
+    if backend == fused:
+        raise error(q)(reason)
+    return fall_back(op, fused, reason, q.device)
+
+
 def _resolve_auto(op: str, device: torch.device, supported: tuple[str, ...],
                   preference: dict[str, tuple[str, ...]]) -> str:
     """The first backend of preference[device.type] (that `op` supports) able to run on `device`,

@@ -31,11 +31,15 @@ def triton_or_reference(name: str, backend: str, q: Tensor, op: str = "block_att
     op's name, for the warning."""
     if name != "triton":
         return name
-    reason = triton_unsupported(q)
-    if reason is None:
-        return name
-    if backend == "triton":
-        raise (TypeError if q.dtype not in DTYPES else ValueError)(f"backend='triton' {reason}")
-    from .._backends import fall_back  # here: this module stays importable on its own
+    from .._backends import within_limits  # here: this module stays importable on its own
 
-    return fall_back(op, "triton", f"backend='triton' {reason}", q.device)
+    return within_limits(op, name, "triton", backend, q, _why_not, _error_for)
+
+
+def _why_not(q: Tensor) -> str | None:
+    reason = triton_unsupported(q)
+    return None if reason is None else f"backend='triton' {reason}"
+
+
+def _error_for(q: Tensor) -> type[Exception]:
+    return TypeError if q.dtype not in DTYPES else ValueError

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backends import backend_resolver, fall_back, resolve_backend
+from .._backends import backend_resolver, resolve_backend, within_limits
 from ..block_attention import block_attention_decode, layouts
 from .naive import chunked_cross_attention_decode_reference
 
@@ -34,14 +34,7 @@ def _backend(backend: str, q: Tensor) -> str:
     answer): "auto" falls back to the reference outside the CUDA kernel's limits (warning once),
     an explicit backend="cuda" raises there."""
     name = resolve_backend(OP, backend, q.device, SUPPORTED_BACKENDS, _PREFERENCE)
-    if name != "cuda":
-        return name
-    reason = _cuda_unsupported(q)
-    if reason is None:
-        return name
-    if backend == "cuda":
-        raise ValueError(reason)
-    return fall_back(OP, "cuda", reason, q.device)
+    return within_limits(OP, name, "cuda", backend, q, _cuda_unsupported)
 
 
 def _validate(q, k, v, neighbour_mask) -> None:
