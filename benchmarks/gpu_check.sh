@@ -87,7 +87,7 @@ run_all() {
 
   if has tests; then
     # shellcheck disable=SC2086
-    section tests "${TESTS_S:-200}" env RETRO_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -x \
+    section tests "${TESTS_S:-200}" env RETRO_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
         $GPU_TEST_FILES -k "${GPU_TEST_FILTER:-}" || status=1
   fi
   if has decode; then
