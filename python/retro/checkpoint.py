@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +18,12 @@ from .errors import RetroError
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state in types torch.load(weights_only=True) reads: tensors, numbers, tuples
+    (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -26,7 +32,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -74,6 +82,17 @@ def checkpoint_dir(run: Path) -> Path:
                      "train one with `retro train`")
 
 
+def load_tensors(path: Path):
+    """torch.load of a file of tensors, numbers, strings and containers only (weights_only=True):
+    a file holding any other object (a pickle that could run code) is refused, never unpickled."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RetroError(f"refusing to load {str(path)!r}: it holds objects other than tensors and numbers, "
+                         f"which loading would unpickle (run code); checkpoints of this version never do "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(run: Path, with_optimizer: bool = True) -> dict:
     """-> {"weights", "config", "state", "optimizer" (or None)}."""
     from safetensors.torch import load_file
@@ -82,5 +101,5 @@ def load_checkpoint(run: Path, with_optimizer: bool = True) -> dict:
     out = {"weights": load_file(str(d / "model.safetensors")), "config": json.loads((d / "config.json").read_text()),
            "state": json.loads((d / "state.json").read_text()), "optimizer": None}
     if with_optimizer and (d / "optimizer.pt").exists():
-        out["optimizer"] = torch.load(d / "optimizer.pt", weights_only=False)
+        out["optimizer"] = load_tensors(d / "optimizer.pt")
     return out
