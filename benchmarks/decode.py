@@ -4,8 +4,8 @@ compiled by compile_decoding() (torch.compile; mode "reduce-overhead", i.e. CUDA
 GPU). Synthetic tokens and neighbours: retrieval's own cost is in benchmarks/retrieval.py.
 tokens/s = batch * steps / seconds, timed after a warm-up generation of the same shapes: the
 compiled runs compile and record their CUDA graphs there, and the timed generation replays them
-(it refuses to report a run that recorded graphs). The backend column is the CCA decode op's
-backend that ran (a fallback is never labelled as the fused kernel).
+(it refuses to report a run that recorded graphs). The backend column is what the decode op and the
+encoder's ops ran (a fallback is never labelled as the fused kernel).
 
     python -m benchmarks.decode [--device cuda] [--config 172M] [--steps 256] [--batches 1,32]
 """
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from benchmarks.harness import bar_plot, fused_backend, machine_name, probe, write_results
+from benchmarks.harness import (bar_plot, backend_column, machine_name, model_backends, require_fused,
+                                write_results)
 from retro.model import RetroModel, preset, recorded_cuda_graphs
 
 
@@ -40,12 +41,12 @@ def decode_run(model, batch: int, steps: int, nb, mask, device, use_neighbours: 
     return time.perf_counter() - t0
 
 
-def decode_backend(model, batch: int, device, dtype) -> str:
-    """The backend the CCA decode op runs for this model's step at `batch` (the op's own
-    resolution); refuses a fallback: the rows measure the fused decode kernel."""
-    layer = next(iter(model.cca_layers().values()))
-    return fused_backend(f"decode batch {batch}", "chunked_cross_attention_decode", layer.decode_backend,
-                         probe((batch, layer.heads, layer.head_dim), device, dtype))
+def decode_backend(model, batch: int, dtype) -> str:
+    """The backends a decoding step of this model runs at `batch` (the CCA decode op and the
+    encoder's ops, each op's own resolution); refuses a fallback: the rows measure fused kernels."""
+    cfg = model.cfg
+    ran = model_backends(model, batch, 1, cfg.neighbours, cfg.neighbour_len, dtype, decode=True)
+    return backend_column(require_fused(f"decode batch {batch}", ran))
 
 
 def main(argv=None):
@@ -84,7 +85,7 @@ def main(argv=None):
                 raise RuntimeError(f"batch {batch}: the timed generation recorded CUDA graphs "
                                    f"({recorded} -> {recorded_cuda_graphs()}); it would time recordings, not replays")
             rows.append({"step": "compiled" if compiled else "eager", "batch": batch, "steps": steps,
-                         "backend": decode_backend(model, batch, device, dtype),
+                         "backend": decode_backend(model, batch, dtype),
                          "ms_per_step": seconds / steps * 1e3, "tokens_per_s": batch * steps / seconds,
                          "cuda_graphs": recorded, "warmup_s": warm})
             print(rows[-1], flush=True)
@@ -99,7 +100,7 @@ def main(argv=None):
              "recorded, the timed generation replays them and records none)",
              "compiled: RetroModel.compile_decoding(), torch.compile of the step's two halves around the encoder"
              + (" (mode reduce-overhead: CUDA graphs)" if gpu else " (default mode)")]
-    cols = [("step", "step"), ("batch", "batch"), ("steps", "steps"), ("backend", "CCA decode backend"),
+    cols = [("step", "step"), ("batch", "batch"), ("steps", "steps"), ("backend", "backend (CCA decode, encoder)"),
             ("ms_per_step", "ms/step"), ("tokens_per_s", "tokens/s"), ("vs_eager", "vs eager"),
             ("cuda_graphs", "CUDA graphs"), ("warmup_s", "warm-up s")]
     batches = sorted({r["batch"] for r in rows})

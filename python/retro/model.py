@@ -384,20 +384,18 @@ class RetroModel(nn.Module):
         retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached.
         Two static-shape halves around the encoder (compile_decoding() compiles them). Compiled,
         the logits are a copy: CUDA graphs reuse their output memory at the next step."""
-        if self._compiled_step is None:
-            x = self._step_below(state, tokens)
-            if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
-                state.neighbours.refresh(self.encode, new_neighbours)
-            return self._step_above(state, x)
-        self._check_current(state)
-        below, above = self._compiled_step
-        # One step = one CUDA-graph generation: without the mark, each compiled call would start
-        # its own and free the previous one's outputs, x among them, before `above` reads it.
-        torch.compiler.cudagraph_mark_step_begin()
+        compiled = self._compiled_step is not None
+        if compiled:
+            self._check_current(state)
+            # One step = one CUDA-graph generation: without the mark, each compiled call would start
+            # its own and free the previous one's outputs, x among them, before `above` reads it.
+            torch.compiler.cudagraph_mark_step_begin()
+        below, above = self._compiled_step or (self._step_below, self._step_above)
         x = below(state, tokens)
-        if new_neighbours:
+        if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
             state.neighbours.refresh(self.encode, new_neighbours)
-        return above(state, x).clone()
+        logits = above(state, x)
+        return logits.clone() if compiled else logits
 
     def _check_current(self, state: "DecodeState") -> None:
         """Compiled decoding shares one set of caches per shape: a state handed out before the
@@ -580,6 +578,7 @@ class DecodeState:
 
     def mark_static(self) -> None:
         """Tells torch.compile these tensors keep their addresses, so CUDA graphs may write them in
-        place (unguarded: a new state of the same shapes re-records the graphs, never recompiles)."""
+        place (unguarded: never a recompile; compiled decoding reuses this state per shape, so the
+        graphs are recorded once)."""
         for t in self.tensors():
             torch._dynamo.mark_static_address(t, guard=False)
