@@ -58,6 +58,16 @@ def database_files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
 
 
+def database_contents(path: Path) -> dict[str, bytes]:
+    """database_files, the manifest without the build's stage timings (which differ run to run)."""
+    import json
+
+    files = database_files(path)
+    manifest = json.loads(files.pop("manifest.json"))
+    manifest.pop("build_seconds")
+    return {**files, "manifest.json": json.dumps(manifest, sort_keys=True).encode()}
+
+
 class HashingEmbedder:
     """A stand-in for BertEmbedder in tests that need a database but not BERT: a text's vector is
     its bag of words hashed into `dim` buckets, normalised (deterministic, instant; similar texts

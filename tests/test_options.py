@@ -9,7 +9,7 @@ import pytest
 from retro.cli import build_parser
 from retro.demo import DemoOptions
 from retro.options import add_options, option, options_from_args
-from retro.retrieval.database import BuildOptions
+from retro.retrieval.build import BuildOptions
 from retro.train import TrainOptions
 
 COMMANDS = [("train", TrainOptions, ["--db", "d", "--out", "o"], dict(db="d", out="o")),

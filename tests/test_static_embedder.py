@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_helpers import build_args, database_files, run_cli, write_corpus
+from retrieval_helpers import build_args, database_contents, run_cli, write_corpus
 from retro import RetroError
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, StaticEmbedder, build_database
 from retro.retrieval import compute_neighbours, load_neighbours
@@ -171,12 +171,18 @@ def test_build_database_retriever_resume_and_cli(tmp_path, monkeypatch):
     assert nb.shape == (db.num_chunks, 4) and (db.chunk_doc[nb[:, 0]] != db.chunk_doc).all()
 
     # an interrupted static build resumes into the same database; the command line selects it by name
-    monkeypatch.setenv("RETRO_TEST_FAIL_AFTER_BLOCKS", "1")
-    with pytest.raises(SystemExit, match="simulated crash"):
-        build_database(BuildOptions(out=str(tmp_path / "resumed"), **opts), log=lambda *_: None)
-    monkeypatch.delenv("RETRO_TEST_FAIL_AFTER_BLOCKS")
+    class Crash(Exception):
+        pass
+
+    def crash(stage, i):
+        if stage == "embed" and i == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        build_database(BuildOptions(out=str(tmp_path / "resumed"), **opts), log=lambda *_: None, on_block=crash)
     build_database(BuildOptions(out=str(tmp_path / "resumed"), resume=True, **opts), log=lambda *_: None)
-    full = {k: v for k, v in database_files(tmp_path / "full").items() if not k.startswith("neighbours")}
-    assert full == database_files(tmp_path / "resumed")
+    full = {k: v for k, v in database_contents(tmp_path / "full").items() if not k.startswith("neighbours")}
+    assert full == database_contents(tmp_path / "resumed")
     run_cli(*build_args(corpus, tmp_path / "cli", "--embedder", REAL))
-    assert database_files(tmp_path / "cli") == database_files(tmp_path / "resumed")
+    assert database_contents(tmp_path / "cli") == database_contents(tmp_path / "resumed")
+

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-field", default="text")
     t.set_defaults(handler=_cmd_tokenizer)
 
-    from .retrieval.database import BuildOptions
+    from .retrieval.build import BuildOptions
 
     b = sub.add_parser("build-db", help="build the chunk database, its embeddings and index")
     add_options(b, BuildOptions)

@@ -1,6 +1,7 @@
 """Retrieval: corpus -> tokenizer -> chunks -> frozen-BERT keys -> faiss index -> neighbours."""
 from .corpus import CorpusReport, iter_documents
-from .database import BuildOptions, ChunkDatabase, build_database
+from .build import BuildOptions, build_database
+from .database import ChunkDatabase
 from .embedder import DEFAULT_EMBEDDER, BertEmbedder, make_embedder
 from .neighbours import compute_neighbours, load_neighbours
 from .retriever import Retriever, SearchResult

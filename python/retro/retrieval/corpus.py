@@ -114,7 +114,9 @@ def _select(path: Path, include, exclude, report: CorpusReport) -> list[Path]:
     return kept
 
 
-def _jsonl_documents(f: Path, text_field: str, report: CorpusReport) -> Iterator[str]:
+def _jsonl_documents(f: Path, rel: str, text_field: str, report: CorpusReport) -> Iterator[tuple[str, str]]:
+    """(text, folder) of each record: the folder of its "path" field if it has one, else a folder of
+    its own (the file and line), so that a folder hold-out then holds out single records."""
     for n, line in enumerate(_jsonl_lines(f), 1):
         if not line.strip():
             continue
@@ -126,10 +128,13 @@ def _jsonl_documents(f: Path, text_field: str, report: CorpusReport) -> Iterator
             raise RetroError(f"{f}: line {n} has no field {text_field!r} (fields: "
                              f"{sorted(record) if isinstance(record, dict) else type(record).__name__}); "
                              "choose the field with --text-field")
-        yield from _count(str(record[text_field]), report)
+        path = record.get("path")
+        folder = path.rsplit("/", 1)[0] if isinstance(path, str) and "/" in path else \
+            "" if isinstance(path, str) else f"{rel}#{n}"
+        yield from _count(str(record[text_field]), report, folder)
 
 
-def _text_document(f: Path, report: CorpusReport) -> Iterator[str]:
+def _text_document(f: Path, folder: str, report: CorpusReport) -> Iterator[tuple[str, str]]:
     """The file's text, or nothing (counted as binary) if its first block holds a NUL byte."""
     with open(f, "rb") as fh:
         head = fh.read(BLOCK)
@@ -139,23 +144,29 @@ def _text_document(f: Path, report: CorpusReport) -> Iterator[str]:
         raw = head + fh.read()
     report.files += 1
     report.bytes += len(raw)
-    yield from _count(_decode(raw, report), report)
+    yield from _count(_decode(raw, report), report, folder)
 
 
 def iter_documents(corpus: str | Path, text_field: str = "text", report: CorpusReport | None = None,
-                   include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Iterator[str]:
-    """Yields the text of every non-empty document of `corpus`, in a stable order (sorted paths).
-    include: globs a file must match (none: every file); exclude: globs of files left out."""
+                   include: Iterable[str] = (), exclude: Iterable[str] = (), with_folder: bool = False):
+    """Yields the text of every non-empty document of `corpus`, in a stable order (sorted paths),
+    or with_folder=True (text, folder): the folder of the file relative to the corpus (a .jsonl
+    record: the folder of its "path" field). include: globs a file must match (none: every file);
+    exclude: globs of files left out. Streams: one file is in memory at a time."""
     report = report if report is not None else CorpusReport()
     check_globs(include, exclude)
     path = check_corpus(corpus)
+    root = path if path.is_dir() else path.parent
     for f in _select(path, tuple(include), tuple(exclude), report):
+        rel = f.relative_to(root).as_posix()
         try:
             if f.name.endswith(JSONL_SUFFIXES):
                 report.files += 1
-                yield from _jsonl_documents(f, text_field, report)
+                docs = _jsonl_documents(f, rel, text_field, report)
             else:
-                yield from _text_document(f, report)
+                docs = _text_document(f, rel.rsplit("/", 1)[0] if "/" in rel else "", report)
+            for text, folder in docs:
+                yield (text, folder) if with_folder else text
         except OSError as exc:
             raise RetroError(f"cannot read corpus file {str(f)!r}: {exc.strerror or exc}") from exc
 
@@ -171,9 +182,9 @@ def read_documents(corpus: str | Path, text_field: str = "text", report: CorpusR
     return documents
 
 
-def _count(text: str, report: CorpusReport) -> Iterator[str]:
+def _count(text: str, report: CorpusReport, folder: str) -> Iterator[tuple[str, str]]:
     if text.strip():
         report.documents += 1
-        yield text
+        yield text, folder
     else:
         report.empty_documents += 1

@@ -114,7 +114,9 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
             m = _pq_m(dim)
             settings.pq_m = m
             index = faiss.index_factory(dim, f"OPQ{m},IVF{nlist},PQ{m}")
-        sample_n = min(n, max(256 * nlist, 50_000))
+        # k-means on the CPU costs sample x nlist x dim per iteration: 64 points per list there
+        # (faiss warns below 39), 256 on GPUs
+        sample_n = min(n, max((256 if faiss_gpus() else 64) * nlist, 50_000))
         rng = np.random.default_rng(seed)
         sample = np.asarray(vectors[np.sort(rng.choice(n, sample_n, replace=False))], dtype=np.float32)
         settings.trained_on = sample_n

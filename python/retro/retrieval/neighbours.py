@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import read_json, write_json, write_npy
+from ..atomic import atomic_path, read_json, write_json, write_npy
 from ..errors import RetroError
 from .retriever import Retriever
 
@@ -19,8 +19,9 @@ def neighbours_path(db_dir: str | Path, candidates: int) -> Path:
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
-                       index: str | None = None, progress: bool = True, log=print) -> Path:
-    """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist."""
+                       index: str | None = None, progress: bool = True, log=print, on_block=None) -> Path:
+    """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
+    on_block("neighbours", b) is called after each block is written (tests kill the run there)."""
     from tqdm.auto import tqdm
 
     if k < 1 or extra < 0:
@@ -45,11 +46,19 @@ def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: in
             full = np.full((sl.stop - sl.start, k + extra), -1, dtype=np.int64)
             full[:, :cand] = ids
             write_npy(part, full)
+            if on_block is not None:
+                on_block("neighbours", b)
         bar.update(sl.stop - sl.start)
     bar.close()
-    write_npy(out, np.concatenate([np.load(parts / f"part-{b:06d}.npy") for b in blocks]))
+    # the description first: the .npy, written last, marks the file complete
     write_json(out.with_suffix(".json"), {"k": k, "extra": extra, "index": retriever.index.kind,
                                           "own_document_excluded": True})
+    with atomic_path(out) as tmp:  # one block in memory at a time
+        ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n, k + extra))
+        for b in blocks:
+            ids[b * block:(b + 1) * block] = np.load(parts / f"part-{b:06d}.npy")
+        ids.flush()
+        del ids
     shutil.rmtree(parts, ignore_errors=True)
     log(f"[neighbours] {n} chunks x {k + extra} candidates -> {out}")
     return out

@@ -116,19 +116,20 @@ class Retriever:
         exclude = np.asarray(exclude_doc_ids).reshape(-1)
         if len(exclude) != len(emb):
             raise RetroError(f"exclude_doc_ids has {len(exclude)} entries for {len(emb)} queries")
-        wide = min(self.db.num_chunks, 2 * k + 8)
-        while True:
-            d, i = self.index.search(emb, wide)
-            keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[:, None])
-            if keep.sum(1).min() >= k or wide == self.db.num_chunks:
-                break
-            wide = min(self.db.num_chunks, wide * 4)
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
-        for q in range(len(emb)):
-            sel = np.flatnonzero(keep[q])[:k]
-            ids[q, :len(sel)] = i[q, sel]
-            dist[q, :len(sel)] = d[q, sel]
+        todo = np.arange(len(emb))
+        wide = min(self.db.num_chunks, 2 * k + 8)
+        while len(todo):  # only the queries still short of k go round again, each time 4x wider
+            d, i = self.index.search(emb[todo], wide)
+            keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
+            done = (keep.sum(1) >= k) | (wide == self.db.num_chunks)
+            first = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
+            kept = np.take_along_axis(keep[done], first, 1)
+            ids[todo[done]] = np.where(kept, np.take_along_axis(i[done], first, 1), -1)
+            dist[todo[done]] = np.where(kept, np.take_along_axis(d[done], first, 1), np.inf)
+            todo = todo[~done]
+            wide = min(self.db.num_chunks, wide * 4)
         return ids, dist
 
     def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:

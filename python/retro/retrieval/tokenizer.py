@@ -57,14 +57,19 @@ class SentencePieceTokenizer:
         """Trains a unigram model on the lines of `documents`. A vocabulary larger than the corpus
         supports is reduced to the largest size SentencePiece accepts (one smaller than its byte
         pieces and characters need is raised to the smallest), and the change is reported."""
-        import sentencepiece as spm
-
         lines = [line for doc in documents for line in doc.splitlines() if line.strip()]
-        if not lines:
-            raise RetroError("cannot train a tokenizer: the corpus has no non-empty line")
         if len(lines) > max_sentences:
             rng = np.random.default_rng(0)
             lines = [lines[i] for i in sorted(rng.choice(len(lines), max_sentences, replace=False))]
+        return cls.train_on_lines(lines, vocab_size, log=log)
+
+    @classmethod
+    def train_on_lines(cls, lines: list[str], vocab_size: int, log=print) -> "SentencePieceTokenizer":
+        """Trains a unigram model on these non-empty lines (the vocabulary adjusted as `train` says)."""
+        import sentencepiece as spm
+
+        if not lines:
+            raise RetroError("cannot train a tokenizer: the corpus has no non-empty line")
         size = vocab_size
         for _ in range(3):
             buf = io.BytesIO()
