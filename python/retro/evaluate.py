@@ -9,8 +9,8 @@ bytes are left out; a one-token document adds nothing).
 
 The scored tokens fall into groups by the neighbours they attended: in a window, the targets of
 positions m-1 .. 2m-2 (the tokens of chunk 1) attend RET(chunk 0), and so on; the first m-1
-targets of a window attend nothing. The overlap report (leakage.py) and the database-size sweep
-are sums over these groups, so their totals equal `evaluate`'s exactly.
+targets of a window attend nothing. The overlap report (evaluate_overlap.py) and the database-size
+sweep are sums over these groups, so their totals equal `evaluate`'s exactly.
 """
 from __future__ import annotations
 
