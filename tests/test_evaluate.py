@@ -77,7 +77,7 @@ def test_bits_per_byte_count_exactly_the_scored_tokens(retriever, model):
 
 def test_groups_follow_the_attended_neighbours(retriever):
     es = prepare(retriever, 2, seq_len=3 * M)
-    for w, (inp, tgt) in enumerate(es.windows):
+    for w, (_, tgt) in enumerate(es.windows):
         groups = es.window_groups[w]
         assert len(groups) == len(tgt)
         for j, g in enumerate(groups):  # target j+1 of the window is predicted at position j

@@ -116,7 +116,10 @@ def prepare(retriever: Retriever, k: int = 2, documents=None, max_documents: int
             for uu in local:
                 sel = j[u == uu]
                 a, b = s + int(sel[0]), s + int(sel[-1]) + 1  # document tokens [a, b) are scored here
-                g_doc.append(int(d)); g_win.append(w); g_chunk.append(int(uu)); g_tok.append(b - a)
+                g_doc.append(int(d))
+                g_win.append(w)
+                g_chunk.append(int(uu))
+                g_tok.append(b - a)
                 g_targets.append(tokens[a:b])
                 spans.append((a, b))
                 cuts.update((a, b))
@@ -175,7 +178,8 @@ def bits_per_byte(nll: np.ndarray, nbytes: np.ndarray) -> float:
     return float(np.sum(nll)) / math.log(2) / total if total else float("nan")
 
 
-def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray, select: np.ndarray | None = None) -> EvalResult:
+def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray,
+              select: np.ndarray | None = None) -> EvalResult:
     """EvalResult over the groups `select` (bool (G,), default all)."""
     sel = np.ones(len(es.group_doc), dtype=bool) if select is None else np.asarray(select, dtype=bool)
     nbytes = es.group_bytes[sel]

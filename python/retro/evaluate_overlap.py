@@ -85,7 +85,8 @@ def overlap_report(model, retriever, k: int = 2, max_documents: int | None = Non
                    alphas=ALPHAS, log=print, progress: bool = True) -> list[dict]:
     """Bits per byte with and without retrieval over the scored tokens with overlap r <= alpha."""
     es = prepare(retriever, k, max_documents=max_documents, seq_len=model.cfg.max_seq_len)
-    nlls = {"RETRO[ON]": score(model, es, True, progress=progress), "RETRO[OFF]": score(model, es, False, progress=progress)}
+    nlls = {"RETRO[ON]": score(model, es, True, progress=progress),
+            "RETRO[OFF]": score(model, es, False, progress=progress)}
     rows = overlap_rows(es, group_overlaps(es), nlls, alphas)
     _write_overlap(Path(out) if out else Path("."), rows, list(nlls), k)
     for line in format_overlap(rows, nlls):
