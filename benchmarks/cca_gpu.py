@@ -224,7 +224,8 @@ def main(argv=None):
 
     notes = [f"measured in this run: bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s (8192^3), "
              f"device copy {rates['copy_gbs']:.0f} GB/s (read + write)",
-             "forward FLOPs = 4*B*chunks*H*m*k*r*D; forward+backward = 3.5x forward; bfloat16; 10% of neighbour tokens masked",
+             "forward FLOPs = 4*B*chunks*H*m*k*r*D; forward+backward = 3.5x forward; bfloat16; "
+             "10% of neighbour tokens masked",
              "pct_bandwidth = minimal bytes (inputs read once, outputs written once) / time / copy bandwidth",
              "layer: from unshifted q/k/v to the unshifted output, all copies included; bare: attention only",
              "seq_len 2048, chunk 64, 2 neighbours of 128 tokens"]

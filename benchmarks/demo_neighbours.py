@@ -46,7 +46,8 @@ def step_seconds(config, variants: dict, batch: int, seq_chunks: int, steps: int
     setups = {}
     for name, (k, over) in {"baseline": (1, {}), **variants}.items():
         model = RetroModel(type(config).from_dict({**config.to_dict(), "neighbours": k, **over}))
-        neighbours = None if name == "baseline" else torch.randint(0, vocab, (batch, seq_chunks, k, 2 * config.chunk_size))
+        neighbours = (None if name == "baseline"
+                      else torch.randint(0, vocab, (batch, seq_chunks, k, 2 * config.chunk_size)))
         setups[name] = (model, neighbours, torch.optim.AdamW(model.parameters(), lr=1e-4))
     times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(steps):
@@ -100,7 +101,8 @@ def main() -> None:
         on = score(model, es, True) if name != "baseline" else None
         res = summarise(es, on, score(model, es, False))
         rows.append({"variant": name, "k": k if name != "baseline" else 0,
-                     "cca_layers": "-" if name == "baseline" else ",".join(map(str, over.get("cca_layers", config.cca_layers))),
+                     "cca_layers": ("-" if name == "baseline"
+                                    else ",".join(map(str, over.get("cca_layers", config.cca_layers)))),
                      "step_s": seconds[name], "ratio": ratio, "steps": steps,
                      "bpb_on": res.bpb_on if on is not None else res.bpb_off, "bpb_off": res.bpb_off})
         print(rows[-1], flush=True)

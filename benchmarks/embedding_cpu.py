@@ -134,7 +134,8 @@ def main() -> None:
         f"{len(texts)} chunks of {db.path} ({pieces:.1f} word pieces each on average), "
         f"{db.manifest['embedder']['name']}, float32, {torch.get_num_threads()} threads, median of {a.reps} "
         "interleaved repetitions",
-        f"FLOPs per chunk: 2 x {weights / 1e6:.2f}M Linear weights x {pieces:.1f} word pieces = {flops / 1e9:.2f} GFLOP "
+        f"FLOPs per chunk: 2 x {weights / 1e6:.2f}M Linear weights x {pieces:.1f} word pieces = "
+        f"{flops / 1e9:.2f} GFLOP "
         "(attention, GELU, LayerNorm left out)",
         f"float32 matmul rate here (torch.mm at the encoder's shapes, median): {rate:.0f} GFLOP/s, so no float32 "
         f"implementation exceeds {ceiling:.0f} chunks/s = {ceiling / rows[0]['chunks_per_s']:.2f}x batch 128",

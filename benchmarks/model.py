@@ -9,7 +9,6 @@ Synthetic tokens and neighbours: retrieval's own cost is measured in benchmarks/
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -111,7 +110,8 @@ def main(argv=None):
             ("vs_no_retrieval", "vs no retrieval")]
     write_results(f"model_{'gpu' if gpu else 'cpu'}", machine, rows, cols, notes,
                   lambda path: bar_plot(path, ["train", "decode"],
-                                        {v: [next(r["tokens_per_s"] for r in rows if r["mode"] == mo and r["variant"] == v)
+                                        {v: [next(r["tokens_per_s"] for r in rows
+                                                  if r["mode"] == mo and r["variant"] == v)
                                              for mo in ("train", "decode")] for v, _, _ in variants},
                                         "tokens/s", f"RETRO {name}, {machine}"))
 

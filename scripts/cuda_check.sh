@@ -11,8 +11,11 @@
 #   RETRO_CUDA_ENV     where (default: ~/.cache/retro-kernels/cuda-torch-2.11.0)
 #   RETRO_CUDA_TORCH   the torch requirement (default: torch==2.11.0)
 #   RETRO_CUDA_TESTS   pytest arguments run with that environment after the build (torch 2.11 and
-#                      triton 3.6 on the CPU: the sm_90 Triton compile test and the ops' tests);
-#                      "none" skips them
+#                      triton 3.6 on the CPU: the sm_90 Triton compile test, the ops' tests, and a
+#                      smoke test of the model and of FSDP2's fully_shard on one gloo rank, a few
+#                      seconds); "none" skips them
+# torch 2.11 is the lowest torch pyproject.toml accepts (torch>=2.11, triton>=3.6): this is where
+# that bound is tested.
 # Needs nvcc (CUDA 13, matching torch's CUDA) on PATH or in CUDA_HOME.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -88,7 +91,9 @@ assert cuda, "no retro_kernels op has a CUDA kernel"
 PY
 )
 
-tests=${RETRO_CUDA_TESTS:-tests/test_triton_compile.py tests/test_op_boundaries.py tests/test_chunked_cross_attention_triton.py}
+tests=${RETRO_CUDA_TESTS:-tests/test_triton_compile.py tests/test_op_boundaries.py tests/test_chunked_cross_attention_triton.py
+  tests/test_model.py::test_backends_agree tests/test_model.py::test_retro_off_and_on_differ_and_encoder_runs_once
+  tests/test_fsdp.py::test_sharded_layers_run_through_fsdp_with_checkpointing}
 if [ "$tests" != "none" ]; then
   echo "[cuda_check] tests with torch $("$PY" -c 'import torch; print(torch.__version__)') and this build, on the CPU: $tests"
   # shellcheck disable=SC2086

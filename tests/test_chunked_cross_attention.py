@@ -125,6 +125,7 @@ def test_auto_picks_cpu_kernel_for_cpu_tensors(monkeypatch):
     calls = []
     import retro_kernels.ops.cca.op as op_module
     real = op_module.block_attention
-    monkeypatch.setattr(op_module, "block_attention", lambda p, s, backend: calls.append(backend) or real(p, s, backend))
+    monkeypatch.setattr(op_module, "block_attention",
+                        lambda p, s, backend: calls.append(backend) or real(p, s, backend))
     chunked_cross_attention(q, k, v, chunk_size=8)
     assert calls == ["cpu"]

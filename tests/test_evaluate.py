@@ -1,13 +1,14 @@
 """Evaluation accounting: bits per byte count exactly the bytes of the scored tokens; the groups of
 scored tokens (by the neighbours they attended) sum to evaluate's totals, so the overlap table's
-alpha = 1 row is evaluate's result; evaluating against a part of the database."""
+alpha = 1 row is evaluate's result, and its chunk overlap r(C) is the longest common substring
+(checked by brute force); evaluating against a part of the database."""
 import numpy as np
 import pytest
 import torch
 
 from retrieval_helpers import write_corpus
 from retro.evaluate import evaluate, prepare, score, summarise
-from retro.leakage import duplicated_documents, group_overlaps, overlap_rows
+from retro.evaluate_overlap import chunk_overlap, group_overlaps, longest_common_substring, overlap_rows
 from retro.model import RetroModel, preset
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.retriever import database_fraction
@@ -76,7 +77,7 @@ def test_bits_per_byte_count_exactly_the_scored_tokens(retriever, model):
 
 def test_groups_follow_the_attended_neighbours(retriever):
     es = prepare(retriever, 2, seq_len=3 * M)
-    for w, (inp, tgt) in enumerate(es.windows):
+    for w, (_, tgt) in enumerate(es.windows):
         groups = es.window_groups[w]
         assert len(groups) == len(tgt)
         for j, g in enumerate(groups):  # target j+1 of the window is predicted at position j
@@ -129,9 +130,12 @@ def test_database_fraction_nests_and_restricts_retrieval(retriever):
         database_fraction(db, 0.0)
 
 
-def test_duplicated_documents_finds_planted_copies():
-    rng = np.random.default_rng(0)
-    vocab = [f"w{i}" for i in range(500)]
-    train = [" ".join(rng.choice(vocab, 300)) for _ in range(6)]
-    held = [train[2], " ".join(rng.choice(vocab, 300)), train[4].replace(train[4].split()[150], "edited", 1)]
-    assert duplicated_documents(held, train, 0.8, progress=False) == {0, 2}
+def test_longest_common_substring_matches_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a, b = rng.integers(0, 4, rng.integers(0, 12)), rng.integers(0, 4, rng.integers(0, 20))
+        brute = max([L for i in range(len(a)) for j in range(len(b)) for L in range(1, min(len(a) - i, len(b) - j) + 1)
+                     if np.array_equal(a[i:i + L], b[j:j + L])], default=0)
+        assert longest_common_substring(a, b) == brute
+    chunk = np.arange(8)
+    assert chunk_overlap(chunk, [np.r_[9, 9, 2, 3, 4, 9], np.r_[0, 1, 9]], 8) == pytest.approx(3 / 8)

@@ -80,7 +80,7 @@ def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
         chunks = p // m
         logits[(row, p - 1)] = model.prefill(state, row, tok[row, :p], nb[row, :chunks] if chunks else None,
                                              mask[row, :chunks] if chunks else None)
-    for t_step in range(14):
+    for _ in range(14):
         pos = state.pos.tolist()
         new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(2) if pos[r] % m == m - 1}
         out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(2)]), new)
@@ -111,7 +111,8 @@ def test_qk_norm_attention_is_the_layer_with_normalised_queries_and_keys():
     x, ctx = torch.randn(2, 11, 16, dtype=torch.float64), torch.randn(2, 2, 3, 8, 12, dtype=torch.float64)
     q = layer.project_queries(x, torch.arange(11))
     k, v = layer.project_neighbours(ctx)
-    assert torch.allclose(q.norm(dim=-1), torch.full_like(q[..., 0], 3.0)) and torch.allclose(k.norm(dim=-1), torch.ones_like(k[..., 0]))
+    assert torch.allclose(q.norm(dim=-1), torch.full_like(q[..., 0], 3.0))
+    assert torch.allclose(k.norm(dim=-1), torch.ones_like(k[..., 0]))
     want = layer.to_out(chunked_cross_attention_reference(q, k, v, chunk_size=4, softmax_scale=1.0).reshape(2, 11, 16))
     torch.testing.assert_close(layer(x, ctx), want)
 

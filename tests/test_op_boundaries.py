@@ -355,3 +355,20 @@ def test_triton_launcher_checks_backward_arguments(launch_problem):
         extra = {"dk": kw.pop("dk")} if "dk" in kw else {}
         with pytest.raises(error, match=rf"triton block attention backward: {name} "):
             triton_launch.backward(kw["grad_out"], q, k, v, mask, kw["out"], kw["lse"], *layout, SCALE, **extra)
+
+
+@pytest.mark.skipif(not has_cpu_kernels(), reason="retro_kernels._C not built")
+def test_compiled_ops_name_the_module_of_their_fakes():
+    """csrc/torch/registration.cpp's set_python_module names the module that registers the fakes:
+    torch checks register_fake's caller against it when a fake first runs (a mismatch raises),
+    and tells a fake tensor that reaches an op before that module is imported to import it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from retro_kernels.ops.block_attention import compiled
+
+    for op in ("block_attention_fwd", "block_attention_bwd", "block_attention_decode"):
+        assert torch._C._dispatch_pystub(f"retro_kernels::{op}", "")[0] == compiled.__name__, op
+    with FakeTensorMode():
+        q, k, v = torch.randn(B, G, H, D), torch.randn(B, G, R, H, D), torch.randn(B, G, R, H, D)
+        out = torch.ops.retro_kernels.block_attention_decode(q, k, v, None, SCALE)
+    assert out.shape == (B, G, H, D)

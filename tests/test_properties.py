@@ -22,7 +22,9 @@ from testing import cca_spec_loop, cross_spec_loop, decode_spec_loop, self_spec_
 TRITON_OK = has_triton() and not torch.cuda.is_available() and triton_interpreting()
 BACKENDS = ["reference"] + (["cpu"] if has_cpu_kernels() else [])
 # The Triton interpreter takes about a second a call: fewer examples, forward and backward.
-CASES = [pytest.param(b, 25, id=b) for b in BACKENDS] + ([pytest.param("triton", 6, id="triton", marks=pytest.mark.slow)] if TRITON_OK else [])
+CASES = [pytest.param(b, 25, id=b) for b in BACKENDS]
+if TRITON_OK:
+    CASES.append(pytest.param("triton", 6, id="triton", marks=pytest.mark.slow))
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

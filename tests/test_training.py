@@ -142,7 +142,7 @@ def test_evaluate_and_generate(db, tmp_path):
 
 @pytest.mark.slow
 def test_overlap_report(db, tmp_path):
-    from retro.leakage import overlap_report
+    from retro.evaluate_overlap import overlap_report
 
     train(opts(db, tmp_path / "run", steps=3), log=lambda *_: None)
     model, _ = load_model(tmp_path / "run", device="cpu")

@@ -33,7 +33,8 @@ def signature(kernel, dtype, constexprs):
 results = []
 for kernel in (block_attention_fwd_kernel, block_attention_bwd_kernel):
     for dtype, head_dim, mask in (("bf16", 64, True), ("fp16", 128, False), ("fp32", 32, True)):
-        c = dict(HAS_MASK=mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_dim, PRECISION="ieee" if dtype == "fp32" else "tf32")
+        c = dict(HAS_MASK=mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_dim,
+                 PRECISION="ieee" if dtype == "fp32" else "tf32")
         k = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, dtype, c), constexprs=c),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
         results.append({"kernel": kernel.__name__, "dtype": dtype, "head_dim": head_dim,

@@ -224,3 +224,50 @@ def check_decode(q, k, v, mask, dtype, backend: str, label: str = ""):
     if mask is not None:
         assert (got[~mask.flatten(1).any(1)] == 0).all()
     return got
+
+
+def decoding_logits(model, tokens, neighbours, mask):
+    """The logits of the full forward pass and, from the same model, those of incremental decoding
+    one token at a time (the neighbours of chunk u arrive with the step that completes it), both
+    (B, n, vocab). tokens (B, n); neighbours and mask (B, n // m + 1, K, r)."""
+    B, n = tokens.shape
+    m = model.cfg.chunk_size
+    with torch.no_grad():
+        full = model(tokens, neighbours, mask)
+        state = model.new_state(B, n)
+        steps = []
+        for t in range(n):
+            new = {r: (neighbours[r, t // m], mask[r, t // m]) for r in range(B)} if t % m == m - 1 else {}
+            steps.append(model.step(state, tokens[:, t], new))
+    return full, torch.stack(steps, 1)
+
+
+def check_model_decoding(device: str, backend: str = "auto", B: int = 2, n: int = 70, seed: int = 0):
+    """A tiny RETRO model in float32 on `device` with `backend` (on a GPU, auto: the Triton CCA and
+    encoder in the full pass, the CUDA decode kernel in the steps): its full forward pass and its
+    incremental decoding each meet the error-ratio rule against the float64 model, the same-dtype
+    PyTorch error being that of the float32 model on the reference backend. Returns the errors
+    {name: (error, PyTorch float32 error, rounding floor)}."""
+    import copy
+    from dataclasses import replace
+
+    from retro.model import RetroModel, preset
+
+    torch.manual_seed(seed)
+    m, V = 16, 97
+    cfg = preset("tiny", vocab_size=V, chunk_size=m, max_seq_len=128, backend=backend)
+    model = RetroModel(cfg).to(device).eval()
+    reference = RetroModel(replace(cfg, backend="reference")).to(device).eval()
+    reference.load_state_dict(model.state_dict())
+    exact = copy.deepcopy(reference).double()
+    tokens = torch.randint(0, V, (B, n), device=device)
+    neighbours = torch.randint(0, V, (B, n // m + 1, 2, 2 * m), device=device)
+    mask = torch.rand(B, n // m + 1, 2, 2 * m, device=device) > 0.2
+    with torch.no_grad():
+        ref64, ref32 = exact(tokens, neighbours, mask), reference(tokens, neighbours, mask)
+    full, steps = decoding_logits(model, tokens, neighbours, mask)
+    errors = {}
+    for name, out in (("full forward", full), ("incremental decoding", steps)):
+        assert_error_ratio(f"{backend} {device} {name}", out, ref32, ref64)
+        errors[name] = (max_err(out, ref64), max_err(ref32, ref64), rounding_error(ref64, out.dtype))
+    return errors

@@ -8,8 +8,11 @@
 #include "../cpu/block_attention.h"
 
 TORCH_LIBRARY(retro_kernels, m) {
-  // Fake (meta) implementations and autograd are registered when the package is imported.
-  m.impl_abstract_pystub("retro_kernels.ops.block_attention.compiled");
+  // Fake (meta) implementations and autograd are registered when the package is imported, by
+  // this module: torch.library.register_fake checks that it is the one named here, and a fake
+  // tensor reaching an op before it is imported gets an error that says to import it.
+  // (set_python_module replaces the deprecated impl_abstract_pystub.)
+  m.set_python_module("retro_kernels.ops.block_attention.compiled");
   // Block-local attention (retro_kernels/ops/block_attention/layouts.py): row prefix_rows + g * q_rows + i of
   // q (B, rows, H, D) attends to the keys of group g of k/v (B, key_groups, keys, H, D) under
   // one softmax, masked by key_mask (B, key_groups, keys) bool (True = real key); rows before

@@ -158,7 +158,7 @@ def _cmd_evaluate(a) -> None:
     model, _ = load_model(a.run, device=a.device)
     retriever = Retriever.load(a.db, device=a.device)
     if a.overlap:
-        from .leakage import overlap_report
+        from .evaluate_overlap import overlap_report
 
         overlap_report(model, retriever, k=a.k, max_documents=a.max_documents, out=a.overlap_out or a.run)
         return
@@ -178,7 +178,7 @@ def _cmd_demo(a) -> None:
 
 
 def _cmd_dedup(a) -> None:
-    from .leakage import dedup_against
+    from .dedup import dedup_against
 
     dedup_against(a.eval, a.train, threshold=a.threshold, out=a.out, text_field=a.text_field)
 

@@ -149,7 +149,8 @@ def _pct_below(a: float, b: float) -> float:
 def run_demo(o: DemoOptions, log=print) -> dict:
     from .evaluate import prepare, score, summarise
     from .generate import generate
-    from .leakage import duplicated_documents, format_overlap, group_overlaps, overlap_rows
+    from .dedup import duplicated_documents
+    from .evaluate_overlap import format_overlap, group_overlaps, overlap_rows
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .train import TrainOptions, load_model
 

@@ -9,8 +9,8 @@ bytes are left out; a one-token document adds nothing).
 
 The scored tokens fall into groups by the neighbours they attended: in a window, the targets of
 positions m-1 .. 2m-2 (the tokens of chunk 1) attend RET(chunk 0), and so on; the first m-1
-targets of a window attend nothing. The overlap report (leakage.py) and the database-size sweep
-are sums over these groups, so their totals equal `evaluate`'s exactly.
+targets of a window attend nothing. The overlap report (evaluate_overlap.py) and the database-size
+sweep are sums over these groups, so their totals equal `evaluate`'s exactly.
 """
 from __future__ import annotations
 
@@ -116,7 +116,10 @@ def prepare(retriever: Retriever, k: int = 2, documents=None, max_documents: int
             for uu in local:
                 sel = j[u == uu]
                 a, b = s + int(sel[0]), s + int(sel[-1]) + 1  # document tokens [a, b) are scored here
-                g_doc.append(int(d)); g_win.append(w); g_chunk.append(int(uu)); g_tok.append(b - a)
+                g_doc.append(int(d))
+                g_win.append(w)
+                g_chunk.append(int(uu))
+                g_tok.append(b - a)
                 g_targets.append(tokens[a:b])
                 spans.append((a, b))
                 cuts.update((a, b))
@@ -175,7 +178,8 @@ def bits_per_byte(nll: np.ndarray, nbytes: np.ndarray) -> float:
     return float(np.sum(nll)) / math.log(2) / total if total else float("nan")
 
 
-def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray, select: np.ndarray | None = None) -> EvalResult:
+def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray,
+              select: np.ndarray | None = None) -> EvalResult:
     """EvalResult over the groups `select` (bool (G,), default all)."""
     sel = np.ones(len(es.group_doc), dtype=bool) if select is None else np.asarray(select, dtype=bool)
     nbytes = es.group_bytes[sel]

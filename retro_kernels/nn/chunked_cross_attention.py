@@ -124,7 +124,8 @@ class ChunkedCrossAttention(nn.Module):
         if x.shape[1] != 1:
             raise ValueError(f"step: x must hold one token per sequence, got shape {tuple(x.shape)}")
         if positions.shape != x.shape[:1]:
-            raise ValueError(f"step: positions must have shape (batch,) = {tuple(x.shape[:1])}, got {tuple(positions.shape)}")
+            raise ValueError(f"step: positions must have shape (batch,) = {tuple(x.shape[:1])}, "
+                             f"got {tuple(positions.shape)}")
         q = self.project_queries(x, positions[:, None])[:, 0]
         out = chunked_cross_attention_decode(q, k.to(q.dtype), v.to(q.dtype), neighbour_mask,
                                              softmax_scale=self.softmax_scale, backend=self.decode_backend)

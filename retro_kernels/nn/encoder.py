@@ -78,7 +78,8 @@ class RetroEncoderLayer(nn.Module):
         self.self_norm = nn.LayerNorm(dim)
         self.self_attn = NeighbourSelfAttention(dim, heads, head_dim, rotary, backend)
         self.cross_norm = nn.LayerNorm(dim) if cross_attend else None
-        self.cross_attn = NeighbourCrossAttention(dim, context_dim, heads, head_dim, rotary, backend) if cross_attend else None
+        self.cross_attn = (NeighbourCrossAttention(dim, context_dim, heads, head_dim, rotary, backend)
+                           if cross_attend else None)
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -108,7 +109,8 @@ class RetroEncoder(nn.Module):
             _checks.check_positive_int(name, value)
         bad = [i for i in cross_attend_layers if not 0 <= i < depth]
         if bad:
-            raise ValueError(f"cross_attend_layers must index layers 0 .. {depth - 1}, got {tuple(cross_attend_layers)}")
+            raise ValueError(f"cross_attend_layers must index layers 0 .. {depth - 1}, "
+                             f"got {tuple(cross_attend_layers)}")
         if rotary and head_dim % 2:
             raise ValueError(f"rotary=True needs an even head_dim, got head_dim={head_dim}")
         self.dim, self.context_dim = dim, context_dim or dim

@@ -123,7 +123,7 @@ def _jsonl_documents(f: Path, rel: str, text_field: str, report: CorpusReport) -
         try:
             record = json.loads(_decode(line, report))
         except json.JSONDecodeError as exc:
-            raise RetroError(f"{f}: line {n} is not JSON ({exc.msg}); expected one JSON object per line")
+            raise RetroError(f"{f}: line {n} is not JSON ({exc.msg}); expected one JSON object per line") from exc
         if not isinstance(record, dict) or text_field not in record:
             raise RetroError(f"{f}: line {n} has no field {text_field!r} (fields: "
                              f"{sorted(record) if isinstance(record, dict) else type(record).__name__}); "

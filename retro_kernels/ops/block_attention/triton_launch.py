@@ -2,8 +2,9 @@
 
 They take the description of layouts.py: q-like tensors (B, T, H, D) with T = prefix_rows + q_valid,
 k-like tensors (B, G, keys, H, D) with G >= groups, all contiguous, and q_rows, groups, prefix_rows.
-Both launchers check every tensor against that description and the kernels' limits (dtype, head_dim, the grid, int32 offsets) before launching, and
-take optional preallocated outputs (which the kernels must write in full). On a GPU the kernels autotune over a small space
+Both launchers check every tensor against that description and the kernels' limits (dtype,
+head_dim, the grid, int32 offsets) before launching, and take optional preallocated outputs (which
+the kernels must write in full). On a GPU the kernels autotune over a small space
 (RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
 the multi-block paths are exercised too. candidate_configs is the one place that picks the block
@@ -12,7 +13,6 @@ at head_dim > 128 gets smaller row blocks); tests/test_triton_compile.py compile
 """
 from __future__ import annotations
 
-import functools
 import functools
 import math
 import os
@@ -203,7 +203,8 @@ def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, q_rows: int,
     """Every tensor against q and the description, and the kernels' limits; returns the kernels'
     integers. extra: name -> (tensor or None, "q" (like q), "k" (like k) or "lse")."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        _fail(ValueError, what, "q", f"is {getattr(q, 'shape', type(q).__name__)}", "a (batch, rows, heads, head_dim) tensor")
+        _fail(ValueError, what, "q", f"is {getattr(q, 'shape', type(q).__name__)}",
+              "a (batch, rows, heads, head_dim) tensor")
     B, T, H, D = q.shape
     if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         _fail(ValueError, what, "q", f"is on {q.device}", "a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1)")
@@ -220,7 +221,8 @@ def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, q_rows: int,
         _fail(ValueError, what, "groups", f"is {groups}",
               f"enough groups of q_rows = {q_rows} rows for q's {T} rows after prefix_rows = {prefix_rows}")
     if not isinstance(k, torch.Tensor) or k.dim() != 5:
-        _fail(ValueError, what, "k", f"is {getattr(k, 'shape', type(k).__name__)}", "a (batch, key_groups, keys, heads, head_dim) tensor")
+        _fail(ValueError, what, "k", f"is {getattr(k, 'shape', type(k).__name__)}",
+              "a (batch, key_groups, keys, heads, head_dim) tensor")
     if k.shape[1] < groups:
         _fail(ValueError, what, "k", f"has {k.shape[1]} key groups", f"at least groups = {groups}")
     layout = _layout(q, k, q_rows, groups, prefix_rows)
@@ -229,7 +231,8 @@ def _check_launch(what: str, q: Tensor, k: Tensor, v: Tensor, mask, q_rows: int,
     _check_tensor(what, "v", v, k_shape, q.dtype, q.device)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
-            _fail(ValueError, what, "mask", f"is {getattr(mask, 'shape', type(mask).__name__)}", "a (batch, groups, keys) tensor")
+            _fail(ValueError, what, "mask", f"is {getattr(mask, 'shape', type(mask).__name__)}",
+                  "a (batch, groups, keys) tensor")
         _check_tensor(what, "mask", mask, k_shape[:3], torch.bool, q.device)
     for name, (t, like) in extra.items():
         if t is None:

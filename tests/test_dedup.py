@@ -1,14 +1,13 @@
-"""Leakage tools: MinHash dedup catches planted near-duplicates at the 0.8 threshold (recall
-measured), the exact Jaccard decides, the command removes them; chunk overlap r(C) and the
-overlap report."""
+"""The 13-gram near-duplicate filter: MinHash dedup catches planted near-duplicates at the 0.8
+threshold (recall measured), the exact Jaccard decides, the command removes them; held-out
+documents copied from training ones are found. The overlap report is tested in test_evaluate.py."""
 import json
 
 import numpy as np
 import pytest
 
 from retrieval_helpers import run_cli
-from retro.leakage import (candidate_probability, chunk_overlap, find_duplicates, jaccard,
-                           longest_common_substring, ngrams, word_tokens)
+from retro.dedup import candidate_probability, duplicated_documents, find_duplicates, jaccard, ngrams, word_tokens
 
 
 def near_duplicate(words: list[str], target: float, rng) -> list[str]:
@@ -66,12 +65,9 @@ def test_word_ngrams():
     assert len(ngrams(list(range(20)))) == 8
 
 
-def test_longest_common_substring_matches_brute_force():
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        a, b = rng.integers(0, 4, rng.integers(0, 12)), rng.integers(0, 4, rng.integers(0, 20))
-        brute = max([L for i in range(len(a)) for j in range(len(b)) for L in range(1, min(len(a) - i, len(b) - j) + 1)
-                     if np.array_equal(a[i:i + L], b[j:j + L])], default=0)
-        assert longest_common_substring(a, b) == brute
-    chunk = np.arange(8)
-    assert chunk_overlap(chunk, [np.r_[9, 9, 2, 3, 4, 9], np.r_[0, 1, 9]], 8) == pytest.approx(3 / 8)
+def test_duplicated_documents_finds_planted_copies():
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(500)]
+    train = [" ".join(rng.choice(vocab, 300)) for _ in range(6)]
+    held = [train[2], " ".join(rng.choice(vocab, 300)), train[4].replace(train[4].split()[150], "edited", 1)]
+    assert duplicated_documents(held, train, 0.8, progress=False) == {0, 2}
