@@ -16,8 +16,8 @@ def vectors():
 
 
 def test_choose_kind_by_size():
-    assert [choose_kind(n) for n in (10, 49_999, 50_000, 4_999_999, 5_000_000)] == \
-        ["flat", "flat", "ivf-flat", "ivf-flat", "ivf-pq"]
+    assert [choose_kind(n) for n in (10, 49_999, 50_000, 199_999, 200_000, 4_999_999, 5_000_000)] == \
+        ["flat", "flat", "ivf-flat", "ivf-flat", "ivf-fastscan", "ivf-fastscan", "ivf-pq"]
 
 
 def test_torch_exact_matches_faiss_flat(vectors):
@@ -29,10 +29,11 @@ def test_torch_exact_matches_faiss_flat(vectors):
     np.testing.assert_allclose(d2, d1, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind, target", [("ivf-flat", 0.95), pytest.param("ivf-pq", 0.5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind, target", [("ivf-flat", 0.95), ("ivf-fastscan", 0.95),
+                                          pytest.param("ivf-pq", 0.5, marks=pytest.mark.slow)])
 def test_nprobe_tuning_reaches_target(vectors, kind, target):
     index, settings = build_faiss(kind, vectors)
-    assert settings.nlist > 1 and (settings.pq_m > 0) == (kind == "ivf-pq")
+    assert settings.nlist > 1 and (settings.pq_m > 0) == (kind != "ivf-flat")
     search = SearchIndex(settings, index)
     nprobe, recall = tune_nprobe(search, vectors, target, k=10, queries=300)
     assert recall >= target and 1 <= nprobe <= settings.nlist
@@ -42,12 +43,28 @@ def test_nprobe_tuning_reaches_target(vectors, kind, target):
     assert measured >= target - 0.05  # the tuned recall holds on other queries
 
 
-def test_index_builds_are_deterministic(vectors):
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-fastscan"])
+def test_index_builds_are_deterministic(vectors, kind):
     import faiss
 
-    a, _ = build_faiss("ivf-flat", vectors)
-    b, _ = build_faiss("ivf-flat", vectors)
+    a, _ = build_faiss(kind, vectors)
+    b, _ = build_faiss(kind, vectors)
     assert np.array_equal(faiss.serialize_index(a), faiss.serialize_index(b))
+
+
+def test_fastscan_reranks_by_exact_distance(tmp_path, vectors):
+    """ivf-fastscan's distances are the exact ones of the chunks it returns (re-ranked), and it
+    survives a write and read as the database stores it."""
+    import faiss
+
+    index, settings = build_faiss("ivf-fastscan", vectors)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    search = SearchIndex(settings, faiss.read_index(str(tmp_path / "i.faiss")))
+    search.set_nprobe(settings.nlist)
+    q = vectors[:40] + 0.05
+    d, i = search.search(q, 5)
+    exact = ((q[:, None, :] - vectors[i]) ** 2).sum(-1)
+    np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-3)
 
 
 def test_k_larger_than_database_is_named(vectors):

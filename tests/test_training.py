@@ -163,20 +163,6 @@ def test_overlap_report(db, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_on_a_small_corpus(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", docs=12, words=660)
-    out = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
-                  "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
-    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "RETRO[ON]", "RETRO[OFF]", "CONTINUATION",
-                  "retrieved for chunk", "| alpha |"):
-        assert stage in out, stage
-    assert any("baseline" in line and "bits/byte" in line for line in out.splitlines())
-    assert "k=1 neighbours per chunk" in out  # the CPU default: one neighbour (k = 2 costs more than it gives)
-    again = run_cli("demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--max-documents", "12",
-                    "--train-minutes", "0.05", "--eval-documents", "1", "--device", "cpu").stdout
-    assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage
-
-
 @pytest.mark.slow
 def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, monkeypatch):
     """With checkpointing every decoder layer runs twice per training step (forward, then again in

@@ -1,15 +1,17 @@
 """`retro demo`: the whole pipeline on an embedded default corpus, showing what retrieval buys.
 
 The default corpus is real code, the same on every installation: the Python sources of the Hugging
-Face `transformers` models of one pinned release (default_corpus.py). Like code on GitHub, these
-files share much text with each other (model families are written by copying), which is where
-RETRO's gains concentrate. The demo builds a database from a seeded random sample of them (held-out
-files chosen at random), trains the tiny RETRO model and, for the same wall time, the same decoder
-without retrieval (the baseline), then prints bits per byte of RETRO[ON], RETRO[OFF] and the
-baseline; the same split by how much of each evaluated chunk its neighbours contain (overlap alpha);
-and the same again without the held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in
-the database, so one sees how much of the gain is copying. Each stage resumes if the demo is run
-again.
+Face `transformers` models of one pinned release (default_corpus.py), all 2,597 files in 559 model
+folders. Like code on GitHub, these files share much text with each other (model families are written
+by copying), which is where RETRO's gains concentrate. The demo builds the database (on the CPU with
+the static embedder, distilled from the frozen BERT, which affords the whole corpus), holding out
+documents two ways at once: whole model folders (none of their files is in the database: the strict
+split) and single files whose folder stays in the database. It trains the tiny RETRO model for a fixed
+number of steps and the same decoder without retrieval (the baseline) for the same training time, the
+step costs of the two measured in the run; then prints bits per byte of RETRO[ON], RETRO[OFF] and the
+baseline on each split, the gain by how much of each evaluated chunk its neighbours contain (overlap
+alpha), and the same without the held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in
+the database, so one sees how much of the gain is copying. Each stage resumes if the demo is run again.
 """
 from __future__ import annotations
 
@@ -32,36 +34,37 @@ from .retrieval.embedder import DEFAULT_EMBEDDER
 
 @dataclass
 class DemoOptions:
-    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of a sample of the model "
-                                      "sources of transformers 5.24.0 (pinned)")
+    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of the model sources of "
+                                      "transformers 5.24.0 (pinned)")
     out: str = option("runs/demo", "the demo's folder (database, runs, summary)")
-    max_documents: int | None = option(None, "files sampled (or documents read from --corpus); default 200, 1500 "
-                                             "on a GPU")
-    valid_fraction: float = option(0.12, "documents held out, chosen at random")
-    train_minutes: float = option(2.0, "for RETRO, and the same again for the baseline")
-    eval_documents: int | None = option(None, "held-out documents evaluated (default: all)")
+    max_documents: int | None = option(None, "files sampled (whole folders, in a seeded order) or documents read "
+                                             "from --corpus (default: all)")
+    valid_fraction: float = option(0.03, "documents held out: half as whole folders, half as single files")
+    steps: int | None = option(None, "RETRO's training steps (default 450 on the CPU, 1200 on a GPU); the baseline "
+                                     "trains for the same time")
+    eval_documents: int | None = option(None, "held-out documents evaluated per split (default: all)")
     k: int | None = option(None, "neighbours per chunk (default 1 on the CPU, 2, the paper's, on a GPU)", short="-k")
     seq_chunks: int = option(8, cli=False)
     device: str | None = option(None, "default: cuda if there is one")
     config: str | None = option(None, "model preset (default: tiny on the CPU; 172M with a 512-wide encoder on a "
                                       "GPU)")
     batch_size: int | None = option(None, "sequences per step (default 4 on the CPU, 16 on a GPU)")
-    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
-                                             "static:NAME for its distilled static token embeddings (100x faster "
-                                             "on a CPU)")
+    embedder: str | None = option(None, "the frozen BERT: a Hugging Face name or a local folder; static:NAME for "
+                                        "its distilled static token embeddings (default: static:" + DEFAULT_EMBEDDER
+                                        + " on the CPU, " + DEFAULT_EMBEDDER + " on a GPU)")
     prompt: str | None = option(None, "the prompt continued at the end (default: the start of a held-out file)")
     max_new_tokens: int = option(96, cli=False)
-    seed: int = option(0, "seed of the file sample, the held-out choice and training")
+    seed: int = option(0, "seed of the held-out choice and of training")
     include: tuple[str, ...] = option((), INCLUDE_HELP, metavar="GLOB")
     exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
 
     def validate(self) -> None:
         """RetroError for an option out of range, before any work starts."""
-        check_float("--train-minutes", self.train_minutes, 0, low_open=True)
         check_float("--valid-fraction", self.valid_fraction, 0, 1, low_open=True, high_open=True)
         check_int("--max-documents", self.max_documents, 3, optional=True)  # some are held out
         check_int("--eval-documents", self.eval_documents, 1, optional=True)
         check_int("--batch-size", self.batch_size, 1, optional=True)
+        check_int("--steps", self.steps, 1, optional=True)
         for name, value in (("seq_chunks", self.seq_chunks), ("max_new_tokens", self.max_new_tokens)):
             check_int(name, value, 1)
         check_int("--seed", self.seed, 0)
@@ -84,10 +87,10 @@ def python_files(root: str) -> list[Path]:
                   if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(base).parts))
 
 
-def sample_corpus(root: str, n: int, seed: int, out: Path) -> Path:
-    """A seeded random sample of n Python files under root, taken folder by folder (whole model
-    packages, in random order, as a crawl takes whole repositories), written atomically to out as
-    .jsonl (one document per file). Which files are held out is decided later, per file, at random."""
+def sample_corpus(root: str, n: int | None, seed: int, out: Path) -> Path:
+    """A seeded random sample of n Python files under root (None: all), taken folder by folder (whole
+    model packages, in random order, as a crawl takes whole repositories), written atomically to out
+    as .jsonl (one document per file, with its path). Which are held out is decided by build-db."""
     from .atomic import write_bytes
     from .retrieval.corpus import CorpusReport, iter_documents
 
@@ -99,6 +102,7 @@ def sample_corpus(root: str, n: int, seed: int, out: Path) -> Path:
         folders.setdefault(f.parent, []).append(i)
     groups = list(folders.values())
     pick = []
+    n = len(files) if n is None else n
     for g in np.random.default_rng(seed).permutation(len(groups)):
         pick.extend(groups[g][:n - len(pick)])
         if len(pick) >= n:
@@ -121,19 +125,46 @@ def _trained(run: Path) -> bool:
 
 
 def _train(opts, run: Path, log) -> float:
-    """Trains (or resumes) run; returns the training seconds (measured now, or stored)."""
+    """Trains (or resumes) run; returns its training seconds: the sum of its steps' times (log.jsonl),
+    start-up and checkpoints left out."""
     from .train import train
 
-    stamp = run / "train_seconds.json"
-    if _trained(run) and stamp.exists():
-        return json.loads(stamp.read_text())["seconds"]
-    t0 = time.time()
-    train(opts, log=log)
-    from .atomic import write_json
+    if not _trained(run):
+        train(opts, log=log)
+    return float(sum(step_seconds(run)))
 
-    seconds = time.time() - t0 + (json.loads(stamp.read_text())["seconds"] if stamp.exists() else 0.0)
-    write_json(stamp, {"seconds": seconds})
-    return seconds
+
+def step_seconds(run: Path) -> list[float]:
+    """The seconds of each step of a run, from its log.jsonl (tokens per step / tokens per second)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = {r["step"]: r for r in rows}  # a resumed run logs the steps after its checkpoint again
+    return [r["seconds"] for _, r in sorted(last.items())]
+
+
+def measure_step_cost(common: dict, folder: Path, log, rounds: int = 2, steps: int = 12) -> dict:
+    """Median seconds per training step of RETRO and of the baseline on this machine, measured in
+    short runs taking turns (rounds x 2 runs of `steps` steps; the first 2 steps of each, which warm
+    up, left out), so that a change of load during the measurement affects both alike."""
+    from .atomic import write_json
+    from .train import TrainOptions, train
+
+    path = folder / "step_cost.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    times = {"retro": [], "baseline": []}
+    for r in range(rounds):
+        for name in times:
+            run = folder / f"{name}-{r}"
+            if not _trained(run):
+                train(TrainOptions(**{**common, "steps": steps, "warmup": 1, "save_every": steps, "progress": False},
+                                   out=str(run), retrieval=name == "retro"), log=lambda *_: None)
+            times[name] += step_seconds(run)[2:]
+    cost = {name: float(np.median(t)) for name, t in times.items()}
+    write_json(path, cost)
+    log(f"[demo]    a step takes {cost['retro']:.3f} s with retrieval, {cost['baseline']:.3f} s without "
+        f"(medians of {len(times['retro'])} steps each): the baseline trains {cost['retro'] / cost['baseline']:.2f}x "
+        "the steps")
+    return cost
 
 
 def describe_encoder(overrides: dict) -> str:
@@ -146,12 +177,67 @@ def _pct_below(a: float, b: float) -> float:
     return 100.0 * (b - a) / b
 
 
-def run_demo(o: DemoOptions, log=print) -> dict:
-    from .evaluate import prepare, score, summarise
-    from .generate import generate
+def split_documents(db) -> dict[str, np.ndarray]:
+    """The held-out documents by how they were held out: "folder" (no document of their folder is in
+    the database) and "file" (their folder's other files are). Document ids, sorted."""
+    valid = db.documents("valid")
+    train_folders = np.unique(np.asarray(db.doc_folder)[db.documents("train")])
+    sibling = np.isin(np.asarray(db.doc_folder)[valid], train_folders)
+    return {"folder": valid[~sibling], "file": valid[sibling]}
+
+
+SPLIT_WORDS = {"folder": "whole model folders held out (no file of their folder in the database)",
+               "file": "single files held out (their folder's other files in the database)"}
+
+
+def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int, seq_len: int, log) -> dict:
+    """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents, the
+    overlap table, and the same without the documents that have a near-duplicate in the database."""
     from .dedup import duplicated_documents
+    from .evaluate import prepare, score, summarise
     from .evaluate_overlap import format_overlap, group_overlaps, overlap_rows
+
+    db = retriever.db
+    es = prepare(retriever, k, documents=docs, seq_len=seq_len)
+    nll = {"RETRO[ON]": score(models["retro"], es, True), "RETRO[OFF]": score(models["retro"], es, False),
+           "baseline": score(models["baseline"], es, False)}
+    res = summarise(es, nll["RETRO[ON]"], nll["RETRO[OFF]"])
+    bpb = {"RETRO[ON]": res.bpb_on, "RETRO[OFF]": res.bpb_off,
+           "baseline": summarise(es, None, nll["baseline"]).bpb_off}
+    log(f"[demo]    {SPLIT_WORDS[name]}: {res.documents} documents, {res.bytes} bytes, {res.tokens} tokens scored")
+    for key, words in (("RETRO[ON]", ""), ("RETRO[OFF]", "  (the same model, no neighbours)"),
+                       ("baseline", "  (the same decoder trained without retrieval)")):
+        log(f"[demo]    {key:<10} {bpb[key]:.4f} bits/byte{words}")
+    log(f"[demo]    RETRO[ON] is {_pct_below(bpb['RETRO[ON]'], bpb['RETRO[OFF]']):.1f}% below RETRO[OFF] and "
+        f"{_pct_below(bpb['RETRO[ON]'], bpb['baseline']):.1f}% below the baseline")
+    rows = overlap_rows(es, group_overlaps(es), nll)
+    log("[demo]    bits per byte of the scored tokens whose overlap with the neighbours they attended is <= alpha "
+        "(the longest run of their tokens found in those neighbours / 64; 0 where none was attended):")
+    for line in format_overlap(rows, nll):
+        log("[demo]      " + line)
+    texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in es.documents]
+    train_texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in db.documents("train")]
+    dup = duplicated_documents(texts, train_texts, 0.8, progress=False)
+    keep = np.array([d for i, d in enumerate(es.documents) if i not in dup])
+    dedup = {}
+    if len(keep):
+        sel = np.isin(es.group_doc, keep)
+        dedup = {key: summarise(es, None, v, sel).bpb_off for key, v in nll.items()}
+        log(f"[demo]    without the {len(dup)} that have a near-duplicate in the database (13-gram Jaccard >= 0.8): "
+            f"RETRO[ON] {dedup['RETRO[ON]']:.4f}, {_pct_below(dedup['RETRO[ON]'], dedup['RETRO[OFF]']):.1f}% below "
+            f"RETRO[OFF], {_pct_below(dedup['RETRO[ON]'], dedup['baseline']):.1f}% below the baseline")
+    else:
+        log(f"[demo]    every one of the {len(dup)} documents has a near-duplicate in the database")
+    return {"bits_per_byte": bpb, "below_off_pct": _pct_below(bpb["RETRO[ON]"], bpb["RETRO[OFF]"]),
+            "below_baseline_pct": _pct_below(bpb["RETRO[ON]"], bpb["baseline"]), "eval": res.as_dict(),
+            "overlap": rows, "near_duplicate_documents": len(dup), "without_near_duplicates": dedup}
+
+
+def run_demo(o: DemoOptions, log=print) -> dict:
+    from .atomic import write_json
+    from .generate import generate
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
+    from .retrieval.static_embedder import STATIC_PREFIX
     from .train import TrainOptions, load_model
 
     o.validate()
@@ -160,11 +246,12 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     out = Path(o.out)
     db_dir = out / "db"
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
-    max_documents = o.max_documents or (1500 if on_gpu else 200)
     config = o.config or ("172M" if on_gpu else "tiny")
+    embedder = o.embedder or (DEFAULT_EMBEDDER if on_gpu else STATIC_PREFIX + DEFAULT_EMBEDDER)
     # one neighbour on the CPU: a step with k = 2 costs 1.6x the baseline's, with k = 1 1.4x, and in
-    # equal wall time the steps that buys outweigh the second neighbour (benchmarks/results/demo-*.md)
+    # equal training time the steps that buys outweigh the second neighbour (benchmarks/results/demo-*.md)
     k = o.k or (2 if on_gpu else 1)
+    steps = o.steps or (1200 if on_gpu else 450)
     overrides = {}
     if o.config is None:
         # on a GPU: the paper's 172M decoder, its neighbour encoder 512 wide (< 150M parameters); on
@@ -175,81 +262,55 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     if corpus is None:
         corpus = str(out / "corpus.jsonl")
         if not Path(corpus).exists():
-            sample_corpus(default_corpus(), max_documents, o.seed, Path(corpus))
-        log(f"[demo] 1/6 database from {max_documents} files sampled from {describe_default_corpus()}")
+            sample_corpus(default_corpus(), o.max_documents, o.seed, Path(corpus))
+        log(f"[demo] 1/6 database from {o.max_documents or 'all'} files of {describe_default_corpus()}, "
+            f"keys by {embedder}")
     else:
-        log(f"[demo] 1/6 database from {corpus} (at most {max_documents} documents)")
+        log(f"[demo] 1/6 database from {corpus}" + (f" (at most {o.max_documents} documents)"
+                                                    if o.max_documents else "") + f", keys by {embedder}")
     if not (db_dir / "manifest.json").exists():
         build_database(BuildOptions(corpus=corpus, out=str(db_dir), vocab_size=4000, chunk_size=64,
-                                    valid_fraction=o.valid_fraction, max_documents=max_documents, seed=o.seed,
-                                    embedder=o.embedder, include=tuple(o.include), exclude=tuple(o.exclude),
-                                    resume=(db_dir / "build_state.json").exists(), device=o.device,
-                                    block_size=1024), log=log)
+                                    valid_fraction=o.valid_fraction, holdout_by="both",
+                                    max_documents=o.max_documents if o.corpus else None, seed=o.seed,
+                                    embedder=embedder, include=tuple(o.include), exclude=tuple(o.exclude),
+                                    resume=(db_dir / "build_state.json").exists(), device=o.device), log=log)
     compute_neighbours(db_dir, k=k, extra=6, device=o.device, log=log)
 
-    common = dict(db=str(db_dir), config=config, overrides=overrides, steps=100_000,
-                  batch_size=o.batch_size or (16 if on_gpu else 4),
-                  seq_chunks=o.seq_chunks, lr=3e-3, warmup=20, k=k, save_every=50,
-                  time_budget=o.train_minutes * 60, seed=o.seed, device=o.device)
+    common = dict(db=str(db_dir), config=config, overrides=overrides, batch_size=o.batch_size or (16 if on_gpu else 4),
+                  seq_chunks=o.seq_chunks, lr=3e-3, warmup=20, k=k, save_every=50, seed=o.seed, device=o.device)
+    log(f"[demo] 2/6 training RETRO ({config}{describe_encoder(overrides)}), {steps} steps ({elapsed()})")
+    cost = measure_step_cost(common, out / "step-cost", log)
+    base_steps = max(1, round(steps * cost["retro"] / cost["baseline"]))
     runs = {"retro": out / "run", "baseline": out / "baseline"}
-    log(f"[demo] 2/6 training RETRO ({config}{describe_encoder(overrides)}) for {o.train_minutes:g} min ({elapsed()})")
-    seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), resume=(runs["retro"] / "checkpoint").exists(),
-                                            **common), runs["retro"], log)}
-    log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, for {o.train_minutes:g} min "
-        f"({elapsed()})")
-    seconds["baseline"] = _train(TrainOptions(out=str(runs["baseline"]), retrieval=False,
+    seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), steps=steps, resume=(runs["retro"] / "checkpoint")
+                                            .exists(), **common), runs["retro"], log)}
+    log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, {base_steps} steps: the same "
+        f"training time ({elapsed()})")
+    seconds["baseline"] = _train(TrainOptions(out=str(runs["baseline"]), steps=base_steps, retrieval=False,
                                               resume=(runs["baseline"] / "checkpoint").exists(), **common),
                                  runs["baseline"], log)
+    log(f"[demo]    trained {seconds['retro']:.0f} s (RETRO) and {seconds['baseline']:.0f} s (baseline)")
     model, state = load_model(runs["retro"], device=o.device)
     baseline, base_state = load_model(runs["baseline"], device=o.device)
     retriever = Retriever.load(db_dir, device=o.device)
     db = retriever.db
 
-    log(f"[demo] 4/6 bits per byte on the held-out files ({elapsed()})")
-    es = prepare(retriever, k, max_documents=o.eval_documents, seq_len=model.cfg.max_seq_len)
-    nll = {"RETRO[ON]": score(model, es, True), "RETRO[OFF]": score(model, es, False),
-           "baseline": score(baseline, es, False)}
-    res = summarise(es, nll["RETRO[ON]"], nll["RETRO[OFF]"])
-    bpb = {"RETRO[ON]": res.bpb_on, "RETRO[OFF]": res.bpb_off, "baseline": summarise(es, None, nll["baseline"]).bpb_off}
-    log(f"[demo]    {res.documents} held-out documents, {res.bytes} bytes, {res.tokens} tokens scored; "
-        f"k={k} neighbours per chunk from {db.num_chunks} chunks")
-    log(f"[demo]    RETRO[ON]  {bpb['RETRO[ON]']:.4f} bits/byte  (trained {state['step']} steps, {seconds['retro']:.0f} s)")
-    log(f"[demo]    RETRO[OFF] {bpb['RETRO[OFF]']:.4f} bits/byte  (the same model, no neighbours)")
-    log(f"[demo]    baseline   {bpb['baseline']:.4f} bits/byte  (the same decoder trained without retrieval, "
-        f"{base_state['step']} steps, {seconds['baseline']:.0f} s)")
-    log(f"[demo]    RETRO[ON] is {_pct_below(bpb['RETRO[ON]'], bpb['RETRO[OFF]']):.1f}% below RETRO[OFF] and "
-        f"{_pct_below(bpb['RETRO[ON]'], bpb['baseline']):.1f}% below the baseline")
-
-    log(f"[demo] 5/6 where the gain comes from ({elapsed()})")
-    overlaps = group_overlaps(es)
-    rows = overlap_rows(es, overlaps, nll)
-    log("[demo]    bits per byte of the scored tokens whose overlap with the neighbours they attended is <= alpha\n"
-        "[demo]    (overlap: the longest run of the tokens found in those neighbours / 64; 0 where none was attended)")
-    for line in format_overlap(rows, nll):
-        log("[demo]    " + line)
-    docs = es.documents
-    texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in docs]
-    train_texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in db.documents("train")]
-    dup = duplicated_documents(texts, train_texts, 0.8, progress=False)
-    keep_docs = np.array([d for i, d in enumerate(docs) if i not in dup])
-    dedup = {}
-    if len(keep_docs):
-        sel = np.isin(es.group_doc, keep_docs)
-        dedup = {name: summarise(es, None, v, sel).bpb_off for name, v in nll.items()}
-        kept = summarise(es, None, nll["baseline"], sel)
-        log(f"[demo]    without the {len(dup)} held-out files that have a near-duplicate in the database "
-            f"(13-gram Jaccard >= 0.8): {kept.documents} files, {kept.bytes} bytes")
-        for name, v in dedup.items():
-            log(f"[demo]    {name:<10} {v:.4f} bits/byte")
-        log(f"[demo]    RETRO[ON] is {_pct_below(dedup['RETRO[ON]'], dedup['RETRO[OFF]']):.1f}% below RETRO[OFF] "
-            f"and {_pct_below(dedup['RETRO[ON]'], dedup['baseline']):.1f}% below the baseline")
-    else:
-        log(f"[demo]    every one of the {len(dup)} held-out files has a near-duplicate in the database")
+    log(f"[demo]    bits per byte on the held-out files follow, k={k} neighbours per chunk from {db.num_chunks} "
+        "chunks")
+    splits = {}
+    for name, docs in split_documents(db).items():
+        docs = docs[:o.eval_documents] if o.eval_documents else docs
+        if len(docs) == 0:
+            log(f"[demo]    {SPLIT_WORDS[name]}: none")
+            continue
+        log(f"[demo] {'5/6' if name == 'file' else '4/6'} the {name} split ({elapsed()})")
+        splits[name] = evaluate_split(name, docs, {"retro": model, "baseline": baseline}, retriever, k,
+                                      model.cfg.max_seq_len, log)
 
     log(f"[demo] 6/6 generating ({elapsed()})")
-    prompt = o.prompt
-    if prompt is None:
-        prompt = db.tokenizer.decode(db.document_tokens(int(docs[0]))[:130])
+    held = split_documents(db)
+    first = (held["folder"] if len(held["folder"]) else held["file"])[0]
+    prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
     g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
                  top_p=0.95, seed=o.seed)[0]
     log("=" * 70 + f"\nPROMPT:\n{prompt}\n" + "-" * 70 + f"\nCONTINUATION:\n{g.text}\n" + "-" * 70)
@@ -257,11 +318,13 @@ def run_demo(o: DemoOptions, log=print) -> dict:
         for rank, text in enumerate(r["texts"]):
             snippet = (text or "(none)")[:300].replace("\n", "\n    ")
             log(f"retrieved for chunk {r['chunk']}, neighbour {rank} (chunk id {r['ids'][rank]}):\n    {snippet}")
-    summary = {"bits_per_byte": bpb, "without_near_duplicates": dedup, "near_duplicate_documents": len(dup),
-               "eval": res.as_dict(), "overlap": rows, "steps": {"retro": state["step"], "baseline": base_state["step"]},
-               "train_seconds": seconds, "seconds": time.time() - t0, "generation": g.text}
-    from .atomic import write_json
-
+    headline = splits.get("folder") or splits.get("file")
+    summary = {"splits": splits, "headline_split": "folder" if "folder" in splits else "file",
+               "bits_per_byte": headline["bits_per_byte"] if headline else {},
+               "steps": {"retro": state["step"], "baseline": base_state["step"]}, "step_seconds": cost,
+               "train_seconds": seconds, "database": {"chunks": db.num_chunks, "embedder": embedder,
+                                                      "build_seconds": db.manifest.get("build_seconds")},
+               "k": k, "seed": o.seed, "seconds": time.time() - t0, "generation": g.text}
     write_json(out / "summary.json", summary)
     log(f"[demo] done in {elapsed()}; the figures are in {out / 'summary.json'}")
     return summary

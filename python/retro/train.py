@@ -244,7 +244,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
             next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
             bar.total = total
         record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
-                  "tokens_per_s": tokens_per_step / step_times[-1], "grad_norm": fsdp.full_value(grad_norm)}
+                  "tokens_per_s": tokens_per_step / step_times[-1], "seconds": step_times[-1], "grad_norm": fsdp.full_value(grad_norm)}
         if dist.is_main():
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -50,7 +50,7 @@ class BuildOptions:
     tokenizer: str | None = option(None, "a SentencePiece file or a Hugging Face tokenizer name/path "
                                          "(default: train one into the database)")
     vocab_size: int = option(8000, "the trained tokenizer's vocabulary")
-    tokenizer_lines: int = option(500_000, "lines of the training documents sampled (seeded) to train the "
+    tokenizer_lines: int = option(200_000, "lines of the training documents sampled (seeded) to train the "
                                            "tokenizer")
     chunk_size: int = option(64, "tokens per chunk (m)")
     valid_fraction: float = option(0.0, "the fraction of documents held out for evaluation")
@@ -60,7 +60,8 @@ class BuildOptions:
     embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
                                              "static:NAME for its distilled static token embeddings (100x faster "
                                              "on a CPU)")
-    index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-flat below 5M, then ivf-pq; "
+    index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-flat below 200k, ivf-fastscan below 5M "
+                                "(ivf-flat on GPUs), then ivf-pq; "
                                 "torch exact search without faiss)", choices=KINDS)
     target_recall: float = option(0.95, "10-recall@10 that nprobe is tuned to")
     block_size: int = option(2048, "chunks per embedding block (the unit of --resume)")
