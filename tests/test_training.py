@@ -64,6 +64,20 @@ def test_sequences_mask_padding_and_exclude_their_documents(db):
         assert any(np.array_equal(vals[0], nb[j, r]) for j in range(4) for r in range(2))
 
 
+def test_a_sequence_longer_than_the_database_is_a_user_error(db, tmp_path, capsys):
+    from retro.cli import main
+
+    chunks = ChunkDatabase(db).num_chunks
+    assert main(["train", "--db", str(db), "--out", str(tmp_path / "run"), "--seq-chunks", str(chunks + 1),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"retro train: error: --seq-chunks {chunks + 1} is longer than the whole "
+                                       f"database ({chunks} chunks): expected at most {chunks}, or a larger corpus\n")
+    assert main(["train", "--db", str(db), "--out", str(tmp_path / "run"), "--set", "cca_layers=[9]", "--set",
+                 "depth=2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cca_layers must be non-empty 0-based layer indices < depth=2, got (9,)" in err, err
+
+
 @pytest.mark.slow
 def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     train(opts(db, tmp_path / "full", overrides={**SMALL, "dropout": 0.1}), log=lambda *_: None)
