@@ -27,6 +27,14 @@ from .retrieval.neighbours import compute_neighbours, load_neighbours
 from .train_step import train_step
 
 
+# What a resumed run must share with the run it continues (TrainOptions fields): the model, the
+# schedule (its length, learning rates, warm-up, clipping) and the data (batch shape, neighbours,
+# seed). --resume continues a run exactly; it does not re-plan one: a longer cosine would jump the
+# decayed learning rate back up mid-run, giving a run that is neither the short nor the long one.
+RESUME_FIXED = ("config", "steps", "time_budget", "batch_size", "seq_chunks", "lr", "min_lr_ratio", "warmup",
+                "weight_decay", "grad_clip", "k", "retrieval", "retrieval_lr_scale", "extra", "seed")
+
+
 @dataclass
 class TrainOptions:
     db: str = option(help="the database folder (build-db, then neighbours)")
@@ -47,9 +55,10 @@ class TrainOptions:
     seed: int = option(0, "seed of the initialisation and the data order")
     save_every: int = option(200, "steps between checkpoints")
     log_every: int = option(10, "steps between progress lines")
-    resume: bool = option(False, "continue a killed run exactly as it was planned: --steps, --time-budget and "
-                                 "the other schedule options (RESUME_FIXED) must be the run's own; a changed "
-                                 "one is refused (train a new --out to change the plan)")
+    resume: bool = option(False, "continue a killed run exactly as it was planned: a changed --steps is refused, "
+                                 "not re-planned (as is any other of " + ", ".join(
+                                     "--" + n.replace("_", "-") for n in RESUME_FIXED if n != "steps") +
+                          "); to train longer, start a new run (another --out)")
     device: str | None = option(None, "default: cuda if there is one")
     bf16: bool | None = option(None, "bf16 autocast (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model as one graph (fullgraph); fused AdamW on CUDA")
@@ -137,12 +146,6 @@ def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarr
             compute_neighbours(db_dir, k=k, extra=extra, device=device, log=log)
         dist.barrier()
         return load_neighbours(db_dir, k + extra)
-
-
-# What a resumed run must share with the run it continues: the schedule (its length, learning
-# rates, warm-up) and the data order (batch shape, seed). --resume continues a run exactly; it
-# does not re-plan one (a longer cosine would jump the decayed learning rate back up mid-run).
-RESUME_FIXED = ("steps", "time_budget", "batch_size", "seq_chunks", "lr", "min_lr_ratio", "warmup", "seed")
 
 
 def check_resume_options(opts: TrainOptions, saved: dict, run: Path) -> None:
