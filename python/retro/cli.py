@@ -1,5 +1,5 @@
 """The command line: `retro <command>` (or `python -m retro <command>`). Every command's flags
-come from its options dataclasses (COMMANDS; options.add_options): each default and help text is
+come from its options dataclasses (commands(); options.add_options): each default and help text is
 written once. A user mistake (a bad flag, a value out of range, a missing file: argparse's errors
 and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit status 2, never a
 traceback; numbers are range-checked before any work starts. Any other exception is a bug: its
