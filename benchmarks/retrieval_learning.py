@@ -218,12 +218,13 @@ def main() -> None:
     p.add_argument("--curve-out", help=argparse.SUPPRESS)  # a worker's curve, for --jobs
     a = p.parse_args()
 
-    from retro.data import IGNORE, Sampler, TrainSequences
+    from retro.data import Sampler, TrainSequences
     from retro.model import RetroModel, preset
     from retro.retrieval import BuildOptions, build_database, compute_neighbours
     from retro.retrieval.database import ChunkDatabase
     from retro.retrieval.neighbours import load_neighbours
     from retro.train import TrainOptions, lr_at, make_optimizer
+    from retro.train_step import train_step
 
     if a.db:
         db_dir = Path(a.db)
@@ -288,17 +289,9 @@ def main() -> None:
                     Path(a.curve_out).write_text(json.dumps(curve))
             if step == a.steps or late:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, opts, a.steps) * group.get("lr_scale", 1.0)
-            batch = seqs.batch(sampler.take(step * a.batch, a.batch))
-            with amp:
-                logits = model(batch.tokens.to(dev), batch.neighbours.to(dev), batch.neighbour_mask.to(dev))
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.targets.to(dev).reshape(-1),
-                                   ignore_index=IGNORE)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch = seqs.batch(sampler.take(step * a.batch, a.batch)).to(dev)
+            train_step(model, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, a.steps),
+                       bf16=dev.type == "cuda")
         curves[name] = curve
         if a.curve_out:
             return

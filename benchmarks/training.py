@@ -1,9 +1,9 @@
 """Training throughput and model FLOP utilisation (MFU), eager against `retro train --compile`,
 for RETRO with retrieval and the same decoder without it (RETRO[OFF]).
 
-Each step is the training loop's: sequence_loss under bfloat16 autocast (on CUDA), backward,
-gradient clipping, AdamW (train.make_optimizer; compiled: the model through
-compiled.compile_for_training, fullgraph, and AdamW's fused kernel on CUDA). Synthetic tokens and
+Each step is the training loop's own retro.train_step.train_step: the loss under bfloat16
+autocast (on CUDA), backward, gradient clipping, AdamW (train.make_optimizer; compiled: the model through
+compile_training.compile_for_training, fullgraph, and AdamW's fused kernel on CUDA). Synthetic tokens and
 neighbours (no retrieval I/O). The first step, which compiles, is timed apart ("first step s")
 and its loss is shown: eager and compiled start from the same weights and batch, so it must agree
 to bfloat16 rounding.
@@ -29,10 +29,11 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.harness import NO_RETRIEVAL, backend_column, machine_name, model_backends, time_fn, write_results
-from retro.compiled import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
+from retro.compile_training import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
 from retro.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_token
 from retro.model import PRESETS, RetroModel, preset
-from retro.train import TrainOptions, make_optimizer, sequence_loss
+from retro.train import TrainOptions, make_optimizer
+from retro.train_step import train_step
 
 MODES = ("eager", "compile", "ddp", "fsdp")
 
@@ -94,13 +95,8 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     data = synthetic_batch(cfg, batch, chunks, retrieval, device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, nll, count = sequence_loss(net, data, world=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return nll / count
+        result = train_step(net, optimizer, data, grad_clip=1.0, bf16=bf16)
+        return result.nll / result.count
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

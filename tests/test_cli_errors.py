@@ -63,7 +63,7 @@ BAD = [
     (["neighbours", "{tmp}/db", "-k", "0"], "got 0"),
     (["neighbours", "{tmp}/db", "--extra", "-1"], "-1"),
     (["query", "{tmp}/db", "text", "-k", "0"], "got 0"),
-    (["demo", "--train-minutes", "0"], "--train-minutes must be a number > 0, got 0.0"),
+    (["demo", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
     (["demo", "--valid-fraction", "1"], "1.0"),
     (["demo", "--config", "huge"], "'huge'"),
     (["demo", "--max-documents", "2"], "got 2"),
@@ -124,3 +124,37 @@ def test_set_values_are_converted_to_the_field_types():
 def test_python_api_has_the_same_checks(make):
     with pytest.raises(RetroError):
         make().validate()
+
+
+def test_a_retro_error_from_inside_a_command_is_one_line(folder, monkeypatch, capsys):
+    """A RetroError raised deep in a command's work (not by argparse or validate) is still a user
+    error: one line, status 2."""
+    import retro.dedup
+
+    def refuse(*args, **kwargs):
+        raise RetroError("the evaluation corpus 'e' holds no document")
+
+    monkeypatch.setattr(retro.dedup, "dedup_against", refuse)
+    assert main(["dedup-against", "e", "t"]) == 2
+    assert capsys.readouterr().err == "retro dedup-against: error: the evaluation corpus 'e' holds no document\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("an internal bug: shapes (2, 3) and (4,)"),
+                                   TypeError("an internal bug: unsupported operand"),
+                                   ZeroDivisionError("division by zero"),
+                                   FileNotFoundError(2, "No such file or directory", "/internal/table.json")])
+def test_an_internal_bug_shows_its_traceback_and_asks_for_a_report(error, monkeypatch, capsys):
+    """Any exception other than RetroError (and argparse's errors) is a bug, not a user mistake:
+    its traceback, naming the function that raised it, then a line asking to report it; status 1."""
+    import retro.fsdp
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(retro.fsdp, "convert_checkpoint", broken)
+    status = main(["convert-checkpoint", "run"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("Traceback (most recent call last):"), err
+    assert "in broken" in err and f"{type(error).__name__}: " in err, err
+    assert err.splitlines()[-1].startswith("retro convert-checkpoint: internal error") and "please report" in err

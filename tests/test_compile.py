@@ -1,4 +1,4 @@
-"""`retro train --compile` (python/retro/compiled.py) and the model FLOPs (python/retro/flops.py):
+"""`retro train --compile` (python/retro/compile_training.py) and the model FLOPs (python/retro/flops.py):
 the forward with retrieval compiles as one graph (and the check sees a graph break when one is
 put in), compiled training follows eager training in float32, and the FLOP formula equals a
 direct count of the matrix products."""
@@ -10,10 +10,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from retro.compiled import compile_for_training, set_fused, use_fused_adamw
+from retro.compile_training import compile_for_training, set_fused, use_fused_adamw
 from retro.flops import forward_flops_per_token, mfu, peak_flops, training_flops_per_token
 from retro.model import RetroModel, preset
-from retro.train import TrainOptions, make_optimizer, sequence_loss
+from retro.train import TrainOptions, make_optimizer
+from retro.train_step import sequence_loss, train_step
 from retro_kernels.nn import ChunkedCrossAttention
 from retro_kernels._extension import has_triton, triton_interpreting
 
@@ -100,7 +101,7 @@ def test_a_graph_break_is_seen_and_refused(monkeypatch):
 
 
 def run_training(dtype, compile_backend, steps, cfg, batch, device="cpu", bf16=False):
-    """Per-step losses of `steps` training steps (the training loop's loss, clipping and
+    """Per-step losses of `steps` training steps (the training loop's train_step, with its
     optimizer: fused AdamW when compiled on CUDA) from one initialisation, with weights in dtype
     (and bfloat16 autocast with bf16=True), eager or compiled with compile_backend."""
     torch.manual_seed(0)
@@ -113,13 +114,8 @@ def run_training(dtype, compile_backend, steps, cfg, batch, device="cpu", bf16=F
     batch = SimpleNamespace(**{k: v.to(device) for k, v in vars(batch).items()})
     losses = []
     for _ in range(steps):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, nll, count = sequence_loss(model, batch, world=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(nll / count))
+        result = train_step(model, optimizer, batch, grad_clip=1.0, bf16=bf16)
+        losses.append(float(result.nll / result.count))
     return torch.tensor(losses, dtype=torch.float64)
 
 

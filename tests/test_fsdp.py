@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from retrieval_helpers import ROOT, free_port, quick_database
+from train_helpers import Stop, stop_at
 from retro import fsdp
 from retro.errors import RetroError
 from retro.train import TrainOptions, load_model, train
@@ -105,12 +106,8 @@ def runs(db, tmp_path_factory):
     (at step 3), resumed by 2 processes. While they run, this process trains "one", the reference:
     1 process without --fsdp (single-file checkpoints)."""
     root = tmp_path_factory.mktemp("runs")
-    os.environ["RETRO_TEST_FAIL_AT_STEP"] = "3"
-    try:
-        with pytest.raises(SystemExit, match="simulated kill at step 3"):
-            train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None)
-    finally:
-        del os.environ["RETRO_TEST_FAIL_AT_STEP"]
+    with pytest.raises(Stop, match="stopped before step 3"):
+        train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None, on_step=stop_at(3))
     killed = [d.name for d in fsdp.complete_steps(root / "one_to_two")]
     with pytest.raises(RetroError, match="pass --resume"):
         train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None)

@@ -7,31 +7,56 @@ import dataclasses
 import pytest
 
 from retro.cli import build_parser
+from retro.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
+                                   QueryOptions, TokenizerOptions, TrainExtras)
 from retro.demo import DemoOptions
+from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions
 from retro.train import TrainOptions
 
-COMMANDS = [("train", TrainOptions, ["--db", "d", "--out", "o"], dict(db="d", out="o")),
-            ("build-db", BuildOptions, ["corpus", "--out", "o"], dict(corpus="corpus", out="o")),
-            ("demo", DemoOptions, [], {})]
+# every command: a minimal command line and the options it must give (the dataclasses' defaults)
+COMMANDS = [
+    ("tokenizer", ["corpus", "--out", "t.model"], [TokenizerOptions(corpus="corpus", out="t.model")]),
+    ("build-db", ["corpus", "--out", "o"], [BuildOptions(corpus="corpus", out="o")]),
+    ("neighbours", ["db"], [NeighboursOptions(db="db")]),
+    ("query", ["db", "some text"], [QueryOptions(db="db", text="some text")]),
+    ("train", ["--db", "d", "--out", "o"], [TrainOptions(db="d", out="o"), TrainExtras()]),
+    ("convert-checkpoint", ["run"], [ConvertOptions(run="run")]),
+    ("generate", ["run", "a", "b c", "--db", "d"], [GenerateOptions(run="run", prompt=("a", "b c"), db="d"),
+                                                    SamplingOptions()]),
+    ("evaluate", ["run", "--db", "d"], [EvaluateOptions(run="run", db="d")]),
+    ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
+    ("demo", [], [DemoOptions()]),
+]
 
 
-@pytest.mark.parametrize("command,cls,argv,required", COMMANDS, ids=[c[0] for c in COMMANDS])
-def test_the_command_line_defaults_are_the_dataclass_defaults(command, cls, argv, required):
+def subparser(parser, command):
+    return parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse keeps them here
+
+
+def test_every_command_is_covered():
+    assert sorted(c[0] for c in COMMANDS) == sorted(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
+
+
+@pytest.mark.parametrize("command,argv,expected", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_the_command_line_defaults_are_the_dataclass_defaults(command, argv, expected):
     args = build_parser().parse_args([command, *argv])
-    assert options_from_args(cls, args) == cls(**required)
+    assert [options_from_args(type(o), args) for o in expected] == expected
 
 
-@pytest.mark.parametrize("command,cls,argv,required", COMMANDS, ids=[c[0] for c in COMMANDS])
-def test_every_command_line_field_has_a_flag_and_help(command, cls, argv, required):
-    parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse keeps them here
-    dests = {a.dest: a for a in sub._actions}  # noqa: SLF001
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli", True):
-            assert f.name in dests, f.name
-            assert dests[f.name].help, f"{command} {f.name} has no help text"
+@pytest.mark.parametrize("command,argv,expected", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_every_flag_is_a_dataclass_field_with_help(command, argv, expected):
+    """No flag is written by hand: each argument of the command is a field of one of its options
+    dataclasses (so its default is the field's), and each command-line field has an argument
+    with a help text."""
+    sub = subparser(build_parser(), command)
+    fields = {f.name: f for o in expected for f in dataclasses.fields(o) if f.metadata.get("cli", True)}
+    dests = {a.dest: a for a in sub._actions if a.dest != "help"}  # noqa: SLF001
+    assert set(dests) == set(fields), f"{command}: hand-written {set(dests) - set(fields)}, " \
+                                      f"missing {set(fields) - set(dests)}"
+    for name, action in dests.items():
+        assert action.help, f"{command} {name} has no help text"
 
 
 def test_values_types_and_repeated_flags_reach_the_options():
@@ -43,6 +68,12 @@ def test_values_types_and_repeated_flags_reach_the_options():
     assert d.include == ("a*", "b") and d.exclude == () and d.k == 2
     b = options_from_args(BuildOptions, p.parse_args(["build-db", "c", "--out", "o", "--batch-size", "8"]))
     assert b.embed_batch_size == 8  # a field renamed on the command line
+    g = p.parse_args(["generate", "r", "x", "--db", "d", "--no-retrieval", "--top-p", "0.5", "-k", "3"])
+    assert (options_from_args(GenerateOptions, g).retrieval, options_from_args(SamplingOptions, g)) == \
+        (False, SamplingOptions(top_p=0.5, k=3))
+    t = options_from_args(TrainExtras, p.parse_args(["train", "--db", "d", "--out", "o", "--set", "dim=8", "--set",
+                                                       "depth=2", "--retrofit", "gpt2", "--cca-layers", "1,3"]))
+    assert t == TrainExtras(set=("dim=8", "depth=2"), retrofit="gpt2", cca_layers=(1, 3))
 
 
 def test_a_new_field_appears_on_the_command_line():

@@ -2,6 +2,7 @@
 and generation on a tiny database."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
+from train_helpers import Stop, stop_at, train_killed_at
 from retro.data import IGNORE, TrainSequences
 from retro.evaluate import evaluate
 from retro.generate import generate
@@ -62,6 +64,20 @@ def test_sequences_mask_padding_and_exclude_their_documents(db):
         assert any(np.array_equal(vals[0], nb[j, r]) for j in range(4) for r in range(2))
 
 
+def test_a_sequence_longer_than_the_database_is_a_user_error(db, tmp_path, capsys):
+    from retro.cli import main
+
+    chunks = ChunkDatabase(db).num_chunks
+    assert main(["train", "--db", str(db), "--out", str(tmp_path / "run"), "--seq-chunks", str(chunks + 1),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"retro train: error: --seq-chunks {chunks + 1} is longer than the whole "
+                                       f"database ({chunks} chunks): expected at most {chunks}, or a larger corpus\n")
+    assert main(["train", "--db", str(db), "--out", str(tmp_path / "run"), "--set", "cca_layers=[9]", "--set",
+                 "depth=2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cca_layers must be non-empty 0-based layer indices < depth=2, got (9,)" in err, err
+
+
 @pytest.mark.slow
 def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     train(opts(db, tmp_path / "full", overrides={**SMALL, "dropout": 0.1}), log=lambda *_: None)
@@ -70,8 +86,9 @@ def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     args = ["train", "--db", str(db), "--out", str(tmp_path / "killed"), "--steps", "12", "--batch-size", "4",
             "--seq-chunks", "4", "--lr", "3e-3", "--warmup", "2", "--save-every", "4", "--device", "cpu",
             "--no-progress"] + [x for k, v in {**SMALL, "dropout": 0.1}.items() for x in ("--set", f"{k}={json.dumps(v)}")]
-    killed = run_cli(*args, env={"RETRO_TEST_FAIL_AT_STEP": "10"}, check=False)
-    assert killed.returncode != 0 and "simulated kill at step 10" in killed.stderr
+    killed = train_killed_at(10, *args[1:])
+    assert killed.returncode == -signal.SIGKILL and "SIGKILL before step 10" in killed.stderr, killed.stderr[-2000:]
+    assert len(losses(tmp_path / "killed")) == 10  # the log holds steps 1-10; the checkpoint is step 8's
     again = run_cli(*args, check=False)
     assert again.returncode == 2 and "pass --resume" in again.stderr
     bad = run_cli(*args[:-2], "--set", "dim", "--out", str(tmp_path / "bad"), check=False)
@@ -190,10 +207,8 @@ def test_compiled_training_matches_eager_and_resumes(db, tmp_path, monkeypatch):
     kw = dict(steps=4, save_every=2)
     train(opts(db, tmp_path / "eager", **kw), log=lambda *_: None)
     compiled = opts(db, tmp_path / "compiled", compile=True, compile_backend="aot_eager_decomp_partition", **kw)
-    monkeypatch.setenv("RETRO_TEST_FAIL_AT_STEP", "3")
-    with pytest.raises(SystemExit, match="simulated kill at step 3"):
-        train(compiled, log=lambda *_: None)
-    monkeypatch.delenv("RETRO_TEST_FAIL_AT_STEP")
+    with pytest.raises(Stop, match="stopped before step 3"):
+        train(compiled, log=lambda *_: None, on_step=stop_at(3))
     compiled.resume = True
     train(compiled, log=lambda *_: None)
     torch._dynamo.reset()
@@ -244,3 +259,63 @@ def test_checkpointing_is_refused_for_retrofitted_models(db, tmp_path):
 
     with pytest.raises(RetroError, match="--checkpointing is not supported"):
         train(opts(db, tmp_path / "run", checkpointing=True), log=lambda *_: None, model_factory=factory)
+
+
+def retrieval_path_parameters(model, vocab_size, chunk_size, k):
+    """The names of model's parameters that only the retrieval path uses, found by running it:
+    every parameter gets a gradient from a forward with neighbours, and those left without one by
+    a forward without neighbours (RETRO[OFF]) belong to the retrieval path."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (2, 2 * chunk_size), generator=g)
+    neighbours = torch.randint(0, vocab_size, (2, 2, k, 2 * chunk_size), generator=g)
+    mask = torch.ones(neighbours.shape, dtype=torch.bool)
+    model(tokens, neighbours, mask).float().pow(2).mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"a forward with neighbours leaves {unused} without a gradient"
+    model.zero_grad(set_to_none=True)
+    model(tokens).float().pow(2).mean().backward()
+    return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+def test_retrieval_parameters_are_those_of_the_retrieval_path():
+    """is_retrieval_parameter (the parameters --retrieval-lr-scale scales) is true exactly for the
+    parameters only a forward with neighbours uses: the encoder, its input projection (enc_dim 24
+    != dim 32) and input norm, the CCA blocks and their norms; false for the decoder's."""
+    from retro.model import RetroModel, preset
+    from retro.train import is_retrieval_parameter
+
+    cfg = preset("tiny", vocab_size=300, chunk_size=8, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=24,
+                 enc_heads=2, enc_head_dim=12, depth=3, cca_layers=(1, 2), max_seq_len=32, backend="reference",
+                 encoder_input_norm=True)
+    model = RetroModel(cfg)
+    retrieval = retrieval_path_parameters(model, cfg.vocab_size, cfg.chunk_size, cfg.neighbours)
+    parts = {n.split(".")[0] if not n.startswith("layers.") else n.split(".")[2] for n in retrieval}
+    assert parts == {"encoder", "to_encoder", "encoder_in_norm", "cca", "cca_norm"}, parts
+    names = [n for n, _ in model.named_parameters()]
+    wrong = [n for n in names if is_retrieval_parameter(n) != (n in retrieval)]
+    assert not wrong, f"misclassified: {wrong}"
+    assert len(retrieval) < len(names)  # the decoder's parameters are there, and not classified
+
+
+def test_resume_refuses_a_changed_plan(db, tmp_path, capsys):
+    """--resume continues a run as it was planned: `train --steps 4`, then `train --steps 8
+    --resume` is refused with one line naming both values, and the run is left as it was; with
+    the run's own --steps it resumes (here: finished, nothing to do)."""
+    from retro.cli import main
+
+    args = ["train", "--db", str(db), "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
+            "--seq-chunks", "4", "--warmup", "2", "--save-every", "2", "--device", "cpu", "--no-progress"] + \
+        [x for k, v in SMALL.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(args) == 0
+    state = (tmp_path / "run" / "checkpoint" / "state.json").read_text()
+    capsys.readouterr()
+    longer = [a if a != "4" or args[i - 1] != "--steps" else "8" for i, a in enumerate(args)]
+    assert main(longer + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps 8 differs from the 4" in err and "pass --steps 4" in err, err
+    assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state
+    assert len(losses(tmp_path / "run")) == 4
+    assert main(args + ["--resume", "--lr", "0.01"]) == 2
+    assert "--lr 0.01 differs from the 0.001" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import RetroError
 from .retrieval.database import ChunkDatabase
 
 IGNORE = -100
@@ -35,6 +36,9 @@ class TrainSequences:
     candidates=None, sequences without neighbours (a decoder trained without retrieval)."""
 
     def __init__(self, db: ChunkDatabase, seq_chunks: int, k: int, candidates: np.ndarray | None):
+        if db.num_chunks < seq_chunks:
+            raise RetroError(f"--seq-chunks {seq_chunks} is longer than the whole database ({db.num_chunks} chunks): "
+                             f"expected at most {db.num_chunks}, or a larger corpus")
         self.db, self.L, self.k, self.candidates = db, seq_chunks, k, candidates
         self.m = db.chunk_size
         self.pad = db.pad_id

@@ -14,6 +14,7 @@ import torch
 
 from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
+from .options import option
 from .retrieval.retriever import Retriever
 
 
@@ -28,12 +29,13 @@ class Generation:
 @dataclass
 class SamplingOptions:
     """How generate() decodes; validate() checks the ranges (the command line's options)."""
-    max_new_tokens: int = 64
-    temperature: float = 0.8        # 0: greedy
-    top_k: int | None = 50          # 0 or None: no top-k cut
-    top_p: float | None = 0.95      # None or 1: no nucleus cut
-    seed: int = 0
-    k: int | None = None            # neighbours per chunk (default: the model's)
+    max_new_tokens: int = option(64, "tokens generated per prompt")
+    temperature: float = option(0.8, "sampling temperature; 0: greedy")
+    top_k: int | None = option(50, "sample among the top-k tokens; 0: no top-k cut")
+    top_p: float | None = option(0.95, "nucleus sampling: the smallest set of tokens reaching this probability; "
+                                       "1: no nucleus cut")
+    seed: int = option(0, "the sampling seed")
+    k: int | None = option(None, "neighbours per chunk (default: the model's)", short="-k")
 
     def validate(self) -> None:
         check_int("--max-new-tokens", self.max_new_tokens, 1)
@@ -68,10 +70,13 @@ def _retrieve(retriever: Retriever, chunks: list[np.ndarray], k: int, device):
 
 
 @torch.no_grad()
-def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tokens: int = 64,
-             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-             k: int | None = None, stop_at_eos: bool = True, tokenizer=None, compile: bool = False) -> list[Generation]:
-    """Continues each prompt. retriever None generates without retrieval (RETRO[OFF]); the
+def generate(model, retriever: Retriever | None, prompts: list[str],
+             max_new_tokens: int = SamplingOptions.max_new_tokens, temperature: float = SamplingOptions.temperature,
+             top_k: int | None = SamplingOptions.top_k, top_p: float | None = SamplingOptions.top_p,
+             seed: int = SamplingOptions.seed, k: int | None = SamplingOptions.k, stop_at_eos: bool = True,
+             tokenizer=None, compile: bool = False) -> list[Generation]:
+    """Continues each prompt (the sampling arguments: SamplingOptions, whose defaults they take).
+    retriever None generates without retrieval (RETRO[OFF]); the
     tokenizer is then required (otherwise the database's is used). compile: the one-token step
     through torch.compile (CUDA graphs on a GPU; RETRO models, not retrofitted ones); retrieval and
     the encoder at chunk completions stay eager."""

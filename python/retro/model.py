@@ -242,7 +242,7 @@ class RetroModel(nn.Module):
         super().__init__()
         bad = [i for i in cfg.cca_layers if not 0 <= i < cfg.depth]
         if bad or not cfg.cca_layers:
-            raise ValueError(f"cca_layers must be non-empty 0-based layer indices < depth={cfg.depth}, "
+            raise RetroError(f"cca_layers must be non-empty 0-based layer indices < depth={cfg.depth}, "
                              f"got {cfg.cca_layers}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)

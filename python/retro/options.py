@@ -6,7 +6,8 @@ from the annotation and the help given with `option(...)`:
     X | None                     --name VALUE, default None
     bool                         --name / --no-name
     bool | None                  --name / --no-name, default None ("decide for me")
-    tuple[str, ...]              --name VALUE, repeatable
+    tuple[str, ...]              --name VALUE, repeatable (positional: one or more values)
+    parse=f                      --name VALUE, VALUE converted by f (raising argparse.ArgumentTypeError)
 A field without a default is required (positional with `positional=True`); `cli=False` keeps a
 field off the command line (set from Python only); `flag` and `short` rename it there.
 """
@@ -20,10 +21,11 @@ import typing
 
 def option(default=dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,  # noqa: A002
            short: str | None = None, positional: bool = False, cli: bool = True, choices=None,
-           metavar: str | None = None, default_factory=dataclasses.MISSING):
-    """A dataclass field with its command-line help (and optional flag name, short flag, choices)."""
+           metavar: str | None = None, default_factory=dataclasses.MISSING, parse=None):
+    """A dataclass field with its command-line help (and optional flag name, short flag, choices,
+    a function parsing the flag's text)."""
     metadata = {"help": help, "flag": flag, "short": short, "positional": positional, "cli": cli,
-                "choices": choices, "metavar": metavar}
+                "choices": choices, "metavar": metavar, "parse": parse}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -57,9 +59,12 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             if md.get(key) is not None:
                 kwargs[key] = md[key]
         if md.get("positional"):
-            parser.add_argument(f.name, help=md.get("help"))
+            many = {"nargs": "+"} if typing.get_origin(hint) is tuple else {}
+            parser.add_argument(f.name, help=md.get("help"), **many)
             continue
-        if hint is bool:
+        if md.get("parse") is not None:
+            kwargs.update(type=md["parse"], default=None if required else f.default, required=required)
+        elif hint is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=None if optional else f.default)
         elif typing.get_origin(hint) is tuple:
             kwargs.update(action="append", default=None)
@@ -79,9 +84,10 @@ def options_from_args(cls, args: argparse.Namespace, **extra):
         if not f.metadata.get("cli", True) or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
+        hint, optional = _unwrap_optional(typing.get_type_hints(cls)[f.name])
         if isinstance(value, list):
             value = tuple(value)
-        elif value is None and typing.get_origin(_unwrap_optional(typing.get_type_hints(cls)[f.name])[0]) is tuple:
+        elif value is None and not optional and typing.get_origin(hint) is tuple:
             value = ()
         values[f.name] = value
     return cls(**{**values, **extra})

@@ -6,26 +6,33 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import distributed as dist
 from . import fsdp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
-from .compiled import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
-from .data import IGNORE, Sampler, TrainSequences
+from .compile_training import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
+from .data import Sampler, TrainSequences
 from .errors import RetroError
 from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
 from .options import option
 from .retrieval.database import ChunkDatabase
 from .retrieval.neighbours import compute_neighbours, load_neighbours
+from .train_step import train_step
+
+
+# What a resumed run must share with the run it continues (TrainOptions fields): the model, the
+# schedule (its length, learning rates, warm-up, clipping) and the data (batch shape, neighbours,
+# seed). --resume continues a run exactly; it does not re-plan one: a longer cosine would jump the
+# decayed learning rate back up mid-run, giving a run that is neither the short nor the long one.
+RESUME_FIXED = ("config", "steps", "time_budget", "batch_size", "seq_chunks", "lr", "min_lr_ratio", "warmup",
+                "weight_decay", "grad_clip", "k", "retrieval", "retrieval_lr_scale", "extra", "seed")
 
 
 @dataclass
@@ -48,7 +55,10 @@ class TrainOptions:
     seed: int = option(0, "seed of the initialisation and the data order")
     save_every: int = option(200, "steps between checkpoints")
     log_every: int = option(10, "steps between progress lines")
-    resume: bool = option(False, "continue a killed run exactly")
+    resume: bool = option(False, "continue a killed run exactly as it was planned: a changed --steps is refused, "
+                                 "not re-planned (as is any other of " + ", ".join(
+                                     "--" + n.replace("_", "-") for n in RESUME_FIXED if n != "steps") +
+                          "); to train longer, start a new run (another --out)")
     device: str | None = option(None, "default: cuda if there is one")
     bf16: bool | None = option(None, "bf16 autocast (default: on GPUs)")
     compile: bool = option(False, "torch.compile the model as one graph (fullgraph); fused AdamW on CUDA")
@@ -101,9 +111,14 @@ def budget_steps(step: int, elapsed: float, step_times: list[float], budget: flo
     return max(step + 1, min(cap, step + int(max(0.0, budget - elapsed) / per_step)))
 
 
+RETRIEVAL_MODULES = ("encoder", "to_encoder", "encoder_in_norm", "cca", "cca_norm")
+
+
 def is_retrieval_parameter(name: str) -> bool:
-    """The parts that read the neighbours: the encoder (and its input projection) and the CCA blocks."""
-    return any(part in name.split(".") for part in ("encoder", "to_encoder", "cca", "cca_norm"))
+    """Whether the parameter `name` (a named_parameters() name) is on the retrieval path, which
+    only runs with neighbours: the encoder, its input projection and input norm, the CCA blocks
+    and their norms (RETRIEVAL_MODULES, as a dotted part of the name)."""
+    return any(part in name.split(".") for part in RETRIEVAL_MODULES)
 
 
 def make_optimizer(model: torch.nn.Module, opts: TrainOptions, fused: bool = False) -> torch.optim.AdamW:
@@ -122,20 +137,6 @@ def make_optimizer(model: torch.nn.Module, opts: TrainOptions, fused: bool = Fal
                              lr=opts.lr, betas=(0.9, 0.95), fused=fused or None)
 
 
-def sequence_loss(model, batch, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over this rank's scored targets, scaled so that DDP's gradient mean
-    equals the gradient of (all ranks' NLL) / (all ranks' scored targets). -> (loss, nll, count)."""
-    logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 from bf16; float64 stays
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
-                          ignore_index=IGNORE, reduction="sum")
-    count = (batch.targets != IGNORE).sum()
-    total = count.clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return nll * world / total.clamp(min=1), nll.detach(), count
-
-
 def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarray:
     try:
         return load_neighbours(db_dir, k + extra)
@@ -147,9 +148,22 @@ def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarr
         return load_neighbours(db_dir, k + extra)
 
 
-def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
+def check_resume_options(opts: TrainOptions, saved: dict, run: Path) -> None:
+    """RetroError naming the first schedule option (RESUME_FIXED) whose value differs from the
+    one the run at `run` was started with (`saved`: its checkpoint's options)."""
+    for name in RESUME_FIXED:
+        if name in saved and getattr(opts, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise RetroError(f"--resume: {flag} {getattr(opts, name)} differs from the {saved[name]} that "
+                             f"{str(run)!r} was started with; --resume continues a run as planned, it does not "
+                             f"re-plan it: pass {flag} {saved[name]}, or train a new run with another --out")
+
+
+def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Path:
     """Trains (or resumes) a model on the database; returns the run folder. `model_factory(cfg,
-    db)` builds the model instead of RetroModel (retrofitting)."""
+    db)` builds the model instead of RetroModel (retrofitting). `on_step(step)`, if given, is
+    called before each optimizer step with the number of steps done so far (tests stop a run
+    there, as a kill would)."""
     from tqdm.auto import tqdm
 
     opts.validate()
@@ -165,6 +179,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
         if ck["state"]["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
             raise RetroError(f"{str(run)!r} was trained with another tokenizer than {opts.db!r}'s")
+        check_resume_options(opts, ck["state"].get("options", {}), run)
         cfg = RetroConfig.from_dict(ck["config"]["model"])
     else:
         if (run / "checkpoint").exists() or fsdp.complete_steps(run):
@@ -214,26 +229,19 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
     per_rank = opts.batch_size // world
     tokens_per_step = opts.batch_size * opts.seq_chunks * db.chunk_size
-    fail_at = int(os.environ.get("RETRO_TEST_FAIL_AT_STEP", "-1"))  # tests: simulate a kill
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (opts.progress and dist.is_main()),
                dynamic_ncols=True)
     net.train()
     t_last, step_times = time.perf_counter(), []
     t_start, next_estimate = t_last, 5
     while step < total:
-        if step == fail_at:
-            raise SystemExit(f"[train] simulated kill at step {step} (RETRO_TEST_FAIL_AT_STEP)")
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, opts, total) * group.get("lr_scale", 1.0)
+        if on_step is not None:
+            on_step(step)
         batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, nll, count = sequence_loss(net, batch, world)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(net, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, total),
+                            world=world, bf16=bf16)
         step += 1
-        stats = torch.stack([nll.double(), count.double()])
+        stats = torch.stack([result.nll.double(), result.count.double()])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         now = time.perf_counter()
@@ -244,7 +252,8 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
             next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
             bar.total = total
         record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
-                  "tokens_per_s": tokens_per_step / step_times[-1], "seconds": step_times[-1], "grad_norm": fsdp.full_value(grad_norm)}
+                  "tokens_per_s": tokens_per_step / step_times[-1], "seconds": step_times[-1],
+                  "grad_norm": fsdp.full_value(result.grad_norm)}
         if dist.is_main():
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -1,0 +1,29 @@
+"""Stopping a training run in the tests: in this process through train()'s on_step callback
+(stop_at), or by a real SIGKILL of a subprocess (train_killed_at, tests/train_killed_at.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
+
+
+class Stop(Exception):
+    """Raised by stop_at's callback: a run stopped before a step, in this process."""
+
+
+def stop_at(step: int):
+    """A train() on_step callback that stops the run (raises Stop) before optimizer step `step`."""
+    def on_step(done: int) -> None:
+        if done == step:
+            raise Stop(f"stopped before step {step}")
+    return on_step
+
+
+def train_killed_at(step: int, *args: str) -> subprocess.CompletedProcess:
+    """`retro train ARGS` in a subprocess that SIGKILLs itself before optimizer step `step`
+    (tests/train_killed_at.py); its stdout and stderr captured."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "train_killed_at.py"), str(step), *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
