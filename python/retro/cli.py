@@ -110,10 +110,11 @@ def _cmd_generate(o: GenerateOptions, sampling) -> None:
     from .retrieval import ChunkDatabase, Retriever
     from .train import load_model
 
-    model, _ = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device) if o.retrieval else None
+    db = retriever.db if retriever is not None else ChunkDatabase(o.db)
+    model, _ = load_model(o.run, device=o.device, db=db)
     gens = generate(model, retriever, list(o.prompt), **dataclasses.asdict(sampling),
-                    tokenizer=None if retriever is not None else ChunkDatabase(o.db).tokenizer, compile=o.compile)
+                    tokenizer=None if retriever is not None else db.tokenizer, compile=o.compile)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
         if o.show_neighbours:
@@ -130,16 +131,17 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     from .retrieval.retriever import database_fraction
     from .train import load_model
 
-    model, _ = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)
+    model, _ = load_model(o.run, device=o.device, db=retriever.db)
+    k = o.k if o.k is not None else model.cfg.neighbours
     if o.overlap:
         from .evaluate_overlap import overlap_report
 
-        overlap_report(model, retriever, k=o.k, max_documents=o.max_documents, out=o.overlap_out or o.run)
+        overlap_report(model, retriever, k=k, max_documents=o.max_documents, out=o.overlap_out or o.run)
         return
     allowed = None if o.db_fraction is None else database_fraction(retriever.db, o.db_fraction, o.seed)
-    es = prepare(retriever, o.k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed)
-    res = evaluate(model, retriever, k=o.k, eval_set=es)
+    es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed)
+    res = evaluate(model, retriever, k=k, eval_set=es)
     report = res.as_dict()
     if allowed is not None:
         report.update(db_fraction=o.db_fraction, db_chunks=int(len(allowed)))

@@ -78,7 +78,7 @@ class GenerateOptions:
 class EvaluateOptions:
     run: str = option(help="the run folder (its checkpoint)", positional=True)
     db: str = option(help="the database folder (its validation documents are evaluated)")
-    k: int = option(2, "neighbours per chunk", short="-k")
+    k: int | None = option(None, "neighbours per chunk (default: the model's, as it was trained)", short="-k")
     max_documents: int | None = option(None, "evaluate at most this many validation documents")
     overlap: bool = option(False, "bits per byte against chunk overlap with the neighbours")
     overlap_out: str | None = option(None, "folder for the overlap table and plot (default: RUN)")
@@ -88,7 +88,7 @@ class EvaluateOptions:
     device: str | None = option(None, DEVICE_HELP)
 
     def validate(self) -> None:
-        check_neighbours("-k", self.k)
+        check_neighbours("-k", self.k, optional=True)
         check_int("--max-documents", self.max_documents, 1, optional=True)
         check_float("--db-fraction", self.db_fraction, 0, 1, low_open=True, optional=True)
         check_int("--seed", self.seed, 0)

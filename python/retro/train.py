@@ -177,8 +177,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     ck = None
     if opts.resume:
         ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
-        if ck["state"]["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
-            raise RetroError(f"{str(run)!r} was trained with another tokenizer than {opts.db!r}'s")
+        db.check_identity(ck["state"].get("database") or {"tokenizer_sha256": ck["state"]["tokenizer_sha256"]}, run)
         check_resume_options(opts, ck["state"].get("options", {}), run)
         cfg = RetroConfig.from_dict(ck["config"]["model"])
     else:
@@ -271,6 +270,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
                 rngs = gathered
             state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
                      "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "db": str(Path(opts.db).resolve()),
+                     "database": db.identity(),
                      "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
             config = {"model": cfg.to_dict(), **getattr(model, "extra_config", {})}
             if opts.fsdp:  # every rank writes its shards
@@ -283,9 +283,14 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     return run
 
 
-def load_model(run: str | Path, device=None, backend: str | None = None) -> tuple[RetroModel, dict]:
-    """The trained model of RUN (eval mode) and its checkpoint state."""
+def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetroModel, dict]:
+    """The trained model of RUN (eval mode) and its checkpoint state. With db (a ChunkDatabase), a
+    RetroError unless it is the database the run was trained on (same tokenizer, chunk size, keys
+    and held-out documents)."""
     ck = load_checkpoint(Path(run), with_optimizer=False)
+    if db is not None:
+        db.check_identity(ck["state"].get("database") or {"tokenizer_sha256": ck["state"].get("tokenizer_sha256")},
+                          run)
     extra = {k: v for k, v in ck["config"].items() if k != "model"}
     cfg = RetroConfig.from_dict(ck["config"]["model"])
     if backend is not None:

@@ -60,8 +60,8 @@ class BuildOptions:
     embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
                                              "static:NAME for its distilled static token embeddings (100x faster "
                                              "on a CPU)")
-    index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-flat below 200k, ivf-fastscan below 5M "
-                                "(ivf-flat on GPUs), then ivf-pq; "
+    index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-fastscan below 5M (ivf-flat with "
+                                "faiss on GPUs), then ivf-pq; "
                                 "torch exact search without faiss)", choices=KINDS)
     target_recall: float = option(0.95, "10-recall@10 that nprobe is tuned to")
     block_size: int = option(2048, "chunks per embedding block (the unit of --resume)")

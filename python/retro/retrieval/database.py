@@ -81,6 +81,33 @@ class ChunkDatabase:
         self.num_chunks = len(self.chunk_start)
         self._tokenizer = None
 
+    def identity(self) -> dict:
+        """What a model trained on this database depends on: its tokenizer, chunk size, keys, and
+        which documents are held out (a hash of the split and the document lengths), so that a run
+        can refuse a database where its held-out documents would be training ones."""
+        import hashlib
+
+        split = hashlib.sha256(np.ascontiguousarray(self.doc_split).tobytes())
+        split.update(np.ascontiguousarray(np.diff(self.doc_start)).tobytes())
+        return {"tokenizer_sha256": self.manifest["tokenizer"]["sha256"], "chunk_size": self.chunk_size,
+                "embedder": self.manifest["embedder"]["name"], "documents": int(len(self.doc_split)),
+                "split_sha256": split.hexdigest()}
+
+    def check_identity(self, trained_on: dict | None, run: str | Path) -> None:
+        """RetroError (one line) unless this database is the one a run was trained on (its
+        identity()); a run saved before identities were recorded is checked by its tokenizer."""
+        if not trained_on:
+            return
+        mine = self.identity()
+        words = {"tokenizer_sha256": "another tokenizer", "chunk_size": "another chunk size",
+                 "embedder": "other keys (embedder)", "documents": "other documents",
+                 "split_sha256": "other held-out documents (a build with another --seed, --valid-fraction or corpus)"}
+        for key, what in words.items():
+            if key in trained_on and trained_on[key] != mine[key]:
+                raise RetroError(f"{str(run)!r} was trained on a database with {what} than {str(self.path)!r} "
+                                 f"({key}: {trained_on[key]!r} there, {mine[key]!r} here): pass the database it was "
+                                 "trained on")
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:

@@ -2,8 +2,8 @@
 
 Kinds, chosen by database size unless named:
   flat          exact (faiss IndexFlatL2)                                   < 50 000 chunks
-  ivf-flat      inverted lists, exact distances (IndexIVFFlat)              < 200 000 chunks, or < 5 000 000
-                with faiss on GPUs
+  ivf-flat      inverted lists, exact distances (IndexIVFFlat)              < 5 000 000 chunks with faiss on
+                GPUs
   ivf-fastscan  inverted lists scanned by 4-bit product-quantisation codes  < 5 000 000 chunks on the CPU
                 (faiss "fast scan", SIMD lookups), the best 4k re-ranked by exact distance
                 (IVF,PQx4fs,RFlat): 10x the queries/s of ivf-flat at the same recall
@@ -15,6 +15,7 @@ nprobe is tuned until recall@k against exact search reaches the target on a samp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ def choose_kind(n: int) -> str:
         return "torch"
     if n < 50_000:
         return "flat"
-    if n < 200_000 or (n < 5_000_000 and faiss_gpus()):  # faiss's GPU indexes have no fast scan
+    if n < 5_000_000 and faiss_gpus():  # faiss's GPU indexes have no fast scan
         return "ivf-flat"
     if n < 5_000_000:
         return "ivf-fastscan"
@@ -73,7 +74,9 @@ class TorchExactIndex:
     def __init__(self, vectors: np.ndarray, device=None, block_elements: int = 1 << 26):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.x = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.device, dtype)
+        with warnings.catch_warnings():  # a read-only memory map is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.x = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.device, dtype)
         self.norms = self.x.float().square().sum(1)
         self.ntotal = self.x.shape[0]
         self.block_elements = block_elements  # queries x vectors per distance block
