@@ -52,3 +52,18 @@ def test_evaluate_k_defaults_to_the_models(trained, capsys):
     assert main(["evaluate", str(run), "--db", str(db), "--max-documents", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["k"] == 1  # trained with k=1; the old default was 2
+
+
+def test_a_run_folder_loads_as_a_saved_model(trained, tmp_path):
+    import torch
+
+    from retro.pretrained import from_pretrained, save_pretrained
+
+    _, _, run = trained
+    model, _ = load_model(run, device="cpu")
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    save_pretrained(model, tmp_path / "saved")
+    with torch.no_grad():
+        want = model(tokens)
+        assert torch.equal(from_pretrained(run, device="cpu")(tokens), want)
+        assert torch.equal(from_pretrained(tmp_path / "saved", device="cpu")(tokens), want)

@@ -284,23 +284,14 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
 
 
 def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetroModel, dict]:
-    """The trained model of RUN (eval mode) and its checkpoint state. With db (a ChunkDatabase), a
-    RetroError unless it is the database the run was trained on (same tokenizer, chunk size, keys
-    and held-out documents)."""
-    ck = load_checkpoint(Path(run), with_optimizer=False)
-    if db is not None:
-        db.check_identity(ck["state"].get("database") or {"tokenizer_sha256": ck["state"].get("tokenizer_sha256")},
-                          run)
-    extra = {k: v for k, v in ck["config"].items() if k != "model"}
-    cfg = RetroConfig.from_dict(ck["config"]["model"])
-    if backend is not None:
-        cfg.backend = backend
-    if extra.get("retrofit"):
-        from .retrofit import load_retrofitted
+    """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
+    (pretrained.model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
+    database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
+    from .checkpoint import checkpoint_dir
+    from .pretrained import model_from_folder
 
-        model = load_retrofitted(extra["retrofit"], cfg, ck["weights"])
-    else:
-        model = RetroModel(cfg)
-        model.load_state_dict(ck["weights"])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval(), ck["state"]
+    folder = checkpoint_dir(Path(run))
+    state = json.loads((folder / "state.json").read_text())
+    if db is not None:
+        db.check_identity(state.get("database") or {"tokenizer_sha256": state.get("tokenizer_sha256")}, run)
+    return model_from_folder(folder, device=device, backend=backend), state

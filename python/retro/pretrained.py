@@ -1,0 +1,149 @@
+"""Models saved the Hugging Face way: a folder with config.json (the model's RetroConfig and, for a
+retrofitted model, its base), model.safetensors (the weights; a retrofitted model's new ones only)
+and the tokenizer beside them (tokenizer.model for SentencePiece, tokenizer/ for a Hugging Face one).
+
+A run's checkpoint folder (RUN/checkpoint) has the same layout, so `from_pretrained` reads a saved
+model, a run folder or a Hugging Face hub repository (downloaded with huggingface_hub where the
+network allows) through one function, `model_from_folder`. A retrofitted model records its base's
+name and a hash of the base's weights, and loads back onto that base only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import RetroError
+
+FORMAT = "retro-kernels/1"
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A hash of a module's weights: every tensor of its state dict, by name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _write_folder(final: Path, fill) -> Path:
+    """Fills a temporary folder beside `final` (fill(tmp)), then swaps it in by renames: a crash
+    leaves the old folder or the new one, never half of one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = final.parent / f".{final.name}-tmp-{os.getpid()}", final.parent / f".{final.name}-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """Writes `model` (a RetroModel or a retrofitted model) and, if given, its tokenizer to `folder`.
+    Refuses to replace a folder that is not a saved model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").exists():
+        raise RetroError(f"{str(folder)!r} is not empty and holds no saved model; choose another folder")
+    config = {"format": FORMAT, "model": model.cfg.to_dict(), **getattr(model, "extra_config", {})}
+    weights = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if tokenizer is not None:
+            if hasattr(tokenizer, "model_bytes"):  # SentencePiece
+                (tmp / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+            else:
+                tokenizer.tok.save_pretrained(str(tmp / "tokenizer"))
+
+    return _write_folder(folder, fill)
+
+
+def model_from_folder(folder: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
+    """The model of a saved folder or a run's checkpoint folder (config.json + model.safetensors),
+    in eval mode."""
+    from safetensors.torch import load_file
+
+    from .model import RetroConfig
+
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).exists():
+            raise RetroError(f"{str(folder)!r} holds no saved model: {name} is missing")
+    config = json.loads((folder / "config.json").read_text())
+    cfg = RetroConfig.from_dict(config["model"])
+    if backend is not None:
+        cfg.backend = backend
+    weights = load_file(str(folder / "model.safetensors"))
+    if config.get("retrofit"):
+        from .retrofit import load_retrofitted
+
+        model = load_retrofitted(config["retrofit"], cfg, weights)
+    else:
+        from .model import RetroModel
+
+        model = RetroModel(cfg)
+        model.load_state_dict(weights)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval()
+
+
+def resolve(source: str | Path) -> Path:
+    """The local folder of a saved model: the folder itself, a run's checkpoint, or a Hugging Face
+    hub repository fetched into the hub cache."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        from .checkpoint import checkpoint_dir
+
+        return checkpoint_dir(path)
+    if path.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
+        raise RetroError(f"{str(source)!r} is neither a saved model folder, a run folder nor a Hugging Face "
+                         "repository name (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source)))
+    except Exception as exc:  # noqa: BLE001 - network, authorisation, missing repository
+        raise RetroError(f"cannot fetch {str(source)!r} from the Hugging Face hub: {exc}") from exc
+
+
+def from_pretrained(source: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
+    """A model saved by save_pretrained, a run folder, or a hub repository name."""
+    return model_from_folder(resolve(source), device=device, backend=backend)
+
+
+def load_tokenizer_beside(source: str | Path):
+    """The tokenizer saved beside a model (None if none was)."""
+    folder = resolve(source)
+    if (folder / "tokenizer.model").exists():
+        from .retrieval.tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.load(folder / "tokenizer.model")
+    if (folder / "tokenizer").is_dir():
+        from .retrieval.tokenizer import HFTokenizer
+
+        return HFTokenizer(str(folder / "tokenizer"))
+    return None
