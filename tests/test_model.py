@@ -3,7 +3,8 @@ full forward pass across chunk boundaries (float64)."""
 import pytest
 import torch
 
-from retro.model import PRESETS, RetroModel, paper_cca_layers, preset
+from retro.config import PRESETS, paper_cca_layers, preset
+from retro.model import RetroModel
 
 
 def tiny(**kw):
@@ -71,24 +72,25 @@ def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
     torch.manual_seed(0)
     model = RetroModel(tiny(backend=backend, qk_norm=qk_norm)).double().eval()
     m = 4
-    tok, nb, mask = inputs(K=K)
+    # every prompt length mod m: 4 and 8 end a chunk (n % m == 0), 3 and 11 stop one token before
+    # one completes (n % m == m - 1: the first step encodes it), 5 and 10 stop inside one
+    prompts = [3, 4, 5, 8, 10, 11]
+    B = len(prompts)
+    tok, nb, mask = inputs(B=B, K=K)
     full = model(tok, nb, mask)
-    prompts = [3, 9]  # row 0 stops before its first chunk completes, row 1 inside chunk 2
-    state = model.new_state(2, 32, neighbours=K)
-    logits = {}
-    for row, p in enumerate(prompts):
-        chunks = p // m
-        logits[(row, p - 1)] = model.prefill(state, row, tok[row, :p], nb[row, :chunks] if chunks else None,
-                                             mask[row, :chunks] if chunks else None)
-    for t_step in range(14):
+    state = model.new_state(B, 32, num_neighbours=K)
+    first = model.prefill(state, tok[:, :max(prompts)], nb, mask, prompts)  # one pass, right padding
+    logits = {(r, p - 1): first[r] for r, p in enumerate(prompts)}
+    for t_step in range(12):
         pos = state.pos.tolist()
-        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(2) if pos[r] % m == m - 1}
-        out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(2)]), new)
-        for r in range(2):
+        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+        out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(B)]), new)
+        for r in range(B):
             logits[(r, pos[r])] = out[r]
+    assert {p % m for p in prompts} == set(range(m))
     for (r, t), got in logits.items():
         torch.testing.assert_close(got, full[r, t], rtol=1e-10, atol=1e-10)
-    assert len(logits) == 30
+    assert len(logits) == 13 * B
 
 
 def test_bad_config_is_named():
@@ -121,9 +123,7 @@ def greedy_decode(model, tokens, nb, mask, prompts, steps, m=4):
     completed chunk, as in generation -> tokens (B, steps + 1)."""
     B = len(prompts)
     state = model.new_state(B, 32)
-    logits = torch.stack([model.prefill(state, r, tokens[r, :p], nb[r, :p // m] if p >= m else None,
-                                        mask[r, :p // m] if p >= m else None) for r, p in enumerate(prompts)])
-    out = [logits.argmax(-1)]
+    out = [model.prefill(state, tokens[:, :max(prompts)], nb, mask, prompts).argmax(-1)]
     for _ in range(steps):
         pos = state.pos.tolist()
         new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}

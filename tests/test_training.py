@@ -190,7 +190,7 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, m
     plain = len(calls)
     calls.clear()
     train(opts(db, tmp_path / "ckpt", steps=3, checkpointing=True), log=lambda *_: None)
-    assert plain == 3 * SMALL["depth"] and len(calls) == 2 * plain
+    assert plain == 3 * (SMALL["depth"] + 1) and len(calls) == 2 * plain
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
 
 
