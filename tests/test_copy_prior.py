@@ -35,7 +35,7 @@ def loss_gap(cfg: RetroConfig, seed: int = 0) -> float:
 
 def config(**overrides) -> RetroConfig:
     base = dict(vocab_size=VOCAB, dim=64, ff_dim=128, depth=3, heads=4, head_dim=16, chunk_size=M, cca_layers=(1, 2),
-                enc_dim=64, enc_depth=2, enc_heads=4, enc_head_dim=16, neighbours=1, max_seq_len=L * M, backend="reference")
+                enc_dim=64, enc_depth=2, enc_heads=4, enc_head_dim=16, num_neighbours=1, max_seq_len=L * M, backend="reference")
     return RetroConfig(**{**base, **overrides})
 
 

@@ -3,7 +3,8 @@ full forward pass across chunk boundaries (float64)."""
 import pytest
 import torch
 
-from retro.config import PRESETS, paper_cca_layers, preset
+from retro.config import PRESETS, RetroConfig, paper_cca_layers, preset
+from retro.errors import RetroError
 from retro.model import RetroModel
 
 
@@ -91,6 +92,19 @@ def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
     for (r, t), got in logits.items():
         torch.testing.assert_close(got, full[r, t], rtol=1e-10, atol=1e-10)
     assert len(logits) == 13 * B
+
+
+def test_saved_configs_with_the_old_neighbours_key_load():
+    """cfg.num_neighbours was saved as "neighbours" by older checkpoints: from_dict reads both names."""
+    cfg = tiny(num_neighbours=3)
+    assert RetroConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    old["neighbours"] = old.pop("num_neighbours")
+    assert RetroConfig.from_dict(old) == cfg and RetroConfig.from_dict(old).num_neighbours == 3
+    with pytest.raises(RetroError, match="both 'neighbours' and its new name 'num_neighbours'"):
+        RetroConfig.from_dict({**old, "num_neighbours": 3})
+    with pytest.raises(RetroError, match="num_neighbours"):
+        RetroConfig.from_dict({**old, "neighbours": 0})  # the old key is checked as the new field
 
 
 def test_bad_config_is_named():

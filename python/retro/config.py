@@ -30,7 +30,7 @@ class RetroConfig:
     enc_depth: int = 2
     enc_heads: int = 14
     enc_head_dim: int = 64
-    neighbours: int = 2           # k
+    num_neighbours: int = 2       # k, the neighbours per chunk
     dropout: float = 0.0
     max_seq_len: int = 2048
     rotary_base: float = 10000.0
@@ -48,10 +48,21 @@ class RetroConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # fields renamed since a release: old name -> new name (saved configs use the old one)
+    RENAMED = {"neighbours": "num_neighbours"}
+
     @classmethod
     def from_dict(cls, d: dict) -> "RetroConfig":
-        """The inverse of to_dict (a checkpoint's config); an unknown field is a RetroError naming it."""
-        return cls(**check_config_fields(d, "the checkpoint's model config:"))
+        """The inverse of to_dict (a checkpoint's config, the old names of RENAMED fields accepted);
+        an unknown field is a RetroError naming it."""
+        label = "the checkpoint's model config:"
+        d = dict(d)
+        for old, new in cls.RENAMED.items():
+            if old in d:
+                if new in d:
+                    raise RetroError(f"{label} both {old!r} and its new name {new!r}; keep one")
+                d[new] = d.pop(old)
+        return cls(**check_config_fields(d, label))
 
 
 def _paper(dim, ff, heads, head_dim, depth) -> dict:
@@ -84,7 +95,7 @@ def check_preset(name) -> str:
 
 
 # ranges of RetroConfig's numeric fields beyond "integers >= 1" and "numbers > 0"
-_FIELD_RANGE = {"neighbours": dict(low=1, high=MAX_NEIGHBOURS),
+_FIELD_RANGE = {"num_neighbours": dict(low=1, high=MAX_NEIGHBOURS),
                 "dropout": dict(low=0, high=1, high_open=True)}
 
 

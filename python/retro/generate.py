@@ -82,7 +82,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str], max_new_tok
     if tok is None:
         raise RetroError("generate without a retriever needs tokenizer= (the database's tokenizer)")
     cfg, m = model.cfg, model.cfg.chunk_size
-    k = k or cfg.neighbours
+    k = k or cfg.num_neighbours
     device = next(model.parameters()).device
     encoded = [np.asarray(t, dtype=np.int64) for t in tok.encode(prompts)]
     if any(len(t) == 0 for t in encoded):

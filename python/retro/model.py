@@ -297,7 +297,7 @@ class RetroModel(nn.Module):
         trains with)."""
         p = next(self.parameters())
         device, dtype = torch.device(device or p.device), dtype or p.dtype
-        k = self.cfg.neighbours if num_neighbours is None else num_neighbours
+        k = self.cfg.num_neighbours if num_neighbours is None else num_neighbours
         if self._compiled_step is None:
             return self._new_state(batch, max_len, device, dtype, k)
         # Compiled: static caches, as CUDA graphs need. One set per shape, reset in place, so the

@@ -215,7 +215,7 @@ class RetrofitState:
         cfg = model.cfg
         heads = {i: (cca.heads, cca.head_dim) for i, cca in model.cca_modules().items()}
         self.neighbour_cache = NeighbourCache(heads, batch, cfg.chunk_size, model.base.config.hidden_size,
-                                              cfg.neighbours if num_neighbours is None else num_neighbours,
+                                              cfg.num_neighbours if num_neighbours is None else num_neighbours,
                                               cfg.neighbour_len, device, dtype)
         self.pos = torch.zeros(batch, dtype=torch.long)
         self.caches = [None] * batch
@@ -246,7 +246,7 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     positions = getattr(hf_model.config, "n_positions", None) or getattr(hf_model.config, "max_position_embeddings", 2048)
     cfg = RetroConfig(vocab_size=hf_model.config.vocab_size, dim=hidden, depth=depth, heads=heads, head_dim=head_dim,
                       ff_dim=4 * hidden, chunk_size=chunk_size, cca_layers=layers, enc_dim=enc["dim"],
-                      enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, neighbours=k,
+                      enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, num_neighbours=k,
                       backend=backend, max_seq_len=min(max_seq_len or 2048, positions))
     return RetrofittedLM(hf_model, cfg, base_name)
 
@@ -270,7 +270,7 @@ def retrofit_factory(base: str, cca_layers=None):
         if hf.config.vocab_size < db.tokenizer.vocab_size:
             raise RetroError(f"the database's tokenizer has {db.tokenizer.vocab_size} tokens but {base!r} only "
                              f"{hf.config.vocab_size}: build the database with --tokenizer {base}")
-        return retrofit(hf, cca_layers, k=cfg.neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
+        return retrofit(hf, cca_layers, k=cfg.num_neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
                         base_name=base, max_seq_len=cfg.max_seq_len)
     return factory
 
