@@ -54,7 +54,8 @@ class NeighbourCache:
 
     def read(self, i: int, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """CCA layer i's cached keys, values and mask (of `rows`, default all)."""
-        rows = slice(None) if rows is None else rows
+        if rows is None:  # the tensors themselves (no views to make at every step)
+            return self.kv[i][0], self.kv[i][1], self.mask
         return self.kv[i][0][rows], self.kv[i][1][rows], self.mask[rows]
 
     def store(self, rows: Tensor, kv: dict[int, tuple[Tensor, Tensor]], mask: Tensor) -> None:

@@ -101,16 +101,23 @@ class DecoderLayer(nn.Module):
         encoded neighbours (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None), for a step
         this layer's cached (keys, values, mask). part: "whole"; the first CCA layer runs as
         "attention" (returns H, the encoder's input) then "rest" (CCA and feed-forward on H)."""
+        # dropout only where it acts: in evaluation (every decoding step) it is the identity, and
+        # three module calls per layer and step are a measurable part of a small model's step
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
         if part != "rest":
-            x = x + self.drop(self.attn(self.attn_norm(x), positions, kv))
+            x = x + drop(self.attn(self.attn_norm(x), positions, kv))
             if part == "attention":
                 return x
         if self.cca is not None and neighbours is not None:
             if positions is None:
-                x = x + self.drop(self.cca(self.cca_norm(x), *neighbours))
+                x = x + drop(self.cca(self.cca_norm(x), *neighbours))
             else:
-                x = x + self.drop(self.cca.step(self.cca_norm(x), positions, *neighbours))
-        return x + self.drop(self.ff(self.ff_norm(x)))
+                x = x + drop(self.cca.step(self.cca_norm(x), positions, *neighbours))
+        return x + drop(self.ff(self.ff_norm(x)))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def store_encoded_neighbours(cache: NeighbourCache, cca_modules: dict[int, ChunkedCrossAttention], rows: Tensor,
