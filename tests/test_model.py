@@ -162,3 +162,51 @@ def test_compiled_decoding_step_gives_the_eager_greedy_tokens():
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+def greedy_logits(model, tokens, nb, mask, prompts, steps, m=4):
+    """As greedy_decode, also returning the logits -> tokens (B, steps + 1), logits (B, steps + 1, V)."""
+    B = len(prompts)
+    state = model.new_state(B, 32)
+    logits = [model.prefill(state, tokens[:, :max(prompts)], nb, mask, prompts)]
+    out = [logits[-1].argmax(-1)]
+    for _ in range(steps):
+        pos = state.pos.tolist()
+        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+        logits.append(model.step(state, out[-1], new))
+        out.append(logits[-1].argmax(-1))
+    return torch.stack(out, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("backend,qk_norm", [("cpu", True), ("reference", False)])
+def test_batch_prefill_equals_row_by_row_prefill(backend, qk_norm):
+    """Greedy generation of prompts of every length mod m prefilled in one batch (right padding)
+    gives each row's tokens of that prompt prefilled and decoded alone (batch 1); the logits differ
+    only by float rounding (batched matmuls round differently from single-row ones): in float32 by
+    no more than a few times the float32 model's own error against float64, and in float64 likewise
+    (the float64 bound: the same factor on float64's eps relative to float32's)."""
+    torch.manual_seed(0)
+    # random weights everywhere (no copy prior, whose zero encoder outputs ignore the chunk states)
+    model = RetroModel(tiny(backend=backend, qk_norm=qk_norm, copy_prior=False)).eval()
+    exact_model = RetroModel(tiny(backend=backend, qk_norm=qk_norm, copy_prior=False)).double().eval()
+    exact_model.load_state_dict(model.state_dict())
+    prompts = [3, 4, 5, 8, 10, 11]
+    tok, nb, mask = inputs(B=len(prompts), n=32, K=2)
+
+    def row_by_row(model):
+        runs = [greedy_logits(model, tok[r:r + 1], nb[r:r + 1], mask[r:r + 1], [p], 12) for r, p in enumerate(prompts)]
+        return torch.cat([t for t, _ in runs]), torch.cat([lg for _, lg in runs])
+
+    with torch.no_grad():
+        tokens, logits = greedy_logits(model, tok, nb, mask, prompts, 12)
+        rows, row_logits = row_by_row(model)
+        exact_tokens, exact = row_by_row(exact_model)
+        tokens64, logits64 = greedy_logits(exact_model, tok, nb, mask, prompts, 12)
+    assert torch.equal(rows, exact_tokens)  # the greedy path is not decided by rounding
+    assert logits.abs().amin(-1).max() > 0 and tokens.unique().numel() > 5  # real logits, varied tokens
+    assert torch.equal(tokens, rows) and torch.equal(tokens64, exact_tokens)
+    rounding = (row_logits.double() - exact).abs().max()  # float32's own error
+    assert rounding > 0
+    assert (logits - row_logits).abs().max() <= 4 * rounding
+    eps_ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    assert (logits64 - exact).abs().max() <= 4 * rounding * eps_ratio
