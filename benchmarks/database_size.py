@@ -36,7 +36,7 @@ def main() -> None:
     from retro.train import load_model
 
     model, state = load_model(a.run, device=a.device)
-    a.k = a.k or model.cfg.neighbours
+    a.k = a.k or model.cfg.num_neighbours
     retriever = Retriever.load(a.db, device=a.device)
     db = retriever.db
     base = prepare(retriever, a.k, seq_len=model.cfg.max_seq_len, retrieval=False)

@@ -45,7 +45,7 @@ def decode_backend(model, batch: int, dtype) -> str:
     """The backends a decoding step of this model runs at `batch` (the CCA decode op and the
     encoder's ops, each op's own resolution); refuses a fallback: the rows measure fused kernels."""
     cfg = model.cfg
-    ran = model_backends(model, batch, 1, cfg.neighbours, cfg.neighbour_len, dtype, decode=True)
+    ran = model_backends(model, batch, 1, cfg.num_neighbours, cfg.neighbour_len, dtype, decode=True)
     return backend_column(require_fused(f"decode batch {batch}", ran))
 
 
@@ -64,7 +64,7 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = preset(name, vocab_size=32000, max_seq_len=max(2048, steps + 1))
     model = RetroModel(cfg).to(device=device, dtype=dtype).eval()
-    m, K, R = cfg.chunk_size, cfg.neighbours, cfg.neighbour_len
+    m, K, R = cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len
     rows = []
     for batch in (int(b) for b in a.batches.split(",")):
         L = steps // m + 1

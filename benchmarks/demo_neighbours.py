@@ -45,7 +45,7 @@ def step_seconds(config, variants: dict, batch: int, seq_chunks: int, steps: int
     tokens, targets = torch.randint(0, vocab, (batch, n)), torch.randint(0, vocab, (batch, n))
     setups = {}
     for name, (k, over) in {"baseline": (1, {}), **variants}.items():
-        model = RetroModel(type(config).from_dict({**config.to_dict(), "neighbours": k, **over}))
+        model = RetroModel(type(config).from_dict({**config.to_dict(), "num_neighbours": k, **over}))
         neighbours = (None if name == "baseline"
                       else torch.randint(0, vocab, (batch, seq_chunks, k, 2 * config.chunk_size)))
         setups[name] = (model, neighbours, torch.optim.AdamW(model.parameters(), lr=1e-4))

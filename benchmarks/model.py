@@ -48,7 +48,7 @@ def variant_backends(label: str, model, fused: bool, use_neighbours: bool, batch
     if not use_neighbours:
         return NO_RETRIEVAL
     cfg = model.cfg
-    ran = model_backends(model, batch, chunks, cfg.neighbours, cfg.neighbour_len, dtype, decode=decode)
+    ran = model_backends(model, batch, chunks, cfg.num_neighbours, cfg.neighbour_len, dtype, decode=decode)
     return backend_column(require_fused(label, ran) if fused else ran)
 
 
@@ -74,7 +74,7 @@ def main(argv=None):
         torch.manual_seed(0)
         cfg = preset(name, vocab_size=32000, backend=backend, max_seq_len=L * 64)
         model = RetroModel(cfg).to(device)
-        m, K, R = cfg.chunk_size, cfg.neighbours, cfg.neighbour_len
+        m, K, R = cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len
         tokens = torch.randint(0, cfg.vocab_size, (B, L * m), device=device)
         nb = torch.randint(0, cfg.vocab_size, (B, L, K, R), device=device)
         mask = torch.rand(B, L, K, R, device=device) > 0.05

@@ -10,7 +10,7 @@ cross-entropy per token with neighbours (ON) and without (OFF).
 
 A variant is a "+"-joined list of parts on top of the `tiny` preset:
   base         the tiny preset as configured (RetroConfig defaults)
-  qk, smear, encln, copyinit  RetroConfig qk_norm / smear_keys / encoder_input_norm / copy_init on,
+  qk, smear, encln, copyinit  RetroConfig qk_norm / smear_keys / encoder_input_norm / copy_prior on,
   noqk, nosmear, noencln, nocopyinit  ... off
   norope       RetroConfig cca_rotary off (no relative positions between queries and neighbours)
   rlr=X        retrieval_lr_scale X (the encoder and CCA blocks at X times the learning rate)
@@ -117,8 +117,8 @@ def lucidrains_model(cfg, pad_id: int):
 
 CONFIG_PARTS = {"qk": ("qk_norm", True), "smear": ("smear_keys", True), "encln": ("encoder_input_norm", True),
                 "noencln": ("encoder_input_norm", False), "norope": ("cca_rotary", False),
-                "noqk": ("qk_norm", False), "nosmear": ("smear_keys", False), "copyinit": ("copy_init", True),
-                "nocopyinit": ("copy_init", False)}
+                "noqk": ("qk_norm", False), "nosmear": ("smear_keys", False), "copyinit": ("copy_prior", True),
+                "nocopyinit": ("copy_prior", False)}
 
 
 def parse_variant(name: str, lr: float) -> tuple[dict, dict, set]:
@@ -308,7 +308,7 @@ def main() -> None:
 
 NOTES = ["ON/OFF: cross-entropy of held-out tokens from position m-1 on, with / without the retrieved neighbours",
          "parts: base = RetroConfig defaults; qk/smear/encln/copyinit = qk_norm/smear_keys/encoder_input_norm/"
-         "copy_init (no... = off); norope = cca_rotary off; rlr = retrieval_lr_scale; gpt2init = every linear at "
+         "copy_prior (no... = off); norope = cca_rotary off; rlr = retrieval_lr_scale; gpt2init = every linear at "
          "N(0, 0.02)"]
 
 

@@ -56,7 +56,7 @@ def synthetic_batch(cfg, batch: int, chunks: int, retrieval: bool, device) -> Si
     """tokens, targets (batch, n = chunks * m); neighbours, neighbour_mask (batch, chunks, k, r),
     None without retrieval; 5% of the neighbour tokens are padding."""
     g = torch.Generator().manual_seed(0)
-    n, K, R = chunks * cfg.chunk_size, cfg.neighbours, cfg.neighbour_len
+    n, K, R = chunks * cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len
     tokens = torch.randint(0, cfg.vocab_size, (batch, n + 1), generator=g)
     neighbours = torch.randint(0, cfg.vocab_size, (batch, chunks, K, R), generator=g) if retrieval else None
     mask = torch.rand(batch, chunks, K, R, generator=g) > 0.05 if retrieval else None
@@ -74,7 +74,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     cfg = preset(name, vocab_size=32000, max_seq_len=chunks * PRESETS[name].get("chunk_size", 64))
     model = RetroModel(cfg).to(device).train()
     # what the retrieval ops run (backend "auto"; queries in bf16 under autocast): recorded, not assumed
-    ran = backend_column(model_backends(model, batch, chunks, cfg.neighbours, cfg.neighbour_len,
+    ran = backend_column(model_backends(model, batch, chunks, cfg.num_neighbours, cfg.neighbour_len,
                                         torch.bfloat16 if bf16 else torch.float32)) if retrieval else NO_RETRIEVAL
     compiled = mode == "compile"
     if compiled:

@@ -266,7 +266,7 @@ def test_model_benchmark_records_and_refuses(monkeypatch):
     cfg = model.cfg
     kernels(monkeypatch)
     for decode in (False, True):
-        ran = harness.model_backends(model, 2, 4, cfg.neighbours, cfg.neighbour_len, torch.float32, decode=decode)
+        ran = harness.model_backends(model, 2, 4, cfg.num_neighbours, cfg.neighbour_len, torch.float32, decode=decode)
         cca = DECODE if decode else "chunked_cross_attention"
         assert ran == {cca: "cpu", "neighbour_cross_attention": "cpu", "neighbour_self_attention": "cpu"}
         assert variant_backends(FUSED_VARIANT, model, True, True, 2, 4, torch.float32, decode) == "cpu"

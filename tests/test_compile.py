@@ -25,7 +25,7 @@ SMALL = dict(vocab_size=300, chunk_size=16, dim=32, ff_dim=64, heads=2, head_dim
 def inputs(cfg, batch=2, chunks=4, seed=1):
     """tokens and targets (B, n), neighbours (B, L, K, R) and a mask with some padding."""
     g = torch.Generator().manual_seed(seed)
-    n, K, R = chunks * cfg.chunk_size, cfg.neighbours, cfg.neighbour_len
+    n, K, R = chunks * cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len
     tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=g)
     targets = torch.randint(0, cfg.vocab_size, (batch, n), generator=g)
     neighbours = torch.randint(0, cfg.vocab_size, (batch, chunks, K, R), generator=g)
@@ -191,7 +191,7 @@ def test_flop_formula_equals_a_direct_count(encoder, retrieval):
     enc = dict(enc_dim=32, enc_heads=2, enc_head_dim=16) if encoder == "same width" else \
         dict(enc_dim=24, enc_heads=3, enc_head_dim=8)
     cfg = preset("tiny", vocab_size=300, chunk_size=8, dim=32, ff_dim=72, heads=2, head_dim=12, depth=3,
-                 cca_layers=(1, 2), neighbours=3, max_seq_len=64, backend="reference", **enc)
+                 cca_layers=(1, 2), num_neighbours=3, max_seq_len=64, backend="reference", **enc)
     model = RetroModel(cfg)
     batch = inputs(cfg, batch=2, chunks=3)
     tokens = batch.tokens.numel()

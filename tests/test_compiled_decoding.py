@@ -21,7 +21,7 @@ def test_compiled_decoding_keeps_one_set_of_caches_per_shape_and_resets_it():
     model.compile_decoding()
     first = model.new_state(2, 16)
     with torch.no_grad():
-        model.prefill(first, 0, tok[0, :9], nb[0, :2], mask[0, :2])
+        model.prefill(first, tok[:, :9], nb[:, :2], mask[:, :2], [9, 6])
     assert any(t.abs().sum() > 0 for t in first.tensors()[1:])  # the prefill wrote them
     second = model.new_state(2, 16)
     assert [t.data_ptr() for t in second.tensors()] == [t.data_ptr() for t in first.tensors()]

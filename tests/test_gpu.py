@@ -133,8 +133,7 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
 
     def generation(model):
         state = model.new_state(B, 128)
-        out = [torch.stack([model.prefill(state, r, tokens[r, :p], nb[r, :p // m] if p >= m else None,
-                                          mask[r, :p // m] if p >= m else None) for r, p in enumerate(prompts)])]
+        out = [model.prefill(state, tokens[:, :max(prompts)], nb, mask, prompts)]
         for _ in range(steps):
             pos = state.pos.tolist()
             new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}

@@ -3,7 +3,9 @@ full forward pass across chunk boundaries (float64)."""
 import pytest
 import torch
 
-from retro.model import PRESETS, RetroModel, paper_cca_layers, preset
+from retro.config import PRESETS, RetroConfig, paper_cca_layers, preset
+from retro.errors import RetroError
+from retro.model import RetroModel
 
 
 def tiny(**kw):
@@ -71,24 +73,38 @@ def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
     torch.manual_seed(0)
     model = RetroModel(tiny(backend=backend, qk_norm=qk_norm)).double().eval()
     m = 4
-    tok, nb, mask = inputs(K=K)
+    # every prompt length mod m: 4 and 8 end a chunk (n % m == 0), 3 and 11 stop one token before
+    # one completes (n % m == m - 1: the first step encodes it), 5 and 10 stop inside one
+    prompts = [3, 4, 5, 8, 10, 11]
+    B = len(prompts)
+    tok, nb, mask = inputs(B=B, K=K)
     full = model(tok, nb, mask)
-    prompts = [3, 9]  # row 0 stops before its first chunk completes, row 1 inside chunk 2
-    state = model.new_state(2, 32, neighbours=K)
-    logits = {}
-    for row, p in enumerate(prompts):
-        chunks = p // m
-        logits[(row, p - 1)] = model.prefill(state, row, tok[row, :p], nb[row, :chunks] if chunks else None,
-                                             mask[row, :chunks] if chunks else None)
-    for _ in range(14):
+    state = model.new_state(B, 32, num_neighbours=K)
+    first = model.prefill(state, tok[:, :max(prompts)], nb, mask, prompts)  # one pass, right padding
+    logits = {(r, p - 1): first[r] for r, p in enumerate(prompts)}
+    for t_step in range(12):
         pos = state.pos.tolist()
-        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(2) if pos[r] % m == m - 1}
-        out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(2)]), new)
-        for r in range(2):
+        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+        out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(B)]), new)
+        for r in range(B):
             logits[(r, pos[r])] = out[r]
+    assert {p % m for p in prompts} == set(range(m))
     for (r, t), got in logits.items():
         torch.testing.assert_close(got, full[r, t], rtol=1e-10, atol=1e-10)
-    assert len(logits) == 30
+    assert len(logits) == 13 * B
+
+
+def test_saved_configs_with_the_old_neighbours_key_load():
+    """cfg.num_neighbours was saved as "neighbours" by older checkpoints: from_dict reads both names."""
+    cfg = tiny(num_neighbours=3)
+    assert RetroConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    old["neighbours"] = old.pop("num_neighbours")
+    assert RetroConfig.from_dict(old) == cfg and RetroConfig.from_dict(old).num_neighbours == 3
+    with pytest.raises(RetroError, match="both 'neighbours' and its new name 'num_neighbours'"):
+        RetroConfig.from_dict({**old, "num_neighbours": 3})
+    with pytest.raises(RetroError, match="num_neighbours"):
+        RetroConfig.from_dict({**old, "neighbours": 0})  # the old key is checked as the new field
 
 
 def test_bad_config_is_named():
@@ -122,9 +138,7 @@ def greedy_decode(model, tokens, nb, mask, prompts, steps, m=4):
     completed chunk, as in generation -> tokens (B, steps + 1)."""
     B = len(prompts)
     state = model.new_state(B, 32)
-    logits = torch.stack([model.prefill(state, r, tokens[r, :p], nb[r, :p // m] if p >= m else None,
-                                        mask[r, :p // m] if p >= m else None) for r, p in enumerate(prompts)])
-    out = [logits.argmax(-1)]
+    out = [model.prefill(state, tokens[:, :max(prompts)], nb, mask, prompts).argmax(-1)]
     for _ in range(steps):
         pos = state.pos.tolist()
         new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
@@ -149,3 +163,51 @@ def test_compiled_decoding_step_gives_the_eager_greedy_tokens():
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+def greedy_logits(model, tokens, nb, mask, prompts, steps, m=4):
+    """As greedy_decode, also returning the logits -> tokens (B, steps + 1), logits (B, steps + 1, V)."""
+    B = len(prompts)
+    state = model.new_state(B, 32)
+    logits = [model.prefill(state, tokens[:, :max(prompts)], nb, mask, prompts)]
+    out = [logits[-1].argmax(-1)]
+    for _ in range(steps):
+        pos = state.pos.tolist()
+        new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
+        logits.append(model.step(state, out[-1], new))
+        out.append(logits[-1].argmax(-1))
+    return torch.stack(out, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("backend,qk_norm", [("cpu", True), ("reference", False)])
+def test_batch_prefill_equals_row_by_row_prefill(backend, qk_norm):
+    """Greedy generation of prompts of every length mod m prefilled in one batch (right padding)
+    gives each row's tokens of that prompt prefilled and decoded alone (batch 1); the logits differ
+    only by float rounding (batched matmuls round differently from single-row ones): in float32 by
+    no more than a few times the float32 model's own error against float64, and in float64 likewise
+    (the float64 bound: the same factor on float64's eps relative to float32's)."""
+    torch.manual_seed(0)
+    # random weights everywhere (no copy prior, whose zero encoder outputs ignore the chunk states)
+    model = RetroModel(tiny(backend=backend, qk_norm=qk_norm, copy_prior=False)).eval()
+    exact_model = RetroModel(tiny(backend=backend, qk_norm=qk_norm, copy_prior=False)).double().eval()
+    exact_model.load_state_dict(model.state_dict())
+    prompts = [3, 4, 5, 8, 10, 11]
+    tok, nb, mask = inputs(B=len(prompts), n=32, K=2)
+
+    def row_by_row(model):
+        runs = [greedy_logits(model, tok[r:r + 1], nb[r:r + 1], mask[r:r + 1], [p], 12) for r, p in enumerate(prompts)]
+        return torch.cat([t for t, _ in runs]), torch.cat([lg for _, lg in runs])
+
+    with torch.no_grad():
+        tokens, logits = greedy_logits(model, tok, nb, mask, prompts, 12)
+        rows, row_logits = row_by_row(model)
+        exact_tokens, exact = row_by_row(exact_model)
+        tokens64, logits64 = greedy_logits(exact_model, tok, nb, mask, prompts, 12)
+    assert torch.equal(rows, exact_tokens)  # the greedy path is not decided by rounding
+    assert logits.abs().amin(-1).max() > 0 and tokens.unique().numel() > 5  # real logits, varied tokens
+    assert torch.equal(tokens, rows) and torch.equal(tokens64, exact_tokens)
+    rounding = (row_logits.double() - exact).abs().max()  # float32's own error
+    assert rounding > 0
+    assert (logits - row_logits).abs().max() <= 4 * rounding
+    eps_ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    assert (logits64 - exact).abs().max() <= 4 * rounding * eps_ratio

@@ -43,6 +43,25 @@ def test_zero_initialised_retrofit_is_the_base_model(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_non_zero_cca_reads_the_neighbours_from_the_first_complete_chunk(family):
+    """With non-zero CCA output weights the retrofitted model differs from the base exactly where
+    CCA reads neighbours (from position m - 1 on), depends on which neighbours it gets, and equals
+    the base before that and without neighbours."""
+    torch.manual_seed(0)
+    hf = MODELS[family]().double().eval()
+    model = retrofit(hf, chunk_size=4, backend="cpu", encoder=dict(dim=24, head_dim=12)).double().eval()
+    with torch.no_grad():
+        for layer in model.cca.values():
+            layer.to_out.weight.normal_(0, 0.5)
+    tokens, nb, mask = data()
+    base, on = hf(tokens).logits, model(tokens, nb, mask)
+    torch.testing.assert_close(on[:, :3], base[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens), base, rtol=0, atol=0)
+    assert (on[:, 3:] - base[:, 3:]).abs().amax(-1).min() > 1e-6  # every position that reads neighbours
+    assert (model(tokens, nb.flip(0), mask.flip(0))[:, 3:] - on[:, 3:]).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_only_new_weights_learn_and_decoding_matches(family):
     torch.manual_seed(0)
     hf = MODELS[family]().double()
@@ -59,18 +78,18 @@ def test_only_new_weights_learn_and_decoding_matches(family):
             p.normal_(0, 0.1)
     model.eval()
     full = model(tokens, nb, mask)
-    state = model.new_state(2, 40)
-    got = {}
-    for row, p in enumerate([3, 9]):
-        c = p // 4
-        got[(row, p - 1)] = model.prefill(state, row, tokens[row, :p], nb[row, :c] if c else None,
-                                          mask[row, :c] if c else None)
+    prompts = [3, 4, 9, 10]  # every length mod m = 4
+    tokens, nb, mask = (torch.cat([t, t]) for t in (tokens, nb, mask))
+    state = model.new_state(4, 40)
+    first = model.prefill(state, tokens[:, :10], nb, mask, prompts)
+    got = {(r, p - 1): first[r] for r, p in enumerate(prompts)}
     for _ in range(12):
         pos = state.pos.tolist()
-        new_nb = {r: (nb[r, pos[r] // 4], mask[r, pos[r] // 4]) for r in range(2) if pos[r] % 4 == 3}
-        out = model.step(state, torch.stack([tokens[r, pos[r]] for r in range(2)]), new_nb)
-        for r in range(2):
+        new_nb = {r: (nb[r, pos[r] // 4], mask[r, pos[r] // 4]) for r in range(4) if pos[r] % 4 == 3}
+        out = model.step(state, torch.stack([tokens[r, pos[r]] for r in range(4)]), new_nb)
+        for r in range(4):
             got[(r, pos[r])] = out[r]
+    full = torch.cat([full, full])
     for (r, t), logits in got.items():
         torch.testing.assert_close(logits, full[r, t], rtol=1e-9, atol=1e-9)
 

@@ -101,7 +101,7 @@ def test_smollm2_retrofit_matches_base_trains_and_decodes(gguf_path, tmp_path):
             p.normal_(0, 0.05)
         full = model(tokens, nb, mask)[0]
         state = model.new_state(1, tokens.shape[1])
-        got = [model.prefill(state, 0, tokens[0, :M - 2])]
+        got = [model.prefill(state, tokens[:1, :M - 2])[0]]
         for t in range(M - 2, tokens.shape[1]):
             u = t // M
             new = {0: (nb[0, u], mask[0, u])} if t % M == M - 1 else {}

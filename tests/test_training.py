@@ -193,7 +193,7 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, m
     plain = len(calls)
     calls.clear()
     train(opts(db, tmp_path / "ckpt", steps=3, checkpointing=True), log=lambda *_: None)
-    assert plain == 3 * SMALL["depth"] and len(calls) == 2 * plain
+    assert plain == 3 * (SMALL["depth"] + 1) and len(calls) == 2 * plain
     assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
 
 
@@ -288,7 +288,7 @@ def test_retrieval_parameters_are_those_of_the_retrieval_path():
                  enc_heads=2, enc_head_dim=12, depth=3, cca_layers=(1, 2), max_seq_len=32, backend="reference",
                  encoder_input_norm=True)
     model = RetroModel(cfg)
-    retrieval = retrieval_path_parameters(model, cfg.vocab_size, cfg.chunk_size, cfg.neighbours)
+    retrieval = retrieval_path_parameters(model, cfg.vocab_size, cfg.chunk_size, cfg.num_neighbours)
     parts = {n.split(".")[0] if not n.startswith("layers.") else n.split(".")[2] for n in retrieval}
     assert parts == {"encoder", "to_encoder", "encoder_in_norm", "cca", "cca_norm"}, parts
     names = [n for n, _ in model.named_parameters()]

@@ -1,7 +1,7 @@
 // The op schemas of retro_kernels (one TORCH_LIBRARY for the whole package) and the pybind11
 // module `retro_kernels._C` that loads them. Kernels register per device in cpu_ops.cpp and
 // csrc/torch_cuda/; fake (meta) implementations and autograd live in Python beside the ops'
-// description (retro_kernels/ops/block_attention/compiled.py), as in pytorch/extension-cpp.
+// description (retro_kernels/ops/block_attention/native_ops.py), as in pytorch/extension-cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ TORCH_LIBRARY(retro_kernels, m) {
   // this module: torch.library.register_fake checks that it is the one named here, and a fake
   // tensor reaching an op before it is imported gets an error that says to import it.
   // (set_python_module replaces the deprecated impl_abstract_pystub.)
-  m.set_python_module("retro_kernels.ops.block_attention.compiled");
+  m.set_python_module("retro_kernels.ops.block_attention.native_ops");
   // Block-local attention (retro_kernels/ops/block_attention/layouts.py): row prefix_rows + g * q_rows + i of
   // q (B, rows, H, D) attends to the keys of group g of k/v (B, key_groups, keys, H, D) under
   // one softmax, masked by key_mask (B, key_groups, keys) bool (True = real key); rows before

@@ -133,7 +133,7 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
 
     retriever = Retriever.load(o.db, device=o.device)
     model, _ = load_model(o.run, device=o.device, db=retriever.db)
-    k = o.k if o.k is not None else model.cfg.neighbours
+    k = o.k if o.k is not None else model.cfg.num_neighbours
     if o.overlap:
         from .evaluate_overlap import overlap_report
 

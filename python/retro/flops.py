@@ -57,7 +57,7 @@ def forward_flops_per_token(cfg: RetroConfig, seq_len: int, retrieval: bool = Tr
     flops = cfg.depth * (8 * d * a + 4 * d * f + 4 * n * a) + 2 * d * V
     if not retrieval:
         return flops
-    k, r, e = cfg.neighbours, cfg.neighbour_len, cfg.enc_dim
+    k, r, e = cfg.num_neighbours, cfg.neighbour_len, cfg.enc_dim
     b, cross = cfg.enc_heads * cfg.enc_head_dim, 1
     per_token_neighbours = k * r // m  # = 2k
     flops += len(cfg.cca_layers) * (4 * d * a + 4 * k * r * a + per_token_neighbours * 4 * e * a)

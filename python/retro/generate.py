@@ -87,7 +87,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str],
     if tok is None:
         raise RetroError("generate without a retriever needs tokenizer= (the database's tokenizer)")
     cfg, m = model.cfg, model.cfg.chunk_size
-    k = k or cfg.neighbours
+    k = k or cfg.num_neighbours
     device = next(model.parameters()).device
     encoded = [np.asarray(t, dtype=np.int64) for t in tok.encode(prompts)]
     if any(len(t) == 0 for t in encoded):
@@ -98,20 +98,27 @@ def generate(model, retriever: Retriever | None, prompts: list[str],
             raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
         model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
-    state = model.new_state(len(prompts), max_len, neighbours=k)
+    state = model.new_state(len(prompts), max_len, num_neighbours=k)
     gens = [Generation(p, "", []) for p in prompts]
     history = [list(t) for t in encoded]
-    logits = []
+    lengths = [len(t) for t in encoded]
+    tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # right padding
     for row, t in enumerate(encoded):
-        chunks = len(t) // m
-        nb = mask = None
-        if retriever is not None and chunks:
-            nb, mask, ids = _retrieve(retriever, [t[u * m:(u + 1) * m] for u in range(chunks)], k, device)
-            for u in range(chunks):
-                gens[row].retrieved.append({"chunk": u, "ids": ids[u].tolist()})
-        logits.append(model.prefill(state, row, torch.as_tensor(t, device=device), nb, mask))
+        tokens[row, :len(t)] = torch.as_tensor(t, device=device)
+    nb = mask = None
+    if retriever is not None and max(lengths) >= m:  # the neighbours of every row's complete chunks
+        L, R = max(lengths) // m, 2 * m
+        nb = torch.zeros(len(prompts), L, k, R, dtype=torch.long, device=device)
+        mask = torch.ones(len(prompts), L, k, R, dtype=torch.bool, device=device)  # padding chunks: finite states
+        for row, t in enumerate(encoded):
+            chunks = len(t) // m
+            if chunks:
+                nb[row, :chunks], mask[row, :chunks], ids = _retrieve(
+                    retriever, [t[u * m:(u + 1) * m] for u in range(chunks)], k, device)
+                gens[row].retrieved += [{"chunk": u, "ids": ids[u].tolist()} for u in range(chunks)]
+    logits = model.prefill(state, tokens, nb, mask, lengths)
     gen = torch.Generator().manual_seed(seed)
-    nxt = sample(torch.stack(logits), temperature, top_k, top_p, gen)
+    nxt = sample(logits, temperature, top_k, top_p, gen)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):
         for row in range(len(prompts)):

@@ -1,22 +1,22 @@
 """The RETRO model (Borgeaud et al. 2021, arXiv 2112.04426), readable in one sitting.
 
-A decoder of pre-norm blocks: self-attention (rotary, SDPA, causal) -> chunked cross-attention
-(in the layers `cca_layers`) -> feed-forward. The neighbour encoder runs once, inside the first
-CCA layer, on the hidden states there: E_u = Encoder(RET(C_u), H_u). Without neighbours the
-model is RETRO[OFF]: the CCA blocks leave the residual stream untouched.
+A decoder of pre-norm layers: self-attention (rotary, causal) -> chunked cross-attention (in the
+layers cfg.cca_layers) -> feed-forward. The neighbour encoder runs once, called by the model
+between the first CCA layer's self-attention and its CCA, on the hidden states there:
+E_u = Encoder(RET(C_u), H_u). Without neighbours the model is RETRO[OFF]: the CCA blocks leave
+the residual stream untouched.
 
-Decoding (`prefill`, `step`): each DecoderLayer has `step`, its CCA block
-ChunkedCrossAttention.step; the caches are preallocated and written in place (KVCache for
-self-attention, NeighbourCache for what CCA reads: when a chunk completes, its neighbours are
-encoded once and each CCA layer caches their keys/values for the next window). The step is two
-static-shape halves around that encoding, which compile_decoding() hands to torch.compile; on a
-GPU (mode "reduce-overhead") each half is a CUDA graph, recorded once per cache shape.
+One code path for training, prefill and decoding: every layer has one forward(x, positions, kv,
+neighbours), where positions None is a whole sequence from position 0 (training; a prefill also
+writes the caches) and positions (B,) one token per sequence (a decoding step against the
+caches). The caches (cache.py) are passive storage; the model computes what goes in them
+(`keep_after_prefill`, `store_encoded_neighbours`). A step is two static-shape halves around the
+eager encoder, which compile_decoding() hands to torch.compile; on a GPU (mode
+"reduce-overhead") each half is a CUDA graph, recorded once per cache shape.
 """
 from __future__ import annotations
 
 import copy
-import typing
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -25,126 +25,13 @@ from torch import Tensor, nn
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
 from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 
-from .checks import MAX_NEIGHBOURS, check_float, check_int
+from .cache import DecodeState, KVCache, NeighbourCache
+from .config import PRESETS, RetroConfig, check_config_fields, check_preset, paper_cca_layers, preset  # noqa: F401
 from .errors import RetroError
 
-
-def paper_cca_layers(depth: int, start: int = 6, every: int = 3) -> tuple[int, ...]:
-    """0-based CCA layers: the paper's layers 6, 9, 12, ... (1-based); for a model too shallow for
-    layer 6, every 3rd layer counted back from the last."""
-    layers = tuple(range(start - 1, depth, every))
-    return layers or tuple(range(depth - 1, -1, -every))[::-1]
-
-
-@dataclass
-class RetroConfig:
-    vocab_size: int = 8000
-    dim: int = 896
-    depth: int = 12
-    heads: int = 16
-    head_dim: int = 64
-    ff_dim: int = 3584
-    chunk_size: int = 64
-    cca_layers: tuple[int, ...] = field(default_factory=lambda: paper_cca_layers(12))
-    enc_dim: int = 896
-    enc_depth: int = 2
-    enc_heads: int = 14
-    enc_head_dim: int = 64
-    neighbours: int = 2           # k
-    dropout: float = 0.0
-    max_seq_len: int = 2048
-    rotary_base: float = 10000.0
-    qk_norm: bool = True          # CCA: unit-length queries/keys times a learned gain (learns to read sooner)
-    smear_keys: bool = True       # CCA: each neighbour key mixed with the previous token's (copying in one step)
-    copy_init: bool = True        # initialise the encoder and CCA blocks as a copying circuit (RetroModel.copy_prior)
-    encoder_input_norm: bool = True  # LayerNorm on the embedded neighbour tokens entering the encoder
-    cca_rotary: bool = True       # CCA: rotary relative positions between queries and neighbour tokens
-    backend: str = "auto"         # retro_kernels backend for CCA and the encoder
-
-    @property
-    def neighbour_len(self) -> int:  # r = 2m: [chunk, continuation]
-        return 2 * self.chunk_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    # fields added after the first release, with the value that reproduces older checkpoints
-    LEGACY = {"qk_norm": False, "smear_keys": False, "encoder_input_norm": False, "cca_rotary": True,
-              "copy_init": False}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RetroConfig":
-        d = {**cls.LEGACY, **d}
-        d["cca_layers"] = tuple(d["cca_layers"])
-        return cls(**d)
-
-
-def _paper(dim, ff, heads, head_dim, depth) -> dict:
-    return dict(dim=dim, ff_dim=ff, heads=heads, head_dim=head_dim, depth=depth, cca_layers=paper_cca_layers(depth))
-
-
-# Paper Table 2 sizes (RETRO 172M, 425M, 1.5B, 7.5B), 2-layer encoder of width 896 that
-# cross-attends in its first layer; "tiny" for tests and the CPU demo.
-PRESETS = {
-    "tiny": dict(dim=128, ff_dim=512, heads=4, head_dim=32, depth=4, cca_layers=(1, 3), enc_dim=128, enc_depth=2,
-                 enc_heads=4, enc_head_dim=32, max_seq_len=1024),
-    "172M": _paper(896, 3584, 16, 64, 12),
-    "425M": _paper(1536, 6144, 12, 128, 12),
-    "1.5B": _paper(2048, 8192, 16, 128, 24),
-    "7.5B": _paper(4096, 16384, 32, 128, 32),
-}
-
-
-def preset(name: str, **overrides) -> RetroConfig:
-    """The preset `name` with some fields replaced (checked by check_config_fields)."""
-    check_preset(name)
-    return RetroConfig(**{**PRESETS[name], **check_config_fields(overrides)})
-
-
-def check_preset(name) -> str:
-    """RetroError unless `name` is one of PRESETS (the error lists them)."""
-    if not isinstance(name, str) or name not in PRESETS:
-        raise RetroError(f"unknown config {name!r} (--config); expected one of the presets {', '.join(PRESETS)}")
-    return name
-
-
-# ranges of RetroConfig's numeric fields beyond "integers >= 1" and "numbers > 0"
-_FIELD_RANGE = {"neighbours": dict(low=1, high=MAX_NEIGHBOURS),
-                "dropout": dict(low=0, high=1, high_open=True)}
-
-
-def _check_field(name: str, key: str, hint, value):
-    """One RetroConfig field's value (`name` is how errors call it), converted where unambiguous
-    (a list or "1,3" to a tuple of layers, an int to a float); RetroError if it has the wrong
-    type or range."""
-    if hint is bool or hint is str:
-        if not isinstance(value, hint):
-            raise RetroError(f"{name} must be {'true or false' if hint is bool else 'a string'}, got {value!r}")
-        return value
-    if hint is int:
-        return check_int(name, value, **_FIELD_RANGE.get(key, dict(low=1)))
-    if hint is float:
-        return float(check_float(name, value, **_FIELD_RANGE.get(key, dict(low=0, low_open=True))))
-    if typing.get_origin(hint) is tuple:  # cca_layers
-        if isinstance(value, str):
-            value = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in value.split(",")]
-        if not isinstance(value, (list, tuple)) or not value:
-            raise RetroError(f"{name} must be a non-empty list of layer indices such as [1, 3], got {value!r}")
-        return tuple(check_int(name, v, 0) for v in value)
-    return value
-
-
-def check_config_fields(overrides: dict, label: str = "--set") -> dict:
-    """RetroConfig overrides checked against its fields and their types: an unknown field lists
-    the valid ones, a wrong type names the type expected. Returns them converted."""
-    hints = typing.get_type_hints(RetroConfig)
-    valid = [f.name for f in fields(RetroConfig)]
-    out = {}
-    for key, value in overrides.items():
-        if key not in hints:
-            raise RetroError(f"{label} {key}: unknown RetroConfig field; valid fields: {', '.join(valid)}")
-        out[key] = _check_field(f"{label} {key}", key, hints[key], value)
-    return out
+# (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None) for a sequence; the layer's cached
+# (keys, values, mask) from NeighbourCache.read for a step
+NeighbourInput = tuple
 
 
 class SelfAttention(nn.Module):
@@ -165,34 +52,35 @@ class SelfAttention(nn.Module):
     def _table(self, length: int, x: Tensor):
         return rotary_table(length, self.head_dim, self.base, x.device, torch.promote_types(x.dtype, torch.float32))
 
-    def forward(self, x: Tensor, kv: "KVCache | None" = None, row: int = 0) -> Tensor:
-        """x (B, n, dim) at positions 0 .. n-1 -> (B, n, dim), causal. With kv (a prefill, B = 1):
-        the keys/values of every position are kept in row `row` of kv."""
+    def forward(self, x: Tensor, positions: Tensor | None = None, kv: KVCache | None = None) -> Tensor:
+        """x (B, n, dim) -> (B, n, dim), causal.
+        positions None: the sequence at positions 0 .. n-1 (with kv, a prefill: its keys/values
+        are written to kv). positions (B,): one token per sequence (n = 1) at those positions,
+        attending to kv, which is updated in place."""
         B, n, _ = x.shape
-        cos, sin = self._table(n, x)
-        q, k, v = self._qkv(x, cos[None], sin[None])
-        if kv is not None:
-            kv.fill(row, k[0], v[0])
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(B, n, -1))
-
-    def step(self, x: Tensor, pos: Tensor, kv: "KVCache") -> Tensor:
-        """x (B, 1, dim) at positions pos (B,) -> (B, 1, dim), attending to kv (updated in place)."""
+        if positions is None:
+            cos, sin = self._table(n, x)
+            q, k, v = self._qkv(x, cos[None], sin[None])
+            if kv is not None:
+                kv.write(k, v)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            return self.out(o.transpose(1, 2).reshape(B, n, -1))
         cos, sin = self._table(kv.max_len, x)
-        q, k, v = self._qkv(x, cos[pos][:, None], sin[pos][:, None])
-        kv.update(pos, k[:, :, 0], v[:, :, 0])
-        seen = torch.arange(kv.max_len, device=x.device)[None, :] <= pos[:, None]  # (B, T)
+        q, k, v = self._qkv(x, cos[positions][:, None], sin[positions][:, None])
+        kv.write(k, v, positions)
+        seen = torch.arange(kv.max_len, device=x.device)[None, :] <= positions[:, None]  # (B, T)
         # One query per sequence: two small products. (SDPA with a mask picks cuDNN here, whose
         # per-call set-up costs milliseconds of CPU time, more than the whole step.)
         scores = (q @ kv.k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         scores = scores * self.head_dim ** -0.5  # (B, H, 1, T)
         o = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1).to(q.dtype) @ kv.v
-        return self.out(o.transpose(1, 2).reshape(x.shape[0], 1, -1))
+        return self.out(o.transpose(1, 2).reshape(B, 1, -1))
 
 
 class DecoderLayer(nn.Module):
     """Self-attention -> chunked cross-attention (if the layer has it) -> feed-forward, pre-norm,
-    residual around each. forward runs a whole sequence, step one token per sequence."""
+    residual around each."""
 
     def __init__(self, cfg: RetroConfig, index: int):
         super().__init__()
@@ -206,35 +94,77 @@ class DecoderLayer(nn.Module):
         self.ff_norm, self.ff = nn.LayerNorm(cfg.dim), FeedForward(cfg.dim, dropout=cfg.dropout, hidden=cfg.ff_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, enc: Tensor | None = None, mask: Tensor | None = None,
-                encode: "typing.Callable[[Tensor], tuple] | None" = None, kv: "KVCache | None" = None,
-                row: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x (B, n, dim) -> (x, enc, mask). enc (B, L, K, R, enc_dim), mask (B, L, K, R): the
-        encoded neighbours the CCA block reads. encode (the first CCA layer): a function of the
-        states H after self-attention returning (enc, mask), the encoder's run. kv, row: a prefill's
-        self-attention cache and row."""
-        x = x + self.drop(self.attn(self.attn_norm(x), kv, row))
-        if encode is not None:
-            enc, mask = encode(x)
-        if self.cca is not None and enc is not None:
-            x = x + self.drop(self.cca(self.cca_norm(x), enc, mask))
-        return x + self.drop(self.ff(self.ff_norm(x))), enc, mask
+    def forward(self, x: Tensor, positions: Tensor | None = None, kv: KVCache | None = None,
+                neighbours: NeighbourInput | None = None, part: str = "whole") -> Tensor:
+        """x (B, n, dim) -> (B, n, dim); positions and kv as SelfAttention's. neighbours: what the
+        CCA block reads, None for none (RETRO[OFF], or no complete chunk yet): for a sequence the
+        encoded neighbours (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None), for a step
+        this layer's cached (keys, values, mask). part: "whole"; the first CCA layer runs as
+        "attention" (returns H, the encoder's input) then "rest" (CCA and feed-forward on H)."""
+        # dropout only where it acts: in evaluation (every decoding step) it is the identity, and
+        # three module calls per layer and step are a measurable part of a small model's step
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
+        if part != "rest":
+            x = x + drop(self.attn(self.attn_norm(x), positions, kv))
+            if part == "attention":
+                return x
+        if self.cca is not None and neighbours is not None:
+            if positions is None:
+                x = x + drop(self.cca(self.cca_norm(x), *neighbours))
+            else:
+                x = x + drop(self.cca.step(self.cca_norm(x), positions, *neighbours))
+        return x + drop(self.ff(self.ff_norm(x)))
 
-    def step_attention(self, x: Tensor, pos: Tensor, kv: "KVCache") -> Tensor:
-        """The self-attention block of one decoding step: x (B, 1, dim) at positions pos (B,)."""
-        return x + self.attn.step(self.attn_norm(x), pos, kv)
 
-    def step_rest(self, x: Tensor, pos: Tensor, neighbours: "tuple[Tensor, Tensor, Tensor] | None") -> Tensor:
-        """The CCA (reading the cached neighbour keys, values and mask) and feed-forward blocks of
-        one decoding step."""
-        if self.cca is not None:
-            x = x + self.cca.step(self.cca_norm(x), pos, *neighbours)
-        return x + self.ff(self.ff_norm(x))
+def _identity(x: Tensor) -> Tensor:
+    return x
 
-    def step(self, x: Tensor, pos: Tensor, kv: "KVCache", neighbours=None) -> Tensor:
-        """One token per sequence: x (B, 1, dim) at positions pos (B,) -> (B, 1, dim); kv is
-        updated in place, neighbours = NeighbourCache.read(layer index) for a CCA layer."""
-        return self.step_rest(self.step_attention(x, pos, kv), pos, neighbours)
+
+def store_encoded_neighbours(cache: NeighbourCache, cca_modules: dict[int, ChunkedCrossAttention], rows: Tensor,
+                             states: Tensor, mask: Tensor) -> None:
+    """Caches, for `rows` (b,), every CCA layer's keys/values of the encoded neighbours states
+    (b, K, R, enc_dim), and their mask (b, K, R)."""
+    cache.store(rows, {i: layer.project_neighbours(states) for i, layer in cca_modules.items()}, mask)
+
+
+def keep_after_prefill(cache: NeighbourCache, cca_modules: dict[int, ChunkedCrossAttention], h: Tensor,
+                       states: Tensor | None, mask: Tensor | None, lengths: list[int],
+                       rows: list[int] | None = None) -> None:
+    """After a prefill of rows of lengths n_r (padded to n): h (B, n, hidden), the first CCA layer's
+    states; states (B, L, K, R, enc_dim) the encoded neighbours of the complete chunks (None
+    without), mask (B, L, K, R) or None. Keeps each row's states of its chunk in progress and the
+    keys/values of the chunk that position n_r (its next) attends, unless position n_r itself
+    completes a chunk (its step then encodes the neighbours of that chunk). rows: the cache rows
+    of h's rows (default 0 .. B-1)."""
+    m = cache.chunk_size
+    rows = list(range(len(lengths))) if rows is None else rows
+    cache.mask[rows] = False
+    kept, last = [], []
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        start = (n // m) * m
+        cache.chunk_states[r, : n - start] = h[b, start:n].to(cache.chunk_states.dtype)
+        if states is not None and n >= m and n % m != m - 1:
+            kept.append(b)
+            last.append((n + 1) // m - 1)
+    if kept:
+        kept_t, last_t = torch.tensor(kept, device=h.device), torch.tensor(last, device=h.device)
+        chunk_mask = mask[kept_t, last_t] if mask is not None else \
+            torch.ones((len(kept),) + states.shape[2:4], dtype=torch.bool, device=h.device)
+        cache_rows = torch.tensor([rows[b] for b in kept], device=h.device)
+        store_encoded_neighbours(cache, cca_modules, cache_rows, states[kept_t, last_t], chunk_mask)
+
+
+def encode_completed_chunks(encode, cache: NeighbourCache, cca_modules: dict[int, ChunkedCrossAttention],
+                            new: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Chunks just completed: new maps a row to its chunk's retrieved neighbour tokens (K, R) and
+    mask (K, R). encode(neighbour_tokens, mask, chunk_states) runs once on them with the rows'
+    recorded chunk states, and every CCA layer caches their keys/values."""
+    order = sorted(new)
+    rows = torch.tensor(order, device=cache.mask.device)
+    tokens = torch.stack([new[r][0] for r in order])[:, None]      # (b, 1, K, R)
+    mask = torch.stack([new[r][1] for r in order])[:, None]
+    states = encode(tokens, mask, cache.chunk_states[rows][:, None])   # (b, 1, K, R, enc_dim)
+    store_encoded_neighbours(cache, cca_modules, rows, states[:, 0], mask[:, 0])
 
 
 class RetroModel(nn.Module):
@@ -259,11 +189,11 @@ class RetroModel(nn.Module):
         self._compiled_step = self._compiled_mode = None  # compile_decoding()
         self._static_states: dict[tuple, DecodeState] = {}  # compiled decoding: one per cache shape
         self.apply(self._init)
-        if cfg.copy_init:
-            self.copy_prior()
+        if cfg.copy_prior:
+            self.apply_copy_prior()
 
     @torch.no_grad()
-    def copy_prior(self) -> None:
+    def apply_copy_prior(self) -> None:
         """Initialises the retrieval path as a copying circuit, so that reading the neighbours pays
         from the first steps instead of after a long plateau (measured in
         benchmarks/results/retrieval_learning-*):
@@ -304,62 +234,85 @@ class RetroModel(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def encode(self, neighbours: Tensor, neighbour_mask: Tensor | None, chunk_states: Tensor) -> Tensor:
-        """neighbour tokens (B, L, K, R), chunk states H_u (B, L, m, dim) -> E (B, L, K, R, enc_dim)."""
-        return self.encoder(self.encoder_in_norm(self.to_encoder(self.embed(neighbours))), chunk_states, neighbour_mask)
+    def encode(self, neighbour_tokens: Tensor, neighbour_mask: Tensor | None, chunk_states: Tensor) -> Tensor:
+        """neighbour tokens (B, L, K, R), chunk states H_u (B, L, m, dim) -> neighbour states (B, L, K, R, enc_dim)."""
+        return self.encoder(self.encoder_in_norm(self.to_encoder(self.embed(neighbour_tokens))), chunk_states,
+                            neighbour_mask)
 
-    def cca_layers(self) -> dict[int, ChunkedCrossAttention]:
+    def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
+        """The CCA blocks by layer index (the layers cfg.cca_layers)."""
         return {i: self.layers[i].cca for i in self.cfg.cca_layers}
 
-    def _encoder_at(self, neighbours: Tensor | None, neighbour_mask: Tensor | None,
-                    cache: "DecodeState | None" = None, row: int = 0):
-        """The first CCA layer's `encode`: the encoder on the unshifted chunk states H_u of the
-        complete chunks; a prefill also keeps what decoding needs in the cache."""
-        m = self.cfg.chunk_size
+    # ---- the decoder: one path for training, prefill and decoding steps ---------------------------
 
-        def encode(h: Tensor):
-            chunks = h.shape[1] // m
-            enc = mask = None
-            if neighbours is not None:
-                mask = None if neighbour_mask is None else neighbour_mask[:, :chunks]
-                enc = self.encode(neighbours[:, :chunks], mask, h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
-            if cache is not None:
-                cache.neighbours.keep(row, h[0], None if enc is None else enc[0], None if mask is None else mask[0])
-            return enc, mask
-        return encode
+    def _layer(self, i: int, x: Tensor, positions: Tensor | None, state: DecodeState | None,
+               neighbours: NeighbourInput | None = None, part: str = "whole") -> Tensor:
+        kv = None if state is None else state.self_attn[i]
+        if self.checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(self.layers[i], x, positions, kv, neighbours, part,
+                                                     use_reentrant=False)
+        return self.layers[i](x, positions, kv, neighbours, part)
 
-    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None,
-                cache: "DecodeState | None" = None, row: int = 0) -> Tensor:
-        """tokens (B, n); neighbours (B, L, K, R) token ids of the k neighbours [chunk, continuation]
-        of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab).
-        cache, row: a prefill (B = 1) fills row `row` of the decoding caches."""
-        if neighbours is not None and tokens.shape[1] // self.cfg.chunk_size == 0:
-            neighbours = None  # no complete chunk yet: nothing to attend to
-        x, enc, mask = self.embed(tokens), None, None
-        for i, layer in enumerate(self.layers):
-            encode = self._encoder_at(neighbours, neighbour_mask, cache, row) if i == self.first_cca else None
-            kv = None if cache is None else cache.self_attn[i]
-            if self.checkpointing and self.training:
-                x, enc, mask = torch.utils.checkpoint.checkpoint(layer, x, enc, mask, encode, use_reentrant=False)
-            else:
-                x, enc, mask = layer(x, enc, mask, encode, kv, row)
+    def _below(self, x: Tensor, positions: Tensor | None, state: DecodeState | None) -> Tensor:
+        """The layers below the first CCA layer and its self-attention: x (B, n, dim) -> H (B, n, dim)."""
+        for i in range(self.first_cca):
+            x = self._layer(i, x, positions, state)
+        return self._layer(self.first_cca, x, positions, state, part="attention")
+
+    def _above(self, h: Tensor, positions: Tensor | None, state: DecodeState | None,
+               neighbours: dict[int, NeighbourInput]) -> Tensor:
+        """The first CCA layer's CCA and feed-forward on H, the layers above it -> logits; neighbours
+        maps a CCA layer to what it reads (none: RETRO[OFF])."""
+        x = self._layer(self.first_cca, h, positions, state, neighbours.get(self.first_cca), part="rest")
+        for i in range(self.first_cca + 1, len(self.layers)):
+            x = self._layer(i, x, positions, state, neighbours.get(i))
         return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
+
+    def _encode_sequence(self, h: Tensor, neighbour_tokens: Tensor | None, neighbour_mask: Tensor | None):
+        """The encoder on the states H (B, n, dim) of the complete chunks -> (states, mask) for CCA,
+        or (None, None) without neighbours or a complete chunk."""
+        m = self.cfg.chunk_size
+        chunks = h.shape[1] // m
+        if neighbour_tokens is None or chunks == 0:
+            return None, None
+        mask = None if neighbour_mask is None else neighbour_mask[:, :chunks]
+        args = (neighbour_tokens[:, :chunks], mask, h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
+        if self.checkpointing and self.training:  # recomputed in the backward pass, as the layers
+            return torch.utils.checkpoint.checkpoint(self.encode, *args, use_reentrant=False), mask
+        return self.encode(*args), mask
+
+    def _sequence(self, tokens: Tensor, neighbour_tokens: Tensor | None, neighbour_mask: Tensor | None,
+                  state: DecodeState | None = None, lengths: list[int] | None = None) -> Tensor:
+        h = self._below(self.embed(tokens), None, state)
+        states, mask = self._encode_sequence(h, neighbour_tokens, neighbour_mask)
+        if state is not None:
+            keep_after_prefill(state.neighbour_cache, self.cca_modules(), h, states, mask, lengths)
+        neighbours = {} if states is None else {i: (states, mask) for i in self.cfg.cca_layers}
+        return self._above(h, None, state, neighbours)
+
+    def forward(self, tokens: Tensor, neighbour_tokens: Tensor | None = None,
+                neighbour_mask: Tensor | None = None) -> Tensor:
+        """tokens (B, n); neighbour_tokens (B, L, K, R): token ids of the K neighbours [chunk,
+        continuation] of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab)."""
+        return self._sequence(tokens, neighbour_tokens, neighbour_mask)
 
     # ---- incremental decoding ---------------------------------------------------------------------
 
-    def new_state(self, batch: int, max_len: int, device=None, dtype=None, neighbours: int | None = None) -> "DecodeState":
-        """Caches for decoding `batch` sequences of up to max_len tokens with `neighbours` per chunk
-        (default: the configuration's k; any k works, the paper evaluates with more than it trains with)."""
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None, num_neighbours: int | None = None) -> DecodeState:
+        """Caches for decoding `batch` sequences of up to max_len tokens with num_neighbours per
+        chunk (default: the configuration's k; any k works, the paper evaluates with more than it
+        trains with)."""
         p = next(self.parameters())
         device, dtype = torch.device(device or p.device), dtype or p.dtype
+        k = self.cfg.num_neighbours if num_neighbours is None else num_neighbours
         if self._compiled_step is None:
-            return DecodeState(self, batch, max_len, device, dtype, neighbours)
+            return self._new_state(batch, max_len, device, dtype, k)
         # Compiled: static caches, as CUDA graphs need. One set per shape, reset in place, so the
         # graphs recorded for it replay in every later generation of that shape.
-        key = (batch, max_len, device, dtype, self.cfg.neighbours if neighbours is None else neighbours)
+        key = (batch, max_len, device, dtype, k)
         state = self._static_states.get(key)
         if state is None:
-            state = self._static_states[key] = DecodeState(self, batch, max_len, device, dtype, neighbours)
+            state = self._static_states[key] = self._new_state(batch, max_len, device, dtype, k)
             if device.type == "cuda":
                 state.mark_static()
         else:
@@ -367,37 +320,51 @@ class RetroModel(nn.Module):
         state.ticket += 1
         return copy.copy(state)  # this generation's handle; an older one is refused by step()
 
-    @torch.no_grad()
-    def prefill(self, state: "DecodeState", row: int, tokens: Tensor, neighbours: Tensor | None = None,
-                neighbour_mask: Tensor | None = None) -> Tensor:
-        """Runs sequence `row`'s prompt tokens (n,) in one parallel pass, with the neighbours (L, K, R)
-        of its complete chunks, filling its caches -> logits (vocab,) after the last prompt token."""
-        logits = self.forward(tokens[None], None if neighbours is None else neighbours[None],
-                              None if neighbour_mask is None else neighbour_mask[None], cache=state, row=row)
-        state.pos[row] = tokens.shape[0]
-        return logits[0, -1]
+    def _new_state(self, batch, max_len, device, dtype, num_neighbours) -> DecodeState:
+        cfg = self.cfg
+        heads = {i: (cca.heads, cca.head_dim) for i, cca in self.cca_modules().items()}
+        neighbour_cache = NeighbourCache(heads, batch, cfg.chunk_size, cfg.dim, num_neighbours, cfg.neighbour_len,
+                                         device, dtype)
+        return DecodeState(batch, max_len, cfg.heads, cfg.head_dim, cfg.depth, neighbour_cache, device, dtype)
 
     @torch.no_grad()
-    def step(self, state: "DecodeState", tokens: Tensor, new_neighbours: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+    def prefill(self, state: DecodeState, tokens: Tensor, neighbour_tokens: Tensor | None = None,
+                neighbour_mask: Tensor | None = None, lengths: list[int] | None = None) -> Tensor:
+        """Runs the batch's prompts in one parallel pass, filling the caches: tokens (B, n), row r's
+        prompt its first lengths[r] tokens (default n; right padding after it); neighbour_tokens
+        (B, L, K, R) and neighbour_mask of the complete chunks (a row's chunks beyond its prompt
+        are padding too) -> logits (B, vocab) after each row's last prompt token."""
+        B, n = tokens.shape
+        lengths = [n] * B if lengths is None else [int(v) for v in lengths]
+        if B != state.batch or len(lengths) != B or not all(1 <= v <= n for v in lengths):
+            raise RetroError(f"prefill: tokens {tuple(tokens.shape)} and lengths {lengths} must hold the state's "
+                             f"{state.batch} prompts, each of 1 .. {n} tokens")
+        logits = self._sequence(tokens, neighbour_tokens, neighbour_mask, state, lengths)
+        last = torch.tensor(lengths, device=tokens.device)
+        state.pos.copy_(last)
+        return logits[torch.arange(B, device=tokens.device), last - 1]
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, tokens: Tensor, new_neighbours: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
         """Feeds one token per sequence (tokens (B,), at positions state.pos) -> logits (B, vocab).
         new_neighbours maps a row whose token completes chunk u (pos % m == m - 1) to that chunk's
-        retrieved neighbours (K, R) and mask (K, R); they are encoded once and cached.
-        Two static-shape halves around the encoder (compile_decoding() compiles them). Compiled,
-        the logits are a copy: CUDA graphs reuse their output memory at the next step."""
+        retrieved neighbour tokens (K, R) and mask (K, R); the model encodes them once and caches
+        their keys/values. Two static-shape halves around the encoder (compile_decoding() compiles
+        them). Compiled, the logits are a copy: CUDA graphs reuse their output memory at the next step."""
         compiled = self._compiled_step is not None
         if compiled:
             self._check_current(state)
             # One step = one CUDA-graph generation: without the mark, each compiled call would start
-            # its own and free the previous one's outputs, x among them, before `above` reads it.
+            # its own and free the previous one's outputs, h among them, before `above` reads it.
             torch.compiler.cudagraph_mark_step_begin()
         below, above = self._compiled_step or (self._step_below, self._step_above)
-        x = below(state, tokens)
+        h = below(state, tokens)
         if new_neighbours:  # the chunk just completed: encode its neighbours once, cache their keys/values
-            state.neighbours.refresh(self.encode, new_neighbours)
-        logits = above(state, x)
+            encode_completed_chunks(self.encode, state.neighbour_cache, self.cca_modules(), new_neighbours)
+        logits = above(state, h)
         return logits.clone() if compiled else logits
 
-    def _check_current(self, state: "DecodeState") -> None:
+    def _check_current(self, state: DecodeState) -> None:
         """Compiled decoding shares one set of caches per shape: a state handed out before the
         latest new_state() of its shape has been reset and must not step."""
         static = next((s for s in self._static_states.values() if s.pos is state.pos), None)
@@ -406,23 +373,18 @@ class RetroModel(nn.Module):
                              "(batch, max_len) and a later new_state() of its shape reset them "
                              "(or it was made before compile_decoding()); make a new one")
 
-    def _step_below(self, state: "DecodeState", tokens: Tensor) -> Tensor:
-        """The layers up to the first CCA layer's self-attention; keeps its states of the chunk in progress."""
-        x = self.embed(tokens)[:, None]
-        for i in range(self.first_cca):
-            x = self.layers[i].step(x, state.pos, state.self_attn[i])
-        x = self.layers[self.first_cca].step_attention(x, state.pos, state.self_attn[self.first_cca])
-        state.neighbours.record(state.pos, x[:, 0])
-        return x
+    def _step_below(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """The first half of a step, up to H of the first CCA layer; records H in the chunk in progress."""
+        h = self._below(self.embed(tokens)[:, None], state.pos, state)
+        state.neighbour_cache.record(state.pos, h[:, 0])
+        return h
 
-    def _step_above(self, state: "DecodeState", x: Tensor) -> Tensor:
-        """The rest: the first CCA layer's CCA and feed-forward, then the layers above it."""
-        pos, p0 = state.pos, self.first_cca
-        x = self.layers[p0].step_rest(x, pos, state.neighbours.read(p0))
-        for i in range(p0 + 1, len(self.layers)):
-            x = self.layers[i].step(x, pos, state.self_attn[i], state.neighbours.read(i))
-        pos.add_(1)
-        return F.linear(self.norm(x[:, 0]), self.embed.weight)
+    def _step_above(self, state: DecodeState, h: Tensor) -> Tensor:
+        """The second half: the rest, each CCA layer reading its cached neighbours -> logits (B, vocab)."""
+        neighbours = {i: state.neighbour_cache.read(i) for i in self.cfg.cca_layers}
+        logits = self._above(h, state.pos, state, neighbours)
+        state.pos.add_(1)
+        return logits[:, 0]
 
     def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
         """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs
@@ -461,124 +423,3 @@ def recorded_cuda_graphs(device: int | None = None) -> int:
     def count(nodes) -> int:
         return sum(1 + count([c for cs in n.children.values() for c in cs]) for n in nodes)
     return count([n for nodes in manager.roots.values() for n in nodes])
-
-
-class KVCache:
-    """Self-attention keys/values (batch, heads, max_len, head_dim), preallocated, written in place."""
-
-    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.max_len = max_len
-
-    def fill(self, row: int, k: Tensor, v: Tensor) -> None:
-        """A prefill: k, v (heads, n, head_dim) of positions 0 .. n-1 of sequence `row`."""
-        n = k.shape[1]
-        self.k[row, :, :n], self.v[row, :, :n] = k, v
-
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """One step: k, v (batch, heads, head_dim) of each sequence's token at its position pos (batch,)."""
-        rows = torch.arange(len(pos), device=pos.device)
-        self.k[rows, :, pos], self.v[rows, :, pos] = k, v
-
-
-class NeighbourCache:
-    """What CCA reads while decoding, preallocated for `batch` sequences and updated in place: the
-    first CCA layer's states of each sequence's chunk in progress, and each CCA layer's keys/values
-    of the neighbours its next positions attend (mask all False before the first chunk completes).
-    It owns their life: keep (after a prefill), record (each step), refresh (a chunk completes)."""
-
-    def __init__(self, cca_layers: dict[int, ChunkedCrossAttention], batch: int, hidden: int, device, dtype,
-                 neighbours: int, neighbour_len: int):
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= 1024:
-            raise ValueError(f"neighbours must be an int in [1, 1024], got {neighbours!r}")
-        self.cca = cca_layers
-        first = next(iter(cca_layers.values()))
-        self.chunk_size = first.chunk_size
-        self.chunk_states = torch.zeros(batch, self.chunk_size, hidden, device=device, dtype=dtype)
-        self.kv = {}
-        for i, layer in cca_layers.items():
-            shape = (batch, neighbours, neighbour_len, layer.heads, layer.head_dim)
-            self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-        self.mask = torch.zeros((batch, neighbours, neighbour_len), dtype=torch.bool, device=device)
-
-    def tensors(self) -> list[Tensor]:
-        return [self.chunk_states, self.mask] + [t for kv in self.kv.values() for t in kv]
-
-    def read(self, i: int, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
-        """CCA layer i's cached keys, values and mask (of `rows`, default all); None for a layer without CCA."""
-        if i not in self.kv:
-            return None
-        rows = slice(None) if rows is None else rows
-        return self.kv[i][0][rows], self.kv[i][1][rows], self.mask[rows]
-
-    def store(self, rows: Tensor, enc: Tensor, mask: Tensor) -> None:
-        """Caches, for `rows`, every CCA layer's (rotated) keys/values of encoded neighbours enc
-        (b, K, R, enc_dim) and their mask (b, K, R)."""
-        for i, layer in self.cca.items():
-            k, v = layer.project_neighbours(enc)
-            self.kv[i][0].index_copy_(0, rows, k.to(self.kv[i][0].dtype))
-            self.kv[i][1].index_copy_(0, rows, v.to(self.kv[i][1].dtype))
-        self.mask.index_copy_(0, rows, mask)
-
-    def keep(self, row: int, h: Tensor, enc: Tensor | None, mask: Tensor | None) -> None:
-        """After a prefill of n tokens: h (n, hidden), the first CCA layer's states after its
-        self-attention; enc (L, K, R, enc_dim) the encoded neighbours of its complete chunks (None
-        without), mask (L, K, R) or None. Keeps the states of the chunk in progress and the
-        keys/values of the chunk that position n (the next) attends, unless position n itself
-        completes a chunk (then its step retrieves and refreshes)."""
-        n, m = h.shape[0], self.chunk_size
-        start = (n // m) * m
-        self.chunk_states[row, : n - start] = h[start:n].to(self.chunk_states.dtype)
-        self.mask[row] = False
-        if enc is None or n % m == m - 1:
-            return
-        last = (n + 1) // m - 1
-        chunk_mask = mask[last] if mask is not None else torch.ones(enc.shape[1:3], dtype=torch.bool, device=enc.device)
-        self.store(torch.tensor([row], device=enc.device), enc[last][None], chunk_mask[None])
-
-    def record(self, pos: Tensor, h: Tensor, rows: Tensor | None = None) -> None:
-        """One step: h (b, hidden), the first CCA layer's states after its self-attention of the
-        tokens at positions pos (b,) of `rows` (default all), into their chunk in progress."""
-        rows = torch.arange(len(pos), device=pos.device) if rows is None else rows
-        self.chunk_states[rows, pos % self.chunk_size] = h.to(self.chunk_states.dtype)
-
-    def refresh(self, encode, new: dict[int, tuple[Tensor, Tensor]]) -> None:
-        """Chunks just completed: new maps a row to its chunk's retrieved neighbours (K, R) and mask
-        (K, R). encode(neighbours, mask, chunk_states) is the model's encoder; it runs once on them
-        with the rows' recorded chunk states, and every CCA layer caches their keys/values."""
-        order = sorted(new)
-        rows = torch.tensor(order, device=self.mask.device)
-        nb = torch.stack([new[r][0] for r in order])[:, None]      # (b, 1, K, R)
-        mask = torch.stack([new[r][1] for r in order])[:, None]
-        enc = encode(nb, mask, self.chunk_states[rows][:, None])   # (b, 1, K, R, enc_dim)
-        self.store(rows, enc[:, 0], mask[:, 0])
-
-
-class DecodeState:
-    """Caches of a batch being decoded, all preallocated for `batch` sequences of max_len tokens:
-    per-sequence positions, self-attention keys/values per layer, the neighbour cache."""
-
-    def __init__(self, model: RetroModel, batch: int, max_len: int, device, dtype, neighbours: int | None = None):
-        cfg = model.cfg
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.self_attn = [KVCache(batch, cfg.heads, max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)]
-        self.neighbours = NeighbourCache(model.cca_layers(), batch, cfg.dim, device, dtype,
-                                         cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
-        self.ticket = 0  # compiled decoding: which new_state() handed this set of caches out last
-
-    def tensors(self) -> list[Tensor]:
-        """Every cache tensor (positions, self-attention keys/values, the neighbour cache)."""
-        return [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbours.tensors()
-
-    def reset(self) -> None:
-        """Empties the caches in place (their addresses stay): as a new state of the same shapes."""
-        for t in self.tensors():
-            t.zero_()
-
-    def mark_static(self) -> None:
-        """Tells torch.compile these tensors keep their addresses, so CUDA graphs may write them in
-        place (unguarded: never a recompile; compiled decoding reuses this state per shape, so the
-        graphs are recorded once)."""
-        for t in self.tensors():
-            torch._dynamo.mark_static_address(t, guard=False)

@@ -85,7 +85,7 @@ def model_from_folder(folder: str | Path, device=None, backend: str | None = Non
     in eval mode."""
     from safetensors.torch import load_file
 
-    from .model import RetroConfig
+    from .config import RetroConfig
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):

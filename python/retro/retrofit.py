@@ -20,7 +20,9 @@ from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
 from .checks import check_int, check_neighbours
 from .errors import RetroError
-from .model import NeighbourCache, RetroConfig, paper_cca_layers
+from .cache import NeighbourCache
+from .config import RetroConfig, paper_cca_layers
+from .model import encode_completed_chunks, keep_after_prefill
 from .retrieval.tokenizer import hf_source
 
 
@@ -48,24 +50,24 @@ PASS_KWARG = "retro_pass"
 
 class _Pass:
     """What one call of the base model brings to the CCA after its blocks. A whole sequence:
-    the neighbours (B, L, K, R) and mask, enc once the first CCA layer has encoded them; with cache
+    the neighbour tokens (B, L, K, R) and mask, states once the first CCA layer has encoded them; with cache
     (a prefill of row `row`), what decoding needs is kept. One token (positions set): the row's
     neighbour cache is read, recorded, and refreshed with `new` (neighbours, mask) of the chunk it
     completes.
     A plain object, not a dataclass: FSDP copies the dataclasses among a module's arguments when it
     moves them, and every block must see (and fill in) this same one."""
 
-    def __init__(self, neighbours: Tensor | None = None, mask: Tensor | None = None,
+    def __init__(self, neighbour_tokens: Tensor | None = None, mask: Tensor | None = None,
                  cache: NeighbourCache | None = None, row: int = 0, positions: Tensor | None = None,
                  new: tuple[Tensor, Tensor] | None = None):
-        self.neighbours, self.mask, self.cache, self.row = neighbours, mask, cache, row
+        self.neighbour_tokens, self.mask, self.cache, self.row = neighbour_tokens, mask, cache, row
         self.positions, self.new = positions, new
-        self.enc: Tensor | None = None
+        self.states: Tensor | None = None  # the encoded neighbours
         self.seen = 0
 
 
 class RetrofittedLM(nn.Module):
-    """forward(tokens (B, n), neighbours (B, L, K, R) | None, neighbour_mask) -> logits (B, n, V);
+    """forward(tokens (B, n), neighbour_tokens (B, L, K, R) | None, neighbour_mask) -> logits (B, n, V);
     prefill/step decode as RetroModel does (one base-model cache per sequence)."""
 
     def __init__(self, hf_model, cfg: RetroConfig, base_name: str):
@@ -122,22 +124,23 @@ class RetrofittedLM(nn.Module):
     def _sequence(self, i: int, h: Tensor, p: _Pass) -> Tensor:
         m = self.cfg.chunk_size
         chunks = h.shape[1] // m
-        mask = p.mask[:, :chunks] if p.mask is not None and p.neighbours is not None else None
+        mask = p.mask[:, :chunks] if p.mask is not None and p.neighbour_tokens is not None else None
         if i == self.first_cca:
-            if p.neighbours is not None:
-                p.enc = self.encode(p.neighbours[:, :chunks], mask, h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
+            if p.neighbour_tokens is not None:
+                p.states = self.encode(p.neighbour_tokens[:, :chunks], mask,
+                                       h[:, : chunks * m].reshape(h.shape[0], chunks, m, -1))
             if p.cache is not None:
-                p.cache.keep(p.row, h[0], None if p.enc is None else p.enc[0], None if mask is None else mask[0])
-        if p.enc is None:
+                keep_after_prefill(p.cache, self.cca_modules(), h, p.states, mask, [h.shape[1]], [p.row])
+        if p.states is None:
             return h
-        return h + self.cca[str(i)](self.cca_norm[str(i)](h), p.enc, mask).to(h.dtype)
+        return h + self.cca[str(i)](self.cca_norm[str(i)](h), p.states, mask).to(h.dtype)
 
     def _token(self, i: int, h: Tensor, p: _Pass) -> Tensor:
         rows = torch.tensor([p.row], device=h.device)
         if i == self.first_cca:
             p.cache.record(p.positions, h[:, 0], rows)
             if p.new is not None:
-                p.cache.refresh(self.encode, {p.row: p.new})
+                encode_completed_chunks(self.encode, p.cache, self.cca_modules(), {p.row: p.new})
         out = self.cca[str(i)].step(self.cca_norm[str(i)](h), p.positions, *p.cache.read(i, slice(p.row, p.row + 1)))
         return h + out.to(h.dtype)
 
@@ -151,30 +154,40 @@ class RetrofittedLM(nn.Module):
 
     # -- the model -------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, neighbour_mask: Tensor | None = None) -> Tensor:
-        if neighbours is None or tokens.shape[1] // self.cfg.chunk_size == 0:
+    def forward(self, tokens: Tensor, neighbour_tokens: Tensor | None = None,
+                neighbour_mask: Tensor | None = None) -> Tensor:
+        if neighbour_tokens is None or tokens.shape[1] // self.cfg.chunk_size == 0:
             return self.base(input_ids=tokens, use_cache=False).logits
-        return self._run(_Pass(neighbours, neighbour_mask), input_ids=tokens, use_cache=False)
+        return self._run(_Pass(neighbour_tokens, neighbour_mask), input_ids=tokens, use_cache=False)
 
-    def cca_layers(self) -> dict[int, ChunkedCrossAttention]:
+    def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def new_state(self, batch: int, max_len: int, device=None, dtype=None, neighbours: int | None = None) -> "RetrofitState":
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None,
+                  num_neighbours: int | None = None) -> "RetrofitState":
         p = next(self.cca.parameters())
-        return RetrofitState(self, batch, device or p.device, dtype or p.dtype, neighbours)
+        return RetrofitState(self, batch, device or p.device, dtype or p.dtype, num_neighbours)
 
     @torch.no_grad()
-    def prefill(self, state, row: int, tokens: Tensor, neighbours=None, neighbour_mask=None) -> Tensor:
+    def prefill(self, state, tokens: Tensor, neighbour_tokens=None, neighbour_mask=None, lengths=None) -> Tensor:
+        """As RetroModel.prefill: tokens (B, n), row r's prompt its first lengths[r] tokens ->
+        logits (B, vocab). One row at a time: each has its own base-model cache."""
+        return torch.stack([self._prefill_row(state, r, tokens[r, :n], neighbour_tokens, neighbour_mask)
+                            for r, n in enumerate([tokens.shape[1]] * len(tokens) if lengths is None else lengths)])
+
+    def _prefill_row(self, state, row: int, tokens: Tensor, neighbour_tokens, neighbour_mask) -> Tensor:
         from transformers import DynamicCache
 
         n, cache = tokens.shape[0], DynamicCache()
-        if neighbours is None or n // self.cfg.chunk_size == 0:
-            neighbours = neighbour_mask = None  # the chunk states are still kept for the chunk in progress
-        p = _Pass(None if neighbours is None else neighbours[None],
-                  None if neighbour_mask is None else neighbour_mask[None], cache=state.neighbours, row=row)
+        chunks = n // self.cfg.chunk_size
+        if neighbour_tokens is None or chunks == 0:
+            neighbour_tokens = neighbour_mask = None  # the chunk states are still kept for the chunk in progress
+        p = _Pass(None if neighbour_tokens is None else neighbour_tokens[row:row + 1, :chunks],
+                  None if neighbour_mask is None else neighbour_mask[row:row + 1, :chunks],
+                  cache=state.neighbour_cache, row=row)
         logits = self._run(p, input_ids=tokens[None], use_cache=True, **{self._cache_kw: cache})
         state.caches[row] = cache
         state.pos[row] = n
@@ -187,7 +200,7 @@ class RetrofittedLM(nn.Module):
         for row in range(len(tokens)):
             pos = int(state.pos[row])
             positions = torch.tensor([pos], device=tokens.device)
-            p = _Pass(cache=state.neighbours, row=row, positions=positions, new=new_neighbours.get(row))
+            p = _Pass(cache=state.neighbour_cache, row=row, positions=positions, new=new_neighbours.get(row))
             logits = self._run(p, input_ids=tokens[row:row + 1, None], use_cache=True, position_ids=positions[None],
                                **{self._cache_kw: state.caches[row]})
             out.append(logits[0, -1])
@@ -198,10 +211,12 @@ class RetrofittedLM(nn.Module):
 class RetrofitState:
     """Per-sequence base-model caches and positions, plus the neighbour cache."""
 
-    def __init__(self, model: RetrofittedLM, batch: int, device, dtype, neighbours: int | None = None):
+    def __init__(self, model: RetrofittedLM, batch: int, device, dtype, num_neighbours: int | None = None):
         cfg = model.cfg
-        self.neighbours = NeighbourCache(model.cca_layers(), batch, model.base.config.hidden_size, device, dtype,
-                                         cfg.neighbours if neighbours is None else neighbours, cfg.neighbour_len)
+        heads = {i: (cca.heads, cca.head_dim) for i, cca in model.cca_modules().items()}
+        self.neighbour_cache = NeighbourCache(heads, batch, cfg.chunk_size, model.base.config.hidden_size,
+                                              cfg.num_neighbours if num_neighbours is None else num_neighbours,
+                                              cfg.neighbour_len, device, dtype)
         self.pos = torch.zeros(batch, dtype=torch.long)
         self.caches = [None] * batch
 
@@ -231,7 +246,7 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     positions = getattr(hf_model.config, "n_positions", None) or getattr(hf_model.config, "max_position_embeddings", 2048)
     cfg = RetroConfig(vocab_size=hf_model.config.vocab_size, dim=hidden, depth=depth, heads=heads, head_dim=head_dim,
                       ff_dim=4 * hidden, chunk_size=chunk_size, cca_layers=layers, enc_dim=enc["dim"],
-                      enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, neighbours=k,
+                      enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, num_neighbours=k,
                       backend=backend, max_seq_len=min(max_seq_len or 2048, positions))
     return RetrofittedLM(hf_model, cfg, base_name)
 
@@ -255,7 +270,7 @@ def retrofit_factory(base: str, cca_layers=None):
         if hf.config.vocab_size < db.tokenizer.vocab_size:
             raise RetroError(f"the database's tokenizer has {db.tokenizer.vocab_size} tokens but {base!r} only "
                              f"{hf.config.vocab_size}: build the database with --tokenizer {base}")
-        return retrofit(hf, cca_layers, k=cfg.neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
+        return retrofit(hf, cca_layers, k=cfg.num_neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
                         base_name=base, max_seq_len=cfg.max_seq_len)
     return factory
 

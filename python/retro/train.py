@@ -183,7 +183,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     else:
         if (run / "checkpoint").exists() or fsdp.complete_steps(run):
             raise RetroError(f"{str(run)!r} already holds a run; pass --resume to continue it or choose another --out")
-        overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "neighbours": opts.k,
+        overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "num_neighbours": opts.k,
                      "max_seq_len": opts.seq_chunks * db.chunk_size, "backend": opts.backend, **opts.overrides}
         cfg = preset(opts.config, **overrides)
     candidates = prepare_neighbours(opts.db, opts.k, opts.extra, device, log) if opts.retrieval else None

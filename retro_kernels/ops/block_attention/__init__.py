@@ -8,7 +8,7 @@ keys. layouts.py describes each problem once; that description is what every op 
     layouts.py       BlockProblem and the mapping of each public op onto it
     naive.py         the reference of the block op itself
     arg_checks.py    the ops' argument checks in Python (the C++ ops: csrc/torch/arg_checks.h)
-    compiled.py      the C++/CUDA ops' fakes and autograd (kernels in csrc/)
+    native_ops.py    registers the C++/CUDA ops: their fakes and autograd (kernels in csrc/)
     triton_op.py     the Triton ops with their fakes and autograd
     triton_kernels.py, triton_launch.py, triton_limits.py  the Triton kernels and launchers
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import compiled  # noqa: F401  (registers the C++ ops' fakes and autograd)
+from . import native_ops  # noqa: F401  (registers the C++/CUDA ops' fakes and autograd)
 from .layouts import BlockProblem
 from .triton_op import block_attention_fwd_triton
 

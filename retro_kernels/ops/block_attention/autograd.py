@@ -1,6 +1,6 @@
 """Autograd of a block-attention forward op (q, k, v, key_mask, q_rows, groups, prefix_rows,
 softmax_scale) -> (out, lse), given its backward op (grad_out, q, k, v, key_mask, out, lse, q_rows,
-groups, prefix_rows, softmax_scale) -> (dq, dk, dv). The C++ ops (compiled.py) and the Triton ops
+groups, prefix_rows, softmax_scale) -> (dq, dk, dv). The C++ ops (native_ops.py) and the Triton ops
 (triton_op.py) each register theirs beside the op with this."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The Triton ops of block-local attention (pattern of pytorch/extension-cpp): each op's
 definition, its fake (meta) implementation and its autograd, together. They take the description of
-layouts.py, exactly as the C++ ops (compiled.py) do:
+layouts.py, exactly as the C++ ops (native_ops.py) do:
 
     block_attention_fwd_triton(q, k, v, key_mask, q_rows, groups, prefix_rows, softmax_scale)
         -> (out, lse)
