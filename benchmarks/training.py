@@ -116,7 +116,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
         row["mfu_pct"] = 100 * utilisation
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    del model, net, optimizer, data
+    model = net = optimizer = data = None  # free them before the next configuration
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -126,11 +126,13 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--configs", default=None, help="comma-separated presets; default 172M,425M on a GPU, tiny on the CPU")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated presets; default 172M,425M on a GPU, tiny on the CPU")
     p.add_argument("--modes", default="eager,compile", help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--retrieval", default="on,off", help="comma-separated: on, off")
     p.add_argument("--batch", type=int, default=None, help="sequences per step; default 8 on a GPU, 2 on the CPU")
-    p.add_argument("--seq-chunks", type=int, default=None, help="chunks per sequence; default 32 (2048 tokens) on a GPU, 4 on the CPU")
+    p.add_argument("--seq-chunks", type=int, default=None,
+                   help="chunks per sequence; default 32 (2048 tokens) on a GPU, 4 on the CPU")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS)
@@ -144,7 +146,8 @@ def main(argv=None):
                                    ("--retrieval", switches, ("on", "off"))):
         bad = [v for v in values if v not in allowed]
         if bad:
-            raise ValueError(f"{label} got {','.join(bad)!r}; expected a comma-separated subset of {', '.join(allowed)}")
+            raise ValueError(f"{label} got {','.join(bad)!r}; expected a comma-separated subset of "
+                             f"{', '.join(allowed)}")
     batch = a.batch if a.batch is not None else (8 if gpu else 2)
     chunks = a.seq_chunks if a.seq_chunks is not None else (32 if gpu else 4)
     for label, value, low in (("--batch", batch, 1), ("--seq-chunks", chunks, 1), ("--steps", a.steps, 1),
@@ -155,7 +158,8 @@ def main(argv=None):
     peak = peak_flops(machine) if gpu else None
     notes = [f"training step: batch {batch} x {chunks} chunks of 64 tokens, vocabulary 32000, "
              f"{'bf16 autocast' if gpu else 'float32'}, gradient clipping, AdamW; compile = `retro train --compile` "
-             f"(fullgraph torch.compile, backend {a.compile_backend}, AdamW fused on CUDA); eager = AdamW's default (for-each on CUDA)",
+             f"(fullgraph torch.compile, backend {a.compile_backend}, AdamW fused on CUDA); "
+             "eager = AdamW's default (for-each on CUDA)",
              "k = 2 neighbours of 128 tokens per 64-token chunk, synthetic; retrieval off = the same decoder "
              "without neighbours (RETRO[OFF]: the CCA blocks and the encoder do not run)",
              "step ms: median of the timed steps; first step s: the first step alone (compilation included); "

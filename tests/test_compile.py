@@ -54,7 +54,8 @@ def test_forward_with_retrieval_is_one_graph():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (has_triton() and triton_interpreting()), reason="needs triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not (has_triton() and triton_interpreting()),
+                    reason="needs triton's interpreter (TRITON_INTERPRET=1)")
 def test_triton_path_is_one_graph():
     """The GPU's path (backend "triton"; here its kernels under the interpreter): the backend
     checks (has_triton imports triton) must not break the graph; the compiled forward and

@@ -82,7 +82,7 @@ def test_incremental_decoding_equals_full_forward(backend, K, qk_norm):
     state = model.new_state(B, 32, num_neighbours=K)
     first = model.prefill(state, tok[:, :max(prompts)], nb, mask, prompts)  # one pass, right padding
     logits = {(r, p - 1): first[r] for r, p in enumerate(prompts)}
-    for t_step in range(12):
+    for _ in range(12):
         pos = state.pos.tolist()
         new = {r: (nb[r, pos[r] // m], mask[r, pos[r] // m]) for r in range(B) if pos[r] % m == m - 1}
         out = model.step(state, torch.stack([tok[r, pos[r]] for r in range(B)]), new)

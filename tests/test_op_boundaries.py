@@ -364,10 +364,10 @@ def test_compiled_ops_name_the_module_of_their_fakes():
     and tells a fake tensor that reaches an op before that module is imported to import it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from retro_kernels.ops.block_attention import compiled
+    from retro_kernels.ops.block_attention import native_ops
 
     for op in ("block_attention_fwd", "block_attention_bwd", "block_attention_decode"):
-        assert torch._C._dispatch_pystub(f"retro_kernels::{op}", "")[0] == compiled.__name__, op
+        assert torch._C._dispatch_pystub(f"retro_kernels::{op}", "")[0] == native_ops.__name__, op
     with FakeTensorMode():
         q, k, v = torch.randn(B, G, H, D), torch.randn(B, G, R, H, D), torch.randn(B, G, R, H, D)
         out = torch.ops.retro_kernels.block_attention_decode(q, k, v, None, SCALE)

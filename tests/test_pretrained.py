@@ -31,8 +31,8 @@ def batch(seed=1):
 def test_round_trip_gives_bit_identical_logits(tmp_path):
     model = random_model()
     tokens, nb = batch()
-    save_pretrained(model, tmp_path / "saved")
-    loaded = from_pretrained(tmp_path / "saved", device="cpu")
+    model.save_pretrained(tmp_path / "saved")
+    loaded = RetroModel.from_pretrained(tmp_path / "saved", device="cpu")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
     with torch.no_grad():
         assert torch.equal(loaded(tokens, nb), model(tokens, nb))
@@ -71,3 +71,36 @@ def test_bad_sources_are_named(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RetroError, match="holds no checkpoint"):
         from_pretrained(tmp_path / "empty")
+
+
+def test_a_retrofit_saves_its_new_weights_and_loads_onto_its_base_only(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retro.retrofit import retrofit
+
+    def base(seed):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=100, n_positions=128,
+                                          bos_token_id=1, eos_token_id=2))
+
+    base(0).save_pretrained(tmp_path / "base")
+    model = retrofit(str(tmp_path / "base"), cca_layers=(1, 3), encoder={"dim": 32, "depth": 1, "head_dim": 16},
+                     k=2, chunk_size=4, backend="reference").eval()
+    with torch.no_grad():  # CCA reads its neighbours (its output projection starts at zero)
+        for p in model.trainable_state_dict().values():
+            p.add_(0.1 * torch.randn_like(p))
+    tokens = torch.randint(0, 100, (2, 16))
+    nb = torch.randint(0, 100, (2, 4, 2, 8))
+    save_pretrained(model, tmp_path / "saved")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == set(model.trainable_state_dict()) and not any(k.startswith("base.") for k in saved)
+    loaded = from_pretrained(tmp_path / "saved", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, nb), model(tokens, nb))
+        assert not torch.equal(loaded(tokens, nb), loaded(tokens, None))  # the neighbours matter
+    base(1).save_pretrained(tmp_path / "base")  # another model where the base was
+    with pytest.raises(RetroError, match="retrofitted onto another"):
+        from_pretrained(tmp_path / "saved", device="cpu")

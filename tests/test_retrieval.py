@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from retrieval_helpers import build_args, database_files, run_cli, write_corpus
+from retrieval_helpers import build_args, run_cli, write_corpus
 from retro import RetroError
 from retro.retrieval import (BuildOptions, ChunkDatabase, CorpusReport, Retriever, SentencePieceTokenizer,
                              build_database, compute_neighbours, iter_documents, load_neighbours)

@@ -85,7 +85,8 @@ def test_training_lowers_loss_and_resumes_exactly(db, tmp_path):
     assert len(full) == 12 and np.mean(full[-3:]) < np.mean(full[:3])
     args = ["train", "--db", str(db), "--out", str(tmp_path / "killed"), "--steps", "12", "--batch-size", "4",
             "--seq-chunks", "4", "--lr", "3e-3", "--warmup", "2", "--save-every", "4", "--device", "cpu",
-            "--no-progress"] + [x for k, v in {**SMALL, "dropout": 0.1}.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+            "--no-progress"]
+    args += [x for k, v in {**SMALL, "dropout": 0.1}.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     killed = train_killed_at(10, *args[1:])
     assert killed.returncode == -signal.SIGKILL and "SIGKILL before step 10" in killed.stderr, killed.stderr[-2000:]
     assert len(losses(tmp_path / "killed")) == 10  # the log holds steps 1-10; the checkpoint is step 8's
@@ -188,7 +189,8 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, m
 
     calls = []
     layer = retro.model.DecoderLayer.forward
-    monkeypatch.setattr(retro.model.DecoderLayer, "forward", lambda self, *a, **kw: calls.append(1) or layer(self, *a, **kw))
+    monkeypatch.setattr(retro.model.DecoderLayer, "forward",
+                        lambda self, *a, **kw: calls.append(1) or layer(self, *a, **kw))
     train(opts(db, tmp_path / "plain", steps=3), log=lambda *_: None)
     plain = len(calls)
     calls.clear()

@@ -46,7 +46,8 @@ class NeighbourCache:
         self.kv = {}
         for i, (heads, head_dim) in layer_heads.items():
             shape = (batch, num_neighbours, neighbour_len, heads, head_dim)
-            self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype),
+                          torch.zeros(shape, device=device, dtype=dtype))
         self.mask = torch.zeros((batch, num_neighbours, neighbour_len), dtype=torch.bool, device=device)
 
     def tensors(self) -> list[Tensor]:
@@ -66,7 +67,8 @@ class NeighbourCache:
         self.mask.index_copy_(0, rows, mask)
 
     def record(self, positions: Tensor, h: Tensor, rows: Tensor | None = None) -> None:
-        """h (b, hidden): the states of the tokens at positions (b,) of `rows` (default all) into their chunk in progress."""
+        """h (b, hidden): the states of the tokens at positions (b,) of `rows` (default all) into their
+        chunk in progress."""
         rows = torch.arange(len(positions), device=positions.device) if rows is None else rows
         self.chunk_states[rows, positions % self.chunk_size] = h.to(self.chunk_states.dtype)
 

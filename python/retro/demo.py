@@ -163,7 +163,8 @@ def measure_step_cost(common: dict, folder: Path, log, rounds: int = 3, steps: i
     cost = {name: float(np.percentile(t, 20)) for name, t in times.items()}
     write_json(path, cost)
     log(f"[demo]    a step takes {cost['retro']:.3f} s with retrieval, {cost['baseline']:.3f} s without "
-        f"(20th percentiles of {len(times['retro'])} steps each): the baseline trains {cost['retro'] / cost['baseline']:.2f}x "
+        f"(20th percentiles of {len(times['retro'])} steps each): the baseline trains "
+        f"{cost['retro'] / cost['baseline']:.2f}x "
         "the steps")
     return cost
 
@@ -249,8 +250,8 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
     config = o.config or ("172M" if on_gpu else "tiny")
     embedder = o.embedder or (DEFAULT_EMBEDDER if on_gpu else STATIC_PREFIX + DEFAULT_EMBEDDER)
-    # one neighbour on the CPU: a step with k = 2 costs 1.6x the baseline's, with k = 1 1.4x, and in
-    # equal training time the steps that buys outweigh the second neighbour (benchmarks/results/demo-*.md)
+    # one neighbour on the CPU: in equal training time the steps a cheaper step buys outweigh the
+    # second neighbour (measured: benchmarks/results/demo_neighbours-*.md)
     k = o.k or (2 if on_gpu else 1)
     steps = o.steps or (1200 if on_gpu else 450)
     overrides = {}

@@ -298,7 +298,8 @@ class RetroModel(nn.Module):
 
     # ---- incremental decoding ---------------------------------------------------------------------
 
-    def new_state(self, batch: int, max_len: int, device=None, dtype=None, num_neighbours: int | None = None) -> DecodeState:
+    def new_state(self, batch: int, max_len: int, device=None, dtype=None,
+                  num_neighbours: int | None = None) -> DecodeState:
         """Caches for decoding `batch` sequences of up to max_len tokens with num_neighbours per
         chunk (default: the configuration's k; any k works, the paper evaluates with more than it
         trains with)."""
@@ -385,6 +386,20 @@ class RetroModel(nn.Module):
         logits = self._above(h, state.pos, state, neighbours)
         state.pos.add_(1)
         return logits[:, 0]
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """Writes config.json, model.safetensors and, if given, the tokenizer into folder
+        (pretrained.py); from_pretrained reads it back."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, source, device=None) -> "RetroModel":
+        """A model saved by save_pretrained, a run folder, or a Hugging Face hub repository."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(source, device=device)
 
     def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
         """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs

@@ -88,7 +88,10 @@ class RetrofittedLM(nn.Module):
         self.to_encoder = nn.Linear(hidden, cfg.enc_dim, bias=False)
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
                                     cross_attend_layers=(0,), backend=cfg.backend)
-        self.extra_config = {"retrofit": {"base": base_name}}
+        from .pretrained import weights_sha256
+
+        # the base's name and a hash of its weights: a saved retrofit loads back onto this base only
+        self.extra_config = {"retrofit": {"base": base_name, "base_sha256": weights_sha256(hf_model)}}
         for i in cfg.cca_layers:
             self.blocks[i].register_forward_hook(self._hook(i), with_kwargs=True)
         params = inspect.signature(hf_model.forward).parameters
@@ -162,6 +165,12 @@ class RetrofittedLM(nn.Module):
 
     def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """The new weights, the base's name and weights hash, and the tokenizer (pretrained.py)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder, tokenizer)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
@@ -243,7 +252,8 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     enc = {"dim": min(hidden, 896), "depth": 2, "heads": None, "head_dim": 64, **(encoder or {})}
     enc_head_dim = min(enc["head_dim"], enc["dim"])
     enc_heads = enc["heads"] or max(1, enc["dim"] // enc_head_dim)
-    positions = getattr(hf_model.config, "n_positions", None) or getattr(hf_model.config, "max_position_embeddings", 2048)
+    positions = (getattr(hf_model.config, "n_positions", None)
+                 or getattr(hf_model.config, "max_position_embeddings", 2048))
     cfg = RetroConfig(vocab_size=hf_model.config.vocab_size, dim=hidden, depth=depth, heads=heads, head_dim=head_dim,
                       ff_dim=4 * hidden, chunk_size=chunk_size, cca_layers=layers, enc_dim=enc["dim"],
                       enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, num_neighbours=k,
@@ -278,6 +288,11 @@ def retrofit_factory(base: str, cca_layers=None):
 def load_retrofitted(info: dict, cfg: RetroConfig, weights: dict[str, Tensor]) -> RetrofittedLM:
     """Rebuilds a saved retrofitted model: the base from info["base"], the new weights on top."""
     model = RetrofittedLM(load_causal_lm(info["base"]), replace(cfg), info["base"])
+    want, got = info.get("base_sha256"), model.extra_config["retrofit"]["base_sha256"]
+    if want is not None and want != got:
+        raise RetroError(f"this model was retrofitted onto another {info['base']!r} than the one found now (weights "
+                         f"sha256 {want[:12]}... when saved, {got[:12]}... now): load it with the base it was "
+                         "trained on")
     missing = [k for k in model.trainable_state_dict() if k not in weights]
     if missing:
         raise RetroError(f"the checkpoint lacks {len(missing)} retrofit weights (e.g. {missing[0]})")

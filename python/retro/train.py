@@ -89,7 +89,8 @@ class TrainOptions:
         check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_preset(self.config)
         if self.compile_backend not in COMPILE_BACKENDS:
-            raise RetroError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile_backend!r}")
+            raise RetroError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                             f"got {self.compile_backend!r}")
         self.overrides = check_config_fields(self.overrides)
 
 
@@ -170,7 +171,8 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     rank, world = dist.init_from_env()
     if opts.batch_size % world:
         raise RetroError(f"--batch-size {opts.batch_size} must be a multiple of the {world} processes")
-    device = torch.device(opts.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(opts.device
+                          or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
     bf16 = opts.bf16 if opts.bf16 is not None else device.type == "cuda"
     db = ChunkDatabase(opts.db)
     run = Path(opts.out)
@@ -218,8 +220,9 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
         compile_for_training(model, opts.compile_backend)
     net = model
     if world > 1 and not opts.fsdp:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        find_unused_parameters=not opts.retrieval)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not opts.retrieval)
 
     log_path = run / "log.jsonl"
     if dist.is_main():

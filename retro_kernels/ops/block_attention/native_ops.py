@@ -1,5 +1,5 @@
-"""Registers the C++/CUDA ops of retro_kernels._C with torch (pattern of pytorch/extension-cpp): fake (meta) implementations,
-so torch.compile traces through them, and autograd, so they train. Their schemas are in
+"""Registers the C++/CUDA ops of retro_kernels._C with torch (pattern of pytorch/extension-cpp): fake (meta)
+implementations, so torch.compile traces through them, and autograd, so they train. Their schemas are in
 csrc/torch/registration.cpp, their CPU kernels in csrc/torch/cpu_ops.cpp, the CUDA decode kernel
 in csrc/torch_cuda/; the arguments are the description of layouts.py.
 
