@@ -105,6 +105,10 @@ def test_saved_configs_with_the_old_neighbours_key_load():
         RetroConfig.from_dict({**old, "num_neighbours": 3})
     with pytest.raises(RetroError, match="num_neighbours"):
         RetroConfig.from_dict({**old, "neighbours": 0})  # the old key is checked as the new field
+    older = cfg.to_dict()
+    del older["qk_norm"], older["smear_keys"]  # saved before these existed, when they were off
+    with pytest.raises(RetroError, match="lacks qk_norm, smear_keys"):
+        RetroConfig.from_dict(older)
 
 
 def test_bad_config_is_named():

@@ -108,11 +108,12 @@ def _cmd_convert_checkpoint(o: ConvertOptions) -> None:
 def _cmd_generate(o: GenerateOptions, sampling) -> None:
     from .generate import generate
     from .retrieval import ChunkDatabase, Retriever
-    from .train import load_model
+    from .train import check_run_database, load_model
 
+    model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device) if o.retrieval else None
     db = retriever.db if retriever is not None else ChunkDatabase(o.db)
-    model, _ = load_model(o.run, device=o.device, db=db)
+    check_run_database(state, db, o.run)
     gens = generate(model, retriever, list(o.prompt), **dataclasses.asdict(sampling),
                     tokenizer=None if retriever is not None else db.tokenizer, compile=o.compile)
     for g in gens:
@@ -129,10 +130,11 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     from .evaluate import evaluate, prepare
     from .retrieval import Retriever
     from .retrieval.retriever import database_fraction
-    from .train import load_model
+    from .train import check_run_database, load_model
 
+    model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)
-    model, _ = load_model(o.run, device=o.device, db=retriever.db)
+    check_run_database(state, retriever.db, o.run)
     k = o.k if o.k is not None else model.cfg.num_neighbours
     if o.overlap:
         from .evaluate_overlap import overlap_report

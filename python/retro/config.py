@@ -62,6 +62,10 @@ class RetroConfig:
                 if new in d:
                     raise RetroError(f"{label} both {old!r} and its new name {new!r}; keep one")
                 d[new] = d.pop(old)
+        missing = [f.name for f in fields(cls) if f.name not in d and f.name != "backend"]
+        if missing:  # a default would silently build another architecture than the one trained
+            raise RetroError(f"{label} lacks {', '.join(missing)} (saved by an older version, whose defaults "
+                             "differed); add them with the values it was trained with")
         return cls(**check_config_fields(d, label))
 
 

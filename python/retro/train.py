@@ -296,5 +296,10 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     folder = checkpoint_dir(Path(run))
     state = json.loads((folder / "state.json").read_text())
     if db is not None:
-        db.check_identity(state.get("database") or {"tokenizer_sha256": state.get("tokenizer_sha256")}, run)
+        check_run_database(state, db, run)
     return model_from_folder(folder, device=device, backend=backend), state
+
+
+def check_run_database(state: dict, db, run) -> None:
+    """RetroError (one line) unless db is the database a run (its checkpoint state) was trained on."""
+    db.check_identity(state.get("database") or {"tokenizer_sha256": state.get("tokenizer_sha256")}, run)
