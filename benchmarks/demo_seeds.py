@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import machine_name, write_results
+from benchmarks.harness import machine_name, pyplot, save_figure, write_results
 
 SPLITS = {"folder": "whole folders held out", "file": "single files held out"}
 
@@ -79,11 +79,7 @@ def spread(rows: list[dict]) -> list[dict]:
 
 def plot(rows: list[dict]):
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(SPLITS), figsize=(11, 4), sharey=True)
         for ax, words in zip(np.atleast_1d(axes), SPLITS.values()):
             sel = [r for r in rows if r["split"] == words]
@@ -95,9 +91,7 @@ def plot(rows: list[dict]):
             ax.set_title(words)
             ax.set_ylabel("held-out bits per byte")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
     return draw
 

@@ -267,3 +267,19 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (benchmarks run without a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lays out, writes (120 dpi) and closes a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)

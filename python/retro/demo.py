@@ -42,7 +42,8 @@ class DemoOptions:
     valid_fraction: float = option(0.03, "documents held out: half as whole folders, half as single files")
     steps: int | None = option(None, "RETRO's training steps (default 450 on the CPU, 1200 on a GPU); the baseline "
                                      "trains for the same time")
-    eval_documents: int | None = option(None, "held-out documents evaluated per split (default: all)")
+    eval_documents: int | None = option(None, "held-out documents evaluated per split (default 25 on the CPU, "
+                                              "all on a GPU)")
     k: int | None = option(None, "neighbours per chunk (default 1 on the CPU, 2, the paper's, on a GPU)", short="-k")
     seq_chunks: int = option(8, cli=False)
     device: str | None = option(None, "default: cuda if there is one")
@@ -192,14 +193,23 @@ SPLIT_WORDS = {"folder": "whole model folders held out (no file of their folder 
                "file": "single files held out (their folder's other files in the database)"}
 
 
-def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int, seq_len: int, log) -> dict:
-    """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents, the
-    overlap table, and the same without the documents that have a near-duplicate in the database."""
+def near_duplicated(db, docs: np.ndarray) -> set[int]:
+    """The held-out documents (ids among docs) that have a near-duplicate (13-gram Jaccard >= 0.8)
+    among the database's training documents."""
     from .dedup import duplicated_documents
+
+    texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in docs]
+    train_texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in db.documents("train")]
+    return {int(docs[i]) for i in duplicated_documents(texts, train_texts, 0.8, progress=False)}
+
+
+def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int, seq_len: int, duplicated: set[int],
+                   log) -> dict:
+    """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents, the
+    overlap table, and the same without the documents in `duplicated` (near_duplicated)."""
     from .evaluate import prepare, score, summarise
     from .evaluate_overlap import format_overlap, group_overlaps, overlap_rows
 
-    db = retriever.db
     es = prepare(retriever, k, documents=docs, seq_len=seq_len)
     nll = {"RETRO[ON]": score(models["retro"], es, True), "RETRO[OFF]": score(models["retro"], es, False),
            "baseline": score(models["baseline"], es, False)}
@@ -217,10 +227,8 @@ def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int,
         "(the longest run of their tokens found in those neighbours / 64; 0 where none was attended):")
     for line in format_overlap(rows, nll):
         log("[demo]      " + line)
-    texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in es.documents]
-    train_texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in db.documents("train")]
-    dup = duplicated_documents(texts, train_texts, 0.8, progress=False)
-    keep = np.array([d for i, d in enumerate(es.documents) if i not in dup])
+    dup = [int(d) for d in es.documents if int(d) in duplicated]
+    keep = np.array([d for d in es.documents if int(d) not in duplicated])
     dedup = {}
     if len(keep):
         sel = np.isin(es.group_doc, keep)
@@ -300,17 +308,18 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     log(f"[demo]    bits per byte on the held-out files follow, k={k} neighbours per chunk from {db.num_chunks} "
         "chunks")
     splits = {}
-    for name, docs in split_documents(db).items():
-        docs = docs[:o.eval_documents] if o.eval_documents else docs
+    per_split = o.eval_documents or (None if on_gpu else 25)
+    held = {name: docs[:per_split] if per_split else docs for name, docs in split_documents(db).items()}
+    duplicated = near_duplicated(db, np.concatenate(list(held.values())))  # the training texts read once
+    for name, docs in held.items():
         if len(docs) == 0:
             log(f"[demo]    {SPLIT_WORDS[name]}: none")
             continue
         log(f"[demo] {'5/6' if name == 'file' else '4/6'} the {name} split ({elapsed()})")
         splits[name] = evaluate_split(name, docs, {"retro": model, "baseline": baseline}, retriever, k,
-                                      model.cfg.max_seq_len, log)
+                                      model.cfg.max_seq_len, duplicated, log)
 
     log(f"[demo] 6/6 generating ({elapsed()})")
-    held = split_documents(db)
     first = (held["folder"] if len(held["folder"]) else held["file"])[0]
     prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
     g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
