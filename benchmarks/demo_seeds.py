@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/demo-seeds")
     p.add_argument("--name", default="demo", help="the results file's name")
+    p.add_argument("--note", action="append", default=[], help="a note for the results file (repeatable)")
     a, extra = p.parse_known_args()
     extra = [e for e in extra if e != "--"]
     out = Path(a.out)
@@ -119,7 +120,7 @@ def main() -> None:
              "below off / below baseline: how far RETRO[ON] is below each, in % of bits per byte; without "
              "near-duplicates: the same against the baseline without the held-out files that have a 13-gram "
              "Jaccard >= 0.8 near-duplicate among the training files",
-             "wall min: the whole demo, database build and evaluation included"]
+             "wall min: the whole demo, database build and evaluation included", *a.note]
     columns = [("seed", "seed"), ("split", "split"), ("documents", "documents"), ("on", "RETRO[ON]"),
                ("off", "RETRO[OFF]"), ("baseline", "baseline"), ("below_off", "ON below OFF %"),
                ("below_baseline", "ON below baseline %"), ("dedup_below_baseline", "same, no near-dups %"),

@@ -238,7 +238,7 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+            return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
