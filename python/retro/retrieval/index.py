@@ -26,6 +26,7 @@ from ..errors import RetroError
 KINDS = ("auto", "flat", "ivf-flat", "ivf-fastscan", "ivf-pq", "torch")
 IVF_KINDS = ("ivf-flat", "ivf-fastscan", "ivf-pq")
 REFINE_FACTOR = 4  # ivf-fastscan re-ranks k x this many candidates by exact distance
+LARGE_CPU = 500_000  # keys above which a CPU ivf-fastscan index trains a cheaper coarse quantiser
 
 
 def faiss_available() -> bool:
@@ -116,7 +117,10 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     else:
-        nlist = int(min(65_536, max(16, 4 * math.sqrt(n))))
+        # k-means costs sample x nlist x dim per iteration: on the CPU above LARGE_CPU keys, half the
+        # lists (fast scan keeps the longer lists cheap to scan) and faiss's minimum of 39 points each
+        large_cpu = kind == "ivf-fastscan" and n > LARGE_CPU and not faiss_gpus()
+        nlist = int(min(65_536, max(16, (2 if large_cpu else 4) * math.sqrt(n))))
         nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
         settings.nlist = nlist
         if kind == "ivf-flat":
@@ -132,7 +136,7 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
             index = faiss.index_factory(dim, f"OPQ{m},IVF{nlist},PQ{m}")
         # k-means on the CPU costs sample x nlist x dim per iteration: 64 points per list there
         # (faiss warns below 39), 256 on GPUs
-        sample_n = min(n, max((256 if faiss_gpus() else 64) * nlist, 50_000))
+        sample_n = min(n, max((256 if faiss_gpus() else 39 if large_cpu else 64) * nlist, 50_000))
         rng = np.random.default_rng(seed)
         sample = np.asarray(vectors[np.sort(rng.choice(n, sample_n, replace=False))], dtype=np.float32)
         settings.trained_on = sample_n
