@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,3 +49,28 @@ def write_npy(path, array: np.ndarray) -> None:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_folder(final: str | os.PathLike, fill) -> Path:
+    """Fills a temporary folder beside `final` (fill(tmp)), fsyncs it, then swaps it in by renames
+    (the old folder kept as .NAME-old until the new one is in place): a crash leaves the old folder
+    or the new one, never half of one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = final.parent / f".{final.name}-tmp-{os.getpid()}", final.parent / f".{final.name}-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -5,15 +5,14 @@ previous or the new checkpoint, never half of one."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import write_folder
 from .errors import RetroError
 
 
@@ -39,34 +38,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], config: dict, state: dict,
                     optimizer_state: dict | None) -> Path:
     """Writes RUN/checkpoint atomically (temp folder, then renames)."""
     from safetensors.torch import save_file
 
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    tmp, final, old = run / f".checkpoint-tmp-{os.getpid()}", run / "checkpoint", run / ".checkpoint-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    _fsync_tree(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+
+    return write_folder(Path(run) / "checkpoint", fill)
 
 
 def checkpoint_dir(run: Path) -> Path:

@@ -180,7 +180,7 @@ def _pct_below(a: float, b: float) -> float:
     return 100.0 * (b - a) / b
 
 
-def split_documents(db) -> dict[str, np.ndarray]:
+def held_out_by_split(db) -> dict[str, np.ndarray]:
     """The held-out documents by how they were held out: "folder" (no document of their folder is in
     the database) and "file" (their folder's other files are). Document ids, sorted."""
     valid = db.documents("valid")
@@ -309,7 +309,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
         "chunks")
     splits = {}
     per_split = o.eval_documents or (None if on_gpu else 25)
-    held = {name: docs[:per_split] if per_split else docs for name, docs in split_documents(db).items()}
+    held = {name: docs[:per_split] if per_split else docs for name, docs in held_out_by_split(db).items()}
     duplicated = near_duplicated(db, np.concatenate(list(held.values())))  # the training texts read once
     for name, docs in held.items():
         if len(docs) == 0:

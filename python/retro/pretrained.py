@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from .atomic import write_folder
 from .errors import RetroError
 
 FORMAT = "retro-kernels/1"
@@ -30,30 +29,6 @@ def weights_sha256(module: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _write_folder(final: Path, fill) -> Path:
-    """Fills a temporary folder beside `final` (fill(tmp)), then swaps it in by renames: a crash
-    leaves the old folder or the new one, never half of one."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = final.parent / f".{final.name}-tmp-{os.getpid()}", final.parent / f".{final.name}-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) -> Path:
@@ -77,7 +52,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
             else:
                 tokenizer.tok.save_pretrained(str(tmp / "tokenizer"))
 
-    return _write_folder(folder, fill)
+    return write_folder(folder, fill)
 
 
 def model_from_folder(folder: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:

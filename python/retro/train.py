@@ -179,7 +179,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     ck = None
     if opts.resume:
         ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
-        db.check_identity(ck["state"].get("database") or {"tokenizer_sha256": ck["state"]["tokenizer_sha256"]}, run)
+        check_run_database(ck["state"], db, run)
         check_resume_options(opts, ck["state"].get("options", {}), run)
         cfg = RetroConfig.from_dict(ck["config"]["model"])
     else:
