@@ -31,11 +31,15 @@ def test_retrofit_two_processes_match_one(tmp_path, monkeypatch):
     db = quick_database(tmp_path, monkeypatch)
     args = ["train", "--db", str(db), "--steps", "3", "--batch-size", "4", "--seq-chunks", "4", "--lr", "3e-3",
             "--warmup", "2", "--save-every", "2", "--device", "cpu", "--no-progress", "--retrofit", str(base),
-            "--cca-layers", "1,3"]
+            "--cca-layers", "1,3", "--set", "copy_prior=false"]
     proc = torchrun(*args, "--out", str(tmp_path / "two"), "--fsdp")
     opts = dict(db=str(db), steps=3, batch_size=4, seq_chunks=4, lr=3e-3, warmup=2, save_every=2, device="cpu",
                 progress=False)
-    factory = retrofit_factory(str(base), (1, 3))
+    # from zero-initialised CCA, not the copy prior: the prior zeroes the encoder's output
+    # projections, which leaves some weights with gradients of pure rounding noise in the first
+    # steps; Adam scales those to lr-sized steps of either sign, so sharded and unsharded runs would
+    # differ there by ~lr though their losses agree (the prior itself: test_retrofit_prior.py)
+    factory = retrofit_factory(str(base), (1, 3), settings={"copy_prior": False})
     try:
         train(TrainOptions(out=str(tmp_path / "one"), **opts), log=lambda *_: None, model_factory=factory)
     finally:

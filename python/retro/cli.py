@@ -94,8 +94,12 @@ def _cmd_train(o, extras: TrainExtras) -> None:
     if extras.retrofit:
         from .retrofit import retrofit_factory
 
-        kwargs["model_factory"] = retrofit_factory(extras.retrofit, extras.cca_layers)
-    train(dataclasses.replace(o, overrides=parse_overrides(extras.set)), **kwargs)
+        kwargs["model_factory"] = retrofit_factory(extras.retrofit, extras.cca_layers, extras.placement,
+                                                   settings=parse_overrides(extras.set))
+        o = dataclasses.replace(o, overrides={})  # the base model gives the architecture
+    else:
+        o = dataclasses.replace(o, overrides=parse_overrides(extras.set))
+    train(o, **kwargs)
     shutdown()
 
 

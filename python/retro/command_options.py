@@ -126,3 +126,5 @@ class TrainExtras:
     retrofit: str | None = option(None, "a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
     cca_layers: tuple[int, ...] | None = option(None, "--retrofit: the CCA layers, 0-based, e.g. 5,8,11 "
                                                       "(default: the paper's spacing)", parse=layer_list)
+    placement: str = option("inside", "--retrofit: CCA between a block's attention and its MLP (inside, the paper's) "
+                                      "or after the block", choices=("inside", "after"))

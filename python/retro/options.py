@@ -7,6 +7,7 @@ from the annotation and the help given with `option(...)`:
     bool                         --name / --no-name
     bool | None                  --name / --no-name, default None ("decide for me")
     tuple[str, ...]              --name VALUE, repeatable (positional: one or more values)
+    const=C                      --name [VALUE]: the flag alone gives C
     parse=f                      --name VALUE, VALUE converted by f (raising argparse.ArgumentTypeError)
 A field without a default is required (positional with `positional=True`); `cli=False` keeps a
 field off the command line (set from Python only); `flag` and `short` rename it there.
@@ -21,11 +22,11 @@ import typing
 
 def option(default=dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,  # noqa: A002
            short: str | None = None, positional: bool = False, cli: bool = True, choices=None,
-           metavar: str | None = None, default_factory=dataclasses.MISSING, parse=None):
+           metavar: str | None = None, default_factory=dataclasses.MISSING, parse=None, const=None):
     """A dataclass field with its command-line help (and optional flag name, short flag, choices,
-    a function parsing the flag's text)."""
+    a function parsing the flag's text, the value of the flag given without one: const)."""
     metadata = {"help": help, "flag": flag, "short": short, "positional": positional, "cli": cli,
-                "choices": choices, "metavar": metavar, "parse": parse}
+                "choices": choices, "metavar": metavar, "parse": parse, "const": const}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -70,6 +71,8 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             kwargs.update(action="append", default=None)
         else:
             kwargs.update(type=hint, default=None if required else f.default, required=required)
+        if md.get("const") is not None:
+            kwargs.update(nargs="?", const=md["const"])
         if md.get("flag") and "metavar" not in kwargs and "action" not in kwargs:
             kwargs["metavar"] = md["flag"].upper().replace("-", "_")
         names = [md.get("short")] if md.get("short") else []

@@ -21,7 +21,7 @@ from retro_kernels import ChunkedCrossAttention, RetroEncoder
 from .checks import check_int, check_neighbours
 from .errors import RetroError
 from .cache import NeighbourCache
-from .config import RetroConfig, paper_cca_layers
+from .config import RetroConfig, check_config_fields, paper_cca_layers
 from .model import encode_completed_chunks, keep_after_prefill
 from .retrieval.tokenizer import hf_source
 
@@ -33,6 +33,25 @@ def _blocks(hf_model) -> nn.ModuleList:
             return getattr(base, attr)
     raise RetroError(f"cannot find the transformer blocks of {type(hf_model).__name__}; supported: GPT-2 "
                      "(transformer.h) and Llama/Qwen/Mistral-style models (model.layers)")
+
+
+PLACEMENTS = ("inside", "after")  # CCA between block i's attention and MLP (the paper's), or after block i
+DEFAULT_PLACEMENT = "inside"
+# RetroConfig fields a retrofit takes from its caller (the rest follows from the base model)
+RETROFIT_SETTINGS = ("qk_norm", "smear_keys", "cca_rotary", "rotary_base", "dropout", "encoder_input_norm",
+                     "copy_prior")
+# no rotary in a retrofit's CCA: the frozen base's states carry positions already, and the copy
+# prior matches neighbour tokens by content, which a position-dependent rotation would blur
+RETROFIT_DEFAULTS = {"cca_rotary": False}
+
+
+def _attention(block: nn.Module) -> nn.Module:
+    """A block's self-attention module (Llama/Qwen/Mistral/Gemma: self_attn; GPT-2: attn)."""
+    for attr in ("self_attn", "attn", "attention"):
+        if isinstance(getattr(block, attr, None), nn.Module):
+            return getattr(block, attr)
+    raise RetroError(f"cannot find the self-attention of {type(block).__name__} for placement 'inside'; "
+                     "use placement='after'")
 
 
 def _hidden(output):
@@ -63,6 +82,8 @@ class _Pass:
         self.neighbour_tokens, self.mask, self.cache, self.row = neighbour_tokens, mask, cache, row
         self.positions, self.new = positions, new
         self.states: Tensor | None = None  # the encoded neighbours
+        self.block_input: Tensor | None = None  # placement "inside": the current block's input
+        self.captured: dict[int, Tensor] | None = None  # residual_states: CCA's input per layer
         self.seen = 0
 
 
@@ -70,9 +91,11 @@ class RetrofittedLM(nn.Module):
     """forward(tokens (B, n), neighbour_tokens (B, L, K, R) | None, neighbour_mask) -> logits (B, n, V);
     prefill/step decode as RetroModel does (one base-model cache per sequence)."""
 
-    def __init__(self, hf_model, cfg: RetroConfig, base_name: str):
+    def __init__(self, hf_model, cfg: RetroConfig, base_name: str, placement: str = "inside"):
         super().__init__()
-        self.base, self.cfg, self.base_name = hf_model, cfg, base_name
+        if placement not in PLACEMENTS:
+            raise RetroError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.base, self.cfg, self.base_name, self.placement = hf_model, cfg, base_name, placement
         self.base.requires_grad_(False)
         self.blocks = _blocks(hf_model)
         hidden = hf_model.config.hidden_size
@@ -80,20 +103,30 @@ class RetrofittedLM(nn.Module):
         self.cca = nn.ModuleDict()
         self.cca_norm = nn.ModuleDict()
         for i in cfg.cca_layers:
-            layer = ChunkedCrossAttention(hidden, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim, rotary=True,
-                                          backend=cfg.backend, qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
+            layer = ChunkedCrossAttention(hidden, cfg.heads, cfg.head_dim, cfg.chunk_size, cfg.enc_dim,
+                                          rotary=cfg.cca_rotary, rotary_base=cfg.rotary_base, backend=cfg.backend,
+                                          qk_norm=cfg.qk_norm, smear_keys=cfg.smear_keys)
             nn.init.zeros_(layer.to_out.weight)  # starts as the identity on the residual stream
             self.cca[str(i)] = layer
             self.cca_norm[str(i)] = nn.LayerNorm(hidden)
         self.to_encoder = nn.Linear(hidden, cfg.enc_dim, bias=False)
+        # the base's input embeddings have their own scale: normalised, every base starts alike
+        self.encoder_in_norm = nn.LayerNorm(cfg.enc_dim) if cfg.encoder_input_norm else nn.Identity()
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
-                                    cross_attend_layers=(0,), backend=cfg.backend)
+                                    cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
         from .pretrained import weights_sha256
 
-        # the base's name and a hash of its weights: a saved retrofit loads back onto this base only
-        self.extra_config = {"retrofit": {"base": base_name, "base_sha256": weights_sha256(hf_model)}}
+        # the base's name, a hash of its weights and where CCA sits: a saved retrofit loads back
+        # onto this base only, and runs as it was trained
+        self.extra_config = {"retrofit": {"base": base_name, "base_sha256": weights_sha256(hf_model),
+                                          "placement": placement}}
+        self._active: _Pass | None = None  # the pass of the base model's call in progress
         for i in cfg.cca_layers:
-            self.blocks[i].register_forward_hook(self._hook(i), with_kwargs=True)
+            if placement == "after":
+                self.blocks[i].register_forward_hook(self._hook(i), with_kwargs=True)
+            else:
+                self.blocks[i].register_forward_pre_hook(self._block_input_hook(i), with_kwargs=True)
+                _attention(self.blocks[i]).register_forward_hook(self._attention_hook(i))
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.base.eval()
@@ -110,21 +143,53 @@ class RetrofittedLM(nn.Module):
     # -- the hooks: CCA after block i ------------------------------------------------------------
 
     def encode(self, neighbours: Tensor, mask: Tensor | None, chunk_states: Tensor) -> Tensor:
+        """neighbour tokens (B, L, K, R), chunk states (B, L, m, hidden) -> (B, L, K, R, enc_dim)."""
         emb = self.base.get_input_embeddings()(neighbours)
-        return self.encoder(self.to_encoder(emb), chunk_states.to(emb.dtype), mask)
+        return self.encoder(self.encoder_in_norm(self.to_encoder(emb)), chunk_states.to(emb.dtype), mask)
 
     def _hook(self, i: int):
+        """placement "after": CCA's output added to block i's output."""
         def hook(module, args, kwargs, output):
             p = kwargs.get(PASS_KWARG)
             if p is None:
                 return output
             p.seen += 1
             h = _hidden(output)
-            out = self._sequence(i, h, p) if p.positions is None else self._token(i, h, p)
-            return _with_hidden(output, out)
+            delta = self._cca(i, h, p)
+            return output if delta is None else _with_hidden(output, h + delta)
         return hook
 
-    def _sequence(self, i: int, h: Tensor, p: _Pass) -> Tensor:
+    def _block_input_hook(self, i: int):
+        """placement "inside": keeps block i's input (the residual stream) for its attention's hook."""
+        def hook(module, args, kwargs):
+            p = kwargs.get(PASS_KWARG)
+            if p is not None:
+                p.seen += 1
+                p.block_input = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _attention_hook(self, i: int):
+        """placement "inside" (the paper's): CCA reads the residual stream after block i's
+        self-attention, H = input + attention output, and its output joins the attention's, so that
+        the block's MLP sees both."""
+        def hook(module, args, output):
+            p = self._active
+            if p is None or p.block_input is None:
+                return output
+            a = _hidden(output)
+            delta = self._cca(i, p.block_input + a, p)
+            p.block_input = None
+            return output if delta is None else _with_hidden(output, a + delta)
+        return hook
+
+    def _cca(self, i: int, h: Tensor, p: _Pass) -> Tensor | None:
+        """What CCA at layer i adds to the residual stream h (B, n, hidden), or None."""
+        if p.captured is not None:
+            p.captured[i] = h.detach()
+            return None
+        return self._sequence(i, h, p) if p.positions is None else self._token(i, h, p)
+
+    def _sequence(self, i: int, h: Tensor, p: _Pass) -> Tensor | None:
         m = self.cfg.chunk_size
         chunks = h.shape[1] // m
         mask = p.mask[:, :chunks] if p.mask is not None and p.neighbour_tokens is not None else None
@@ -135,8 +200,8 @@ class RetrofittedLM(nn.Module):
             if p.cache is not None:
                 keep_after_prefill(p.cache, self.cca_modules(), h, p.states, mask, [h.shape[1]], [p.row])
         if p.states is None:
-            return h
-        return h + self.cca[str(i)](self.cca_norm[str(i)](h), p.states, mask).to(h.dtype)
+            return None
+        return self.cca[str(i)](self.cca_norm[str(i)](h), p.states, mask).to(h.dtype)
 
     def _token(self, i: int, h: Tensor, p: _Pass) -> Tensor:
         rows = torch.tensor([p.row], device=h.device)
@@ -145,10 +210,14 @@ class RetrofittedLM(nn.Module):
             if p.new is not None:
                 encode_completed_chunks(self.encode, p.cache, self.cca_modules(), {p.row: p.new})
         out = self.cca[str(i)].step(self.cca_norm[str(i)](h), p.positions, *p.cache.read(i, slice(p.row, p.row + 1)))
-        return h + out.to(h.dtype)
+        return out.to(h.dtype)
 
     def _run(self, p: _Pass, **kwargs):
-        out = self.base(**kwargs, **{PASS_KWARG: p})
+        self._active = p
+        try:
+            out = self.base(**kwargs, **{PASS_KWARG: p})
+        finally:
+            self._active = None
         if p.seen != len(self.cfg.cca_layers):
             raise RetroError(f"the base model's blocks did not receive the keyword argument {PASS_KWARG!r} "
                              "(a transformers version that hands the forward's keyword arguments to its blocks "
@@ -162,6 +231,21 @@ class RetrofittedLM(nn.Module):
         if neighbour_tokens is None or tokens.shape[1] // self.cfg.chunk_size == 0:
             return self.base(input_ids=tokens, use_cache=False).logits
         return self._run(_Pass(neighbour_tokens, neighbour_mask), input_ids=tokens, use_cache=False)
+
+    @torch.no_grad()
+    def residual_states(self, tokens: Tensor) -> dict[int, Tensor]:
+        """The base model's residual stream where each CCA layer reads it: tokens (B, n) ->
+        {layer: (B, n, hidden)} (CCA itself does not run)."""
+        p = _Pass()
+        p.captured = {}
+        self._run(p, input_ids=tokens, use_cache=False)
+        return p.captured
+
+    def apply_copy_prior(self, batch, log=print) -> dict:
+        """Fits the copy prior (retrofit_prior.py) on batch (data.Batch with neighbours)."""
+        from .retrofit_prior import fit_copy_prior
+
+        return fit_copy_prior(self, batch, log)
 
     def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
@@ -231,12 +315,21 @@ class RetrofitState:
 
 
 def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2, chunk_size: int = 64,
-             backend: str = "auto", base_name: str = "", max_seq_len: int | None = None) -> RetrofittedLM:
+             backend: str = "auto", base_name: str = "", max_seq_len: int | None = None,
+             placement: str = DEFAULT_PLACEMENT,
+             **settings) -> RetrofittedLM:
     """Adds CCA (default: the paper's layers 6, 9, 12, ... or the nearest fit) and a neighbour
     encoder to a Hugging Face causal LM; the base weights are frozen. hf_model: the model, or
     what load_causal_lm loads (a name, a folder or a .gguf file; it is then the base_name).
     encoder: RetroEncoder settings (dim, depth, heads, head_dim); default 2 layers of the base
-    model's width (at most 896, the paper's)."""
+    model's width (at most 896, the paper's). placement: "inside" (CCA between a block's
+    attention and its MLP, the paper's) or "after" (after the block). settings: RetroConfig
+    fields of the new parts (qk_norm, smear_keys, cca_rotary, rotary_base, dropout,
+    encoder_input_norm)."""
+    unknown = sorted(set(settings) - set(RETROFIT_SETTINGS))
+    if unknown:
+        raise TypeError(f"retrofit() got unexpected settings {unknown}; expected some of {list(RETROFIT_SETTINGS)}")
+    settings = {**RETROFIT_DEFAULTS, **settings}
     if isinstance(hf_model, (str, Path)):
         base_name = base_name or str(hf_model)
         hf_model = load_causal_lm(hf_model)
@@ -244,7 +337,7 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     check_int("chunk_size", chunk_size, 1)
     blocks = _blocks(hf_model)
     depth, hidden = len(blocks), hf_model.config.hidden_size
-    layers = tuple(cca_layers) if cca_layers else paper_cca_layers(depth)
+    layers = tuple(cca_layers(depth) if callable(cca_layers) else cca_layers or paper_cca_layers(depth))
     if any(not 0 <= i < depth for i in layers):
         raise RetroError(f"cca_layers {layers} must index the model's {depth} blocks")
     heads = hf_model.config.num_attention_heads
@@ -257,8 +350,8 @@ def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2,
     cfg = RetroConfig(vocab_size=hf_model.config.vocab_size, dim=hidden, depth=depth, heads=heads, head_dim=head_dim,
                       ff_dim=4 * hidden, chunk_size=chunk_size, cca_layers=layers, enc_dim=enc["dim"],
                       enc_depth=enc["depth"], enc_heads=enc_heads, enc_head_dim=enc_head_dim, num_neighbours=k,
-                      backend=backend, max_seq_len=min(max_seq_len or 2048, positions))
-    return RetrofittedLM(hf_model, cfg, base_name)
+                      backend=backend, max_seq_len=min(max_seq_len or 2048, positions), **settings)
+    return RetrofittedLM(hf_model, cfg, base_name, placement)
 
 
 def load_causal_lm(name: str | Path):
@@ -273,21 +366,36 @@ def load_causal_lm(name: str | Path):
         raise RetroError(f"cannot load the causal LM {str(name)!r} to retrofit: {exc}") from exc
 
 
-def retrofit_factory(base: str, cca_layers=None):
-    """model_factory for train(): retrofits `base` for the database's chunk size and k."""
+def retrofit_factory(base: str, cca_layers=None, placement: str | None = None, settings: dict | None = None,
+                     encoder: dict | None = None):
+    """model_factory for train(): retrofits `base` for the database's chunk size and k. cca_layers:
+    layer indices, a function depth -> indices, or None (the paper's spacing); settings:
+    RetroConfig fields of the new parts (`retro train --retrofit ... --set qk_norm=false`);
+    encoder: as retrofit()'s."""
+    unknown = sorted(set(settings or {}) - set(RETROFIT_SETTINGS))
+    settings = check_config_fields(dict(settings or {}), "--set") if settings and not unknown else settings
+    if unknown:
+        raise RetroError(f"--set {unknown[0]}: a retrofit takes its architecture from the base model; only "
+                         f"{', '.join(RETROFIT_SETTINGS)} can be set")
+
     def factory(cfg: RetroConfig, db) -> RetrofittedLM:
         hf = load_causal_lm(base)
         if hf.config.vocab_size < db.tokenizer.vocab_size:
             raise RetroError(f"the database's tokenizer has {db.tokenizer.vocab_size} tokens but {base!r} only "
                              f"{hf.config.vocab_size}: build the database with --tokenizer {base}")
-        return retrofit(hf, cca_layers, k=cfg.num_neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                        base_name=base, max_seq_len=cfg.max_seq_len)
+        return retrofit(hf, cca_layers, encoder, k=cfg.num_neighbours, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                        base_name=base, max_seq_len=cfg.max_seq_len, placement=placement or DEFAULT_PLACEMENT,
+                        **(settings or {}))
     return factory
 
 
 def load_retrofitted(info: dict, cfg: RetroConfig, weights: dict[str, Tensor]) -> RetrofittedLM:
     """Rebuilds a saved retrofitted model: the base from info["base"], the new weights on top."""
-    model = RetrofittedLM(load_causal_lm(info["base"]), replace(cfg), info["base"])
+    if "placement" not in info:  # saved before retrofits had a placement: after the block, no encoder input norm
+        cfg = replace(cfg, encoder_input_norm=False)
+    model = RetrofittedLM(load_causal_lm(info["base"]), replace(cfg), info["base"], info.get("placement", "after"))
+    if "copy_prior" in info:
+        model.extra_config["retrofit"]["copy_prior"] = info["copy_prior"]
     want, got = info.get("base_sha256"), model.extra_config["retrofit"]["base_sha256"]
     if want is not None and want != got:
         raise RetroError(f"this model was retrofitted onto another {info['base']!r} than the one found now (weights "
