@@ -79,6 +79,32 @@ def test_triton_path_is_one_graph():
 
 
 @pytest.mark.slow
+def test_the_loss_in_checkpointed_slices_is_one_graph(monkeypatch):
+    """sequence_loss's forward(..., targets=...) in 8 slices (sliced_loss.py, each under
+    torch.utils.checkpoint) traces as one graph; compiled, its loss and gradients are eager's."""
+    from retro import sliced_loss
+
+    monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * SMALL["vocab_size"] * 8)  # 8 positions per slice
+    torch.manual_seed(0)
+    cfg = preset("tiny", **SMALL)
+    model = RetroModel(cfg).train()
+    b = inputs(cfg)
+    explained = torch._dynamo.explain(model)(b.tokens, b.neighbours, b.neighbour_mask, targets=b.targets)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    loss = sequence_loss(model, b, world=1)[0]
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compile_for_training(model, backend="aot_eager")
+    compiled_loss = sequence_loss(model, b, world=1)[0]
+    compiled_loss.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, loss)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.slow
 def test_a_graph_break_is_seen_and_refused(monkeypatch):
     """The checks above can fail: a graph break put into the CCA layer is counted by explain and
     makes the fullgraph compile raise."""

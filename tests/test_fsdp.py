@@ -232,3 +232,35 @@ def test_sharded_layers_run_through_fsdp_with_checkpointing(one_rank_group, monk
         g = grads[name].grad
         torch.testing.assert_close(g.full_tensor() if hasattr(g, "full_tensor") else g, p.grad, rtol=1e-5, atol=1e-7,
                                    msg=name)
+
+
+def test_the_loss_in_checkpointed_slices_runs_through_fsdp(one_rank_group, monkeypatch):
+    """forward(..., targets=...) of a sharded model in 4 slices, each recomputed in the backward
+    pass (sliced_loss.py) with the root unit's tied embedding: the NLL and every gradient are the
+    unsharded model's."""
+    import copy
+
+    from retro import sliced_loss
+    from retro.data import IGNORE
+    from retro.model import RetroModel, preset
+
+    monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * 50 * 4)  # 4 positions per slice: 16 = 4 + 4 + 4 + 4
+    cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16})
+    plain = RetroModel(cfg)
+    sharded = copy.deepcopy(plain)
+    fsdp.shard_model(sharded, torch.device("cpu"), bf16=False)
+    tokens, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    targets[0, :3] = IGNORE
+    neighbours, mask = torch.randint(0, 50, (2, 4, 2, 8)), torch.rand(2, 4, 2, 8) > 0.2
+    nlls = []
+    for model in (plain, sharded):
+        model.train()
+        nll = model(tokens, neighbours, mask, targets=targets)
+        (nll * torch.linspace(0.5, 1.5, 16)).sum().backward()
+        nlls.append(nll.detach())
+    torch.testing.assert_close(nlls[1], nlls[0], rtol=1e-6, atol=1e-7)
+    grads = dict(sharded.named_parameters())
+    for name, p in plain.named_parameters():
+        g = grads[name].grad
+        torch.testing.assert_close(g.full_tensor() if hasattr(g, "full_tensor") else g, p.grad, rtol=1e-5, atol=1e-7,
+                                   msg=name)

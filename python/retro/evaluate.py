@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import RetroError
 from .retrieval.retriever import Retriever
@@ -175,8 +174,8 @@ def score(model, es: EvalSet, retrieval: bool = True, device=None, batch_size: i
             rows = np.stack([np.arange(es.first_chunk[w], es.first_chunk[w] + chunks) for w in group])
             nb = torch.as_tensor(es.neighbours[rows], device=device)
             mask = torch.as_tensor(es.neighbour_mask[rows], device=device)
-        logits = model(x, nb, mask).float()
-        token_nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").double().cpu().numpy()
+        # per-token NLL (B, n) computed in the model a slice of the sequence at a time (sliced_loss.py)
+        token_nll = model(x, nb, mask, targets=y).double().cpu().numpy()
         for j, w in enumerate(group):
             np.add.at(nll, es.window_groups[w], token_nll[j])
     model.train(was_training)

@@ -28,6 +28,7 @@ from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 from .cache import DecodeState, KVCache, NeighbourCache
 from .config import PRESETS, RetroConfig, check_config_fields, check_preset, paper_cca_layers, preset  # noqa: F401
 from .errors import RetroError
+from .sliced_loss import sliced_nll
 
 # (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None) for a sequence; the layer's cached
 # (keys, values, mask) from NeighbourCache.read for a step
@@ -260,13 +261,20 @@ class RetroModel(nn.Module):
         return self._layer(self.first_cca, x, positions, state, part="attention")
 
     def _above(self, h: Tensor, positions: Tensor | None, state: DecodeState | None,
-               neighbours: dict[int, NeighbourInput]) -> Tensor:
-        """The first CCA layer's CCA and feed-forward on H, the layers above it -> logits; neighbours
-        maps a CCA layer to what it reads (none: RETRO[OFF])."""
+               neighbours: dict[int, NeighbourInput], targets: Tensor | None = None) -> Tensor:
+        """The first CCA layer's CCA and feed-forward on H, the layers above it -> logits, or with
+        targets (B, n) the per-token NLL (B, n) (sliced_loss.py); neighbours maps a CCA layer to
+        what it reads (none: RETRO[OFF])."""
         x = self._layer(self.first_cca, h, positions, state, neighbours.get(self.first_cca), part="rest")
         for i in range(self.first_cca + 1, len(self.layers)):
             x = self._layer(i, x, positions, state, neighbours.get(i))
-        return F.linear(self.norm(x), self.embed.weight)  # tied output embedding
+        if targets is not None:
+            return sliced_nll(self.norm(x), targets, self._logits, self.cfg.vocab_size)
+        return self._logits(self.norm(x))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Final (normed) states (..., dim) -> logits (..., vocab): the tied output embedding."""
+        return F.linear(x, self.embed.weight)
 
     def _encode_sequence(self, h: Tensor, neighbour_tokens: Tensor | None, neighbour_mask: Tensor | None):
         """The encoder on the states H (B, n, dim) of the complete chunks -> (states, mask) for CCA,
@@ -282,19 +290,23 @@ class RetroModel(nn.Module):
         return self.encode(*args), mask
 
     def _sequence(self, tokens: Tensor, neighbour_tokens: Tensor | None, neighbour_mask: Tensor | None,
-                  state: DecodeState | None = None, lengths: list[int] | None = None) -> Tensor:
+                  state: DecodeState | None = None, lengths: list[int] | None = None,
+                  targets: Tensor | None = None) -> Tensor:
         h = self._below(self.embed(tokens), None, state)
         states, mask = self._encode_sequence(h, neighbour_tokens, neighbour_mask)
         if state is not None:
             keep_after_prefill(state.neighbour_cache, self.cca_modules(), h, states, mask, lengths)
         neighbours = {} if states is None else {i: (states, mask) for i in self.cfg.cca_layers}
-        return self._above(h, None, state, neighbours)
+        return self._above(h, None, state, neighbours, targets)
 
     def forward(self, tokens: Tensor, neighbour_tokens: Tensor | None = None,
-                neighbour_mask: Tensor | None = None) -> Tensor:
+                neighbour_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         """tokens (B, n); neighbour_tokens (B, L, K, R): token ids of the K neighbours [chunk,
-        continuation] of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab)."""
-        return self._sequence(tokens, neighbour_tokens, neighbour_mask)
+        continuation] of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab).
+        With targets (B, n) (int64, IGNORE where not scored): the per-token next-token NLL (B, n)
+        instead (float32, float64 for a float64 model; 0 at IGNORE), computed a slice of the
+        sequence at a time so that the whole logits never exist (sliced_loss.py)."""
+        return self._sequence(tokens, neighbour_tokens, neighbour_mask, targets=targets)
 
     # ---- incremental decoding ---------------------------------------------------------------------
 

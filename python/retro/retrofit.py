@@ -10,6 +10,8 @@ layer, on the hidden states there (docs/semantics.md, "Encoder").
 from __future__ import annotations
 
 import inspect
+from functools import partial
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
 from .checks import check_int, check_neighbours
 from .errors import RetroError
+from . import hf_head
 from .cache import NeighbourCache
 from .config import RetroConfig, check_config_fields, paper_cca_layers
 from .model import encode_completed_chunks, keep_after_prefill
 from .retrieval.tokenizer import hf_source
+from .sliced_loss import sliced_nll
 
 
 def _blocks(hf_model) -> nn.ModuleList:
@@ -60,6 +64,10 @@ def _hidden(output):
 
 def _with_hidden(output, hidden):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 # The keyword argument that carries one call's _Pass to the CCA hooks: Hugging Face models hand
@@ -130,6 +138,7 @@ class RetrofittedLM(nn.Module):
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.base.eval()
+        self.check_sliced_head()  # once, here: a check inside a compiled forward would break its graph
 
     supports_checkpointing = False  # the base runs as Hugging Face wrote it; its blocks are not re-run
 
@@ -213,21 +222,32 @@ class RetrofittedLM(nn.Module):
         return out.to(h.dtype)
 
     def _run(self, p: _Pass, **kwargs):
+        out = self._call(self.base, p, **kwargs)
+        self._check_pass_seen(p)
+        return out.logits
+
+    def _call(self, fn, p: _Pass, **kwargs):
+        """fn(**kwargs) with the pass p handed to the blocks (the keyword argument) and to the
+        attention hooks (self._active, placement "inside")."""
         self._active = p
         try:
-            out = self.base(**kwargs, **{PASS_KWARG: p})
+            return fn(**kwargs, **{PASS_KWARG: p})
         finally:
             self._active = None
+
+    def _check_pass_seen(self, p: _Pass) -> None:
         if p.seen != len(self.cfg.cca_layers):
             raise RetroError(f"the base model's blocks did not receive the keyword argument {PASS_KWARG!r} "
                              "(a transformers version that hands the forward's keyword arguments to its blocks "
                              "is needed)")
-        return out.logits
 
     # -- the model -------------------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, neighbour_tokens: Tensor | None = None,
-                neighbour_mask: Tensor | None = None) -> Tensor:
+                neighbour_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+        """As RetroModel.forward: logits (B, n, V), or with targets (B, n) the per-token NLL (B, n)."""
+        if targets is not None:
+            return self._nll(tokens, neighbour_tokens, neighbour_mask, targets)
         if neighbour_tokens is None or tokens.shape[1] // self.cfg.chunk_size == 0:
             return self.base(input_ids=tokens, use_cache=False).logits
         return self._run(_Pass(neighbour_tokens, neighbour_mask), input_ids=tokens, use_cache=False)
@@ -249,6 +269,50 @@ class RetrofittedLM(nn.Module):
 
     def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
+
+    # -- the loss: the next-token NLL a slice of the sequence at a time (sliced_loss.py) ----------
+
+    # Whether hf_head.head_logits(the decoder's final states) reproduces the base model's logits,
+    # checked once per model by check_sliced_head (in the constructor; None: not yet, checked at the
+    # first loss); False: the loss falls back to the whole logits of self.base(...).
+    sliced_head: bool | None = None
+
+    def check_sliced_head(self) -> bool:
+        """Checks (hf_head.head_mismatch, on 8 tokens) that the base's decoder states and output
+        layer reproduce its logits, keeps the answer in self.sliced_head and warns when they do not:
+        the loss then takes the whole logits (much more memory with a large vocabulary)."""
+        reason = hf_head.head_mismatch(self.base)
+        self.sliced_head = reason is None
+        if reason is not None:
+            warnings.warn(f"{type(self.base).__name__}: its decoder states and output layer do not reproduce its "
+                          f"logits ({reason}); the loss is computed from the whole logits instead of a slice of the "
+                          "sequence at a time, which with a large vocabulary takes much more memory",
+                          RuntimeWarning, stacklevel=2)
+        return self.sliced_head
+
+    def _decoder_states(self, tokens: Tensor, neighbour_tokens: Tensor | None,
+                        neighbour_mask: Tensor | None) -> Tensor:
+        """The base's decoder with the CCA hooks -> final states (B, n, hidden)."""
+        if neighbour_tokens is None or tokens.shape[1] // self.cfg.chunk_size == 0:
+            return hf_head.decoder_states(self.base, input_ids=tokens, use_cache=False)
+        p = _Pass(neighbour_tokens, neighbour_mask)
+        states = self._call(partial(hf_head.decoder_states, self.base), p, input_ids=tokens, use_cache=False)
+        self._check_pass_seen(p)
+        return states
+
+    def _head_logits(self, states: Tensor) -> Tensor:
+        return hf_head.head_logits(self.base, states)
+
+    def _nll(self, tokens: Tensor, neighbour_tokens: Tensor | None, neighbour_mask: Tensor | None,
+             targets: Tensor) -> Tensor:
+        """The per-token NLL (B, n) of targets (B, n) (IGNORE: 0), a slice of the sequence at a time."""
+        if self.sliced_head is None:
+            self.check_sliced_head()
+        if self.sliced_head:
+            states = self._decoder_states(tokens, neighbour_tokens, neighbour_mask)
+            return sliced_nll(states, targets, self._head_logits, self.cfg.vocab_size)
+        logits = self.forward(tokens, neighbour_tokens, neighbour_mask)  # the fallback: the whole logits
+        return sliced_nll(logits, targets, _identity, logits.shape[-1])
 
     def save_pretrained(self, folder, tokenizer=None):
         """The new weights, the base's name and weights hash, and the tokenizer (pretrained.py)."""

@@ -2,7 +2,8 @@
 benchmark (benchmarks/training.py) and the tests run this function.
 
 A step: the learning rate set on every parameter group (times its "lr_scale"), the summed
-next-token loss under bfloat16 autocast (bf16=True), backward, gradient-norm clipping, AdamW's
+next-token loss under bfloat16 autocast (bf16=True; the model computes it a slice of the sequence
+at a time, sliced_loss.py), backward, gradient-norm clipping, AdamW's
 step, gradients cleared.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .data import IGNORE
 
@@ -30,10 +30,9 @@ def sequence_loss(model, batch, world: int) -> tuple[torch.Tensor, torch.Tensor,
     equals the gradient of (all ranks' NLL) / (all ranks' scored targets). batch: tokens and
     targets (B, n), neighbours (B, n / m, k, r) and neighbour_mask (B, n / m, k, r), or None and
     None without retrieval. -> (loss, nll, count), scalars."""
-    logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 from bf16; float64 stays
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
-                          ignore_index=IGNORE, reduction="sum")
+    # the model computes the loss inside its forward (FSDP's hooks fire on forward), a slice of the
+    # sequence at a time (sliced_loss.py): per-token NLL (B, n), float32 under bf16, 0 at IGNORE
+    nll = model(batch.tokens, batch.neighbours, batch.neighbour_mask, targets=batch.targets).sum()
     count = (batch.targets != IGNORE).sum()
     total = count.clone()
     if torch.distributed.is_initialized():
