@@ -65,17 +65,7 @@ def test_triton_path_is_one_graph():
     b = inputs(cfg, batch=1, chunks=2)
     explained = torch._dynamo.explain(model)(b.tokens, b.neighbours, b.neighbour_mask)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    loss = sequence_loss(model, b, world=1)[0]
-    loss.backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    compile_for_training(model, backend="aot_eager")
-    compiled_loss = sequence_loss(model, b, world=1)[0]
-    compiled_loss.backward()
-    torch._dynamo.reset()
-    torch.testing.assert_close(compiled_loss, loss)
-    for p, g in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad, g)
+    assert_compiled_matches_eager(model, b)
 
 
 @pytest.mark.slow
@@ -91,17 +81,7 @@ def test_the_loss_in_checkpointed_slices_is_one_graph(monkeypatch):
     b = inputs(cfg)
     explained = torch._dynamo.explain(model)(b.tokens, b.neighbours, b.neighbour_mask, targets=b.targets)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    loss = sequence_loss(model, b, world=1)[0]
-    loss.backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    compile_for_training(model, backend="aot_eager")
-    compiled_loss = sequence_loss(model, b, world=1)[0]
-    compiled_loss.backward()
-    torch._dynamo.reset()
-    torch.testing.assert_close(compiled_loss, loss)
-    for p, g in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad, g)
+    assert_compiled_matches_eager(model, b)
 
 
 @pytest.mark.slow
@@ -125,6 +105,21 @@ def test_a_graph_break_is_seen_and_refused(monkeypatch):
     with pytest.raises(torch._dynamo.exc.Unsupported):
         model(b.tokens, b.neighbours, b.neighbour_mask)
     torch._dynamo.reset()
+
+
+def assert_compiled_matches_eager(model, b) -> None:
+    """sequence_loss and its gradients: eager, then compiled in place (aot_eager), equal."""
+    loss = sequence_loss(model, b, world=1)[0]
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compile_for_training(model, backend="aot_eager")
+    compiled_loss = sequence_loss(model, b, world=1)[0]
+    compiled_loss.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, loss)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
 
 
 def run_training(dtype, compile_backend, steps, cfg, batch, device="cpu", bf16=False):

@@ -254,13 +254,31 @@ def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int,
             "overlap": rows, "near_duplicate_documents": len(dup), "without_near_duplicates": dedup}
 
 
+def continue_held_out(model, retriever, held: dict, o: DemoOptions, log, shown: int = 2, **sampling):
+    """Continues o.prompt (default: the start of the first held-out file, the strict split's if it
+    has one) with retrieval, logs the prompt, the continuation and the neighbours of the last
+    `shown` retrievals; returns the Generation."""
+    from .generate import generate
+
+    db = retriever.db
+    first = (held["folder"] if len(held["folder"]) else held["file"])[0]
+    prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
+    g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
+                 top_p=0.95, seed=o.seed, **sampling)[0]
+    log("=" * 70 + f"\nPROMPT:\n{prompt}\n" + "-" * 70 + f"\nCONTINUATION:\n{g.text}\n" + "-" * 70)
+    for r in g.retrieved[-shown:]:
+        for rank, text in enumerate(r["texts"]):
+            snippet = (text or "(none)")[:300].replace("\n", "\n    ")
+            log(f"retrieved for chunk {r['chunk']}, neighbour {rank} (chunk id {r['ids'][rank]}):\n    {snippet}")
+    return g
+
+
 def run_demo(o: DemoOptions, log=print) -> dict:
     if o.retrofit is not None:
         from .demo_retrofit import run_retrofit_demo
 
         return run_retrofit_demo(o, log)
     from .atomic import write_json
-    from .generate import generate
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .retrieval.static_embedder import STATIC_PREFIX
     from .train import TrainOptions, load_model
@@ -335,15 +353,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
                                       model.cfg.max_seq_len, duplicated, log)
 
     log(f"[demo] 6/6 generating ({elapsed()})")
-    first = (held["folder"] if len(held["folder"]) else held["file"])[0]
-    prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
-    g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
-                 top_p=0.95, seed=o.seed)[0]
-    log("=" * 70 + f"\nPROMPT:\n{prompt}\n" + "-" * 70 + f"\nCONTINUATION:\n{g.text}\n" + "-" * 70)
-    for r in g.retrieved[-2:]:
-        for rank, text in enumerate(r["texts"]):
-            snippet = (text or "(none)")[:300].replace("\n", "\n    ")
-            log(f"retrieved for chunk {r['chunk']}, neighbour {rank} (chunk id {r['ids'][rank]}):\n    {snippet}")
+    g = continue_held_out(model, retriever, held, o, log, shown=2)
     headline = splits.get("folder") or splits.get("file")
     summary = {"splits": splits, "headline_split": "folder" if "folder" in splits else "file",
                "bits_per_byte": headline["bits_per_byte"] if headline else {},

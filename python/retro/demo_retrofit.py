@@ -98,8 +98,7 @@ def run_retrofit_demo(o, log=print) -> dict:
     """o: DemoOptions with o.retrofit set. Returns the summary (also written to summary.json)."""
     from .atomic import write_json
     from .default_corpus import default_corpus, describe as describe_default_corpus
-    from .demo import held_out_by_split, sample_corpus, step_seconds
-    from .generate import generate
+    from .demo import continue_held_out, held_out_by_split, sample_corpus, step_seconds
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .retrieval.embedder import DEFAULT_EMBEDDER
     from .retrieval.static_embedder import STATIC_PREFIX
@@ -161,15 +160,7 @@ def run_retrofit_demo(o, log=print) -> dict:
             splits[name] = evaluate_retrofit_split(name, held[name], model, retriever, k, o.seed, log)
 
     log(f"[demo] 5/5 generating ({elapsed()})")
-    first = (held["folder"] if len(held["folder"]) else held["file"])[0]
-    prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
-    g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
-                 top_p=0.95, seed=o.seed, stop_at_eos=False)[0]
-    log("=" * 70 + f"\nPROMPT:\n{prompt}\n" + "-" * 70 + f"\nCONTINUATION:\n{g.text}\n" + "-" * 70)
-    for r in g.retrieved[-1:]:
-        for rank, text in enumerate(r["texts"]):
-            snippet = (text or "(none)")[:300].replace("\n", "\n    ")
-            log(f"retrieved for chunk {r['chunk']}, neighbour {rank} (chunk id {r['ids'][rank]}):\n    {snippet}")
+    g = continue_held_out(model, retriever, held, o, log, shown=1, stop_at_eos=False)
     headline = splits.get("folder") or splits.get("file")
     summary = {"base": base, "splits": splits, "headline_split": "folder" if "folder" in splits else "file",
                "bits_per_byte": headline["bits_per_byte"] if headline else {},
