@@ -5,7 +5,9 @@
           the number of terms of each chunk (the unit of --resume; ranks share the blocks as in embed)
   index   the blocks' vocabularies merged (sorted union: the same whatever order the blocks were
           written in), bm25s's index built over all the chunks, then written as the folder bm25/
-          at once (atomic.write_folder)
+          at once (atomic.write_folder); bm25s takes the chunks' terms as Python lists, so this
+          stage holds them all in memory (tens of bytes per term: fine for the demo's 200,000
+          chunks, not for a database of billions)
 Both are functions of the tokens and the options only, so a build killed anywhere and resumed gives
 the database an uninterrupted build gives.
 """
