@@ -34,17 +34,11 @@ INT8 = {"int8 all Linear": ("",), "int8 q/k/v": ("query", "key", "value"),
 
 
 def quantised(model, parts: tuple[str, ...]):
-    """A copy of model whose nn.Linear layers named with one of `parts` run in dynamic int8."""
-    import copy
-    import warnings
+    """A copy of model whose nn.Linear layers named with one of `parts` run in dynamic int8 (the
+    package's int8_linear, which `--embedder int8:NAME` uses with parts ("",): all of them)."""
+    from retro.retrieval.embedder import int8_linear
 
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    names = {n: per_channel_dynamic_qconfig for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and any(p in n for p in parts)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's deprecation notice of quantised tensors
-        return quantize_dynamic(copy.deepcopy(model), names)
+    return int8_linear(model, parts)
 
 
 def matmul_rate(dim: int, hidden: int, reps: int = 10) -> float:

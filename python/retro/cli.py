@@ -68,7 +68,8 @@ def _cmd_query(o: QueryOptions) -> None:
             continue
         doc = int(r.db.chunk_doc[cid])
         text = r.db.tokenizer.decode(res.tokens[0, rank][res.mask[0, rank]])
-        print(f"#{rank}: chunk {cid} of document {doc}, distance {dist:.4f}\n{text}\n{'-' * 60}")
+        measure = f"BM25 score {-dist:.4f}" if getattr(r.index, "kind", None) == "bm25" else f"distance {dist:.4f}"
+        print(f"#{rank}: chunk {cid} of document {doc}, {measure}\n{text}\n{'-' * 60}")
 
 
 def parse_overrides(items) -> dict:

@@ -51,8 +51,9 @@ class DemoOptions:
                                       "GPU)")
     batch_size: int | None = option(None, "sequences per step (default 4 on the CPU, 16 on a GPU)")
     embedder: str | None = option(None, "the frozen BERT: a Hugging Face name or a local folder; static:NAME for "
-                                        "its distilled static token embeddings (default: static:" + DEFAULT_EMBEDDER
-                                        + " on the CPU, " + DEFAULT_EMBEDDER + " on a GPU)")
+                                        "its distilled static token embeddings; int8:NAME for the BERT in int8 "
+                                        "(CPU); bm25 for BM25 over the chunks' words (default: static:"
+                                        + DEFAULT_EMBEDDER + " on the CPU, " + DEFAULT_EMBEDDER + " on a GPU)")
     prompt: str | None = option(None, "the prompt continued at the end (default: the start of a held-out file)")
     max_new_tokens: int = option(96, cli=False)
     seed: int = option(0, "seed of the held-out choice and of training")

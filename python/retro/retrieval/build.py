@@ -9,6 +9,8 @@ Stages, each written atomically and skipped when a resumed build finds it done:
   embed       the chunks' keys in blocks of --block-size chunks (parts/embeddings-*.npy)
   merge       the blocks copied into embeddings.npy, one block at a time
   index       the faiss index (or shards), then manifest.json, last
+With --embedder bm25 the stages terms and index of bm25_build.py replace embed, merge and index (no
+embeddings.npy, no faiss index: the folder bm25/).
 A build killed at any point (kill -9 included) and run again with --resume gives the database an
 uninterrupted build gives: every stage's output is a function of the options and the corpus only.
 Under torchrun every rank tokenises and embeds its share of the parts; rank 0 does the rest.
@@ -30,7 +32,8 @@ from ..checks import check_choice, check_float, check_int
 from ..errors import RetroError
 from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
-from .database import ARRAYS, FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts
+from .bm25 import is_bm25
+from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays
 from .embedder import DEFAULT_EMBEDDER
 from .index import KINDS
 from .tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -59,7 +62,8 @@ class BuildOptions:
                                          "the held-out documents each way)", choices=HOLDOUT)
     embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
                                              "static:NAME for its distilled static token embeddings (100x faster "
-                                             "on a CPU)")
+                                             "on a CPU); int8:NAME for the BERT with int8 Linear layers (CPU); "
+                                             "bm25 for BM25 over the chunks' words instead of keys")
     index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-fastscan below 5M (ivf-flat with "
                                 "faiss on GPUs), then ivf-pq; "
                                 "torch exact search without faiss)", choices=KINDS)
@@ -99,6 +103,9 @@ class BuildOptions:
         check_float("--target-recall", self.target_recall, 0, 1, low_open=True)
         check_choice("--index", self.index, KINDS)
         check_choice("--holdout-by", self.holdout_by, HOLDOUT)
+        if is_bm25(self.embedder) and (self.index != "auto" or self.shards != 1):
+            raise RetroError(f"--embedder bm25 scores every chunk exactly with its own index: leave --index at auto "
+                             f"and --shards at 1, got --index {self.index} and --shards {self.shards}")
         if self.shards > 1 and self.index not in ("auto", "flat", "torch"):
             raise RetroError(f"--shards {self.shards} needs an exact index (--index auto, flat or torch), "
                              f"got --index {self.index}")
@@ -475,11 +482,21 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
     if on_block is not None:
         on_block("tokenizer", 0)
     _timed(seconds, "tokenise", _tokenise_stage, opts, tokenizer, catalogue["documents"], log, on_block)
-    embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, on_block)
+    if is_bm25(opts.embedder):
+        from . import bm25_build
+
+        progress = lambda total, desc: _progress(total, desc, opts.progress)  # noqa: E731
+        embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, on_block, progress)
+    else:
+        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, on_block)
     if dist.is_main():
         _save_state(opts, state)
-        _timed(seconds, "merge", _merge_embeddings, opts, on_block)
-        index_info = _timed(seconds, "index", _index_stage, opts, state, log, on_block)
+        if is_bm25(opts.embedder):
+            index_info = _timed(seconds, "index", bm25_build.index_stage, opts, state, log, on_block,
+                                lambda st: _save_state(opts, st))
+        else:
+            _timed(seconds, "merge", _merge_embeddings, opts, on_block)
+            index_info = _timed(seconds, "index", _index_stage, opts, state, log, on_block)
         manifest = {
             "format_version": FORMAT_VERSION,
             "chunk_size": opts.chunk_size,
@@ -487,7 +504,7 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
             "tokenizer": tokenizer.describe(),
             "embedder": embedder_info,
             "index": index_info,
-            "arrays": {a: _array_info(out / f"{a}.npy") for a in ARRAYS},
+            "arrays": {a: _array_info(out / f"{a}.npy") for a in key_arrays(opts.embedder)},
             "report": {**catalogue["report"], "vocab_reduced": state["stages"].get("vocab_reduced")},
             "options": {k: v for k, v in opts.what().items() if k not in ("out",)},
             "build_seconds": seconds,

@@ -14,6 +14,7 @@ A database folder holds memory-mapped numpy arrays, the faiss index and manifest
   embeddings.npy   (C, dim) float32  the keys
   index.faiss              the faiss index of the keys (absent for the "torch" index)
   index-shards/            instead, with --shards N: the index in N shards by chunk id (sharded.py)
+  bm25/                    instead of the keys and their index, with --embedder bm25: the BM25 index (bm25.py)
 Chunks never cross a document boundary. The manifest is written last: a folder without one is an
 unfinished build, which `--resume` completes into exactly the database an uninterrupted build gives.
 """
@@ -28,10 +29,18 @@ from ..errors import RetroError
 from .tokenizer import tokenizer_from_manifest
 
 FORMAT_VERSION = 2  # 2: doc_folder.npy, the build's stage timings
-ARRAYS = ("tokens", "doc_start", "doc_split", "doc_bytes", "doc_folder", "chunk_start", "chunk_len", "chunk_doc",
-          "embeddings")
+BASE_ARRAYS = ("tokens", "doc_start", "doc_split", "doc_bytes", "doc_folder", "chunk_start", "chunk_len",
+               "chunk_doc")
+ARRAYS = (*BASE_ARRAYS, "embeddings")
 OWN_NAMES = {f"{a}.npy" for a in ARRAYS} | {"index.faiss", "manifest.json", "build_state.json",
-                                            "tokenizer.model", "parts", "index-shards"}
+                                            "tokenizer.model", "parts", "index-shards", "bm25"}
+
+
+def key_arrays(embedder: str) -> tuple[str, ...]:
+    """The arrays a database built with this embedder holds: all of ARRAYS, but no embeddings for BM25."""
+    from .bm25 import is_bm25
+
+    return BASE_ARRAYS if is_bm25(embedder) else ARRAYS
 
 
 def chunk_layout(doc_start: np.ndarray, doc_split: np.ndarray, chunk_size: int):
@@ -67,7 +76,8 @@ class ChunkDatabase:
         if version != FORMAT_VERSION:
             raise RetroError(f"{str(self.path)!r} has database format version {version}; this version of retro "
                              f"reads version {FORMAT_VERSION}: rebuild it with `retro build-db --overwrite`")
-        for name in ARRAYS:
+        self.embeddings = None  # a BM25 database has no keys
+        for name in key_arrays(self.manifest["embedder"]["name"]):
             p = self.path / f"{name}.npy"
             if not p.exists():
                 raise RetroError(f"{str(self.path)!r}: {name}.npy is missing")
@@ -100,7 +110,7 @@ class ChunkDatabase:
             return
         mine = self.identity()
         words = {"tokenizer_sha256": "another tokenizer", "chunk_size": "another chunk size",
-                 "embedder": "other keys (embedder)", "documents": "other documents",
+                 "embedder": "other keys (embedder, or BM25)", "documents": "other documents",
                  "split_sha256": "other held-out documents (a build with another --seed, --valid-fraction or corpus)"}
         for key, what in words.items():
             if key in trained_on and trained_on[key] != mine[key]:

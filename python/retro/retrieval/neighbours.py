@@ -42,7 +42,7 @@ def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: in
         part = parts / f"part-{b:06d}.npy"
         sl = slice(b * block, min(n, (b + 1) * block))
         if not part.exists():
-            ids, _ = retriever.search_embeddings(db.embeddings[sl], cand, exclude_doc_ids=db.chunk_doc[sl])
+            ids, _ = retriever.search_chunks(np.arange(sl.start, sl.stop), cand, exclude_doc_ids=db.chunk_doc[sl])
             full = np.full((sl.stop - sl.start, k + extra), -1, dtype=np.int64)
             full[:, :cand] = ids
             write_npy(part, full)

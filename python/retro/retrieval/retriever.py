@@ -1,6 +1,7 @@
 """Retriever: nearest chunks of the database for queries given as text, chunk tokens or
 embeddings, with same-document exclusion (docs/semantics.md: a training sequence never retrieves its own
-document). Excluded or missing neighbours are masked (id -1), never replaced by another chunk."""
+document). Excluded or missing neighbours are masked (id -1), never replaced by another chunk.
+Retriever.load returns a BM25Retriever (bm25_retriever.py) for a database built with --embedder bm25."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,13 +11,14 @@ import numpy as np
 
 from ..errors import RetroError
 from .database import ChunkDatabase
+from .bm25 import is_bm25
 from .index import IndexSettings, SearchIndex, TorchExactIndex
 
 
 @dataclass
 class SearchResult:
     ids: np.ndarray        # (Q, k) int64, -1 = no neighbour
-    distances: np.ndarray  # (Q, k) float32 squared L2, inf where no neighbour
+    distances: np.ndarray  # (Q, k) float32 squared L2 (BM25: minus the score), inf where no neighbour
     tokens: np.ndarray     # (Q, k, 2 * chunk_size) int64, [chunk, continuation], pad where masked
     mask: np.ndarray       # (Q, k, 2 * chunk_size) bool, True = real token
 
@@ -36,6 +38,10 @@ class Retriever:
         if embedder is not None and embedder != built_with:
             raise RetroError(f"{str(path)!r} was built with the embedder {built_with!r}; queries embedded with "
                              f"{embedder!r} would not match its keys")
+        if is_bm25(built_with):
+            from .bm25_retriever import BM25Retriever
+
+            return BM25Retriever.open(db)
         settings = IndexSettings(**db.manifest["index"])
         if settings.extra.get("shards"):
             from .sharded import load_sharded_index
@@ -80,10 +86,7 @@ class Retriever:
 
     def _subset_index(self, allowed: np.ndarray) -> tuple[TorchExactIndex, np.ndarray]:
         """An exact index over the chunks `allowed` (kept for the last subset asked for)."""
-        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
-        if len(allowed) == 0 or allowed[0] < 0 or allowed[-1] >= self.db.num_chunks:
-            raise RetroError(f"allowed_chunks must be chunk ids in [0, {self.db.num_chunks}), got {len(allowed)} ids "
-                             f"in [{allowed.min(initial=0)}, {allowed.max(initial=0)}]")
+        allowed = check_allowed(allowed, self.db.num_chunks)
         key = (len(allowed), hash(allowed.tobytes()))
         if getattr(self, "_subset", (None,))[0] != key:
             self._subset = (key, TorchExactIndex(self.db.embeddings[allowed], device=self.device), allowed)
@@ -95,10 +98,7 @@ class Retriever:
         that document are dropped: the search oversamples, then masks what is still missing.
         With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
         database, e.g. to measure how the gain grows with the database)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise RetroError(f"k must be a positive int, got {k!r}")
-        if k > self.db.num_chunks:
-            raise RetroError(f"k={k} is larger than the database ({self.db.num_chunks} chunks)")
+        check_k(k, self.db.num_chunks)
         emb = np.asarray(emb, dtype=np.float32)
         if allowed_chunks is not None:
             if exclude_doc_ids is not None:
@@ -113,9 +113,7 @@ class Retriever:
         if exclude_doc_ids is None:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
-        exclude = np.asarray(exclude_doc_ids).reshape(-1)
-        if len(exclude) != len(emb):
-            raise RetroError(f"exclude_doc_ids has {len(exclude)} entries for {len(emb)} queries")
+        exclude = check_exclude(exclude_doc_ids, len(emb))
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
         todo = np.arange(len(emb))
@@ -132,11 +130,41 @@ class Retriever:
             wide = min(self.db.num_chunks, wide * 4)
         return ids, dist
 
+    def search_chunks(self, chunk_ids: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours of the database's own chunks `chunk_ids` (Q,): ids (Q, k), distances (Q, k)
+        (compute_neighbours' queries)."""
+        return self.search_embeddings(self.db.embeddings[np.asarray(chunk_ids)], k, exclude_doc_ids)
+
     def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:
         """The k nearest chunks of each query with their values [chunk, continuation]."""
         ids, dist = self.search_embeddings(self.embed(queries), k, exclude_doc_ids, allowed_chunks)
         tokens, mask = self.db.values(ids)
         return SearchResult(ids, dist, tokens, mask)
+
+
+def check_k(k, num_chunks: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise RetroError(f"k must be a positive int, got {k!r}")
+    if k > num_chunks:
+        raise RetroError(f"k={k} is larger than the database ({num_chunks} chunks)")
+
+
+def check_exclude(exclude_doc_ids, n_queries: int) -> np.ndarray:
+    """exclude_doc_ids as a (Q,) array, one document id per query."""
+    exclude = np.asarray(exclude_doc_ids).reshape(-1)
+    if len(exclude) != n_queries:
+        raise RetroError(f"exclude_doc_ids has {len(exclude)} entries for {n_queries} queries")
+    return exclude
+
+
+def check_allowed(allowed_chunks, num_chunks: int) -> np.ndarray:
+    """allowed_chunks (chunk ids) -> their sorted unique ids; RetroError unless all in [0, num_chunks)."""
+    allowed = np.unique(np.asarray(allowed_chunks, dtype=np.int64))
+    if len(allowed) == 0 or allowed[0] < 0 or allowed[-1] >= num_chunks:
+        raise RetroError(f"allowed_chunks must be chunk ids in [0, {num_chunks}), got {len(allowed)} ids "
+                         f"in [{allowed.min(initial=0)}, {allowed.max(initial=0)}]")
+    return allowed
 
 
 def database_fraction(db: ChunkDatabase, fraction: float, seed: int = 0) -> np.ndarray:
