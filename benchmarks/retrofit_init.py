@@ -48,7 +48,7 @@ def run_variant(db_dir: str, variant: str, steps: int, batch: int, eval_docs: in
     order = np.random.default_rng(seed).permutation(len(seqs))
     prior = None
     if init == "prior":
-        prior = model.apply_copy_prior(seqs.batch(order[:4]))
+        prior = model.fit_copy_prior(seqs.batch(order[:4]))
     at_start = summarise(es, score(model, es, True, batch_size=4, progress=False), base_nll)
     params = [p for n, p in model.named_parameters() if not n.startswith("base.")]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)

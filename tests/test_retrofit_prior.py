@@ -74,7 +74,7 @@ def test_copy_prior_reads_the_neighbours_before_any_training(placement):
     fit, held = copy_batch(seed=1), copy_batch(seed=2)
     base = loss(model, held, neighbours=False)
     assert loss(model, held) == base  # zero-initialised: exactly the base
-    chosen = model.apply_copy_prior(fit, log=lambda *_: None)
+    chosen = model.fit_copy_prior(fit, log=lambda *_: None)
     assert chosen["scale"] > 0 and min(chosen["query_fit_cos"].values()) > 0.5
     with_prior = loss(model, held)
     # the prior copies: much better with the sequence's own text among the neighbours ...
@@ -87,8 +87,8 @@ def test_copy_prior_reads_the_neighbours_before_any_training(placement):
 def test_copy_prior_is_deterministic_and_training_starts_from_it():
     a, b = retrofitted(), retrofitted()
     fit = copy_batch(seed=1)
-    a.apply_copy_prior(fit, log=lambda *_: None)
-    b.apply_copy_prior(fit, log=lambda *_: None)
+    a.fit_copy_prior(fit, log=lambda *_: None)
+    b.fit_copy_prior(fit, log=lambda *_: None)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     held = copy_batch(seed=2)
@@ -104,7 +104,7 @@ def test_zero_start_learns_far_less_in_the_same_steps():
     for prior in (True, False):
         model = retrofitted()
         if prior:
-            model.apply_copy_prior(copy_batch(seed=1), log=lambda *_: None)
+            model.fit_copy_prior(copy_batch(seed=1), log=lambda *_: None)
         train_new_parts(model, lr=3e-3)
         ends[prior] = loss(model, copy_batch(seed=2))
     assert ends[True] < 0.7 * ends[False], ends

@@ -255,15 +255,26 @@ def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int,
             "overlap": rows, "near_duplicate_documents": len(dup), "without_near_duplicates": dedup}
 
 
-def continue_held_out(model, retriever, held: dict, o: DemoOptions, log, shown: int = 2, **sampling):
+def continue_held_out(model, retriever, held: dict, o: DemoOptions, log, shown: int = 2, skip_header: bool = False,
+                      **sampling):
     """Continues o.prompt (default: the start of the first held-out file, the strict split's if it
-    has one) with retrieval, logs the prompt, the continuation and the neighbours of the last
-    `shown` retrievals; returns the Generation."""
+    has one; skip_header: of the first one that defines a class or a function, from that line, past
+    a licence or a generated file's banner) with retrieval, logs the prompt, the continuation and the neighbours
+    of the last `shown` retrievals; returns the Generation."""
     from .generate import generate
 
     db = retriever.db
-    first = (held["folder"] if len(held["folder"]) else held["file"])[0]
-    prompt = o.prompt if o.prompt is not None else db.tokenizer.decode(db.document_tokens(int(first))[:130])
+    order = [int(d) for d in held["folder"]] + [int(d) for d in held["file"]]
+    prompt = o.prompt
+    if prompt is None and skip_header:
+        for d in order:  # the first held-out file that defines a class or a function
+            text = db.tokenizer.decode(db.document_tokens(d))
+            starts = [i for i in (text.find("\nclass "), text.find("\ndef ")) if i >= 0]
+            if starts:
+                prompt = text[min(starts) + 1:][:400].rsplit("\n", 1)[0]
+                break
+    if prompt is None:
+        prompt = db.tokenizer.decode(db.document_tokens(order[0])[:130])
     g = generate(model, retriever, [prompt], max_new_tokens=o.max_new_tokens, temperature=0.7, top_k=40,
                  top_p=0.95, seed=o.seed, **sampling)[0]
     log("=" * 70 + f"\nPROMPT:\n{prompt}\n" + "-" * 70 + f"\nCONTINUATION:\n{g.text}\n" + "-" * 70)

@@ -160,7 +160,7 @@ def run_retrofit_demo(o, log=print) -> dict:
             splits[name] = evaluate_retrofit_split(name, held[name], model, retriever, k, o.seed, log)
 
     log(f"[demo] 5/5 generating ({elapsed()})")
-    g = continue_held_out(model, retriever, held, o, log, shown=1, stop_at_eos=False)
+    g = continue_held_out(model, retriever, held, o, log, shown=1, skip_header=True, stop_at_eos=False)
     headline = splits.get("folder") or splits.get("file")
     summary = {"base": base, "splits": splits, "headline_split": "folder" if "folder" in splits else "file",
                "bits_per_byte": headline["bits_per_byte"] if headline else {},

@@ -261,7 +261,7 @@ class RetrofittedLM(nn.Module):
         self._run(p, input_ids=tokens, use_cache=False)
         return p.captured
 
-    def apply_copy_prior(self, batch, log=print) -> dict:
+    def fit_copy_prior(self, batch, log=print) -> dict:
         """Fits the copy prior (retrofit_prior.py) on batch (data.Batch with neighbours)."""
         from .retrofit_prior import fit_copy_prior
 

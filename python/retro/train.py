@@ -149,11 +149,11 @@ def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarr
         return load_neighbours(db_dir, k + extra)
 
 
-def fit_copy_prior(model, cfg: RetroConfig, opts: TrainOptions, seqs: TrainSequences, ck, device, log) -> None:
+def start_from_copy_prior(model, cfg: RetroConfig, opts: TrainOptions, seqs: TrainSequences, ck, device, log) -> None:
     """A retrofitted model's copy prior is fitted to its base on a few training sequences (4,
     drawn with a generator of their own, so the training order stays the seed's) before the first
     step; what it chose is kept in the model's config. A resumed run keeps the record."""
-    if not hasattr(model, "apply_copy_prior") or not cfg.copy_prior or not opts.retrieval:
+    if not hasattr(model, "fit_copy_prior") or not cfg.copy_prior or not opts.retrieval:
         return
     info = getattr(model, "extra_config", {}).get("retrofit")
     if ck is not None:
@@ -161,7 +161,7 @@ def fit_copy_prior(model, cfg: RetroConfig, opts: TrainOptions, seqs: TrainSeque
             info["copy_prior"] = ck["config"]["retrofit"]["copy_prior"]
         return
     pick = np.random.default_rng((opts.seed, 1)).choice(len(seqs), size=min(4, len(seqs)), replace=False)
-    chosen = model.apply_copy_prior(seqs.batch(pick).to(device), log=log if dist.is_main() else lambda *_: None)
+    chosen = model.fit_copy_prior(seqs.batch(pick).to(device), log=log if dist.is_main() else lambda *_: None)
     if info is not None:
         info["copy_prior"] = chosen
 
@@ -212,7 +212,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     torch.manual_seed(opts.seed)
     model = (model_factory(cfg, db) if model_factory else RetroModel(cfg)).to(device)
     cfg = model.cfg  # a retrofitted model derives its configuration from the base model
-    fit_copy_prior(model, cfg, opts, seqs, ck, device, log)
+    start_from_copy_prior(model, cfg, opts, seqs, ck, device, log)
     if opts.checkpointing and not getattr(model, "supports_checkpointing", True):
         raise RetroError(f"--checkpointing is not supported for {type(model).__name__} (retrofitted models); "
                          "train without it")
