@@ -21,7 +21,7 @@ import numpy as np
 from .. import distributed as dist
 from ..atomic import atomic_path, write_folder
 from .bm25 import BM25Index, describe, words
-from .database import chunk_texts
+from .database import chunk_texts, pending_chunk_blocks
 
 
 def _part(parts: Path, b: int) -> Path:
@@ -32,12 +32,8 @@ def terms_stage(opts, tokenizer, on_block, progress) -> dict:
     """Writes the missing terms-*.npz of this rank's blocks; returns the manifest's embedder entry."""
     out = Path(opts.out)
     parts = out / "parts"
-    tokens = np.load(out / "tokens.npy", mmap_mode="r")
-    starts = np.load(out / "chunk_start.npy")
-    lens = np.load(out / "chunk_len.npy")
-    n = len(starts)
-    blocks = range(dist.rank(), (n + opts.block_size - 1) // opts.block_size, dist.world_size())
-    todo = [b for b in blocks if not _part(parts, b).exists()]
+    tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size, lambda b: _part(parts, b),
+                                                         dist.rank(), dist.world_size())
     bar = progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "splitting chunks into words")
     for b in todo:
         sl = slice(b * opts.block_size, min(n, (b + 1) * opts.block_size))

@@ -33,7 +33,7 @@ from ..errors import RetroError
 from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .bm25 import is_bm25
-from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays
+from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks
 from .embedder import DEFAULT_EMBEDDER
 from .index import KINDS
 from .tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -366,12 +366,9 @@ def _embed_stage(opts: BuildOptions, tokenizer, on_block: OnBlock | None) -> dic
 
     out = Path(opts.out)
     parts = out / "parts"
-    tokens = np.load(out / "tokens.npy", mmap_mode="r")
-    starts = np.load(out / "chunk_start.npy")
-    lens = np.load(out / "chunk_len.npy")
-    n = len(starts)
-    blocks = range(dist.rank(), (n + opts.block_size - 1) // opts.block_size, dist.world_size())
-    todo = [b for b in blocks if not (parts / f"embeddings-{b:06d}.npy").exists()]
+    tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size,
+                                                         lambda b: parts / f"embeddings-{b:06d}.npy",
+                                                         dist.rank(), dist.world_size())
     embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
                     opts.progress)

@@ -160,3 +160,16 @@ class ChunkDatabase:
 
     def chunk_text(self, c: int) -> str:
         return self.tokenizer.decode(self.chunk_tokens(c))
+
+
+def pending_chunk_blocks(out: Path, block_size: int, part, rank: int = 0, world: int = 1):
+    """A build stage's work on the chunks of the database being built in `out`, block by block:
+    (tokens (memory-mapped), chunk starts (C,), chunk lengths (C,), C, the blocks of this rank
+    whose part file part(b) does not exist yet)."""
+    out = Path(out)
+    tokens = np.load(out / "tokens.npy", mmap_mode="r")
+    starts = np.load(out / "chunk_start.npy")
+    lens = np.load(out / "chunk_len.npy")
+    n = len(starts)
+    blocks = range(rank, (n + block_size - 1) // block_size, world)
+    return tokens, starts, lens, n, [b for b in blocks if not part(b).exists()]
