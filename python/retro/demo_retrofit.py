@@ -98,7 +98,7 @@ def run_retrofit_demo(o, log=print) -> dict:
     """o: DemoOptions with o.retrofit set. Returns the summary (also written to summary.json)."""
     from .atomic import write_json
     from .default_corpus import default_corpus, describe as describe_default_corpus
-    from .demo import continue_held_out, held_out_by_split, sample_corpus, step_seconds
+    from .demo import _trained, continue_held_out, held_out_by_split, sample_corpus, step_seconds
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .retrieval.embedder import DEFAULT_EMBEDDER
     from .retrieval.static_embedder import STATIC_PREFIX
@@ -173,9 +173,3 @@ def run_retrofit_demo(o, log=print) -> dict:
     write_json(out / "summary.json", summary)
     log(f"[demo] done in {elapsed()}; the figures are in {out / 'summary.json'}")
     return summary
-
-
-def _trained(run: Path) -> bool:
-    from .demo import _trained as trained
-
-    return trained(run)
