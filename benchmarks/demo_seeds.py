@@ -120,6 +120,8 @@ def main() -> None:
              "below off / below baseline: how far RETRO[ON] is below each, in % of bits per byte; without "
              "near-duplicates: the same against the baseline without the held-out files that have a 13-gram "
              "Jaccard >= 0.8 near-duplicate among the training files",
+             "evaluated: " + (f"a {first['eval_tokens_per_document']}-token span of each held-out file (its start "
+                              "drawn with the seed)" if first.get("eval_tokens_per_document") else "whole files"),
              "wall min: the whole demo, database build and evaluation included", *a.note]
     columns = [("seed", "seed"), ("split", "split"), ("documents", "documents"), ("on", "RETRO[ON]"),
                ("off", "RETRO[OFF]"), ("baseline", "baseline"), ("below_off", "ON below OFF %"),

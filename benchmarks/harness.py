@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -211,6 +212,20 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return peak
 
 
+def code_version() -> str:
+    """The commit the benchmark ran from, with "+ uncommitted changes" when the working tree differs
+    from it (tracked or untracked files git does not ignore); "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple[str, str]],
                   notes: list[str], plot: Callable[[Path], None] | None = None) -> Path:
     """Writes results/<name>-<machine>.{json,md} (and .png through `plot`); prints the table.
@@ -218,7 +233,7 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{slug(machine)}"
     meta = {"benchmark": name, "machine": machine, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "notes": notes}
+            "date": time.strftime("%Y-%m-%d"), "code": code_version(), "notes": notes}
     if hasattr(os, "getloadavg"):  # other jobs on the machine skew CPU timings: say so
         load = os.getloadavg()
         meta["loadavg"] = load
@@ -226,8 +241,8 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
                          f"on {os.cpu_count()} CPUs"]
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
-    text = "\n".join([f"# {name} on {machine}", "", f"torch {torch.__version__}, {meta['date']}", "",
-                      *[f"- {n}" for n in notes], "", table, ""])
+    head = f"torch {torch.__version__}, {meta['date']}, code {meta['code']}"
+    text = "\n".join([f"# {name} on {machine}", "", head, "", *[f"- {n}" for n in notes], "", table, ""])
     stem.with_suffix(".md").write_text(text)
     if plot is not None:
         plot(stem.with_suffix(".png"))

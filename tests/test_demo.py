@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_helpers import WORDS, run_cli
+from retro.retrieval.database import ChunkDatabase
 
 
 def write_family_corpus(root, folders: int = 10, files: int = 4, lines: int = 60, seed: int = 0):
@@ -28,17 +29,22 @@ def write_family_corpus(root, folders: int = 10, files: int = 4, lines: int = 60
 def test_demo_on_a_small_corpus_reports_both_splits(tmp_path):
     corpus = write_family_corpus(tmp_path / "corpus")
     args = ["demo", "--corpus", str(corpus), "--out", str(tmp_path / "demo"), "--valid-fraction", "0.25",
-            "--steps", "60", "--device", "cpu"]  # the CPU default embedder: static, distilled from MiniLM
+            "--steps", "60", "--device", "cpu", "--eval-tokens", "128"]  # the CPU default embedder: static
     out = run_cli(*args).stdout
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "CONTINUATION", "retrieved for chunk", "| alpha |",
                   "whole model folders held out", "single files held out", "k=1 neighbours per chunk"):
         assert stage in out, stage
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["splits"]) == {"folder", "file"} and summary["headline_split"] == "folder"
+    db = ChunkDatabase(tmp_path / "demo" / "db")
+    assert sum(split["eval"]["documents"] for split in summary["splits"].values()) == len(db.documents("valid"))
     for name, split in summary["splits"].items():
         bpb = split["bits_per_byte"]
         assert all(math.isfinite(v) and v > 0 for v in bpb.values()), (name, bpb)
         assert split["eval"]["documents"] >= 2
+        # every held-out file, a 128-token span of each (129 tokens: the span's first only conditions)
+        assert split["eval"]["tokens"] <= 128 * split["eval"]["documents"], split["eval"]
+    assert summary["eval_tokens_per_document"] == 128
     # the held-out file's siblings are in the database: reading them pays
     file_bpb = summary["splits"]["file"]["bits_per_byte"]
     assert file_bpb["RETRO[ON]"] < 0.9 * file_bpb["RETRO[OFF]"], file_bpb

@@ -9,9 +9,10 @@ documents two ways at once: whole model folders (none of their files is in the d
 split) and single files whose folder stays in the database. It trains the tiny RETRO model for a fixed
 number of steps and the same decoder without retrieval (the baseline) for the same training time, the
 step costs of the two measured in the run; then prints bits per byte of RETRO[ON], RETRO[OFF] and the
-baseline on each split, the gain by how much of each evaluated chunk its neighbours contain (overlap
-alpha), and the same without the held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in
-the database, so one sees how much of the gain is copying. Each stage resumes if the demo is run again.
+baseline on each split (every held-out document; on the CPU a seeded span of each), the gain by how
+much of each evaluated chunk its neighbours contain (overlap alpha), and the same without the
+held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in the database, so one sees how
+much of the gain is copying. Each stage resumes if the demo is run again.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ from .default_corpus import default_corpus, describe as describe_default_corpus
 from .retrieval.embedder import DEFAULT_EMBEDDER
 
 
+# tokens of each held-out document scored on the CPU: every held-out document is evaluated (the gain
+# varies far more from document to document than within one), each on a seeded span, which bounds the time
+CPU_EVAL_TOKENS = 2048
+
+
 @dataclass
 class DemoOptions:
     corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of the model sources of "
@@ -42,8 +48,10 @@ class DemoOptions:
     valid_fraction: float = option(0.03, "documents held out: half as whole folders, half as single files")
     steps: int | None = option(None, "RETRO's training steps (default 450 on the CPU, 1200 on a GPU); the baseline "
                                      "trains for the same time")
-    eval_documents: int | None = option(None, "held-out documents evaluated per split (default 25 on the CPU, "
-                                              "all on a GPU)")
+    eval_documents: int | None = option(None, "held-out documents evaluated per split (default: all)")
+    eval_tokens: int | None = option(None, "tokens scored per held-out document: a chunk-aligned span drawn with "
+                                           "--seed (default " + str(CPU_EVAL_TOKENS) + " on the CPU, the whole "
+                                           "document on a GPU)")
     k: int | None = option(None, "neighbours per chunk (default 1 on the CPU, 2, the paper's, on a GPU)", short="-k")
     seq_chunks: int = option(8, cli=False)
     device: str | None = option(None, "default: cuda if there is one")
@@ -70,6 +78,7 @@ class DemoOptions:
         check_float("--valid-fraction", self.valid_fraction, 0, 1, low_open=True, high_open=True)
         check_int("--max-documents", self.max_documents, 3, optional=True)  # some are held out
         check_int("--eval-documents", self.eval_documents, 1, optional=True)
+        check_int("--eval-tokens", self.eval_tokens, 1, optional=True)
         check_int("--batch-size", self.batch_size, 1, optional=True)
         check_int("--steps", self.steps, 1, optional=True)
         for name, value in (("seq_chunks", self.seq_chunks), ("max_new_tokens", self.max_new_tokens)):
@@ -216,13 +225,14 @@ def near_duplicated(db, docs: np.ndarray) -> set[int]:
 
 
 def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int, seq_len: int, duplicated: set[int],
-                   log) -> dict:
-    """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents, the
-    overlap table, and the same without the documents in `duplicated` (near_duplicated)."""
+                   log, span_tokens: int | None = None, seed: int = 0) -> dict:
+    """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents (span_tokens:
+    a span of each drawn with seed, see evaluate.prepare; None: whole), the overlap table, and the
+    same without the documents in `duplicated` (near_duplicated)."""
     from .evaluate import prepare, score, summarise
     from .evaluate_overlap import format_overlap, group_overlaps, overlap_rows
 
-    es = prepare(retriever, k, documents=docs, seq_len=seq_len)
+    es = prepare(retriever, k, documents=docs, seq_len=seq_len, span_tokens=span_tokens, seed=seed)
     nll = {"RETRO[ON]": score(models["retro"], es, True), "RETRO[OFF]": score(models["retro"], es, False),
            "baseline": score(models["baseline"], es, False)}
     res = summarise(es, nll["RETRO[ON]"], nll["RETRO[OFF]"])
@@ -353,16 +363,18 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     log(f"[demo]    bits per byte on the held-out files follow, k={k} neighbours per chunk from {db.num_chunks} "
         "chunks")
     splits = {}
-    per_split = o.eval_documents or (None if on_gpu else 25)
+    per_split = o.eval_documents
+    span = o.eval_tokens or (None if on_gpu else CPU_EVAL_TOKENS)
     held = {name: docs[:per_split] if per_split else docs for name, docs in held_out_by_split(db).items()}
     duplicated = near_duplicated(db, np.concatenate(list(held.values())))  # the training texts read once
     for name, docs in held.items():
         if len(docs) == 0:
             log(f"[demo]    {SPLIT_WORDS[name]}: none")
             continue
-        log(f"[demo] {'5/6' if name == 'file' else '4/6'} the {name} split ({elapsed()})")
+        log(f"[demo] {'5/6' if name == 'file' else '4/6'} the {name} split, "
+            f"{f'{span} tokens of each file' if span else 'whole files'} ({elapsed()})")
         splits[name] = evaluate_split(name, docs, {"retro": model, "baseline": baseline}, retriever, k,
-                                      model.cfg.max_seq_len, duplicated, log)
+                                      model.cfg.max_seq_len, duplicated, log, span_tokens=span, seed=o.seed)
 
     log(f"[demo] 6/6 generating ({elapsed()})")
     g = continue_held_out(model, retriever, held, o, log, shown=2)
@@ -372,7 +384,8 @@ def run_demo(o: DemoOptions, log=print) -> dict:
                "steps": {"retro": state["step"], "baseline": base_state["step"]}, "step_seconds": cost,
                "train_seconds": seconds, "database": {"chunks": db.num_chunks, "embedder": embedder,
                                                       "build_seconds": db.manifest.get("build_seconds")},
-               "k": k, "seed": o.seed, "seconds": time.time() - t0, "generation": g.text}
+               "eval_tokens_per_document": span, "k": k, "seed": o.seed, "seconds": time.time() - t0,
+               "generation": g.text}
     write_json(out / "summary.json", summary)
     log(f"[demo] done in {elapsed()}; the figures are in {out / 'summary.json'}")
     return summary
