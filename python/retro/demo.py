@@ -1,19 +1,18 @@
 """`retro demo`: the whole pipeline on an embedded default corpus, showing what retrieval buys.
 
-The default corpus is real code, the same on every installation: the Python sources of the Hugging
-Face `transformers` models of one pinned release (default_corpus.py), all 2,597 files in 559 model
-folders. Like code on GitHub, these files share much text with each other (model families are written
-by copying), which is where RETRO's gains concentrate. The demo builds the database (on the CPU with
-the static embedder, distilled from the frozen BERT, which affords the whole corpus), holding out
-documents two ways at once: whole model folders (none of their files is in the database: the strict
-split) and single files whose folder stays in the database. It trains the tiny RETRO model for a fixed
-number of steps and the same decoder without retrieval (the baseline) for the same training time, the
-step costs of the two measured in the run; then prints bits per byte of RETRO[ON], RETRO[OFF] and the
-baseline on each split (every held-out document; on the CPU a seeded span of each), the gain by how
-much of each evaluated chunk its neighbours contain (overlap alpha), and the same without the
-held-out files that have a near-duplicate (13-gram Jaccard >= 0.8) in the database, so one sees how
-much of the gain is copying. Each stage resumes if the demo is run again.
-"""
+The default corpus is real code, the same on every installation: the Python sources of the Hugging Face
+`transformers` models of one pinned release (default_corpus.py), all 2,597 files in 559 model folders.
+Like code on GitHub, these files share much text with each other (model families are written by
+copying), which is where RETRO's gains concentrate. The demo builds the database (on the CPU with the
+static embedder, distilled from the frozen BERT, which affords the whole corpus), holding out documents
+two ways at once: whole model folders (none of their files is in the database: the strict split) and
+single files whose folder stays in the database. It trains the tiny RETRO model for a fixed number of
+steps and the same decoder without retrieval (the baseline) for the same training time (measured: the
+baseline's schedule follows its own step times); then prints bits per byte of RETRO[ON], RETRO[OFF] and
+the baseline on each split (every held-out document; on the CPU a seeded span of each), the gain by how
+much of each evaluated chunk its neighbours contain (overlap alpha), and the same without the held-out
+files that have a near-duplicate (13-gram Jaccard >= 0.8) in the database, so one sees how much of the
+gain is copying. Each stage resumes if the demo is run again."""
 from __future__ import annotations
 
 import json
@@ -98,6 +97,7 @@ class DemoOptions:
             raise RetroError("--include/--exclude select the files of --corpus DIR; pass --corpus too")
 
 
+BASELINE_STEP_CAP = 4  # the baseline's steps are at most this many times RETRO's (its time budget decides)
 DEMO_CPU_ENCODER = {"enc_dim": 64, "enc_heads": 2, "enc_head_dim": 32, "enc_depth": 1}
 DEMO_GPU_ENCODER = {"enc_dim": 512, "enc_heads": 8}
 
@@ -161,34 +161,6 @@ def step_seconds(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     last = {r["step"]: r for r in rows}  # a resumed run logs the steps after its checkpoint again
     return [r["seconds"] for _, r in sorted(last.items())]
-
-
-def measure_step_cost(common: dict, folder: Path, log, rounds: int = 3, steps: int = 12) -> dict:
-    """Seconds per training step of RETRO and of the baseline on this machine: the 20th percentile of
-    the step times of short runs taking turns (rounds x 2 runs of `steps` steps; the first 2 steps
-    of each, which warm up, left out). Taking turns, a change of load affects both alike; the low
-    percentile keeps what the step costs, not the moments another process took the cores."""
-    from .atomic import write_json
-    from .train import TrainOptions, train
-
-    path = folder / "step_cost.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    times = {"retro": [], "baseline": []}
-    for r in range(rounds):
-        for name in times:
-            run = folder / f"{name}-{r}"
-            if not _trained(run):
-                train(TrainOptions(**{**common, "steps": steps, "warmup": 1, "save_every": steps, "progress": False},
-                                   out=str(run), retrieval=name == "retro"), log=lambda *_: None)
-            times[name] += step_seconds(run)[2:]
-    cost = {name: float(np.percentile(t, 20)) for name, t in times.items()}
-    write_json(path, cost)
-    log(f"[demo]    a step takes {cost['retro']:.3f} s with retrieval, {cost['baseline']:.3f} s without "
-        f"(20th percentiles of {len(times['retro'])} steps each): the baseline trains "
-        f"{cost['retro'] / cost['baseline']:.2f}x "
-        "the steps")
-    return cost
 
 
 def describe_encoder(overrides: dict) -> str:
@@ -344,14 +316,16 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     common = dict(db=str(db_dir), config=config, overrides=overrides, batch_size=o.batch_size or (16 if on_gpu else 4),
                   seq_chunks=o.seq_chunks, lr=3e-3, warmup=20, k=k, save_every=50, seed=o.seed, device=o.device)
     log(f"[demo] 2/6 training RETRO ({config}{describe_encoder(overrides)}), {steps} steps ({elapsed()})")
-    cost = measure_step_cost(common, out / "step-cost", log)
-    base_steps = max(1, round(steps * cost["retro"] / cost["baseline"]))
     runs = {"retro": out / "run", "baseline": out / "baseline"}
     seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), steps=steps, resume=(runs["retro"] / "checkpoint")
                                             .exists(), **common), runs["retro"], log)}
-    log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, {base_steps} steps: the same "
-        f"training time ({elapsed()})")
-    seconds["baseline"] = _train(TrainOptions(out=str(runs["baseline"]), steps=base_steps, retrieval=False,
+    # the baseline trains for RETRO's training time, measured: its schedule's length is estimated from
+    # its own step times as it goes (TrainOptions.time_budget), so a wrong guess of the step costs
+    # cannot hand either model more time
+    log(f"[demo] 3/6 training the baseline, the same decoder without retrieval, for RETRO's training time "
+        f"({seconds['retro']:.0f} s; {elapsed()})")
+    seconds["baseline"] = _train(TrainOptions(out=str(runs["baseline"]), steps=BASELINE_STEP_CAP * steps,
+                                              time_budget=seconds["retro"], retrieval=False,
                                               resume=(runs["baseline"] / "checkpoint").exists(), **common),
                                  runs["baseline"], log)
     log(f"[demo]    trained {seconds['retro']:.0f} s (RETRO) and {seconds['baseline']:.0f} s (baseline)")
@@ -381,7 +355,8 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     headline = splits.get("folder") or splits.get("file")
     summary = {"splits": splits, "headline_split": "folder" if "folder" in splits else "file",
                "bits_per_byte": headline["bits_per_byte"] if headline else {},
-               "steps": {"retro": state["step"], "baseline": base_state["step"]}, "step_seconds": cost,
+               "steps": {"retro": state["step"], "baseline": base_state["step"]},
+               "step_seconds": {name: float(np.median(step_seconds(run))) for name, run in runs.items()},
                "train_seconds": seconds, "database": {"chunks": db.num_chunks, "embedder": embedder,
                                                       "build_seconds": db.manifest.get("build_seconds")},
                "eval_tokens_per_document": span, "k": k, "seed": o.seed, "seconds": time.time() - t0,
