@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_helpers import WORDS, run_cli
+from retro import RetroError
 from retro.retrieval.database import ChunkDatabase
 
 
@@ -55,3 +56,19 @@ def test_demo_on_a_small_corpus_reports_both_splits(tmp_path):
     assert state["options"]["retrieval"] is False
     again = run_cli(*args).stdout
     assert "[build-db]" not in again and "RETRO[ON]" in again  # a second run reuses every stage
+
+
+@pytest.mark.slow
+def test_demo_trains_for_a_time_and_the_baseline_as_long(tmp_path):
+    from retro.demo import DemoOptions, run_demo
+
+    corpus = write_family_corpus(tmp_path / "corpus", folders=6, files=3, lines=30)
+    summary = run_demo(DemoOptions(corpus=str(corpus), out=str(tmp_path / "demo"), valid_fraction=0.3,
+                                   train_minutes=0.05, device="cpu", eval_tokens=64), log=lambda *_: None)
+    options = {name: json.loads((tmp_path / "demo" / run / "checkpoint" / "state.json").read_text())["options"]
+               for name, run in (("retro", "run"), ("baseline", "baseline"))}
+    assert options["retro"]["time_budget"] == pytest.approx(3.0)  # 0.05 minutes
+    assert options["baseline"]["time_budget"] == pytest.approx(summary["train_seconds"]["retro"], rel=1e-9)
+    assert summary["steps"]["retro"] < 10_000  # the time, not the step cap, ended it
+    with pytest.raises(RetroError, match="--steps and --train-minutes"):
+        run_demo(DemoOptions(corpus=str(corpus), out=str(tmp_path / "x"), train_minutes=1.0, steps=5))

@@ -62,8 +62,8 @@ def test_retrofit_demo_runs_and_resumes(base_dir, tmp_path):
 
 
 def test_retrofit_demo_options_are_checked(tmp_path):
-    with pytest.raises(RetroError, match="--train-minutes sets the training time of --retrofit"):
-        run_demo(DemoOptions(out=str(tmp_path), train_minutes=1.0))
+    with pytest.raises(RetroError, match="--steps and --train-minutes both set how long RETRO trains"):
+        run_demo(DemoOptions(out=str(tmp_path), retrofit="x", train_minutes=1.0, steps=5))
     with pytest.raises(RetroError, match="--retrofit takes its architecture from the base model"):
         run_demo(DemoOptions(out=str(tmp_path), retrofit="x", config="tiny"))
     with pytest.raises(RetroError, match="--train-minutes"):
