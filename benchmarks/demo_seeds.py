@@ -115,8 +115,9 @@ def main() -> None:
              f"transformers {transformers.__version__} installed (the corpus is 5.24.0's, pinned)",
              f"database: {first['database']['chunks']} chunks, keys by {first['database']['embedder']}; k = "
              f"{first['k']} neighbour per chunk",
-             "RETRO trains a fixed number of steps; the baseline for RETRO's training time (its schedule's length "
-             "estimated from its own step times as it trains); train s = the sum of the step times",
+             "RETRO trains for the demo's training time (--train-minutes, 3 on the CPU) or --steps; the baseline for "
+             "RETRO's measured training time (each schedule's length estimated from its own step times as it "
+             "trains); train s = the sum of the step times",
              "below off / below baseline: how far RETRO[ON] is below each, in % of bits per byte; without "
              "near-duplicates: the same against the baseline without the held-out files that have a 13-gram "
              "Jaccard >= 0.8 near-duplicate among the training files",

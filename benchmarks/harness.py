@@ -214,13 +214,14 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
 
 def code_version() -> str:
     """The commit the benchmark ran from, with "+ uncommitted changes" when the working tree differs
-    from it (tracked or untracked files git does not ignore); "unknown" outside a git checkout."""
+    from it (tracked or untracked files git does not ignore, benchmarks/results/ left out: results are
+    not code); "unknown" outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes" if dirty else "")
