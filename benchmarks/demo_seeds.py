@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import machine_name, pyplot, save_figure, write_results
+from benchmarks.harness import machine_name, mean_range, pyplot, save_figure, write_results
 
 SPLITS = {"folder": "whole folders held out", "file": "single files held out"}
 
@@ -70,9 +70,7 @@ def spread(rows: list[dict]) -> list[dict]:
             continue
         row = {"seed": "mean (min-max)", "split": words}
         for key in ("on", "off", "baseline", "below_off", "below_baseline", "dedup_below_baseline", "wall_min"):
-            v = np.array([r[key] for r in sel], dtype=float)
-            row[key] = f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})" if key in ("on", "off", "baseline") else \
-                f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})"
+            row[key] = mean_range([r[key] for r in sel], 3 if key in ("on", "off", "baseline") else 1)
         out.append(row)
     return out
 

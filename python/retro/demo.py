@@ -323,7 +323,8 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     log(f"[demo] 2/6 training RETRO ({config}{describe_encoder(overrides)}), "
         f"{f'{minutes:g} minutes' if minutes else f'{steps} steps'} ({elapsed()})")
     runs = {"retro": out / "run", "baseline": out / "baseline"}
-    seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), steps=steps, time_budget=minutes and minutes * 60,
+    budget = minutes * 60 if minutes else None
+    seconds = {"retro": _train(TrainOptions(out=str(runs["retro"]), steps=steps, time_budget=budget,
                                             resume=(runs["retro"] / "checkpoint").exists(), **common),
                                runs["retro"], log)}
     # the baseline trains for RETRO's training time, measured: its schedule's length is estimated from
