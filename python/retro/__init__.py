@@ -14,10 +14,11 @@ from .errors import RetroError
 from .evaluate import EvalResult, evaluate
 from .generate import Generation, generate
 from .model import PRESETS, RetroConfig, RetroModel, preset
+from .pretrained import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from .retrofit import RetrofittedLM, retrofit
 from .train import TrainOptions, load_model, train
 
 __all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "PRESETS", "RetroConfig", "RetroError",
            "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "build_database", "compute_neighbours",
-           "evaluate", "generate", "load_model", "preset", "retrofit", "train"]
+           "evaluate", "from_pretrained", "generate", "load_model", "preset", "retrofit", "train"]
