@@ -58,8 +58,9 @@ def sliced_nll(hidden: Tensor, targets: Tensor, logits_fn: Callable[[Tensor], Te
 
     hidden (B, n, d): the states the output layer reads; targets (B, n) integer ids (int64, int32,
     ...), IGNORE (-100) where not scored; logits_fn: hidden slice (B, s, d) -> logits (B, s, vocab)
-    (the output projection and any post-processing; it must read its weights when called, not before, so that FSDP's
-    gathered weights are the ones used in the recomputation); vocab: V, for the slice length;
+    (the output projection and any post-processing; it must read its weights when called, not
+    before, so that FSDP's gathered weights are the ones used in the recomputation); vocab: V, for
+    the slice length;
     length: positions per slice (default slice_length(B, vocab)).
     -> NLL (B, n) in nats, float32 (float64 where the logits are float64), 0 at IGNORE targets.
     Its sum over the scored targets equals F.cross_entropy(logits, targets, reduction="sum") on
