@@ -155,6 +155,25 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     print(json.dumps(report, indent=1))
 
 
+def _cmd_add_documents(o) -> None:
+    from .retrieval.update import add_documents
+
+    add_documents(o.db, o.corpus, text_field=o.text_field, include=o.include, exclude=o.exclude, resume=o.resume,
+                  device=o.device, batch_size=o.embed_batch_size)
+
+
+def _cmd_remove_documents(o) -> None:
+    from .retrieval.update import remove_documents
+
+    remove_documents(o.db, ids=o.ids, paths=o.paths)
+
+
+def _cmd_compact(o) -> None:
+    from .retrieval.update import compact
+
+    compact(o.db)
+
+
 def _cmd_demo(o) -> None:
     from .demo import run_demo
 
@@ -181,11 +200,17 @@ def commands() -> dict[str, Command]:
     from .demo import DemoOptions
     from .generate import SamplingOptions
     from .retrieval.build import BuildOptions
+    from .retrieval.update import AddOptions, CompactOptions, RemoveOptions
     from .train import TrainOptions
 
     return {
         "tokenizer": Command("train a SentencePiece tokenizer on a corpus", (TokenizerOptions,), _cmd_tokenizer),
         "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db),
+        "add-documents": Command("add a corpus's documents to a built database (no rebuild)", (AddOptions,),
+                                 _cmd_add_documents),
+        "remove-documents": Command("mark documents removed from a database (by id or path glob)", (RemoveOptions,),
+                                    _cmd_remove_documents),
+        "compact": Command("rewrite a database without its removed documents", (CompactOptions,), _cmd_compact),
         "neighbours": Command("precompute the neighbours of every training chunk (own document excluded)",
                               (NeighboursOptions,), _cmd_neighbours),
         "query": Command("print the neighbours of a text", (QueryOptions,), _cmd_query),

@@ -11,11 +11,15 @@ import numpy as np
 
 from ..atomic import atomic_path, read_json, write_json, write_npy
 from ..errors import RetroError
+from .generations import current_generation
 from .retriever import Retriever
 
 
 def neighbours_path(db_dir: str | Path, candidates: int) -> Path:
-    return Path(db_dir) / f"neighbours-{candidates}.npy"
+    """The neighbours file of the database's current generation (a database that grew needs its own)."""
+    generation = current_generation(db_dir)
+    return Path(db_dir) / (f"neighbours-{candidates}.npy" if generation == 0 else
+                           f"neighbours-{candidates}-gen{generation:06d}.npy")
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
@@ -34,7 +38,7 @@ def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: in
     out = neighbours_path(db_dir, k + extra)
     if out.exists():
         return out
-    parts = Path(db_dir) / f"neighbours-{k + extra}-parts"
+    parts = out.with_name(f"{out.stem}-parts")
     n = db.num_chunks
     blocks = range((n + block - 1) // block)
     bar = tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import RetroError
 from .database import ChunkDatabase
 from .bm25 import is_bm25
+from .generations import index_file
 from .index import IndexSettings, SearchIndex, TorchExactIndex
 
 
@@ -55,9 +56,10 @@ class Retriever:
         else:
             import faiss
 
-            faiss_path = Path(path) / "index.faiss"
+            name = index_file(db.manifest, "index.faiss")
+            faiss_path = Path(path) / name
             if not faiss_path.exists():
-                raise RetroError(f"{str(path)!r}: index.faiss is missing")
+                raise RetroError(f"{str(path)!r}: {name} is missing")
             search_index = SearchIndex(settings, faiss.read_index(str(faiss_path)))
             if search_index.ntotal != db.num_chunks:
                 raise RetroError(f"{str(path)!r}: the index holds {search_index.ntotal} vectors but the database "
@@ -85,8 +87,11 @@ class Retriever:
         return self.embedder.embed(list(queries))
 
     def _subset_index(self, allowed: np.ndarray) -> tuple[TorchExactIndex, np.ndarray]:
-        """An exact index over the chunks `allowed` (kept for the last subset asked for)."""
+        """An exact index over the chunks `allowed` (kept for the last subset asked for), removed
+        documents' chunks left out."""
         allowed = check_allowed(allowed, self.db.num_chunks)
+        if self.db.live_chunks is not None:
+            allowed = allowed[self.db.live_chunks[allowed]]
         key = (len(allowed), hash(allowed.tobytes()))
         if getattr(self, "_subset", (None,))[0] != key:
             self._subset = (key, TorchExactIndex(self.db.embeddings[allowed], device=self.device), allowed)
@@ -97,7 +102,8 @@ class Retriever:
         """-> ids (Q, k) int64 and distances (Q, k). With exclude_doc_ids (Q,), neighbours from
         that document are dropped: the search oversamples, then masks what is still missing.
         With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
-        database, e.g. to measure how the gain grows with the database)."""
+        database, e.g. to measure how the gain grows with the database). Chunks of removed documents
+        (remove-documents) are never returned."""
         check_k(k, self.db.num_chunks)
         emb = np.asarray(emb, dtype=np.float32)
         if allowed_chunks is not None:
@@ -110,17 +116,22 @@ class Retriever:
             ids[:, :i.shape[1]] = np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
             dist[:, :i.shape[1]] = np.where(i >= 0, d, np.inf)
             return ids, dist
-        if exclude_doc_ids is None:
+        live = self.db.live_chunks
+        if exclude_doc_ids is None and live is None:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
-        exclude = check_exclude(exclude_doc_ids, len(emb))
+        exclude = None if exclude_doc_ids is None else check_exclude(exclude_doc_ids, len(emb))
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
         todo = np.arange(len(emb))
         wide = min(self.db.num_chunks, 2 * k + 8)
         while len(todo):  # only the queries still short of k go round again, each time 4x wider
             d, i = self.index.search(emb[todo], wide)
-            keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
+            keep = i >= 0
+            if exclude is not None:
+                keep &= self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None]
+            if live is not None:
+                keep &= live[np.maximum(i, 0)]
             done = (keep.sum(1) >= k) | (wide == self.db.num_chunks)
             first = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
             kept = np.take_along_axis(keep[done], first, 1)
