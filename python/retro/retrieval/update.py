@@ -145,6 +145,13 @@ def _switch(path: Path, manifest: dict) -> ChunkDatabase:
     return ChunkDatabase(path)
 
 
+def _discard(folder: Path) -> None:
+    """Deletes a generation's folder, and generations/ with it if that leaves it empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.exists() and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
 def _pending(path: Path, db: ChunkDatabase, action: dict, resume: bool) -> Path:
     """The folder of the next generation, its state written. Clears what a finished change left
     (a state file in the current generation) and what a kill left before any state was written;
@@ -195,7 +202,7 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
             n_docs = _tokenise_stage(folder, base, action, log)
         except RetroError:
             if not (folder / "chunk_doc.npy").exists():
-                shutil.rmtree(folder, ignore_errors=True)  # nothing built: no unfinished change left behind
+                _discard(folder)  # nothing built: no unfinished change left behind
             raise
         if on_stage is not None:
             on_stage("tokenise")
@@ -362,7 +369,7 @@ def remove_documents(db: str | Path, ids=(), paths=(), log=print) -> ChunkDataba
         manifest = _next_manifest(base, {"action": "remove", "documents": sorted(wanted)},
                                   removed_documents=removed)
         db_now = _switch(path, manifest)
-        shutil.rmtree(generation_dir(path, db_now.generation), ignore_errors=True)  # only its state
+        _discard(generation_dir(path, db_now.generation))  # only its state
     log(f"[remove-documents] {str(path)!r} generation {db_now.generation}: {len(wanted)} documents removed "
         f"({len(removed)} in all); `retro compact {db}` rewrites the database without them")
     return db_now

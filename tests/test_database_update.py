@@ -1,0 +1,262 @@
+"""A database that grows (update.py, generations.py): add-documents appends to every index kind,
+remove-documents hides documents for good, compact gives what a fresh build of the rest gives; own
+document exclusion and the 13-gram filter keep working; a reader keeps its generation until it
+reloads; kill -9 mid-add leaves the old generation and --resume completes it; a second writer is
+refused; bad input gets one line and loses nothing; a run still loads against its grown database."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retro.retrieval.embedder
+from retrieval_helpers import ROOT, WORDS, HashingEmbedder, database_files, quick_database, write_corpus
+from retro import RetroError, add_documents, compact, remove_documents
+from retro.cli import main
+from retro.demo import near_duplicated
+from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
+from retro.retrieval.database import ARRAYS, chunk_texts
+
+QUIET = lambda *_: None  # noqa: E731
+NEW_DOCS = 3
+
+
+class WideHashingEmbedder(HashingEmbedder):
+    """The tests' hashing embedder with buckets enough that chunks of a few words rarely share a key."""
+
+    dim = 1024
+
+
+@pytest.fixture(autouse=True)
+def hashing_embedder(monkeypatch):
+    monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", WideHashingEmbedder)
+
+
+def build(out: Path, corpus: Path, index: str = "flat", valid: float = 0.2, **extra) -> Path:
+    bm25 = index == "bm25"
+    opts = dict(corpus=str(corpus), out=str(out), vocab_size=300, chunk_size=16, block_size=64, valid_fraction=valid,
+                progress=False, index="auto" if bm25 else index, embedder="bm25" if bm25 else "hashing-test-embedder")
+    build_database(BuildOptions(**{**opts, **extra}), log=QUIET)
+    return out
+
+
+def new_corpus(folder: Path, docs: int = NEW_DOCS) -> Path:
+    """Documents of the built ones' words and a word of their own (so their chunks are new to the database)."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        pool = [f"fresh{d}"] * 4 + WORDS[:12]
+        (folder / f"new{d}.txt").write_text("\n".join(" ".join(rng.choice(pool, 9)) for _ in range(12)) + "\n")
+    return folder
+
+
+def texts_of(db: ChunkDatabase, ids) -> list[str]:
+    return chunk_texts(db.tokenizer, db.tokens, db.chunk_start[ids], db.chunk_len[ids])
+
+
+def files(db: Path) -> dict:
+    """database_files without the writer's lock file (it holds the last writer's pid)."""
+    return {k: v for k, v in database_files(db).items() if k != ".writer.lock"}
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "torch", "bm25"])
+def test_added_documents_are_found_by_every_index_kind(tmp_path, kind):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8), kind)
+    before = ChunkDatabase(db)
+    grown = add_documents(db, new_corpus(tmp_path / "c2"), log=QUIET)
+    assert grown.generation == 1 and len(grown.doc_split) == len(before.doc_split) + NEW_DOCS
+    new = np.arange(before.num_chunks, grown.num_chunks)
+    assert len(new) > 0 and set(grown.chunk_doc[new]) == set(range(len(before.doc_split), len(grown.doc_split)))
+    res = Retriever.load(db).search(texts_of(grown, new), 1)
+    assert (grown.chunk_doc[res.ids[:, 0]] >= len(before.doc_split)).all()  # an added document's chunk
+    if kind != "bm25":  # a chunk's own text finds its key
+        np.testing.assert_allclose(res.distances[:, 0], 0, atol=1e-4)
+        np.testing.assert_array_equal(res.tokens[:, 0, :16], grown.values(new)[0][:, :16])
+
+
+@pytest.mark.parametrize("kind", ["flat", "bm25"])
+def test_removed_documents_are_never_returned_and_compact_equals_a_fresh_build(tmp_path, kind):
+    write_corpus(tmp_path / "c1" / "a", docs=6)
+    db = build(tmp_path / "db", tmp_path / "c1", kind, valid=0.0)
+    grown = add_documents(db, new_corpus(tmp_path / "c2" / "b"), log=QUIET)
+    everything = np.arange(grown.num_chunks)
+    queries = texts_of(grown, everything)
+    gone = {1, 3, 7}  # two built documents (one by path) and an added one
+    found = Retriever.load(db).search(queries, 4).ids
+    assert set(grown.chunk_doc[found[found >= 0]]) >= gone  # they are found before they are removed
+    remove_documents(db, ids=[1, 7], log=QUIET)
+    remove_documents(db, paths=["a/doc003.txt"], log=QUIET)
+    r = Retriever.load(db)
+    assert r.db.generation == 3 and set(r.db.removed.tolist()) == gone
+    for res in (r.search(queries, 4), r.search(queries, 4, exclude_doc_ids=grown.chunk_doc),
+                r.search(queries, 4, allowed_chunks=everything)):
+        assert (res.ids >= 0).any() and not set(grown.chunk_doc[res.ids[res.ids >= 0]]) & gone
+    assert not set(r.db.documents("train").tolist()) & gone
+
+    compact(db, log=QUIET)
+    fresh_corpus = tmp_path / "c3"
+    for d in sorted({0, 1, 2, 3, 4, 5} - gone):
+        (fresh_corpus / "a").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "c1" / "a" / f"doc{d:03d}.txt", fresh_corpus / "a")
+    for d in sorted({0, 1, 2} - {g - 6 for g in gone}):
+        (fresh_corpus / "b").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "c2" / "b" / f"new{d}.txt", fresh_corpus / "b")
+    fresh = build(tmp_path / "fresh", fresh_corpus, kind, valid=0.0, tokenizer=str(db / "tokenizer.model"))
+    mine, theirs = ChunkDatabase(db), ChunkDatabase(fresh)
+    assert mine.generation == 4 and not len(mine.removed) and mine.manifest["index"] == theirs.manifest["index"]
+    for name in ARRAYS if kind != "bm25" else ARRAYS[:-1]:
+        np.testing.assert_array_equal(np.asarray(getattr(mine, name)), np.asarray(getattr(theirs, name)), name)
+    queries = texts_of(theirs, np.arange(theirs.num_chunks))
+    a, b = Retriever.load(db).search(queries, 4), Retriever.load(fresh).search(queries, 4)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def test_own_document_exclusion_and_the_13gram_filter_on_the_grown_database(tmp_path):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=10))
+    base = ChunkDatabase(db)
+    valid = base.documents("valid")
+    assert len(valid) and near_duplicated(base, valid) == set()
+    corpus = new_corpus(tmp_path / "c2")
+    (corpus / "a-copy.txt").write_text(base.tokenizer.decode(base.document_tokens(int(valid[0]))))  # a leak
+    grown = add_documents(db, corpus, log=QUIET)
+    copy_id = len(base.doc_split)  # a-copy.txt sorts first
+    assert near_duplicated(grown, valid) == {int(valid[0])}
+    new = np.arange(base.num_chunks, grown.num_chunks)
+    r = Retriever.load(db)
+    own, _ = r.search_chunks(new, 4)
+    assert (grown.chunk_doc[own[:, 0]] == grown.chunk_doc[new]).all()  # each finds itself without the exclusion
+    ids, _ = r.search_chunks(new, 4, exclude_doc_ids=grown.chunk_doc[new])
+    assert (ids >= 0).all() and (grown.chunk_doc[ids] != grown.chunk_doc[new][:, None]).all()
+    after = remove_documents(db, ids=[copy_id], log=QUIET)
+    assert near_duplicated(after, valid) == set()
+
+
+def test_a_reader_keeps_its_generation_until_it_reloads(tmp_path):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    reader = Retriever.load(db)
+    n = reader.db.num_chunks
+    queries = texts_of(reader.db, np.arange(0, n, 7))
+    want = reader.search(queries, 3)
+    grown = add_documents(db, new_corpus(tmp_path / "c2"), log=QUIET)
+    assert grown.num_chunks > n and reader.db.num_chunks == n and not reader.db.is_current()
+    held = reader.search(queries + texts_of(grown, np.arange(n, grown.num_chunks)), 3)
+    assert (held.ids < n).all()  # the old generation: none of the new chunks
+    remove_documents(db, ids=[0], log=QUIET)
+    compact(db, log=QUIET)  # deletes the files of the generations before
+    assert not (db / "embeddings.npy").exists() and not (db / "index.faiss").exists()
+    again = reader.search(queries, 3)
+    np.testing.assert_array_equal(again.ids, want.ids)
+    np.testing.assert_array_equal(again.tokens, want.tokens)
+    reloaded = Retriever.load(db)
+    assert reloaded.db.is_current() and reloaded.db.generation == 3
+    assert reloaded.db.num_chunks == grown.num_chunks - int((grown.chunk_doc == 0).sum())
+
+
+def _run_killed(db: Path, corpus: Path, stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), str(db), str(corpus), stage],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("stage", ["tokenise", "index", "manifest"])
+def test_kill_9_during_an_add_leaves_the_old_generation_and_resume_completes_it(tmp_path, stage):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    corpus = new_corpus(tmp_path / "c2")
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    add_documents(reference, corpus, log=QUIET)
+    before = files(db)
+    proc = _run_killed(db, corpus, stage)
+    assert proc.returncode == -9, proc.stderr
+    if stage == "manifest":  # killed after the switch: the add is in, only the clean-up is left
+        assert ChunkDatabase(db).generation == 1
+    else:
+        assert ChunkDatabase(db).generation == 0
+        assert {k: v for k, v in files(db).items() if not k.startswith("generations/")} == before
+        assert Retriever.load(db).search(["alpha beta"], 2).ids.shape == (1, 2)
+        with pytest.raises(RetroError, match="pass --resume to complete it"):
+            add_documents(db, corpus, log=QUIET)
+    add_documents(db, corpus, resume=True, log=QUIET)
+    mine, theirs = files(db), files(reference)
+    assert json.loads(mine.pop("manifest.json")) == json.loads(theirs.pop("manifest.json"))
+    assert mine == theirs
+
+
+def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    corpus = new_corpus(tmp_path / "c2")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from retro.retrieval.generations import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(db)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}"})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files(db)
+        for argv in (["add-documents", str(db), str(corpus)], ["remove-documents", str(db), "--id", "0"],
+                     ["compact", str(db)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"being changed by another process (pid {holder.pid})" in err, err
+        assert files(db) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["add-documents", str(db), str(corpus)]) == 0  # the lock went with its process
+
+
+def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    corpus = new_corpus(tmp_path / "c2")
+    old = tmp_path / "old"
+    shutil.copytree(db, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n\n")
+    before, before_old = files(db), files(old)
+    cases = [(["add-documents", str(tmp_path / "nope"), str(corpus)], "does not exist; build it first"),
+             (["add-documents", str(old), str(corpus)], "has database format version 1"),
+             (["add-documents", str(db), str(empty)], "has no non-empty document to add"),
+             (["add-documents", str(db), str(tmp_path / "no-corpus")], "does not exist; expected a text file"),
+             (["remove-documents", str(db), "--id", "999"], "--id 999: no such document"),
+             (["remove-documents", str(db), "--id", "two"], "--id takes document ids (integers), got 'two'"),
+             (["remove-documents", str(db), "--path", "nothing*.txt"], "no document of"),
+             (["remove-documents", str(db)], "needs --id ID or --path GLOB"),
+             (["compact", str(tmp_path / "nope")], "does not exist")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, (argv, err)
+    assert files(db) == before and files(old) == before_old and not (db / "generations").exists()
+    assert main(["remove-documents", str(db), "--id", "0"]) == 0
+    assert main(["remove-documents", str(db), "--id", "0"]) == 2  # removed already: not there any more
+    assert "--id 0: no such document" in capsys.readouterr().err
+
+
+SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
+         "depth": 2, "cca_layers": [1]}
+
+
+def test_a_run_still_loads_after_an_add_and_another_tokenizer_is_refused(tmp_path, monkeypatch, capsys):
+    from retro.train import TrainOptions, load_model, train
+
+    db = quick_database(tmp_path / "a", monkeypatch)
+    run = train(TrainOptions(db=str(db), out=str(tmp_path / "run"), steps=2, batch_size=2, seq_chunks=4, warmup=1,
+                             k=1, overrides=dict(SMALL), progress=False, device="cpu"), log=QUIET)
+    add_documents(db, new_corpus(tmp_path / "c2"), log=QUIET)
+    remove_documents(db, ids=[0], log=QUIET)
+    load_model(run, db=ChunkDatabase(db))  # no error: the database it was trained on, grown
+    assert main(["evaluate", str(run), "--db", str(db), "--max-documents", "1"]) == 0
+    capsys.readouterr()
+    other = build(tmp_path / "other", tmp_path / "a" / "corpus", vocab_size=200)
+    add_documents(other, new_corpus(tmp_path / "c3"), log=QUIET)
+    with pytest.raises(RetroError, match="another tokenizer"):
+        load_model(run, db=ChunkDatabase(other))
+    assert main(["evaluate", str(run), "--db", str(other)]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
