@@ -254,6 +254,16 @@ def test_a_run_still_loads_after_an_add_and_another_tokenizer_is_refused(tmp_pat
     load_model(run, db=ChunkDatabase(db))  # no error: the database it was trained on, grown
     assert main(["evaluate", str(run), "--db", str(db), "--max-documents", "1"]) == 0
     capsys.readouterr()
+    with pytest.raises(RetroError, match="removed documents: run `retro compact"):
+        train(TrainOptions(db=str(db), out=str(tmp_path / "run2"), steps=1, progress=False), log=QUIET)
+    assert (db / "neighbours-8.npy").exists()  # generation 0's, which compact deletes
+    compact(db, log=QUIET)
+    assert not list(db.glob("neighbours-*"))
+    load_model(run, db=ChunkDatabase(db))  # and after compact
+    grown_run = train(TrainOptions(db=str(db), out=str(tmp_path / "run2"), steps=2, batch_size=2, seq_chunks=4,
+                                   warmup=1, k=1, overrides=dict(SMALL), progress=False, device="cpu"), log=QUIET)
+    assert list(db.glob("neighbours-*-gen000003.npy"))  # the neighbours of the generation trained on
+    load_model(grown_run, db=ChunkDatabase(db))
     other = build(tmp_path / "other", tmp_path / "a" / "corpus", vocab_size=200)
     add_documents(other, new_corpus(tmp_path / "c3"), log=QUIET)
     with pytest.raises(RetroError, match="another tokenizer"):

@@ -463,8 +463,9 @@ def _fresh_index(folder: Path, db: ChunkDatabase, manifest: dict) -> None:
 
 
 def _collect_garbage(path: Path, manifest: dict) -> None:
-    """Deletes the arrays and indexes that the manifest no longer names (a reader that opened them
-    keeps them: its memory maps and loaded index outlive the files' names)."""
+    """Deletes the arrays, indexes and precomputed neighbours that the manifest's generation does not
+    use (a reader that opened them keeps them: its memory maps and loaded index outlive the files'
+    names)."""
     if not any(seg["path"] == "" for seg in segments(manifest)):
         for name in ARRAYS:
             (path / f"{name}.npy").unlink(missing_ok=True)
@@ -477,3 +478,7 @@ def _collect_garbage(path: Path, manifest: dict) -> None:
     for folder in (path / GENERATIONS).iterdir():
         if folder != current:
             shutil.rmtree(folder, ignore_errors=True)
+    mine = f"-gen{generation_of(manifest):06d}"
+    for stale in path.glob("neighbours-*"):  # precomputed for the chunk ids of an earlier generation
+        if mine not in stale.name:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
