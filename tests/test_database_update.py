@@ -185,6 +185,8 @@ def test_kill_9_during_an_add_leaves_the_old_generation_and_resume_completes_it(
     mine, theirs = files(db), files(reference)
     assert json.loads(mine.pop("manifest.json")) == json.loads(theirs.pop("manifest.json"))
     assert mine == theirs
+    add_documents(db, corpus, resume=True, log=QUIET)  # complete: nothing to resume, nothing added twice
+    assert ChunkDatabase(db).generation == 1
 
 
 def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
@@ -219,6 +221,7 @@ def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("  \n\n")
+    sharded = build(tmp_path / "sharded", tmp_path / "c1", shards=2)
     before, before_old = files(db), files(old)
     cases = [(["add-documents", str(tmp_path / "nope"), str(corpus)], "does not exist; build it first"),
              (["add-documents", str(old), str(corpus)], "has database format version 1"),
@@ -228,6 +231,8 @@ def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
              (["remove-documents", str(db), "--id", "two"], "--id takes document ids (integers), got 'two'"),
              (["remove-documents", str(db), "--path", "nothing*.txt"], "no document of"),
              (["remove-documents", str(db)], "needs --id ID or --path GLOB"),
+             (["add-documents", str(db), str(corpus), "--resume"], "holds no unfinished add-documents"),
+             (["add-documents", str(sharded), str(corpus)], "has a sharded index"),
              (["compact", str(tmp_path / "nope")], "does not exist")]
     for argv, words in cases:
         assert main(argv) == 2, argv

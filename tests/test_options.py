@@ -13,6 +13,7 @@ from retro.demo import DemoOptions
 from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions
+from retro.retrieval.update import AddOptions, CompactOptions, RemoveOptions
 from retro.train import TrainOptions
 
 # every command: a minimal command line and the options it must give (the dataclasses' defaults)
@@ -28,6 +29,9 @@ COMMANDS = [
     ("evaluate", ["run", "--db", "d"], [EvaluateOptions(run="run", db="d")]),
     ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
     ("demo", [], [DemoOptions()]),
+    ("add-documents", ["db", "corpus"], [AddOptions(db="db", corpus="corpus")]),
+    ("remove-documents", ["db"], [RemoveOptions(db="db")]),
+    ("compact", ["db"], [CompactOptions(db="db")]),
 ]
 
 

@@ -160,8 +160,8 @@ def _pending(path: Path, db: ChunkDatabase, action: dict, resume: bool) -> Path:
     (current / STATE).unlink(missing_ok=True)  # the manifest names it: the change is complete
     folder = generation_dir(path, db.generation + 1)
     state = folder / STATE
-    if folder.exists() and not state.exists():
-        shutil.rmtree(folder)  # killed before the state was written: nothing done
+    if folder.exists() and (not state.exists() or read_json(state)["action"] == "remove"):
+        shutil.rmtree(folder)  # killed before the state was written, or a remove before its switch: nothing done
     if folder.exists():
         saved = read_json(state)
         if saved != action:
@@ -191,10 +191,13 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
               "include": list(include), "exclude": list(exclude)}
     with writer_lock(path):
         base = open_database(path)
-        done = generation_dir(path, base.generation) / STATE
-        if resume and done.exists() and read_json(done) == action:
-            done.unlink()
-            log(f"[add-documents] {str(path)!r}: the add completed before it was interrupted (generation "
+        if resume and not (generation_dir(path, base.generation + 1) / STATE).exists():
+            last = (base.manifest.get("updates") or [{}])[-1]
+            if {k: last.get(k) for k in action} != action:
+                raise RetroError(f"--resume: {str(path)!r} holds no unfinished add-documents of {str(corpus)!r}; "
+                                 "leave --resume out to add it")
+            (generation_dir(path, base.generation) / STATE).unlink(missing_ok=True)
+            log(f"[add-documents] {str(path)!r}: the add of {str(corpus)!r} is complete (generation "
                 f"{base.generation}): nothing to resume")
             return base
         folder = _pending(path, base, action, resume)
