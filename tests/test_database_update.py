@@ -157,6 +157,21 @@ def test_a_reader_keeps_its_generation_until_it_reloads(tmp_path):
     assert reloaded.db.num_chunks == grown.num_chunks - int((grown.chunk_doc == 0).sum())
 
 
+def test_a_reader_that_opens_during_a_compact_gets_the_new_generation(tmp_path, monkeypatch):
+    import retro.retrieval.database as database
+
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    remove_documents(db, ids=[0], log=QUIET)
+    stale = json.loads((db / "manifest.json").read_text())
+    compact(db, log=QUIET)  # deletes generation 1's files
+    # the reader read the manifest just before the switch, and opens the files just after the deletion
+    reads = iter([stale])
+    real = database.read_json
+    monkeypatch.setattr(database, "read_json", lambda path: next(reads, None) or real(path))
+    r = Retriever.load(db)
+    assert r.db.generation == 2 and r.search(["alpha beta"], 2).ids.shape == (1, 2)
+
+
 def _run_killed(db: Path, corpus: Path, stage: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), str(db), str(corpus), stage],

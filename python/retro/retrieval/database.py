@@ -82,7 +82,14 @@ class ChunkDatabase:
                              f"reads versions {FORMAT_VERSION} and {GROWN_VERSION}: rebuild it with "
                              "`retro build-db --overwrite`")
         self.embeddings = None  # a BM25 database has no keys
-        loaded = [self._load_segment(seg) for seg in segments(self.manifest)]
+        while True:
+            try:
+                loaded = [self._load_segment(seg) for seg in segments(self.manifest)]
+                break
+            except RetroError:  # files gone: unless a compact switched generations meanwhile, damage
+                if manifest is not None or current_generation(self.path) == generation_of(self.manifest):
+                    raise
+                self.manifest = read_json(mpath)
         for name, arr in join_segments(loaded).items():
             setattr(self, name, arr)
         self.generation = generation_of(self.manifest)

@@ -42,7 +42,12 @@ class Retriever:
         if is_bm25(built_with):
             from .bm25_retriever import BM25Retriever
 
-            return BM25Retriever.open(db)
+            try:
+                return BM25Retriever.open(db)
+            except RetroError:
+                if db.is_current():
+                    raise
+                return cls.load(path, embedder, device, index)  # compact deleted its files meanwhile: the new one
         settings = IndexSettings(**db.manifest["index"])
         if settings.extra.get("shards"):
             from .sharded import load_sharded_index
@@ -59,6 +64,8 @@ class Retriever:
             name = index_file(db.manifest, "index.faiss")
             faiss_path = Path(path) / name
             if not faiss_path.exists():
+                if not db.is_current():  # compact switched generations and deleted this one meanwhile
+                    return cls.load(path, embedder, device, index)
                 raise RetroError(f"{str(path)!r}: {name} is missing")
             search_index = SearchIndex(settings, faiss.read_index(str(faiss_path)))
             if search_index.ntotal != db.num_chunks:
