@@ -16,7 +16,8 @@
 Each change is a new generation (generations.py), written beside the current one and switched in by
 one atomic replace of manifest.json, under the writer lock. add_documents' stages (tokenise, embed,
 index) are each written atomically into generations/G/ with its state update_state.json; a kill at
-any point leaves the current generation as it was, and `--resume` completes the change.
+any point leaves the current generation as it was, and `--resume` completes the change. An add holds
+its corpus's text and new keys in memory (an update is small beside its database; build-db streams).
 """
 from __future__ import annotations
 
@@ -386,6 +387,8 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
     with writer_lock(path):
         base = open_database(path)
         if not len(base.removed) and len(segments(base.manifest)) == 1:
+            if base.generation:
+                _collect_garbage(path, base.manifest)  # a compact killed after its switch left them
             log(f"[compact] {str(path)!r}: no removed document, one segment: nothing to compact")
             return base
         folder = _pending(path, base, {"action": "compact"}, resume=True)
@@ -478,7 +481,7 @@ def _collect_garbage(path: Path, manifest: dict) -> None:
     if "bm25" not in named:
         shutil.rmtree(path / "bm25", ignore_errors=True)
     current = generation_dir(path, generation_of(manifest))
-    for folder in (path / GENERATIONS).iterdir():
+    for folder in (path / GENERATIONS).iterdir() if (path / GENERATIONS).exists() else ():
         if folder != current:
             shutil.rmtree(folder, ignore_errors=True)
     mine = f"-gen{generation_of(manifest):06d}"
