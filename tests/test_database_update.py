@@ -63,7 +63,7 @@ def files(db: Path) -> dict:
     return {k: v for k, v in database_files(db).items() if k != ".writer.lock"}
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "torch", "bm25"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-fastscan", "torch", "bm25"])
 def test_added_documents_are_found_by_every_index_kind(tmp_path, kind):
     db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8), kind)
     before = ChunkDatabase(db)
@@ -290,3 +290,7 @@ def test_a_run_still_loads_after_an_add_and_another_tokenizer_is_refused(tmp_pat
         load_model(run, db=ChunkDatabase(other))
     assert main(["evaluate", str(run), "--db", str(other)]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+    other_keys = build(tmp_path / "keys", tmp_path / "a" / "corpus", "bm25", tokenizer=str(db / "tokenizer.model"))
+    add_documents(other_keys, new_corpus(tmp_path / "c4"), log=QUIET)
+    with pytest.raises(RetroError, match="other keys"):
+        load_model(run, db=ChunkDatabase(other_keys))
