@@ -20,6 +20,7 @@ from retro.cli import main
 from retro.demo import near_duplicated
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
 from retro.retrieval.database import ARRAYS, chunk_texts
+from retro.retrieval.generations import ConcatArray
 
 QUIET = lambda *_: None  # noqa: E731
 NEW_DOCS = 3
@@ -61,6 +62,24 @@ def texts_of(db: ChunkDatabase, ids) -> list[str]:
 def files(db: Path) -> dict:
     """database_files without the writer's lock file (it holds the last writer's pid)."""
     return {k: v for k, v in database_files(db).items() if k != ".writer.lock"}
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_concatenated_segments_index_as_one_numpy_array(shape):
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, *shape)).astype(np.float32) for n in (5, 1, 7)]
+    whole, joined = np.concatenate(parts), ConcatArray(parts)
+    assert joined.shape == whole.shape and len(joined) == 13 and joined.dtype == whole.dtype
+    for key in (slice(0, 5), slice(2, 9), slice(5, 6), slice(4, 4), slice(None), slice(1, 12, 3), slice(-3, None),
+                0, 5, 12, -1, np.int64(6), np.array([12, 0, 5, 5, 7]), np.array([[1, 6], [11, 2]]),
+                np.arange(13) % 3 == 0, []):
+        np.testing.assert_array_equal(joined[key], whole[key], str(key))
+    np.testing.assert_array_equal(np.asarray(joined), whole)
+    assert np.asarray(joined, dtype=np.float64).dtype == np.float64
+    with pytest.raises(IndexError):
+        joined[13]
+    with pytest.raises(IndexError):
+        joined[np.array([0, 13])]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-fastscan", "torch", "bm25"])
@@ -172,9 +191,10 @@ def test_a_reader_that_opens_during_a_compact_gets_the_new_generation(tmp_path, 
     assert r.db.generation == 2 and r.search(["alpha beta"], 2).ids.shape == (1, 2)
 
 
-def _run_killed(db: Path, corpus: Path, stage: str) -> subprocess.CompletedProcess:
+def _run_killed(*argv) -> subprocess.CompletedProcess:
+    """update_kill_worker.py ARGV (add DB STAGE CORPUS, or compact DB STAGE), which kills itself."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), str(db), str(corpus), stage],
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), *map(str, argv)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -186,7 +206,7 @@ def test_kill_9_during_an_add_leaves_the_old_generation_and_resume_completes_it(
     shutil.copytree(db, reference)
     add_documents(reference, corpus, log=QUIET)
     before = files(db)
-    proc = _run_killed(db, corpus, stage)
+    proc = _run_killed("add", db, stage, corpus)
     assert proc.returncode == -9, proc.stderr
     if stage == "manifest":  # killed after the switch: the add is in, only the clean-up is left
         assert ChunkDatabase(db).generation == 1
@@ -202,6 +222,26 @@ def test_kill_9_during_an_add_leaves_the_old_generation_and_resume_completes_it(
     assert mine == theirs
     add_documents(db, corpus, resume=True, log=QUIET)  # complete: nothing to resume, nothing added twice
     assert ChunkDatabase(db).generation == 1
+
+
+@pytest.mark.parametrize("stage", ["arrays", "manifest"])
+def test_kill_9_during_a_compact_leaves_the_old_generation_and_compact_completes_it(tmp_path, stage):
+    db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
+    add_documents(db, new_corpus(tmp_path / "c2"), log=QUIET)
+    remove_documents(db, ids=[2, 9], log=QUIET)
+    reference = tmp_path / "reference"
+    shutil.copytree(db, reference)
+    compact(reference, log=QUIET)
+    before = files(db)
+    assert _run_killed("compact", db, stage).returncode == -9
+    if stage == "arrays":
+        assert ChunkDatabase(db).generation == 2
+        assert {k: v for k, v in files(db).items() if not k.startswith("generations/000003")} == before
+        assert Retriever.load(db).search(["alpha beta"], 2).ids.shape == (1, 2)
+    compact(db, log=QUIET)
+    mine, theirs = files(db), files(reference)
+    assert json.loads(mine.pop("manifest.json")) == json.loads(theirs.pop("manifest.json"))
+    assert mine == theirs
 
 
 def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
-"""Adds a corpus to a database as `retro add-documents` does, and kills itself with SIGKILL (as kill -9
-would) right after the stage it is told (tokenise, embed, index, manifest): argv = db, corpus, stage.
-Used by test_database_update.py; the embedder is the tests' (wide) hashing one."""
+"""Changes a database as `retro add-documents` or `retro compact` does, and kills itself with SIGKILL
+(as kill -9 would) right after the stage it is told: argv = add DB STAGE CORPUS (stages tokenise,
+embed, index, manifest) or compact DB STAGE (arrays, index, manifest). Used by test_database_update.py;
+the embedder is the tests' (wide) hashing one."""
 import os
 import signal
 import sys
@@ -11,17 +12,20 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from test_database_update import WideHashingEmbedder  # noqa: E402
 
 import retro.retrieval.embedder as embedder  # noqa: E402
-from retro.retrieval.update import add_documents  # noqa: E402
+from retro.retrieval.update import add_documents, compact  # noqa: E402
 
 embedder.BertEmbedder = WideHashingEmbedder
 
 
-def main(db: str, corpus: str, stage: str) -> None:
+def main(action: str, db: str, stage: str, corpus: str | None = None) -> None:
     def on_stage(name: str) -> None:
         if name == stage:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    add_documents(db, corpus, log=lambda *_: None, on_stage=on_stage)
+    if action == "add":
+        add_documents(db, corpus, log=lambda *_: None, on_stage=on_stage)
+    else:
+        compact(db, log=lambda *_: None, on_stage=on_stage)
 
 
 if __name__ == "__main__":

@@ -387,8 +387,9 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
     with writer_lock(path):
         base = open_database(path)
         if not len(base.removed) and len(segments(base.manifest)) == 1:
-            if base.generation:
-                _collect_garbage(path, base.manifest)  # a compact killed after its switch left them
+            if base.generation:  # what a compact killed after its switch left
+                (generation_dir(path, base.generation) / STATE).unlink(missing_ok=True)
+                _collect_garbage(path, base.manifest)
             log(f"[compact] {str(path)!r}: no removed document, one segment: nothing to compact")
             return base
         folder = _pending(path, base, {"action": "compact"}, resume=True)
@@ -403,7 +404,11 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
         manifest.pop("index_file", None)
         compacted = ChunkDatabase(path, manifest=manifest)
         _fresh_index(folder, compacted, manifest)
+        if on_stage is not None:
+            on_stage("index")
         db_now = _switch(path, manifest)
+        if on_stage is not None:
+            on_stage("manifest")
         (folder / STATE).unlink(missing_ok=True)
         _collect_garbage(path, db_now.manifest)
     log(f"[compact] {str(path)!r} generation {db_now.generation}: {len(base.removed)} removed documents dropped; "
