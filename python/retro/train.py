@@ -67,7 +67,8 @@ class TrainOptions:
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2); sharded "
                                "checkpoints in RUN/checkpoints")
     backend: str = option("auto", "retro_kernels backend: auto, reference, cpu, triton or cuda")
-    time_budget: float | None = option(None, "seconds of training: --steps re-estimated from the measured speed")
+    time_budget: float | None = option(None, "seconds of training: --steps re-estimated from the measured speed "
+                                                 "(default: none, --steps alone)")
     overrides: dict = option(cli=False, default_factory=dict)  # RetroConfig fields (--set FIELD=VALUE)
     progress: bool = option(True, "a progress bar")
 

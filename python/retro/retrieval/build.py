@@ -70,7 +70,7 @@ class BuildOptions:
     target_recall: float = option(0.95, "10-recall@10 that nprobe is tuned to")
     block_size: int = option(2048, "chunks per embedding block (the unit of --resume)")
     text_field: str = option("text", "the text field of .jsonl documents")
-    max_documents: int | None = option(None, "read at most this many documents")
+    max_documents: int | None = option(None, "read at most this many documents (default: all)")
     seed: int = option(0, "seed of the held-out choice")
     include: tuple[str, ...] = option((), INCLUDE_HELP, metavar="GLOB")
     exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
