@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from .checks import check_float, check_int, check_neighbours
+from .errors import RetroError
 from .options import option
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if there is one)"
@@ -78,7 +79,11 @@ class GenerateOptions:
 @dataclass
 class EvaluateOptions:
     run: str = option(help="the run folder (its checkpoint)", positional=True)
-    db: str = option(help="the database folder (its validation documents are evaluated)")
+    db: str = option(help="the database folder (its held-out documents are evaluated, unless --text)")
+    text: str | None = option(None, "score this text file, folder or .jsonl(.gz) instead, retrieving from the database "
+                                    "(a text that is in the database finds itself) (default: the database's "
+                                    "held-out documents)")
+    text_field: str = option("text", "--text: the field holding a document's text in .jsonl files")
     k: int | None = option(None, "neighbours per chunk (default: the model's, as it was trained)", short="-k")
     max_documents: int | None = option(None, "evaluate at most this many documents (default: all)")
     overlap: bool = option(False, "bits per byte against chunk overlap with the neighbours")
@@ -91,6 +96,9 @@ class EvaluateOptions:
     def validate(self) -> None:
         check_neighbours("-k", self.k, optional=True)
         check_int("--max-documents", self.max_documents, 1, optional=True)
+        if self.text is not None and self.overlap:
+            raise RetroError(f"--overlap reports on the database's held-out documents; it does not take --text "
+                             f"{self.text!r}: leave one out")
         check_float("--db-fraction", self.db_fraction, 0, 1, low_open=True, optional=True)
         check_int("--seed", self.seed, 0)
 
@@ -124,8 +132,8 @@ class TrainExtras:
     """train's flags beyond TrainOptions: RetroConfig overrides and retrofitting."""
     set: tuple[str, ...] = option((), "override a RetroConfig field (repeatable), e.g. --set dim=512",
                                   metavar="FIELD=VALUE")
-    retrofit: str | None = option(None, "a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file (default: "
-                                         "train RETRO from scratch)")
+    retrofit: str | None = option(None, "a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file "
+                                         "(default: train RETRO from scratch)")
     cca_layers: tuple[int, ...] | None = option(None, "--retrofit: the CCA layers, 0-based, e.g. 5,8,11 "
                                                       "(default: the paper's spacing)", parse=layer_list)
     placement: str = option("inside", "--retrofit: CCA between a block's attention and its MLP (inside, the paper's) "

@@ -24,6 +24,7 @@ class Generation:
     text: str                      # the generated continuation
     tokens: list[int]
     retrieved: list[dict] = field(default_factory=list)  # per retrieval: chunk, ids, texts
+    prompt_tokens: int = 0         # the prompt's length in tokens
 
 
 @dataclass
@@ -99,7 +100,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str],
         model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, num_neighbours=k)
-    gens = [Generation(p, "", []) for p in prompts]
+    gens = [Generation(p, "", [], prompt_tokens=len(t)) for p, t in zip(prompts, encoded)]
     history = [list(t) for t in encoded]
     lengths = [len(t) for t in encoded]
     tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # right padding
