@@ -51,6 +51,9 @@ BLOCKS = [(lang, code) for lang, code in code_blocks(README.read_text()) if runn
 def test_the_readme_has_its_quick_starts():
     langs = [lang for lang, _ in BLOCKS]
     assert langs.count("python") >= 2 and langs.count("bash") >= 1  # the layers, the model, the command line
+    # what a CPU user needs to know before training: its time, and the embedder that builds fast there
+    text = README.read_text()
+    assert "**On a CPU**" in text and "--embedder static:" in text and "--time-budget" in text
 
 
 @pytest.mark.slow
