@@ -13,11 +13,14 @@ importable as `from retro.train import ...`.)
 from .errors import RetroError
 from .evaluate import EvalResult, evaluate
 from .generate import Generation, generate
+from .inputs import ModelInputs, encode_for_model
 from .model import PRESETS, RetroConfig, RetroModel, preset
+from .pretrained import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from .retrofit import RetrofittedLM, retrofit
 from .train import TrainOptions, load_model, train
 
-__all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "PRESETS", "RetroConfig", "RetroError",
-           "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "build_database", "compute_neighbours",
-           "evaluate", "generate", "load_model", "preset", "retrofit", "train"]
+__all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "ModelInputs", "PRESETS", "RetroConfig",
+           "RetroError", "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "build_database",
+           "compute_neighbours", "encode_for_model", "evaluate", "from_pretrained", "generate", "load_model", "preset",
+           "retrofit", "train"]

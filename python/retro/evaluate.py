@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import RetroError
+from .inputs import check_database
 from .retrieval.retriever import Retriever
 
 
@@ -206,7 +207,10 @@ def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray,
 def evaluate(model, retriever: Retriever, k: int = 2, max_documents: int | None = None, seq_len: int | None = None,
              retrieval: bool = True, device=None, progress: bool = True, batch_size: int = 16, documents=None,
              eval_set: EvalSet | None = None) -> EvalResult:
-    """Bits per byte of the held-out documents with (RETRO[ON]) and without (RETRO[OFF]) neighbours."""
+    """Bits per byte of the held-out documents with (RETRO[ON]) and without (RETRO[OFF]) neighbours.
+    The retriever's database must be one the model reads (the one it was trained on where the
+    model records it, as the command line checks: inputs.check_database)."""
+    check_database(model, retriever.db)
     es = eval_set or prepare(retriever, k, documents, max_documents, seq_len or model.cfg.max_seq_len, retrieval)
     nll_on = score(model, es, True, device, batch_size, progress) if retrieval else None
     nll_off = score(model, es, False, device, batch_size, progress)

@@ -14,6 +14,7 @@ import torch
 
 from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
+from .inputs import as_texts, encode_for_model, search_chunks
 from .options import option
 from .retrieval.retriever import Retriever
 
@@ -65,59 +66,40 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
 
-def _retrieve(retriever: Retriever, chunks: list[np.ndarray], k: int, device):
-    res = retriever.search(chunks, k)
-    return (torch.as_tensor(res.tokens, device=device), torch.as_tensor(res.mask, device=device), res.ids)
-
-
 @torch.no_grad()
-def generate(model, retriever: Retriever | None, prompts: list[str],
+def generate(model, retriever: Retriever | None, prompts: str | list[str],
              max_new_tokens: int = SamplingOptions.max_new_tokens, temperature: float = SamplingOptions.temperature,
              top_k: int | None = SamplingOptions.top_k, top_p: float | None = SamplingOptions.top_p,
              seed: int = SamplingOptions.seed, k: int | None = SamplingOptions.k, stop_at_eos: bool = True,
              tokenizer=None, compile: bool = False) -> list[Generation]:
-    """Continues each prompt (the sampling arguments: SamplingOptions, whose defaults they take).
-    retriever None generates without retrieval (RETRO[OFF]); the
-    tokenizer is then required (otherwise the database's is used). compile: the one-token step
-    through torch.compile (CUDA graphs on a GPU; RETRO models, not retrofitted ones); retrieval and
-    the encoder at chunk completions stay eager."""
+    """Continues each prompt, one Generation per prompt; one prompt given as a str gives a list of
+    one (the sampling arguments: SamplingOptions, whose defaults they take). retriever: the
+    database's (refused unless the model reads it, as the command line refuses it:
+    inputs.check_database); None generates without retrieval (RETRO[OFF]), and the tokenizer is
+    then required (otherwise the database's is used). compile: the one-token step through
+    torch.compile (CUDA graphs on a GPU; RETRO models, not retrofitted ones); retrieval and the
+    encoder at chunk completions stay eager."""
     SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, k).validate()
-    if not prompts:
-        raise RetroError("no prompt given")
-    tok = tokenizer or (retriever.db.tokenizer if retriever is not None else None)
-    if tok is None:
-        raise RetroError("generate without a retriever needs tokenizer= (the database's tokenizer)")
-    cfg, m = model.cfg, model.cfg.chunk_size
-    k = k or cfg.num_neighbours
-    device = next(model.parameters()).device
-    encoded = [np.asarray(t, dtype=np.int64) for t in tok.encode(prompts)]
-    if any(len(t) == 0 for t in encoded):
-        raise RetroError("a prompt encodes to no token; give at least one character")
-    max_len = max(len(t) for t in encoded) + max_new_tokens  # the caches' length (any length works)
+    prompts = as_texts("prompts", prompts)
+    m = model.cfg.chunk_size
+    k = k or model.cfg.num_neighbours
+    # the prompts' tokens, right-padded, and the neighbours of every row's complete chunks
+    inputs = encode_for_model(model, retriever, prompts, k, tokenizer, name="prompts")
+    tok = tokenizer or retriever.db.tokenizer
+    device, lengths = inputs.tokens.device, inputs.lengths
+    max_len = max(lengths) + max_new_tokens  # the caches' length (any length works)
     if compile:
         if not hasattr(model, "compile_decoding"):
             raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
         model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, num_neighbours=k)
-    gens = [Generation(p, "", [], prompt_tokens=len(t)) for p, t in zip(prompts, encoded)]
-    history = [list(t) for t in encoded]
-    lengths = [len(t) for t in encoded]
-    tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # right padding
-    for row, t in enumerate(encoded):
-        tokens[row, :len(t)] = torch.as_tensor(t, device=device)
-    nb = mask = None
-    if retriever is not None and max(lengths) >= m:  # the neighbours of every row's complete chunks
-        L, R = max(lengths) // m, 2 * m
-        nb = torch.zeros(len(prompts), L, k, R, dtype=torch.long, device=device)
-        mask = torch.ones(len(prompts), L, k, R, dtype=torch.bool, device=device)  # padding chunks: finite states
-        for row, t in enumerate(encoded):
-            chunks = len(t) // m
-            if chunks:
-                nb[row, :chunks], mask[row, :chunks], ids = _retrieve(
-                    retriever, [t[u * m:(u + 1) * m] for u in range(chunks)], k, device)
-                gens[row].retrieved += [{"chunk": u, "ids": ids[u].tolist()} for u in range(chunks)]
-    logits = model.prefill(state, tokens, nb, mask, lengths)
+    gens = [Generation(p, "", [], prompt_tokens=n) for p, n in zip(prompts, lengths)]
+    history = [row[:n].tolist() for row, n in zip(inputs.tokens.cpu(), lengths)]
+    if retriever is not None:
+        for g, ids in zip(gens, inputs.neighbour_ids):
+            g.retrieved += [{"chunk": u, "ids": ids[u].tolist()} for u in range(len(ids))]
+    logits = model.prefill(state, inputs.tokens, inputs.neighbour_tokens, inputs.neighbour_mask, lengths)
     gen = torch.Generator().manual_seed(seed)
     nxt = sample(logits, temperature, top_k, top_p, gen)
     done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -136,7 +118,7 @@ def generate(model, retriever: Retriever | None, prompts: list[str],
         complete = [r for r in range(len(prompts)) if pos[r] % m == m - 1]
         if retriever is not None and complete:  # the token fed now completes chunk pos // m
             chunks = [np.asarray(history[r][pos[r] - m + 1:pos[r] + 1]) for r in complete]
-            nb, mask, ids = _retrieve(retriever, chunks, k, device)
+            nb, mask, ids = search_chunks(retriever, chunks, k, device)
             for j, r in enumerate(complete):
                 new[r] = (nb[j], mask[j])
                 gens[r].retrieved.append({"chunk": pos[r] // m, "ids": ids[j].tolist()})

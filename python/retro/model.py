@@ -303,7 +303,8 @@ class RetroModel(nn.Module):
                 neighbour_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         """tokens (B, n); neighbour_tokens (B, L, K, R): token ids of the K neighbours [chunk,
         continuation] of chunks 0 .. L-1 (L >= n // m), neighbour_mask (B, L, K, R) -> logits (B, n, vocab).
-        With targets (B, n) (int64, IGNORE where not scored): the per-token next-token NLL (B, n)
+        With targets (B, n) (integer ids, int64 or the tokenizers' int32; IGNORE where not scored;
+        TypeError for floats): the per-token next-token NLL (B, n)
         instead (float32, float64 for a float64 model; 0 at IGNORE), computed a slice of the
         sequence at a time so that the whole logits never exist (sliced_loss.py)."""
         return self._sequence(tokens, neighbour_tokens, neighbour_mask, targets=targets)

@@ -5,7 +5,10 @@ and the tokenizer beside them (tokenizer.model for SentencePiece, tokenizer/ for
 A run's checkpoint folder (RUN/checkpoint) has the same layout, so `from_pretrained` reads a saved
 model, a run folder or a Hugging Face hub repository (downloaded with huggingface_hub where the
 network allows) through one function, `model_from_folder`. A retrofitted model records its base's
-name and a hash of the base's weights, and loads back onto that base only.
+name and a hash of the base's weights, and loads back onto that base only. A model trained on a
+database records that database's identity (ChunkDatabase.identity(): tokenizer, chunk size, keys,
+held-out documents) as `model.trained_on`, read from a run's state.json or a saved config.json and
+written again by save_pretrained, so that evaluate and generate refuse another database.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
     if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").exists():
         raise RetroError(f"{str(folder)!r} is not empty and holds no saved model; choose another folder")
     config = {"format": FORMAT, "model": model.cfg.to_dict(), **getattr(model, "extra_config", {})}
+    if getattr(model, "trained_on", None):
+        config["database"] = model.trained_on
     weights = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
 
     def fill(tmp: Path) -> None:
@@ -80,8 +85,18 @@ def model_from_folder(folder: str | Path, device=None, backend: str | None = Non
 
         model = RetroModel(cfg)
         model.load_state_dict(weights)
+    model.trained_on = config.get("database")
+    if model.trained_on is None and (folder / "state.json").exists():  # a run's checkpoint
+        model.trained_on = database_of(json.loads((folder / "state.json").read_text()))
+    model.source = str(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
+
+
+def database_of(state: dict) -> dict:
+    """The identity of the database a run (its checkpoint state) was trained on; a run saved before
+    identities were recorded, its tokenizer's hash alone."""
+    return state.get("database") or {"tokenizer_sha256": state.get("tokenizer_sha256")}
 
 
 def resolve(source: str | Path) -> Path:
@@ -106,8 +121,11 @@ def resolve(source: str | Path) -> Path:
 
 
 def from_pretrained(source: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
-    """A model saved by save_pretrained, a run folder, or a hub repository name."""
-    return model_from_folder(resolve(source), device=device, backend=backend)
+    """A model saved by save_pretrained, a run folder, or a hub repository name: a RetroModel or a
+    RetrofittedLM (loaded onto its base), in eval mode."""
+    model = model_from_folder(resolve(source), device=device, backend=backend)
+    model.source = str(source)
+    return model
 
 
 def load_tokenizer_beside(source: str | Path):

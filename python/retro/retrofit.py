@@ -105,7 +105,6 @@ class RetrofittedLM(nn.Module):
             raise RetroError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self.base, self.cfg, self.base_name, self.placement = hf_model, cfg, base_name, placement
         self.base.requires_grad_(False)
-        self.blocks = _blocks(hf_model)
         hidden = hf_model.config.hidden_size
         self.first_cca = min(cfg.cca_layers)
         self.cca = nn.ModuleDict()
@@ -141,6 +140,12 @@ class RetrofittedLM(nn.Module):
         self.check_sliced_head()  # once, here: a check inside a compiled forward would break its graph
 
     supports_checkpointing = False  # the base runs as Hugging Face wrote it; its blocks are not re-run
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The base model's blocks. A property, not a submodule: an alias would put every frozen
+        block into state_dict() a second time (as blocks.*), and so into every saved file."""
+        return _blocks(self.base)
 
     def train(self, mode: bool = True) -> "RetrofittedLM":
         """Only the new parts change mode: the frozen base always runs as in evaluation (dropout
@@ -321,7 +326,21 @@ class RetrofittedLM(nn.Module):
         return save_pretrained(self, folder, tokenizer)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The new weights (CCA, their norms, the encoder and its input): what a checkpoint and a
+        saved model hold; the frozen base is found again by its name and weights hash."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    @classmethod
+    def from_pretrained(cls, source, device=None, backend: str | None = None) -> "RetrofittedLM":
+        """A retrofitted model saved by save_pretrained (or a retrofit run's folder), loaded onto
+        the base it was trained on (pretrained.py)."""
+        from .pretrained import from_pretrained
+
+        model = from_pretrained(source, device=device, backend=backend)
+        if not isinstance(model, cls):
+            raise RetroError(f"{str(source)!r} holds a {type(model).__name__}, not a retrofitted model: load it "
+                             "with retro.from_pretrained")
+        return model
 
     def new_state(self, batch: int, max_len: int, device=None, dtype=None,
                   num_neighbours: int | None = None) -> "RetrofitState":

@@ -56,10 +56,11 @@ def sliced_nll(hidden: Tensor, targets: Tensor, logits_fn: Callable[[Tensor], Te
                length: int | None = None) -> Tensor:
     """Per-token next-token NLL of final hidden states, a slice of positions at a time.
 
-    hidden (B, n, d): the states the output layer reads; targets (B, n) int64, IGNORE (-100) where
-    not scored; logits_fn: hidden slice (B, s, d) -> logits (B, s, vocab) (the output projection
-    and any post-processing; it must read its weights when called, not before, so that FSDP's
-    gathered weights are the ones used in the recomputation); vocab: V, for the slice length;
+    hidden (B, n, d): the states the output layer reads; targets (B, n) integer ids (int64, int32,
+    ...), IGNORE (-100) where not scored; logits_fn: hidden slice (B, s, d) -> logits (B, s, vocab)
+    (the output projection and any post-processing; it must read its weights when called, not
+    before, so that FSDP's gathered weights are the ones used in the recomputation); vocab: V, for
+    the slice length;
     length: positions per slice (default slice_length(B, vocab)).
     -> NLL (B, n) in nats, float32 (float64 where the logits are float64), 0 at IGNORE targets.
     Its sum over the scored targets equals F.cross_entropy(logits, targets, reduction="sum") on
@@ -69,8 +70,10 @@ def sliced_nll(hidden: Tensor, targets: Tensor, logits_fn: Callable[[Tensor], Te
     if not isinstance(targets, Tensor) or targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets must be a (B, n) = {tuple(hidden.shape[:2])} tensor (the hidden states' batch and "
                          f"positions), got {_describe(targets)}")
-    if targets.dtype != torch.long:
-        raise TypeError(f"targets must hold int64 token ids, got dtype {targets.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer token ids (int64, or the tokenizers' int32), got dtype "
+                        f"{targets.dtype}")
+    targets = targets.long()
     B, n = targets.shape
     length = slice_length(max(B, 1), vocab) if length is None else length
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:

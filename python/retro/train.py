@@ -327,9 +327,13 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     state = json.loads((folder / "state.json").read_text())
     if db is not None:
         check_run_database(state, db, run)
-    return model_from_folder(folder, device=device, backend=backend), state
+    model = model_from_folder(folder, device=device, backend=backend)
+    model.source = str(run)  # errors name the run, as the command line's do
+    return model, state
 
 
 def check_run_database(state: dict, db, run) -> None:
     """RetroError (one line) unless db is the database a run (its checkpoint state) was trained on."""
-    db.check_identity(state.get("database") or {"tokenizer_sha256": state.get("tokenizer_sha256")}, run)
+    from .pretrained import database_of
+
+    db.check_identity(database_of(state), run)
