@@ -119,16 +119,40 @@ def _cmd_generate(o: GenerateOptions, sampling) -> None:
     retriever = Retriever.load(o.db, device=o.device) if o.retrieval else None
     db = retriever.db if retriever is not None else ChunkDatabase(o.db)
     check_run_database(state, db, o.run)
+    _note_k("generate", sampling.k, model)
     gens = generate(model, retriever, list(o.prompt), **dataclasses.asdict(sampling),
                     tokenizer=None if retriever is not None else db.tokenizer, compile=o.compile)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
-        if o.show_neighbours:
+        if o.show_neighbours and retriever is not None:
+            note = short_prompt_note(g, model.cfg.chunk_size)
+            if note:
+                print(f"  ({note})")
             for r in g.retrieved:
                 for rank, (cid, text) in enumerate(zip(r["ids"], r["texts"])):
                     shown = "(none)" if text is None else text[:200].replace("\n", "\n    ")
                     print(f"  [chunk {r['chunk']} neighbour {rank}: id {cid}]\n    {shown}")
         print("=" * 60)
+
+
+def short_prompt_note(g, chunk_size: int) -> str | None:
+    """Why a generation (generate.Generation) shows no neighbours, or shows them late: retrieval
+    happens at chunk boundaries, so a prompt shorter than one chunk has none of its own."""
+    if g.prompt_tokens >= chunk_size:
+        return None
+    if not g.retrieved:
+        return (f"no neighbours: the prompt ({g.prompt_tokens} tokens) and its continuation ({len(g.tokens)}) never "
+                f"completed a chunk of {chunk_size} tokens; RETRO retrieves once per complete chunk")
+    return (f"the prompt ({g.prompt_tokens} tokens) is shorter than one chunk of {chunk_size} tokens: its continuation "
+            f"retrieves from token {chunk_size} on")
+
+
+def _note_k(command: str, k: int | None, model) -> None:
+    """A note on stderr when -k differs from the neighbours per chunk the model was trained with."""
+    trained = model.cfg.num_neighbours
+    if k is not None and k != trained:
+        print(f"retro {command}: note: -k {k}, but the model was trained with {trained} neighbours per chunk; it "
+              f"reads {k} here (leave -k out for the trained {trained})", file=sys.stderr)
 
 
 def _cmd_evaluate(o: EvaluateOptions) -> None:
@@ -140,6 +164,7 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)
     check_run_database(state, retriever.db, o.run)
+    _note_k("evaluate", o.k, model)
     k = o.k if o.k is not None else model.cfg.num_neighbours
     if o.overlap:
         from .evaluate_overlap import overlap_report
@@ -147,7 +172,13 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
         overlap_report(model, retriever, k=k, max_documents=o.max_documents, out=o.overlap_out or o.run)
         return
     allowed = None if o.db_fraction is None else database_fraction(retriever.db, o.db_fraction, o.seed)
-    es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed)
+    texts = None
+    if o.text is not None:
+        from .retrieval.corpus import read_documents
+
+        texts = read_documents(o.text, o.text_field)
+    es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed,
+                 texts=texts)
     res = evaluate(model, retriever, k=k, eval_set=es)
     report = res.as_dict()
     if allowed is not None:

@@ -67,7 +67,8 @@ class TrainOptions:
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2); sharded "
                                "checkpoints in RUN/checkpoints")
     backend: str = option("auto", "retro_kernels backend: auto, reference, cpu, triton or cuda")
-    time_budget: float | None = option(None, "seconds of training: --steps re-estimated from the measured speed")
+    time_budget: float | None = option(None, "seconds of training: --steps re-estimated from the measured speed "
+                                                 "(default: none, --steps alone)")
     overrides: dict = option(cli=False, default_factory=dict)  # RetroConfig fields (--set FIELD=VALUE)
     progress: bool = option(True, "a progress bar")
 
@@ -198,6 +199,11 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
         ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
         check_run_database(ck["state"], db, run)
         check_resume_options(opts, ck["state"].get("options", {}), run)
+        done, planned = ck["state"]["step"], ck["state"]["total_steps"]
+        if done >= planned:
+            log(f"[train] {str(run)!r} already finished ({done} of {planned} steps): nothing to resume; to train "
+                "longer, start a new run with another --out")
+            return run
         cfg = RetroConfig.from_dict(ck["config"]["model"])
     else:
         if (run / "checkpoint").exists() or fsdp.complete_steps(run):
@@ -205,6 +211,9 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
         overrides = {"vocab_size": db.tokenizer.vocab_size, "chunk_size": db.chunk_size, "num_neighbours": opts.k,
                      "max_seq_len": opts.seq_chunks * db.chunk_size, "backend": opts.backend, **opts.overrides}
         cfg = preset(opts.config, **overrides)
+        if opts.steps < opts.warmup and dist.is_main():
+            log(f"[train] warning: --steps {opts.steps} is below --warmup {opts.warmup}: the run ends still warming up "
+                f"(at {opts.steps / opts.warmup:.0%} of --lr); pass a smaller --warmup")
     candidates = prepare_neighbours(opts.db, opts.k, opts.extra, device, log) if opts.retrieval else None
     seqs = TrainSequences(db, opts.seq_chunks, opts.k, candidates)
     sampler = Sampler(len(seqs), opts.seed)
@@ -301,6 +310,9 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
                                 {"optimizer": optimizer.state_dict(), "rng": rngs})
             dist.barrier()
     bar.close()
+    if dist.is_main():
+        saved = fsdp.latest_step_dir(run) if opts.fsdp else run / "checkpoint"
+        log(f"[train] {step} steps; checkpoint: {saved}")
     return run
 
 
