@@ -29,12 +29,21 @@ def _ungroup_rows(y: Tensor, rows: int, prefix_rows: int, fill: float = 0.0) -> 
     return torch.cat([before, flat, after], dim=1)
 
 
+def _used(rows: int, q_rows: int, groups: int, prefix_rows: int) -> tuple[int, int]:
+    """(q_rows, groups) cut to the rows that exist: the groups that have a row, and q_rows at most
+    rows - prefix_rows (a legal q_rows may be far larger, with one group)."""
+    rest = rows - prefix_rows
+    return min(q_rows, rest), min(groups, -(-rest // q_rows))
+
+
 def _attention(q: Tensor, k: Tensor, key_mask: Optional[Tensor], q_rows: int, groups: int, prefix_rows: int,
                softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The grouped rows qg (B, G, q_rows, H, D) and keys kg (B, G, keys, H, D) in the accumulation
     dtype, the masked scores and the softmax weights (B, G, H, q_rows, keys), 0 for a group without
-    a real key (whose scores are 0, not -inf: no NaN, and nothing flows through them)."""
+    a real key (whose scores are 0, not -inf: no NaN, and nothing flows through them). q_rows and
+    groups as _used cuts them (G = kg.shape[1])."""
     acc = lse_dtype(q.dtype)
+    q_rows, groups = _used(q.shape[1], q_rows, groups, prefix_rows)
     qg, kg = _group_rows(q.to(acc), q_rows, groups, prefix_rows), k[:, :groups].to(acc)
     scores = torch.einsum("bgihd,bgjhd->bghij", qg, kg) * softmax_scale
     real = torch.ones(kg.shape[:3], dtype=torch.bool, device=q.device) if key_mask is None \
@@ -52,7 +61,7 @@ def block_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optiona
     (lse +inf). Returns out like q and lse (B, H, T) in float32 (float64 for float64 inputs)."""
     T = q.shape[1]
     _, _, scores, weights = _attention(q, k, key_mask, q_rows, groups, prefix_rows, softmax_scale)
-    out = torch.einsum("bghij,bgjhd->bgihd", weights, v[:, :groups].to(weights.dtype))
+    out = torch.einsum("bghij,bgjhd->bgihd", weights, v[:, :weights.shape[1]].to(weights.dtype))
     attended = weights.sum(-1) > 0                                       # (B, G, H, q_rows)
     lse = torch.where(attended, torch.logsumexp(scores, dim=-1), float("inf"))
     return (_ungroup_rows(out, T, prefix_rows).to(q.dtype),
@@ -68,12 +77,12 @@ def block_attention_backward_reference(grad_out: Tensor, q: Tensor, k: Tensor, v
     dV = P^T grad_out, dS = P * (dP - rowsum(P * dP)), dQ = scale dS K, dK = scale dS^T Q.
     Differentiable in grad_out, q, k and v: the second derivatives of every fused op."""
     qg, kg, _, weights = _attention(q, k, key_mask, q_rows, groups, prefix_rows, softmax_scale)
-    dout = _group_rows(grad_out.to(weights.dtype), q_rows, groups, prefix_rows)
+    dout = _group_rows(grad_out.to(weights.dtype), qg.shape[2], qg.shape[1], prefix_rows)
     dv = torch.einsum("bghij,bgihd->bgjhd", weights, dout)
-    dweights = torch.einsum("bgihd,bgjhd->bghij", dout, v[:, :groups].to(weights.dtype))
+    dweights = torch.einsum("bgihd,bgjhd->bghij", dout, v[:, :kg.shape[1]].to(weights.dtype))
     dscores = weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) * softmax_scale
     dq = torch.einsum("bghij,bgjhd->bgihd", dscores, kg)
     dk = torch.einsum("bghij,bgihd->bgjhd", dscores, qg)
-    unused = (0, 0) * 3 + (0, k.shape[1] - groups)                      # key groups past `groups` get 0
+    unused = (0, 0) * 3 + (0, k.shape[1] - kg.shape[1])                 # key groups without rows get 0
     return (_ungroup_rows(dq, q.shape[1], prefix_rows).to(q.dtype), F.pad(dk, unused).to(k.dtype),
             F.pad(dv, unused).to(v.dtype))

@@ -1,5 +1,8 @@
 """Registers the C++/CUDA ops of retro_kernels._C with torch (pattern of pytorch/extension-cpp): fake (meta)
-implementations, so torch.compile traces through them, and autograd, so they train. Their schemas are in
+implementations, so torch.compile traces through them, and autograd (autograd.py), so they train: the
+forward op's backward is the backward op (the reference formulas where create_graph=True asks for second
+derivatives), the backward op refuses to be differentiated, the decode op's backward is the reference
+formulas (it has no backward kernel). Their schemas are in
 csrc/torch/registration.cpp, their CPU kernels in csrc/torch/cpu_ops.cpp, the CUDA decode kernel
 in csrc/torch_cuda/; the arguments are the description of layouts.py.
 
