@@ -19,19 +19,24 @@ FLOAT64_BACKENDS = ["reference", "cpu", "auto"]  # auto: the C++ kernels on CPU 
 F64 = dict(dtype=torch.float64)
 
 
+def _bind(op, mask):
+    """make(backend, device="cpu") -> fn(q, k, v): `op` with `mask` (on `device`) and `backend`."""
+    return lambda backend, device="cpu": lambda q, k, v: op(q, k, v, mask.to(device), backend=backend)
+
+
 def _cca():
     """Odd sizes: head_dim 3, seq_len 10 (not a multiple of chunk_size 4), an unused third chunk;
     random mask with batch 0's chunk 1 fully masked."""
     q, k, v, m = random_cca(CCACase(2, 10, 1, 3, 3, 2, 3, 4), mask="random")
-    return (q, k, v), lambda b: lambda q, k, v: chunked_cross_attention(q, k, v, chunk_size=4, neighbour_mask=m,
-                                                                         backend=b)
+    return (q, k, v), _bind(lambda q, k, v, m, backend: chunked_cross_attention(
+        q, k, v, chunk_size=4, neighbour_mask=m, backend=backend), m)
 
 
 def _self():
     q, k, v = (torch.randn(1, 2, 2, 3, 1, 3, **F64) for _ in range(3))
     m = torch.rand(1, 2, 2, 3) > 0.3
     m[0, 0, 1] = False  # a neighbour with no real token
-    return (q, k, v), lambda b: lambda q, k, v: neighbour_self_attention(q, k, v, m, backend=b)
+    return (q, k, v), _bind(neighbour_self_attention, m)
 
 
 def _cross():
@@ -39,12 +44,12 @@ def _cross():
     k, v = (torch.randn(1, 2, 5, 1, 3, **F64) for _ in range(2))
     m = torch.rand(1, 2, 5) > 0.3
     m[0, 1] = False  # a chunk with no real state
-    return (q, k, v), lambda b: lambda q, k, v: neighbour_cross_attention(q, k, v, m, backend=b)
+    return (q, k, v), _bind(neighbour_cross_attention, m)
 
 
 def _decode():
     q, k, v, m = random_decode_step(B=2, H=2, D=3, K=2, R=3)  # sequence 0 has no real token
-    return (q, k, v), lambda b: lambda q, k, v: chunked_cross_attention_decode(q, k, v, m, backend=b)
+    return (q, k, v), _bind(chunked_cross_attention_decode, m)
 
 
 OPS = {"cca": _cca, "neighbour_self": _self, "neighbour_cross": _cross, "cca_decode": _decode}
@@ -81,7 +86,7 @@ def test_triton_second_derivatives_error_ratio(op):
     f32 = [x.float() for x in (*inputs, grad_out)]
     w32 = [w.float() for w in weights]
     ref32 = second_order(make("reference"), f32[:-1], f32[-1], w32)
-    got = second_order(make("triton"), [x.to(DEVICE) for x in f32[:-1]], f32[-1].to(DEVICE),
+    got = second_order(make("triton", DEVICE), [x.to(DEVICE) for x in f32[:-1]], f32[-1].to(DEVICE),
                        [w.to(DEVICE) for w in w32])
     names = ["dq", "dk", "dv", "d(dq.w)/dq", "d(dq.w)/dk", "d(dq.w)/dv", "d(dq.w)/dgrad_out"]
     for name, g, r, r64 in zip(names, got, ref32, ref64):
@@ -163,22 +168,27 @@ def test_encoder_gradient_penalty_weight_grads_match_reference(backend):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def _bwd_args(requires_grad: bool):
-    q, k, v, m = random_cca(CCACase(1, 9, 1, 4, 2, 1, 3, 4), dtype=torch.float32)
-    p = layouts.cca(q, k, v, m, 4)
-    out, lse = torch.ops.retro_kernels.block_attention_fwd(*p.args, 0.5)
-    grad_out = torch.randn_like(p.q).requires_grad_(requires_grad)
-    return grad_out, p.q, p.k, p.v, p.key_mask, out, lse, p.q_rows, p.groups, p.prefix_rows, 0.5
-
-
 def test_backward_ops_refuse_differentiation_by_name():
     """Called directly, a first-derivative kernel does not pass for differentiable: it raises,
     naming itself and the ways out (torch warned once and returned wrong second derivatives)."""
-    ops = [torch.ops.retro_kernels.block_attention_bwd]
+    pairs = [(torch.ops.retro_kernels.block_attention_fwd, torch.ops.retro_kernels.block_attention_bwd, "cpu")]
     if TRITON_OK:
-        from retro_kernels.ops.block_attention.triton_op import block_attention_bwd_triton
-        ops.append(block_attention_bwd_triton)
-    for op in ops:
-        dq, _, _ = op(*_bwd_args(True))
+        from retro_kernels.ops.block_attention.triton_op import block_attention_bwd_triton, block_attention_fwd_triton
+        pairs.append((block_attention_fwd_triton, block_attention_bwd_triton, DEVICE))
+    for fwd, bwd, device in pairs:
+        q, k, v, m = random_cca(CCACase(1, 9, 1, 4, 2, 1, 3, 4), dtype=torch.float32, device=device)
+        p = layouts.cca(q, k, v, m, 4)
+        out, lse = fwd(*p.args, 0.5)
+        grad_out = torch.randn_like(p.q).requires_grad_()
+        dq, _, _ = bwd(grad_out, *p.args[:4], out, lse, *p.args[4:], 0.5)
         with pytest.raises(RuntimeError, match=r"block_attention_bwd.*backend='reference'"):
             dq.sum().backward()
+
+
+def test_decode_op_opcheck_with_autograd():
+    """The decode op now has an autograd formula: opcheck's autograd and AOT-dispatch tests pass
+    with inputs that require grad."""
+    q, k, v, m = random_decode_step()
+    q, k, v = (x.float().requires_grad_() for x in (q, k, v))
+    p = layouts.decode(q, k, v, m)
+    torch.library.opcheck(torch.ops.retro_kernels.block_attention_decode.default, (p.q, p.k, p.v, p.key_mask, 0.2))
