@@ -37,6 +37,14 @@ def faiss_available() -> bool:
     return True
 
 
+def warn_without_faiss(path, kind: str) -> None:
+    """The one warning of a database with a faiss index loaded where faiss is not installed."""
+    warnings.warn(f"{str(path)!r}: faiss is not installed, so the database's {kind} faiss index is replaced by an "
+                  "exact search of its stored keys in torch (on the GPU when there is one; the neighbours of "
+                  "a flat index); pip install faiss-cpu, or faiss-gpu on GPUs (retro-kernels[gpu]), to use it",
+                  RuntimeWarning, stacklevel=3)
+
+
 def choose_kind(n: int) -> str:
     """The index kind "auto" means for n keys: exact search while small, IVF above; torch exact
     search where faiss is not installed (GPU machines without faiss-gpu, say)."""

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RetroError
 from .database import ChunkDatabase
 from .bm25 import is_bm25
-from .index import IndexSettings, SearchIndex, TorchExactIndex
+from .index import IndexSettings, SearchIndex, TorchExactIndex, faiss_available, warn_without_faiss
 
 
 @dataclass
@@ -32,7 +32,8 @@ class Retriever:
     @classmethod
     def load(cls, path: str | Path, embedder: str | None = None, device=None, index: str | None = None) -> "Retriever":
         """Loads DIR. `embedder` (optional) must be the one the database was built with;
-        `index="torch"` searches exactly in torch instead of with the faiss index."""
+        `index="torch"` searches exactly in torch instead of with the faiss index, as where faiss is
+        not installed (with a warning then)."""
         db = ChunkDatabase(path)
         built_with = db.manifest["embedder"]["name"]
         if embedder is not None and embedder != built_with:
@@ -43,13 +44,17 @@ class Retriever:
 
             return BM25Retriever.open(db)
         settings = IndexSettings(**db.manifest["index"])
+        use_faiss = index != "torch" and settings.kind != "torch"  # the database's own faiss index(es)
+        if use_faiss and not faiss_available():
+            warn_without_faiss(path, settings.kind)
+            use_faiss = False
         if settings.extra.get("shards"):
             from .sharded import load_sharded_index
 
             search_index = load_sharded_index(Path(path), db, settings.extra, settings.kind, device=device,
-                                              use_faiss=index != "torch")
+                                              use_faiss=use_faiss)
             search_index.settings = settings
-        elif index == "torch" or settings.kind == "torch":
+        elif not use_faiss:
             settings = IndexSettings(kind="torch", recall=1.0)
             search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
         else:
