@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RetroError
 from .database import ChunkDatabase
 from .bm25 import is_bm25
-from .index import IndexSettings, SearchIndex, TorchExactIndex, faiss_available, warn_without_faiss
+from .index import IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available, warn_without_faiss
 
 
 @dataclass
@@ -104,6 +104,8 @@ class Retriever:
         With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
         database, e.g. to measure how the gain grows with the database)."""
         check_k(k, self.db.num_chunks)
+        cap = min(self.db.num_chunks, getattr(self.index, "max_k", None) or self.db.num_chunks)
+        check_max_k(k, cap if cap < self.db.num_chunks else None)
         emb = np.asarray(emb, dtype=np.float32)
         if allowed_chunks is not None:
             if exclude_doc_ids is not None:
@@ -122,17 +124,17 @@ class Retriever:
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
         todo = np.arange(len(emb))
-        wide = min(self.db.num_chunks, 2 * k + 8)
+        wide = min(cap, 2 * k + 8)  # at most the index's max_k (faiss on GPUs: what is still missing is masked)
         while len(todo):  # only the queries still short of k go round again, each time 4x wider
             d, i = self.index.search(emb[todo], wide)
             keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
-            done = (keep.sum(1) >= k) | (wide == self.db.num_chunks)
+            done = (keep.sum(1) >= k) | (wide == cap)
             first = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
             kept = np.take_along_axis(keep[done], first, 1)
             ids[todo[done]] = np.where(kept, np.take_along_axis(i[done], first, 1), -1)
             dist[todo[done]] = np.where(kept, np.take_along_axis(d[done], first, 1), np.inf)
             todo = todo[~done]
-            wide = min(self.db.num_chunks, wide * 4)
+            wide = min(cap, wide * 4)
         return ids, dist
 
     def search_chunks(self, chunk_ids: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
