@@ -104,3 +104,13 @@ def test_without_network_or_corpus_the_error_says_what_to_pass(offline, monkeypa
         dc.default_corpus()
     assert "--corpus DIR" in str(err.value) and f"{dc.ENV}=" in str(err.value)
     assert "network unreachable" in str(err.value)
+
+
+def test_the_retrieval_benchmark_takes_its_corpus_from_disk(offline, monkeypatch):
+    from benchmarks import retrieval
+
+    folder = offline / "sources"
+    folder.mkdir()
+    assert retrieval.corpus_root(str(folder))[0] == str(folder)  # --corpus DIR
+    monkeypatch.setenv(dc.ENV, str(folder))
+    assert retrieval.corpus_root(None)[0] == str(folder)
