@@ -114,3 +114,26 @@ def test_the_retrieval_benchmark_takes_its_corpus_from_disk(offline, monkeypatch
     assert retrieval.corpus_root(str(folder))[0] == str(folder)  # --corpus DIR
     monkeypatch.setenv(dc.ENV, str(folder))
     assert retrieval.corpus_root(None)[0] == str(folder)
+
+
+def test_sourcing_gpu_carry_use_exports_the_carried_corpus_and_nothing_without_a_carry(tmp_path):
+    """scripts/gpu_carry_use.sh, sourced under `set -u`: with a carry, RETRO_DEFAULT_CORPUS names its
+    archive and the wheel folder joins PYTHONPATH; without one, nothing changes; no helper variable stays."""
+    import os
+    import sys
+
+    from retrieval_helpers import ROOT
+
+    carry, site = tmp_path / "carry", tmp_path / "site"
+    (carry / "corpus").mkdir(parents=True)
+    archive = write_tar_xz(carry / "corpus" / "c-models.tar.xz")
+    env = {k: v for k, v in os.environ.items() if k not in ("RETRO_DEFAULT_CORPUS", "PYTHONPATH")}
+
+    def sourced(**extra) -> str:
+        script = ('set -u; source scripts/gpu_carry_use.sh >/dev/null; '
+                  'echo "${RETRO_DEFAULT_CORPUS:-none}|${PYTHONPATH:-none}|$(set | grep -c "^_rc_")"')
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, check=True,
+                              env={**env, "PYTHON": sys.executable, **extra}).stdout.strip()
+
+    assert sourced(GPU_CARRY=str(carry), RETRO_CARRY_SITE=str(site)) == f"{archive}|{site}|0"
+    assert sourced(GPU_CARRY=str(tmp_path / "none")) == "none|none|0"

