@@ -34,7 +34,8 @@ def one_gpu(monkeypatch):
     cloned = []
 
     def to_gpus(index, co=None):
-        cloned.append(co)
+        ivf = faiss.try_extract_index_ivf(index)
+        cloned.append((co, ivf.nprobe if ivf is not None else None))  # the options, the nprobe it takes
         return Searched(index)
 
     monkeypatch.setattr(ix, "faiss_gpus", lambda: 1)
@@ -58,7 +59,7 @@ def test_a_search_index_on_gpus_takes_the_cloner_options_and_caps_k(one_gpu):
     flat = faiss.IndexFlatL2(16)
     flat.add(rng.normal(size=(3000, 16)).astype(np.float32))
     index = ix.SearchIndex(ix.IndexSettings(kind="flat"), flat)
-    assert vars(one_gpu[0]) == ix.gpu_cloner_settings("flat", 16)
+    assert vars(one_gpu[0][0]) == ix.gpu_cloner_settings("flat", 16)
     assert index.max_k == ix.FAISS_GPU_MAX_K == 2048
     assert index.search(rng.normal(size=(2, 16)), 2048)[1].shape == (2, 2048)
     with pytest.raises(RetroError, match="k=2049.*2048"):
@@ -94,6 +95,7 @@ def test_nprobe_on_gpus_is_at_most_the_limit(one_gpu, monkeypatch):
     rng = np.random.default_rng(2)
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4)
     ivf.train(rng.normal(size=(400, 8)).astype(np.float32))
-    index = ix.SearchIndex(ix.IndexSettings(kind="ivf-flat", nlist=4), ivf)
+    index = ix.SearchIndex(ix.IndexSettings(kind="ivf-flat", nlist=4, nprobe=3000), ivf)  # tuned on a CPU
+    assert one_gpu[-1][1] == 2048  # the GPUs copy the CPU index with nprobe at most 2048
     index.set_nprobe(4096)
     assert set_on_gpu == [("nprobe", 2048)]

@@ -209,26 +209,26 @@ class SearchIndex:
             self.ntotal = self.impl.ntotal
             return
         self.faiss_index = faiss_index
-        if settings.nprobe:
+        on_gpus = faiss_gpus() and self.kind != "ivf-fastscan"  # faiss GPU indexes have no fast scan
+        if on_gpus:
+            self.max_k = FAISS_GPU_MAX_K
+        if settings.nprobe:  # before the copy to the GPUs, which takes it
             self.set_nprobe(settings.nprobe)
         if "k_factor" in settings.extra:
             self.set_refine_factor(int(settings.extra["k_factor"]))
-        self.impl = faiss_index
-        if faiss_gpus() and self.kind != "ivf-fastscan":  # faiss GPU indexes have no fast scan
-            self.impl = to_all_gpus(faiss_index, self.kind)
-            self.max_k = FAISS_GPU_MAX_K
-            if settings.nprobe:
-                self.set_nprobe(settings.nprobe)
+        self.impl = to_all_gpus(faiss_index, self.kind) if on_gpus else faiss_index
         self.ntotal = faiss_index.ntotal
 
     def set_nprobe(self, nprobe: int) -> None:
-        """nprobe lists probed per query (on GPUs at most FAISS_GPU_MAX_K, the most faiss probes there)."""
+        """nprobe lists probed per query; on GPUs at most max_k (the most faiss probes there), on
+        the CPU index too, which the GPUs copy."""
         import faiss
 
         if self.kind in IVF_KINDS:
+            nprobe = min(nprobe, self.max_k or nprobe)
             faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
             if getattr(self, "impl", None) is not None and self.impl is not self.faiss_index:
-                faiss.GpuParameterSpace().set_index_parameter(self.impl, "nprobe", min(nprobe, FAISS_GPU_MAX_K))
+                faiss.GpuParameterSpace().set_index_parameter(self.impl, "nprobe", nprobe)
 
     def refine_factor(self) -> int:
         """ivf-fastscan: how many candidates per result are re-ranked by exact distance."""
