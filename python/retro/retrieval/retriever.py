@@ -104,8 +104,6 @@ class Retriever:
         With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
         database, e.g. to measure how the gain grows with the database)."""
         check_k(k, self.db.num_chunks)
-        cap = min(self.db.num_chunks, getattr(self.index, "max_k", None) or self.db.num_chunks)
-        check_max_k(k, cap if cap < self.db.num_chunks else None)
         emb = np.asarray(emb, dtype=np.float32)
         if allowed_chunks is not None:
             if exclude_doc_ids is not None:
@@ -121,10 +119,13 @@ class Retriever:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
         exclude = check_exclude(exclude_doc_ids, len(emb))
+        max_k = getattr(self.index, "max_k", None)  # faiss on GPUs: no search wider than that
+        check_max_k(k, max_k)
+        cap = min(self.db.num_chunks, max_k or self.db.num_chunks)
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
         todo = np.arange(len(emb))
-        wide = min(cap, 2 * k + 8)  # at most the index's max_k (faiss on GPUs: what is still missing is masked)
+        wide = min(cap, 2 * k + 8)  # at most cap: what is still missing then is masked
         while len(todo):  # only the queries still short of k go round again, each time 4x wider
             d, i = self.index.search(emb[todo], wide)
             keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
