@@ -16,7 +16,7 @@ import torch
 
 from . import distributed as dist
 from . import fsdp
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, load_state_dict, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
 from .compile_training import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import Sampler, TrainSequences
@@ -200,7 +200,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
         ck = fsdp.read_sharded_meta(fsdp.latest_step_dir(run)) if opts.fsdp else load_checkpoint(run)
         check_run_database(ck["state"], db, run)
         check_resume_options(opts, ck["state"].get("options", {}), run)
-        cfg = RetroConfig.from_dict(ck["config"]["model"])
+        cfg = RetroConfig.from_dict(ck["config"].get("model"))
     else:
         if (run / "checkpoint").exists() or fsdp.complete_steps(run):
             raise RetroError(f"{str(run)!r} already holds a run; pass --resume to continue it or choose another --out")
@@ -230,7 +230,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
             fsdp.load_sharded(ck["dir"], model, optimizer)
             rngs = ck["rng"]
         else:
-            model.load_state_dict(ck["weights"], strict=model_factory is None)
+            load_state_dict(model, ck["weights"], ck["dir"] / "model.safetensors", strict=model_factory is None)
             optimizer.load_state_dict(ck["optimizer"]["optimizer"])
             rngs = ck["optimizer"]["rng"]
         set_fused(optimizer, fused)  # this run's choice, not the saved one
@@ -317,11 +317,11 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
     (pretrained.model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
-    from .checkpoint import checkpoint_dir
+    from .checkpoint import checkpoint_dir, read_json_file
     from .pretrained import model_from_folder
 
     folder = checkpoint_dir(Path(run))
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json_file(folder / "state.json")
     if db is not None:
         check_run_database(state, db, run)
     return model_from_folder(folder, device=device, backend=backend), state

@@ -458,7 +458,9 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
     if state is None:
         raise RetroError("build preparation failed on rank 0")
     if state.get("complete"):
-        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        if dist.is_main():
+            _repair_index(opts, log)
+        dist.barrier()
         return out
     if (out / "manifest.json").exists():  # killed after the manifest: only the clean-up was left
         if dist.is_main():
@@ -514,6 +516,44 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
             f"{catalogue['report']['non_utf8_bytes_replaced']} non-UTF-8 bytes replaced; {catalogue['describe']}")
     dist.barrier()
     return out
+
+
+def _index_damage(out: Path, manifest: dict) -> str | None:
+    """What is wrong with a finished database's faiss index (index.faiss, or the shards' files):
+    missing, unreadable or of the wrong size; None if nothing is (or it has no faiss index)."""
+    from .index import read_faiss_index
+    from .sharded import shard_path
+
+    info = manifest["index"]
+    shards = info.get("extra", {}).get("shards")
+    if is_bm25(manifest["embedder"]["name"]) or info["kind"] == "torch":
+        return None
+    files = [shard_path(out, s) for s in range(shards)] if shards else [out / "index.faiss"]
+    try:
+        vectors = sum(read_faiss_index(f).ntotal for f in files)
+    except RetroError as exc:
+        return str(exc)
+    chunks = manifest["counts"]["chunks"]
+    return None if vectors == chunks else f"the index holds {vectors} vectors, the database {chunks} chunks"
+
+
+def _repair_index(opts: BuildOptions, log) -> None:
+    """--resume of a finished database: its faiss index rebuilt from embeddings.npy if it is
+    missing or damaged (the index stage again, its settings into the manifest); else nothing to do."""
+    out = Path(opts.out)
+    manifest = read_json(out / "manifest.json")
+    damage = _index_damage(out, manifest)
+    if damage is None:
+        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        return
+    if not (out / "embeddings.npy").exists():
+        raise RetroError(f"{damage}, and {str(out / 'embeddings.npy')!r}, which it is built from, is missing; "
+                         "build the database again with --overwrite")
+    log(f"[build-db] {damage}: rebuilding the index")
+    state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
+    manifest["index"] = _index_stage(opts, state, log, None)
+    write_json(out / "manifest.json", manifest)
+    _clean_up(out)
 
 
 def _clean_up(out: Path) -> None:
