@@ -361,15 +361,12 @@ def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: O
     dist.barrier()
 
 
-def _embed_stage(opts: BuildOptions, tokenizer, on_block: OnBlock | None) -> dict:
-    from .embedder import make_embedder
-
+def _embed_stage(opts: BuildOptions, tokenizer, embedder, on_block: OnBlock | None) -> dict:
     out = Path(opts.out)
     parts = out / "parts"
     tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size,
                                                          lambda b: parts / f"embeddings-{b:06d}.npy",
                                                          dist.rank(), dist.world_size())
-    embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
                     opts.progress)
     for b in todo:
@@ -454,6 +451,11 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
+    embedder = None  # loaded first: a name that is no embedder fails before any stage, leaving no folder
+    if not is_bm25(opts.embedder):
+        from .embedder import make_embedder
+
+        embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
     if state is None:
         raise RetroError("build preparation failed on rank 0")
@@ -487,7 +489,7 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
         progress = lambda total, desc: _progress(total, desc, opts.progress)  # noqa: E731
         embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, on_block, progress)
     else:
-        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, on_block)
+        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, embedder, on_block)
     if dist.is_main():
         _save_state(opts, state)
         if is_bm25(opts.embedder):
