@@ -6,7 +6,8 @@ traceback; numbers are range-checked before any work starts; so does a damaged f
 what to do). Ctrl-C (or SIGTERM) ends as one line `retro <command>: interrupted ...` saying how to
 continue (build-db and train: the same command with --resume), exit status 130 (143). Any other
 exception is a bug: its traceback is shown, with a line asking to report it, and the exit status is 1.
-RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError too (for debugging)."""
+RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError or an interrupt too (for
+debugging)."""
 from __future__ import annotations
 
 import argparse
@@ -289,6 +290,8 @@ def main(argv=None) -> int:
                     o.validate()
             spec.handler(*options)
     except KeyboardInterrupt as exc:
+        if os.environ.get("RETRO_TRACEBACK"):  # where it was when stopped (a command that hangs)
+            raise
         return _interrupted(prog, argv, spec, exc)
     except UsageError as exc:
         return _fail(exc.prog, exc.message)
