@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from retrieval_helpers import ROOT, quick_database, run_cli, write_corpus
+from retrieval_helpers import ROOT, quick_database, write_corpus
+from retro.cli import main
 from retro.retrieval import ChunkDatabase
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
@@ -91,5 +92,5 @@ def test_build_db_stops_on_ctrl_c_with_the_command_that_resumes_it(tmp_path):
     resume = [a for a in args if a != "--overwrite"] + ["--resume"]  # --overwrite would start again
     assert err == f"retro build-db: interrupted; continue with: retro {' '.join(resume)}\n", err
     assert (tmp_path / "db" / "build_state.json").exists()
-    run_cli(*resume)
+    assert main(resume) == 0
     assert ChunkDatabase(tmp_path / "db").num_chunks > 0
