@@ -44,28 +44,22 @@ def remove(path):
     path.unlink()
 
 
-# (name, damage, file, command, what the one line must say besides the file's name)
-CASES = [
-    ("truncated-weights-generate", truncate, CK + "model.safetensors", GENERATE, "is damaged"),
-    ("truncated-weights-evaluate", truncate, CK + "model.safetensors", EVALUATE, "is damaged"),
-    ("truncated-weights-resume", truncate, CK + "model.safetensors", RESUME, "is damaged"),
-    ("garbage-weights-generate", overwrite, CK + "model.safetensors", GENERATE, "is damaged"),
-    ("garbage-weights-resume", overwrite, CK + "model.safetensors", RESUME, "is damaged"),
-    ("truncated-optimizer-resume", truncate, CK + "optimizer.pt", RESUME, "is damaged"),
-    ("garbage-optimizer-resume", overwrite, CK + "optimizer.pt", RESUME, "is damaged"),
-    ("missing-optimizer-resume", remove, CK + "optimizer.pt", RESUME, "is missing"),
-    ("corrupt-config-generate", truncate, CK + "config.json", GENERATE, "is damaged"),
-    ("corrupt-config-resume", truncate, CK + "config.json", RESUME, "is damaged"),
-    ("corrupt-state-evaluate", truncate, CK + "state.json", EVALUATE, "is damaged"),
-    ("missing-state-generate", remove, CK + "state.json", GENERATE, "is missing"),
-    ("missing-state-resume", remove, CK + "state.json", RESUME, "is missing"),
-    ("truncated-index-query", truncate, "db/index.faiss", QUERY, "--resume"),
-    ("garbage-index-generate", overwrite, "db/index.faiss", GENERATE, "--resume"),
-    ("missing-index-query", remove, "db/index.faiss", QUERY, "--resume"),
+# (file, how it is damaged, the commands that read it, what the one line says besides its name)
+DAMAGES = [
+    (CK + "model.safetensors", (truncate, overwrite), (GENERATE, EVALUATE, RESUME), "is damaged"),
+    (CK + "optimizer.pt", (truncate, overwrite), (RESUME,), "is damaged"),
+    (CK + "optimizer.pt", (remove,), (RESUME,), "is missing"),
+    (CK + "config.json", (truncate,), (GENERATE, RESUME), "is damaged"),
+    (CK + "state.json", (truncate,), (EVALUATE, RESUME), "is damaged"),
+    (CK + "state.json", (remove,), (GENERATE, RESUME), "is missing"),
+    ("db/index.faiss", (truncate, overwrite, remove), (QUERY, GENERATE), "--resume"),
 ]
+CASES = [(damage, name, argv, says) for name, damages, commands, says in DAMAGES for damage in damages
+         for argv in commands]
 
 
-@pytest.mark.parametrize("damage,name,argv,says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("damage,name,argv,says", CASES,
+                         ids=[f"{d.__name__}-{n.split('/')[-1]}-{a[0]}" for d, n, a, _ in CASES])
 def test_a_damaged_file_is_one_line_naming_it(built, tmp_path, monkeypatch, capsys, damage, name, argv, says):
     import retro.retrieval.embedder
 
