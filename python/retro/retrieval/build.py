@@ -522,7 +522,8 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
 
 def _index_damage(out: Path, manifest: dict) -> str | None:
     """What is wrong with a finished database's faiss index (index.faiss, or the shards' files):
-    missing, unreadable or of the wrong size; None if nothing is (or it has no faiss index)."""
+    missing, unreadable or of the wrong size, as "...; rebuilding it"; None if nothing is (or it has
+    no faiss index)."""
     from .index import read_faiss_index
     from .sharded import shard_path
 
@@ -532,11 +533,11 @@ def _index_damage(out: Path, manifest: dict) -> str | None:
         return None
     files = [shard_path(out, s) for s in range(shards)] if shards else [out / "index.faiss"]
     try:
-        vectors = sum(read_faiss_index(f).ntotal for f in files)
+        vectors = sum(read_faiss_index(f, "rebuilding it").ntotal for f in files)
     except RetroError as exc:
         return str(exc)
     chunks = manifest["counts"]["chunks"]
-    return None if vectors == chunks else f"the index holds {vectors} vectors, the database {chunks} chunks"
+    return None if vectors == chunks else f"the index holds {vectors} vectors, the database {chunks}; rebuilding it"
 
 
 def _repair_index(opts: BuildOptions, log) -> None:
@@ -549,9 +550,9 @@ def _repair_index(opts: BuildOptions, log) -> None:
         log(f"[build-db] {str(out)!r} is complete: nothing to resume")
         return
     if not (out / "embeddings.npy").exists():
-        raise RetroError(f"{damage}, and {str(out / 'embeddings.npy')!r}, which it is built from, is missing; "
-                         "build the database again with --overwrite")
-    log(f"[build-db] {damage}: rebuilding the index")
+        raise RetroError(f"the index of {str(out)!r} is damaged and embeddings.npy, which it is built from, is "
+                         "missing: build the database again with --overwrite")
+    log(f"[build-db] {damage}")
     state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
     manifest["index"] = _index_stage(opts, state, log, None)
     write_json(out / "manifest.json", manifest)

@@ -56,17 +56,17 @@ def choose_kind(n: int) -> str:
 INDEX_REMEDY = "run the database's build-db command again with --resume (and its options): it rebuilds the index"
 
 
-def read_faiss_index(path):
+def read_faiss_index(path, remedy: str = INDEX_REMEDY):
     """faiss.read_index(path); a missing or damaged file (cut short, overwritten) is a RetroError
-    naming it and saying how to rebuild it."""
+    naming it, then `remedy` (by default: how to rebuild it)."""
     import faiss
 
     if not Path(path).is_file():
-        raise RetroError(f"{str(path)!r} is missing; {INDEX_REMEDY}")
+        raise RetroError(f"{str(path)!r} is missing; {remedy}")
     try:
         return faiss.read_index(str(path))
     except RuntimeError:  # faiss's message names its C++ function; what matters is which file
-        raise damaged_file(path, "faiss cannot read it: cut short or overwritten", INDEX_REMEDY) from None
+        raise damaged_file(path, "faiss cannot read it: cut short or overwritten", remedy) from None
 
 
 def faiss_gpus() -> int:
