@@ -94,3 +94,31 @@ def test_build_db_stops_on_ctrl_c_with_the_command_that_resumes_it(tmp_path):
     assert (tmp_path / "db" / "build_state.json").exists()
     assert main(resume) == 0
     assert ChunkDatabase(tmp_path / "db").num_chunks > 0
+
+
+def test_other_commands_stop_with_one_line(monkeypatch, capsys):
+    """The demo (whose stages resume when it is run again) names itself as the way on; a command
+    that keeps nothing (query) just says it was interrupted; SIGTERM is a stop like Ctrl-C."""
+    import time
+
+    import retro.demo
+    import retro.retrieval
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+        pytest.fail("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(retro.demo, "run_demo", ctrl_c)
+    assert main(["demo", "--steps", "5"]) == 130
+    assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --steps 5\n"
+    monkeypatch.setattr(retro.demo, "run_demo", sigterm)
+    assert main(["demo", "--out", "my demo"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --out 'my demo'\n"
+    monkeypatch.setattr(retro.retrieval.Retriever, "load", ctrl_c)
+    assert main(["query", "db", "some text"]) == 130
+    assert capsys.readouterr().err == "retro query: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default back

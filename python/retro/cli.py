@@ -1,11 +1,11 @@
 """The command line: `retro <command>` (or `python -m retro <command>`). Every command's flags
 come from its options dataclasses (commands(); options.add_options): each default and help text is
-written once. A user mistake (a bad flag, a value out of range, a missing file: argparse's errors
-and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit status 2, never a
-traceback; numbers are range-checked before any work starts; so does a damaged file (named, with
-what to do). Ctrl-C (or SIGTERM) ends as one line `retro <command>: interrupted ...` saying how to
-continue (build-db and train: the same command with --resume), exit status 130 (143). Any other
-exception is a bug: its traceback is shown, with a line asking to report it, and the exit status is 1.
+written once. A user mistake (a bad flag, a value out of range, a missing or damaged file:
+argparse's errors and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit
+status 2, never a traceback; numbers are range-checked before any work starts. Ctrl-C (or SIGTERM)
+ends as one line `retro <command>: interrupted ...` saying how to continue (build-db and train: the
+same command with --resume; demo: the same command), exit status 130 (143). Any other exception is
+a bug: its traceback is shown, with a line asking to report it, and the exit status is 1.
 RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError or an interrupt too (for
 debugging)."""
 from __future__ import annotations
@@ -176,7 +176,7 @@ def _cmd_dedup(o: DedupOptions) -> None:
 class Command:
     """A subcommand: its help line, the options dataclasses its flags come from (the handler
     receives one instance of each, in this order) and the handler; `resumable`: interrupted at any
-    point, it continues with --resume."""
+    point, it continues where it stopped (with --resume if it has that flag, else run again)."""
     help: str
     options: tuple
     handler: object
@@ -207,7 +207,7 @@ def commands() -> dict[str, Command]:
         "dedup-against": Command("find (and remove) training documents that leak evaluation ones",
                                  (DedupOptions,), _cmd_dedup),
         "demo": Command("the whole pipeline on an embedded corpus: RETRO against a baseline", (DemoOptions,),
-                        _cmd_demo),
+                        _cmd_demo, resumable=True),
     }
 
 
@@ -239,8 +239,11 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line `argv` as `retro ... --resume` (without --overwrite, which would start again)."""
+def resume_command(argv: list[str], flag: bool = True) -> str:
+    """The command line `argv` that continues it: with --resume if the command has that flag (and
+    without --overwrite, which would start again), else as it was (it resumes by itself)."""
+    if not flag:
+        return "retro " + shlex.join(argv)
     words = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
     return "retro " + shlex.join([*words, "--resume"])
 
@@ -251,7 +254,8 @@ def _interrupted(prog: str, argv: list[str], command: Command | None, exc: Keybo
     done = getattr(exc, "done", "")
     text = f"{prog}: interrupted" + (f" {done}" if done else "")
     if command is not None and (done or command.resumable):
-        text += f"; continue with: {resume_command(argv)}"
+        flag = any(f.name == "resume" for cls in command.options for f in dataclasses.fields(cls))
+        text += f"; continue with: {resume_command(argv, flag)}"
     print(text, file=sys.stderr)
     return getattr(exc, "status", 130)
 
