@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import RetroError
+from ..errors import RetroError, damaged_file
 
 KINDS = ("auto", "flat", "ivf-flat", "ivf-fastscan", "ivf-pq", "torch")
 IVF_KINDS = ("ivf-flat", "ivf-fastscan", "ivf-pq")
@@ -61,6 +62,23 @@ def choose_kind(n: int) -> str:
     if n < 5_000_000:
         return "ivf-fastscan"
     return "ivf-pq"
+
+
+# what to do about a missing or damaged index file of a finished database
+INDEX_REMEDY = "run the database's build-db command again with --resume (and its options): it rebuilds the index"
+
+
+def read_faiss_index(path, remedy: str = INDEX_REMEDY):
+    """faiss.read_index(path); a missing or damaged file (cut short, overwritten) is a RetroError
+    naming it, then `remedy` (by default: how to rebuild it)."""
+    import faiss
+
+    if not Path(path).is_file():
+        raise RetroError(f"{str(path)!r} is missing; {remedy}")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:  # faiss's message names its C++ function; what matters is which file
+        raise damaged_file(path, "faiss cannot read it: cut short or overwritten", remedy) from None
 
 
 def faiss_gpus() -> int:

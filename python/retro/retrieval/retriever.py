@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RetroError
+from ..errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
-from .index import IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available, warn_without_faiss
+from .index import (INDEX_REMEDY, IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available,
+                    read_faiss_index, warn_without_faiss)
 
 
 @dataclass
@@ -58,15 +59,11 @@ class Retriever:
             settings = IndexSettings(kind="torch", recall=1.0)
             search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
         else:
-            import faiss
-
             faiss_path = Path(path) / "index.faiss"
-            if not faiss_path.exists():
-                raise RetroError(f"{str(path)!r}: index.faiss is missing")
-            search_index = SearchIndex(settings, faiss.read_index(str(faiss_path)))
+            search_index = SearchIndex(settings, read_faiss_index(faiss_path))
             if search_index.ntotal != db.num_chunks:
-                raise RetroError(f"{str(path)!r}: the index holds {search_index.ntotal} vectors but the database "
-                                 f"{db.num_chunks} chunks; the database is damaged")
+                raise damaged_file(faiss_path, f"it holds {search_index.ntotal} vectors, the database "
+                                   f"{db.num_chunks} chunks", INDEX_REMEDY)
         return cls(db, search_index, built_with, device)
 
     @property
