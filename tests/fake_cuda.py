@@ -33,6 +33,10 @@ def _reached(*args, **kwargs):
 torch.cuda.is_available = lambda: True
 torch.cuda.device_count = lambda: 1
 torch.cuda._lazy_init = _reached  # called by every CUDA tensor creation and transfer
+# bookkeeping a GPU machine does for CPU work too (torch.compile saves and restores the CUDA RNG
+# state around tracing whenever CUDA is available): harmless, so faked rather than "reached"
+torch.cuda.get_rng_state = lambda device="cuda": torch.zeros(16, dtype=torch.uint8)
+torch.cuda.set_rng_state = lambda new_state, device="cuda": None
 
 # CUDA paths a CPU-only torch refuses without going through _lazy_init
 _CUDA_MESSAGES = ("without ATen_cuda", "accelerator device when none is available", "not compiled with CUDA",

@@ -24,7 +24,7 @@ def cca(backend, m, mask):
     return lambda q, k, v: chunked_cross_attention(q, k, v, chunk_size=m, neighbour_mask=mask, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mask", [None, "random"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference_on_gpu(case, mask, dtype):
@@ -50,12 +50,13 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     assert calls == ["triton"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 # rows of head_dim 30 (every dtype) and 100 (16-bit dtypes) are not whole 16-byte vectors: they take
 # the kernel's element-by-element (scalar) loads; the others its vector loads
 @pytest.mark.parametrize("shape", [(3, 2, 32, 2, 7), (64, 16, 64, 2, 128), (8, 32, 128, 2, 128),
-                                   (2, 4, 80, 4, 33), (1, 2, 256, 10, 128), (2, 3, 30, 2, 9), (5, 2, 100, 3, 40)])
-@pytest.mark.parametrize("mask", [False, True])
+                                   (2, 4, 80, 4, 33), (1, 2, 256, 10, 128), (2, 3, 30, 2, 9), (5, 2, 100, 3, 40)],
+                         ids=lambda s: "B{}-H{}-D{}-K{}-R{}".format(*s))
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
 def test_cuda_decode_matches_reference(shape, dtype, mask):
     B, H, D, K, R = shape
     q, k, v, m = random_decode_step(B, H, D, K, R, device="cuda", mask=mask)
@@ -63,8 +64,9 @@ def test_cuda_decode_matches_reference(shape, dtype, mask):
     torch.testing.assert_close(chunked_cross_attention_decode(*(x.to(dtype) for x in (q, k, v)), m), got)  # auto
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 128, 14, 64, 64), (1, 3, 3, 100, 2, 128, 40)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 128, 14, 64, 64), (1, 3, 3, 100, 2, 128, 40)],
+                         ids=lambda s: "B{}-L{}-K{}-R{}-H{}-D{}-C{}".format(*s))
 def test_neighbour_attention_triton_on_gpu(shape, dtype):
     from retro_kernels import neighbour_cross_attention, neighbour_self_attention
 
