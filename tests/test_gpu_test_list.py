@@ -95,3 +95,22 @@ def test_fake_cuda_fails_a_triton_op_on_cpu_tensors(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_catches.py"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert plain.returncode == 0 and "3 passed" in plain.stdout, plain.stdout[-3000:] + plain.stderr[-3000:]
+
+
+def test_gpu_env_shares_one_cache_folder(tmp_path):
+    """Sourcing benchmarks/gpu_env.sh puts Triton's, inductor's and the autotuner's caches in one
+    folder (created), and sets a RETRO_TRITON_AUTOTUNE the launchers accept (default: the shortlist)."""
+    pytest.importorskip("triton")
+    from retro_kernels.ops.block_attention.triton_launch import MODES
+
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "RETRO_TRITON_AUTOTUNE"}
+    proc = subprocess.run(["bash", "-c", f". {ROOT / 'benchmarks' / 'gpu_env.sh'} && env"], capture_output=True,
+                          text=True, env={**env, "GPU_CACHE_DIR": str(cache)}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert got["TRITON_CACHE_DIR"] == str(cache / "triton")
+    assert got["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert (cache / "triton").is_dir() and (cache / "inductor").is_dir()
+    assert got["TRITON_CACHE_AUTOTUNING"] == got["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    assert MODES[got["RETRO_TRITON_AUTOTUNE"]] == "shortlist"
