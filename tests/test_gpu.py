@@ -1,7 +1,8 @@
 """GPU checks (marker `gpu`; skipped without CUDA): every backend against the float64 reference
 with the error-ratio rule in bfloat16 and float16, the Triton backward against autograd through
-the reference, the CUDA decode kernel, and `train --compile` (inductor, bf16 autocast, fused AdamW)
-against eager training. Run by benchmarks/gpu_check.sh on the device."""
+the reference, the CUDA decode kernel, `train --compile` (inductor, bf16 autocast, fused AdamW)
+against eager training, CUDA-graph decoding against eager, FSDP2 on one GPU. Run by
+benchmarks/gpu_check.sh on the device (benchmarks/gpu_tests.txt: the cases its first call runs)."""
 import pytest
 import torch
 
@@ -159,3 +160,49 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
     err_eager, err_graphs = (eager - exact).abs().max(), (graphs - exact).abs().max()
     assert err_graphs <= 2 * err_eager + floor, (err_graphs, err_eager, floor)
     assert torch.equal(again, graphs)
+
+
+def test_sharded_model_on_one_gpu_matches_unsharded():
+    """FSDP2 on the GPU (tests/test_fsdp.py runs it in CPU processes): fsdp.shard_model on one CUDA
+    device (NCCL, one rank; the path of `retro train --fsdp` on a GPU). In float32 the loss and
+    every gradient are the unsharded model's on the same GPU; with bf16 the gathered weights
+    compute in bfloat16 and the reduced gradients come back float32, within bfloat16's error of the
+    float32 ones. The reference backend keeps Triton compiles out."""
+    import copy
+
+    from retrieval_helpers import free_port
+    from retro import fsdp
+    from retro.model import RetroModel, preset
+    from test_fsdp import SMALL
+
+    cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16, "backend": "reference"})
+    plain = RetroModel(cfg).cuda()
+    sharded, sharded_bf16 = copy.deepcopy(plain), copy.deepcopy(plain)
+    tokens = torch.randint(0, 50, (2, 16), device="cuda")
+    neighbours = torch.randint(0, 50, (2, 4, 2, 8), device="cuda")
+    mask = torch.rand(2, 4, 2, 8, device="cuda") > 0.2
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        fsdp.shard_model(sharded, torch.device("cuda"), bf16=False)
+        fsdp.shard_model(sharded_bf16, torch.device("cuda"), bf16=True)
+        losses = []
+        for model in (plain, sharded, sharded_bf16):
+            model.train()
+            loss = model(tokens, neighbours, mask).float().square().mean()
+            loss.backward()
+            losses.append(loss.item())
+        torch.cuda.synchronize()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[0], rel=5e-2) and losses[2] != losses[0]  # bfloat16 arithmetic
+    for name, p in plain.named_parameters():
+        for model in (sharded, sharded_bf16):
+            g = dict(model.named_parameters())[name].grad
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g
+            assert g.dtype == torch.float32, (name, g.dtype)
+            if model is sharded:
+                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            else:  # bfloat16 has 8 bits of mantissa: a few percent of the gradient's norm
+                assert (g - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
