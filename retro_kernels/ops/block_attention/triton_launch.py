@@ -131,7 +131,9 @@ def shortlist(dtype: torch.dtype, block_m: int, block_d: int, backward: bool) ->
       1-2 stages;
     - float32 (FMA dots, unrolled: ptxas takes 10-70 s a configuration) gets two: the forward 4 and
       8 warps at 64 keys, the backward the 16-bit backward's first two.
-    Those that do not fit shared memory are dropped by candidate_configs."""
+    Those that do not fit shared memory are dropped by candidate_configs. Compiled for sm_90 by
+    Triton 3.6, the bfloat16 shortlists at chunks of 64 (head_dim 64 and 128, forward and backward)
+    use 136-203 registers and 45-208 KiB of shared memory, with no spills."""
     if backward:
         picks = [(64, 4, 2), (32, 4, 1), (64, 8, 2)] if block_d <= 64 else [(32, 4, 1), (64, 8, 1), (32, 8, 2)]
         picks = picks[:2] if dtype == torch.float32 else picks
