@@ -168,10 +168,10 @@ def missing_figures(rows: list[dict], profile: str) -> list[tuple]:
 
 @functools.cache
 def _context(device: str) -> dict:
-    """The keys every row of this process shares."""
+    """The keys every row of this process on `device` shares (but the commit)."""
     import torch
 
-    from benchmarks.harness import code_version, machine_name
+    from benchmarks.harness import machine_name
 
     try:
         import triton
@@ -179,8 +179,20 @@ def _context(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return {"machine": machine_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": os.environ.get(COMMIT_ENV) or code_version()}
+    return {"machine": machine_name(device), "torch": torch.__version__, "triton": triton_version}
+
+
+@functools.cache
+def _code_version() -> str:
+    from benchmarks.harness import code_version
+
+    return code_version()
+
+
+def commit() -> str:
+    """$RETRO_COMMIT (gpu_check.sh's header passes it: the GPU machine's copy may have no .git), else
+    the checkout's commit (harness.code_version)."""
+    return os.environ.get(COMMIT_ENV) or _code_version()
 
 
 def emit(profile: str, device: str, **row) -> dict:
@@ -188,7 +200,7 @@ def emit(profile: str, device: str, **row) -> dict:
     $RETRO_GPU_ROWS at once when it is set."""
     from benchmarks.harness import append_row
 
-    full = validate_row({**_context(device), "profile": profile, **row})
+    full = validate_row({**_context(device), "commit": commit(), "profile": profile, **row})
     path = os.environ.get(ROWS_ENV)
     if path:
         append_row(Path(path), full)
