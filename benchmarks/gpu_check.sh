@@ -18,28 +18,35 @@
 #
 # Sections, in order; each is time-boxed (timeout) to min(its box, time left - 15 s for packing):
 #   section   box   expected on an H100 (source)
-#   build     120   47-66 s (benchmarks/results/gpu_check-*.log, MAX_JOBS=16)       stops on failure
-#   cca       100   ~60 s (estimated from the 2026-11-26 runs: the whole cca_gpu, more impls, took
-#                   under 100 s; here 2 shapes x 9 rows: layer forward and forward+backward, ours /
-#                   SDPA / FlexAttention, bare forward; FlexAttention compiles ~4 times per shape)
-#   decode    110   ~90 s (estimated: 4 eager rows in seconds, then 2 batch sizes x 2 compiled halves
-#                   of the 172M step, inductor reduce-overhead; compiled rows come last)
-#   training  100   ~70 s (estimated: 172M eager, then --compile: one fullgraph inductor compile of
-#                   forward+backward; 10 timed steps of 8 x 2048 tokens)
+#   build     100   47-66 s (benchmarks/results/gpu_check-*.log, MAX_JOBS=16)       stops on failure
+#   cca        90   ~60 s (estimated: on 2026-11-26 the whole cca_gpu, with its decode rows and more
+#                   impls, plus neighbour_attention took 123 s, autotuned; here 2 shapes x 9 rows:
+#                   layer forward and forward+backward and bare forward, ours / SDPA / FlexAttention;
+#                   FlexAttention compiles ~4 times per shape)
+#   decode    130   ~100 s (estimated: 4 eager rows, ~5 s each with the encoder's first autotune,
+#                   then 2 batch sizes x 2 compiled halves of the 172M step, inductor reduce-overhead,
+#                   ~30-40 s per batch size; the compiled rows come last: the riskiest box)
+#   training  120   ~80 s (estimated: 172M eager, then --compile: one fullgraph inductor compile of
+#                   forward+backward, ~60 s; 1 + 2 + 10 steps of 8 x 2048 tokens, 145 ms each in
+#                   results/model_gpu-nvidia-h100-80gb-hbm3.md)
 #   tests     what is left, at most 150: benchmarks/gpu_tests.txt (most valuable first; 60 GPU tests
-#                   took 87 s on 2026-11-26) else tests/test_gpu.py
+#                   took 87 s on 2026-11-26 with one Triton configuration, RETRO_TRITON_AUTOTUNE=0, as
+#                   here) else tests/test_gpu.py
 #   fsdp      60    optional: 172M sharded by fully_shard in a world of one (estimated ~30 s)
 #   demo      what is left: optional, `retro demo --device cuda` (needs the carried MiniLM)
-# Worst case the four figure sections take 430 s and the tests get the rest; typically (~290 s)
-# the tests and fsdp run whole and the demo gets ~1-2 min.
+# Worst case the four figure sections take 440 s and the tests get the last ~20 s; expected (~310 s)
+# the tests get their ~150 s and fsdp and the demo what is left, if anything.
 #
 # Rehearsal on the CPU (CI: .ci/run), the same script and sections with tiny shapes in < 3 min:
 #   GPU_CHECK_REHEARSAL=1 bash benchmarks/gpu_check.sh      # -> $OUT/gpu_check-rehearsal.tar.gz
 # there the build is only checked (the extension must be built), compiled rows use torch.compile's
-# "eager" backend (dynamo's fullgraph trace without code generation; no CUDA graphs), FlexAttention runs uncompiled (no backward on the CPU: that
-# row records the error), the tests are only collected, and the demo runs a few steps with BM25.
+# "eager" backend (dynamo's fullgraph trace without code generation; no CUDA graphs), FlexAttention
+# runs uncompiled (no backward on the CPU: that row records the error), the tests are only
+# collected (every listed id must exist), and the demo runs a few steps with BM25 if time is left.
 # Knobs: OUT (default benchmarks/results/gpu-run), CHECK_BUDGET_S, GPU_SECTIONS (a subset, in this
-# order), the boxes BUILD_S CCA_S DECODE_S TRAIN_S TESTS_S FSDP_S, PYTHON, DEMO_STEPS, DEMO_ARGS.
+# order), the boxes BUILD_S CCA_S DECODE_S TRAIN_S TESTS_S FSDP_S, PYTHON, DEMO_STEPS, DEMO_ARGS,
+# TESTS_AUTOTUNE. The figure sections autotune (benchmarks/gpu_env.sh, sourced where it exists, may
+# shortlist the configurations and share the compile caches).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -125,8 +132,8 @@ torch.version.cuda); import triton; print('triton', triton.__version__)"
 
 if has build; then
   if [ "$PROFILE" = gpu ]; then
-    section build "${BUILD_S:-120}" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
-      RETRO_KERNELS_REQUIRE_CUDA=1 "$PY" setup.py -q build_ext --inplace
+    section build "${BUILD_S:-100}" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
+      MAX_JOBS="${MAX_JOBS:-16}" RETRO_KERNELS_REQUIRE_CUDA=1 "$PY" setup.py -q build_ext --inplace
   else  # the rehearsal checks that the CPU build made the extension (cca's rows say which backend ran)
     section build "${BUILD_S:-10}" bash -c 'ls retro_kernels/_C*.so'
   fi || { echo "BUILD FAILED: stopping (nothing after it would measure the fused kernels)"; STATUS=1; exit 1; }
@@ -135,7 +142,9 @@ if has build; then
   fi
 fi
 # the figures: each benchmark appends its rows to $RETRO_GPU_ROWS as it measures them
-if [ "$PROFILE" = gpu ]; then boxes=(100 110 100); else boxes=(35 45 40); fi
+# the rehearsal's boxes: its figure sections need ~35 s of CPU time in all, but 2 cores shared by a
+# dozen processes stretch that 3-4x; they get most of its 170 s, the collection of the tests the rest
+if [ "$PROFILE" = gpu ]; then boxes=(90 130 120); else boxes=(40 60 50); fi
 has cca && { section cca "${CCA_S:-${boxes[0]}}" "$PY" -m benchmarks.cca_gpu --profile "$PROFILE" || STATUS=1; }
 has decode && { section decode "${DECODE_S:-${boxes[1]}}" "$PY" -m benchmarks.decode --profile "$PROFILE" || STATUS=1; }
 has training && { section training "${TRAIN_S:-${boxes[2]}}" "$PY" -m benchmarks.training --profile "$PROFILE" \
@@ -149,7 +158,9 @@ if has tests; then
   [ -f benchmarks/gpu_tests.txt ] && list=$(grep -v '^\s*#' benchmarks/gpu_tests.txt | sed 's/#.*//' | xargs)
   if [ "$PROFILE" = gpu ]; then
     # shellcheck disable=SC2086
-    section tests "${TESTS_S:-150}" "$PY" -m pytest -v -p no:cacheprovider --durations=10 $list || STATUS=1
+    # one Triton configuration per kernel (RETRO_TRITON_AUTOTUNE=0): the tests check results, not speed
+    section tests "${TESTS_S:-150}" env RETRO_TRITON_AUTOTUNE="${TESTS_AUTOTUNE:-0}" \
+      "$PY" -m pytest -v -p no:cacheprovider --durations=10 $list || STATUS=1
   else  # the rehearsal: every listed test must exist (a wrong id would waste the GPU's minutes)
     # shellcheck disable=SC2086
     section tests "${TESTS_S:-30}" "$PY" -m pytest -q -p no:cacheprovider --collect-only $list || STATUS=1

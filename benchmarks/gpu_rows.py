@@ -115,7 +115,7 @@ PROFILES = {
     # rows run dynamo's fullgraph trace without code generation (backend "eager": inductor's C++
     # code generation takes minutes on 2 cores), no CUDA graphs
     "rehearsal": Profile("rehearsal", "cpu", "float32", (("H2 D16", 2, 256, 2, 16, 2, 32, 16),),
-                         "tiny", (1, 2), 66, "tiny", 2, 2, 2, 1, "eager", None,
+                         "tiny", (1, 2), 66, "tiny", 2, 2, 2, 0, "eager", None,
                          # torch: "FlexAttention does not support backward on CPU"
                          (("cca", "forward+backward", "layer: FlexAttention"),)),
 }
