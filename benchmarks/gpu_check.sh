@@ -45,7 +45,7 @@
 # collected (every listed id must exist), and the demo runs a few steps with BM25 if time is left.
 # Knobs: OUT (default benchmarks/results/gpu-run), CHECK_BUDGET_S, GPU_SECTIONS (a subset, in this
 # order), the boxes BUILD_S CCA_S DECODE_S TRAIN_S TESTS_S FSDP_S, PYTHON, DEMO_STEPS, DEMO_ARGS,
-# TESTS_AUTOTUNE. The figure sections autotune (benchmarks/gpu_env.sh, sourced where it exists, may
+# TESTS_AUTOTUNE, GPU_TESTS_LIST (default benchmarks/gpu_tests.txt). The figure sections autotune (benchmarks/gpu_env.sh, sourced where it exists, may
 # shortlist the configurations and share the compile caches).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -154,16 +154,17 @@ has training && { section training "${TRAIN_S:-${boxes[2]}}" "$PY" -m benchmarks
 # shellcheck disable=SC1091
 [ -f scripts/gpu_carry_use.sh ] && . scripts/gpu_carry_use.sh
 if has tests; then
-  list=tests/test_gpu.py
-  [ -f benchmarks/gpu_tests.txt ] && list=$(grep -v '^\s*#' benchmarks/gpu_tests.txt | sed 's/#.*//' | xargs)
+  # the curated list (one pytest id or file a line, most valuable first, # comments), else test_gpu.py
+  ids=() list=${GPU_TESTS_LIST:-benchmarks/gpu_tests.txt}
+  [ -f "$list" ] && mapfile -t ids < <(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$list" \
+    | grep -v '^$')
+  [ "${#ids[@]}" -gt 0 ] || ids=(tests/test_gpu.py)
   if [ "$PROFILE" = gpu ]; then
-    # shellcheck disable=SC2086
     # one Triton configuration per kernel (RETRO_TRITON_AUTOTUNE=0): the tests check results, not speed
     section tests "${TESTS_S:-150}" env RETRO_TRITON_AUTOTUNE="${TESTS_AUTOTUNE:-0}" \
-      "$PY" -m pytest -v -p no:cacheprovider --durations=10 $list || STATUS=1
+      "$PY" -m pytest -v -p no:cacheprovider --durations=10 "${ids[@]}" || STATUS=1
   else  # the rehearsal: every listed test must exist (a wrong id would waste the GPU's minutes)
-    # shellcheck disable=SC2086
-    section tests "${TESTS_S:-30}" "$PY" -m pytest -q -p no:cacheprovider --collect-only $list || STATUS=1
+    section tests "${TESTS_S:-30}" "$PY" -m pytest -q -p no:cacheprovider --collect-only "${ids[@]}" || STATUS=1
   fi
 fi
 # optional, with the time left

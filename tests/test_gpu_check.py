@@ -119,13 +119,16 @@ case " $* " in
   *" benchmarks.cca_gpu "*)
     echo '{row}' >> "$RETRO_GPU_ROWS"; echo "cca: one row written"; exec sleep 600 ;;
   *" benchmarks.gpu_rows "*) exec {python} "$@" ;;
+  *" pytest "*) echo "pytest args: $*"; exit 0 ;;
 esac
 echo "fake python $*"
 """
 
 
-def run_check(tmp_path, sections: str, budget: int, box: int, stop_after_row: bool = False):
-    """Runs gpu_check.sh (rehearsal) with the fake python; returns (returncode, seconds, $OUT, its run)."""
+def run_check(tmp_path, sections: str, budget: int, box: int, stop_after_row: bool = False, **extra):
+    """Runs gpu_check.sh (rehearsal; `extra`: more environment) with the fake python; returns
+    (returncode, seconds, $OUT)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     fake = tmp_path / "python"
     row = json.dumps(good_row(profile="rehearsal", section="cca", mode="forward", variant="layer: ours",
                               config="H2 D16 n256 k2 r32 m16", batch=2, dtype="float32"))
@@ -134,7 +137,8 @@ def run_check(tmp_path, sections: str, budget: int, box: int, stop_after_row: bo
     out, work_tmp = tmp_path / "out", tmp_path / "tmp"
     work_tmp.mkdir()
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "TMPDIR": str(work_tmp), "GPU_CHECK_REHEARSAL": "1",
-           "CHECK_BUDGET_S": str(budget), "CCA_S": str(box), "GPU_SECTIONS": sections, "RETRO_COMMIT": "0123456789"}
+           "CHECK_BUDGET_S": str(budget), "CCA_S": str(box), "GPU_SECTIONS": sections, "RETRO_COMMIT": "0123456789",
+           **extra}
     t0 = time.monotonic()
     proc = subprocess.Popen(["bash", str(GPU_CHECK)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -175,6 +179,17 @@ def test_a_run_stopped_by_a_signal_packs_what_it_measured(tmp_path):
     assert "== interrupted" in log and "== decode" not in log, log
     rows = tarball_files(out / "gpu_check-rehearsal.tar.gz")["rows.jsonl"].splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["section"] == "cca"
+
+
+def test_the_tests_section_runs_the_curated_list_in_its_order(tmp_path):
+    listing = tmp_path / "gpu_tests.txt"
+    listing.write_text("# most valuable first\ntests/test_gpu.py::test_b[bf16]  # a comment\n\n  tests/test_a.py\n")
+    _, _, out = run_check(tmp_path, "tests", budget=60, box=30, GPU_TESTS_LIST=str(listing))
+    log = (out / "run.log").read_text()
+    assert "--collect-only tests/test_gpu.py::test_b[bf16] tests/test_a.py\n" in log, log
+    listing.write_text("# nothing listed\n")
+    _, _, out = run_check(tmp_path / "again", "tests", budget=60, box=30, GPU_TESTS_LIST=str(listing))
+    assert "--collect-only tests/test_gpu.py\n" in (out / "run.log").read_text()
 
 
 def test_the_budgets_fit_one_device_command():
