@@ -6,9 +6,9 @@
 # the working tree on the GPU machine may have no .git):
 #   run  command   RETRO_COMMIT=<git rev-parse --short=10 HEAD> bash benchmarks/gpu_check.sh
 #        timeout_s 560          (the script stops itself at CHECK_BUDGET_S=480 s and packs)
-#        carry     [".gpu_carry"]   (made by scripts/gpu_carry.sh where that exists: wheels the GPU
-#                                    machine lacks, the MiniLM model, the pinned corpus; only the
-#                                    optional tests/demo sections need it)
+#        carry     [".gpu_carry"]   (run `bash scripts/gpu_carry.sh` here first: the wheels the GPU
+#                                    machine lacks, the MiniLM model, the pinned corpus; sourced
+#                                    through scripts/gpu_carry_use.sh before the tests and the demo)
 # What comes back under $OUT, 2 files: gpu_check-gpu.tar.gz (rows.jsonl, info.txt, logs/<section>.log,
 # results/ (each benchmark's .json/.md/.png), demo/ summary) and run.log (everything printed).
 # Every row follows benchmarks/gpu_rows.py (described in benchmarks/README.md) and is appended to

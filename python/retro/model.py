@@ -426,7 +426,8 @@ class RetroModel(nn.Module):
         latest new_state() of its shape is refused). Each step marks a new CUDA-graph generation
         (torch.compiler.cudagraph_mark_step_begin), so the two halves run as graphs of one step
         and the first half's output survives the eager encoder between them. backend: torch.compile's
-        (e.g. "aot_eager" traces the same graphs without inductor's code generation: CPU rehearsals)."""
+        ("eager" traces the same fullgraph halves and runs them op by op, without inductor's code
+        generation: the CPU rehearsal of benchmarks/gpu_check.sh)."""
         if self._compiled_step is None or self._compiled_mode != (mode, fullgraph, backend):
             self._compiled_step = tuple(torch.compile(half, mode=mode, fullgraph=fullgraph, backend=backend)
                                         for half in (self._step_below, self._step_above))
