@@ -130,8 +130,16 @@ torch.version.cuda); import triton; print('triton', triton.__version__)"
   echo "commit $RETRO_COMMIT"; env | grep -E '^(RETRO|TRITON|TORCHINDUCTOR)_' | sort
 } 2>&1 | tee "$WORK/info.txt"
 
+prebuilt() {  # a carried extension (scripts/gpu_carry.sh) for this Python, built from these sources, with CUDA kernels
+  local so
+  so=.gpu_carry/ext/_C.$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("SOABI"))').so
+  [ -f "$so" ] && [ "$(cat .gpu_carry/ext/csrc.hash 2>/dev/null)" = "$(bash scripts/csrc_hash.sh)" ] || return 1
+  cp "$so" retro_kernels/ && "$PY" -c "import retro_kernels as rk; assert rk.has_cuda_kernels()" 2>/dev/null
+}
 if has build; then
-  if [ "$PROFILE" = gpu ]; then
+  if [ "$PROFILE" = gpu ] && prebuilt; then
+    echo "== build: the carried extension loads with CUDA kernels (sources $(bash scripts/csrc_hash.sh)): not rebuilt"
+  elif [ "$PROFILE" = gpu ]; then
     section build "${BUILD_S:-100}" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
       MAX_JOBS="${MAX_JOBS:-16}" RETRO_KERNELS_REQUIRE_CUDA=1 "$PY" setup.py -q build_ext --inplace
   else  # the rehearsal checks that the CPU build made the extension (cca's rows say which backend ran)

@@ -13,6 +13,14 @@
 #   corpus/transformers-<version>-models.tar.xz   the demo's default corpus (python/retro/
 #            default_corpus.py: the model sources of the pinned transformers release, 2,597 files,
 #            46 MiB of text), 2.3 MiB in xz; $RETRO_DEFAULT_CORPUS names it there.
+#   ext/     optional: the compiled extension prebuilt for the GPU machine (CPython 3.12, torch 2.11
+#            cu130), from GPU_CARRY_EXT=PATH/_C.cpython-312-x86_64-linux-gnu.so, with the hash of the
+#            sources it was built from (scripts/csrc_hash.sh): benchmarks/gpu_check.sh uses it instead
+#            of building where the hash matches and it loads with CUDA kernels. To build one here (no
+#            GPU needed, ~11 min on 2 cores, a 4.7 GB venv): a CPython 3.12 venv with torch==2.11.0
+#            (the CUDA 13 build) and triton==3.6.0, nvcc 13, then in this checkout
+#              PYTHON=/path/to/venv/bin/python bash scripts/cuda_check.sh   # builds under build/cuda-check
+#            and `strip --strip-debug` the .so it made (about 5 MB).
 # Each part is made once (delete it to make it again); then the sizes are printed and the script
 # fails if the working tree (tracked and untracked files git does not ignore) and .gpu_carry/
 # together exceed 64 MiB. Uses the project's environment (scripts/env.sh) and pip's index.
@@ -73,7 +81,15 @@ fi
 count=$(tar -tJf "$ARCHIVE" | grep -c '\.py$')
 [ "$count" = 2597 ] || { echo "[gpu_carry] $ARCHIVE holds $count .py files, not 2597: delete it and run again" >&2; exit 1; }
 
-# 4. sizes: the working tree as the device copy takes it, and .gpu_carry
+# 4. optional: a prebuilt extension for the GPU machine, stamped with the sources' hash
+if [ -n "${GPU_CARRY_EXT:-}" ]; then
+  mkdir -p "$CARRY/ext"
+  cp "$GPU_CARRY_EXT" "$CARRY/ext/.tmp.so" && mv "$CARRY/ext/.tmp.so" "$CARRY/ext/$(basename "$GPU_CARRY_EXT")"
+  bash "$ROOT/scripts/csrc_hash.sh" > "$CARRY/ext/csrc.hash"
+  echo "[gpu_carry] ext: $(basename "$GPU_CARRY_EXT"), sources $(cat "$CARRY/ext/csrc.hash")"
+fi
+
+# 5. sizes: the working tree as the device copy takes it, and .gpu_carry
 cd "$ROOT"
 "$PY" - "$CARRY" "$LIMIT_MIB" <<'EOF'
 import os
