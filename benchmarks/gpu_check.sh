@@ -19,6 +19,8 @@
 # Sections, in order; each is time-boxed (timeout) to min(its box, time left - 15 s for packing):
 #   section   box   expected on an H100 (source)
 #   build     100   47-66 s (benchmarks/results/gpu_check-*.log, MAX_JOBS=16)       stops on failure
+#                   0 s where .gpu_carry/ext holds an extension prebuilt from these sources that loads
+#                   with CUDA kernels (GPU_CARRY_EXT in scripts/gpu_carry.sh)
 #   cca        90   ~60 s (estimated: on 2026-11-26 the whole cca_gpu, with its decode rows and more
 #                   impls, plus neighbour_attention took 123 s, autotuned; here 2 shapes x 9 rows:
 #                   layer forward and forward+backward and bare forward, ours / SDPA / FlexAttention;
