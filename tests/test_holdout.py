@@ -51,4 +51,10 @@ def test_splits_refuse_to_hold_out_everything():
     with pytest.raises(RetroError, match="leaves no training document"):
         split_folders(np.zeros(5, np.int32), 0.5, 0)
     with pytest.raises(RetroError, match="leaves no training document"):
-        split_documents(1, 0.5, 0)
+        split_documents(4, 0.9, 0)
+
+
+def test_a_single_document_is_never_held_out():
+    # a corpus of one text file builds with the default --valid-fraction: evaluate --text scores other text
+    assert not split_documents(1, 0.5, 0).any() and not split_folders(np.zeros(1, np.int32), 0.5, 0).any()
+    assert split_documents(2, 0.05, 0).sum() == 1  # at least one of two or more

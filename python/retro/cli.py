@@ -1,16 +1,20 @@
 """The command line: `retro <command>` (or `python -m retro <command>`). Every command's flags
 come from its options dataclasses (commands(); options.add_options): each default and help text is
-written once. A user mistake (a bad flag, a value out of range, a missing file: argparse's errors
-and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit status 2, never a
-traceback; numbers are range-checked before any work starts. Any other exception is a bug: its
-traceback is shown, with a line asking to report it, and the exit status is 1.
-RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError too (for debugging)."""
+written once. A user mistake (a bad flag, a value out of range, a missing or damaged file:
+argparse's errors and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit
+status 2, never a traceback; numbers are range-checked before any work starts. Ctrl-C (or SIGTERM)
+ends as one line `retro <command>: interrupted ...` saying how to continue (build-db and train: the
+same command with --resume; demo: the same command), exit status 130 (143). Any other exception is
+a bug: its traceback is shown, with a line asking to report it, and the exit status is 1.
+RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError or an interrupt too (for
+debugging)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import traceback
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from .command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
                               QueryOptions, TokenizerOptions, TrainExtras)
 from .errors import RetroError
+from .interrupt import terminate_as_interrupt
 from .options import add_options, options_from_args
 
 
@@ -119,16 +124,40 @@ def _cmd_generate(o: GenerateOptions, sampling) -> None:
     retriever = Retriever.load(o.db, device=o.device) if o.retrieval else None
     db = retriever.db if retriever is not None else ChunkDatabase(o.db)
     check_run_database(state, db, o.run)
+    _note_k("generate", sampling.k, model)
     gens = generate(model, retriever, list(o.prompt), **dataclasses.asdict(sampling),
                     tokenizer=None if retriever is not None else db.tokenizer, compile=o.compile)
     for g in gens:
         print(f"{g.prompt}\033[1m{g.text}\033[0m" if sys.stdout.isatty() else f"{g.prompt}{g.text}")
-        if o.show_neighbours:
+        if o.show_neighbours and retriever is not None:
+            note = short_prompt_note(g, model.cfg.chunk_size)
+            if note:
+                print(f"  ({note})")
             for r in g.retrieved:
                 for rank, (cid, text) in enumerate(zip(r["ids"], r["texts"])):
                     shown = "(none)" if text is None else text[:200].replace("\n", "\n    ")
                     print(f"  [chunk {r['chunk']} neighbour {rank}: id {cid}]\n    {shown}")
         print("=" * 60)
+
+
+def short_prompt_note(g, chunk_size: int) -> str | None:
+    """Why a generation (generate.Generation) shows no neighbours, or shows them late: retrieval
+    happens at chunk boundaries, so a prompt shorter than one chunk has none of its own."""
+    if g.prompt_tokens >= chunk_size:
+        return None
+    if not g.retrieved:
+        return (f"no neighbours: the prompt ({g.prompt_tokens} tokens) and its continuation ({len(g.tokens)}) never "
+                f"completed a chunk of {chunk_size} tokens; RETRO retrieves once per complete chunk")
+    return (f"the prompt ({g.prompt_tokens} tokens) is shorter than one chunk of {chunk_size} tokens: its continuation "
+            f"retrieves from token {chunk_size} on")
+
+
+def _note_k(command: str, k: int | None, model) -> None:
+    """A note on stderr when -k differs from the neighbours per chunk the model was trained with."""
+    trained = model.cfg.num_neighbours
+    if k is not None and k != trained:
+        print(f"retro {command}: note: -k {k}, but the model was trained with {trained} neighbours per chunk; it "
+              f"reads {k} here (leave -k out for the trained {trained})", file=sys.stderr)
 
 
 def _cmd_evaluate(o: EvaluateOptions) -> None:
@@ -140,6 +169,7 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)
     check_run_database(state, retriever.db, o.run)
+    _note_k("evaluate", o.k, model)
     k = o.k if o.k is not None else model.cfg.num_neighbours
     if o.overlap:
         from .evaluate_overlap import overlap_report
@@ -147,7 +177,13 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
         overlap_report(model, retriever, k=k, max_documents=o.max_documents, out=o.overlap_out or o.run)
         return
     allowed = None if o.db_fraction is None else database_fraction(retriever.db, o.db_fraction, o.seed)
-    es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed)
+    texts = None
+    if o.text is not None:
+        from .retrieval.corpus import read_documents
+
+        texts = read_documents(o.text, o.text_field)
+    es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed,
+                 texts=texts)
     res = evaluate(model, retriever, k=k, eval_set=es)
     report = res.as_dict()
     if allowed is not None:
@@ -189,10 +225,12 @@ def _cmd_dedup(o: DedupOptions) -> None:
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its help line, the options dataclasses its flags come from (the handler
-    receives one instance of each, in this order) and the handler."""
+    receives one instance of each, in this order) and the handler; `resumable`: interrupted at any
+    point, it continues where it stopped (with --resume if it has that flag, else run again)."""
     help: str
     options: tuple
     handler: object
+    resumable: bool = False
 
 
 def commands() -> dict[str, Command]:
@@ -205,12 +243,14 @@ def commands() -> dict[str, Command]:
 
     return {
         "tokenizer": Command("train a SentencePiece tokenizer on a corpus", (TokenizerOptions,), _cmd_tokenizer),
-        "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db),
+        "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db,
+                            resumable=True),
         "add-documents": Command("add a corpus's documents to a built database (no rebuild)", (AddOptions,),
-                                 _cmd_add_documents),
+                                 _cmd_add_documents, resumable=True),
         "remove-documents": Command("mark documents removed from a database (by id or path glob)", (RemoveOptions,),
                                     _cmd_remove_documents),
-        "compact": Command("rewrite a database without its removed documents", (CompactOptions,), _cmd_compact),
+        "compact": Command("rewrite a database without its removed documents", (CompactOptions,), _cmd_compact,
+                           resumable=True),
         "neighbours": Command("precompute the neighbours of every training chunk (own document excluded)",
                               (NeighboursOptions,), _cmd_neighbours),
         "query": Command("print the neighbours of a text", (QueryOptions,), _cmd_query),
@@ -224,7 +264,7 @@ def commands() -> dict[str, Command]:
         "dedup-against": Command("find (and remove) training documents that leak evaluation ones",
                                  (DedupOptions,), _cmd_dedup),
         "demo": Command("the whole pipeline on an embedded corpus: RETRO against a baseline", (DemoOptions,),
-                        _cmd_demo),
+                        _cmd_demo, resumable=True),
     }
 
 
@@ -248,7 +288,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _close_progress_bars() -> None:
+    """Closes the progress bars still shown (a command stopped mid-stage), so that the line printed
+    next starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def resume_command(argv: list[str], flag: bool = True) -> str:
+    """The command line `argv` that continues it: with --resume if the command has that flag (and
+    without --overwrite, which would start again), else as it was (it resumes by itself)."""
+    if not flag:
+        return "retro " + shlex.join(argv)
+    words = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
+    return "retro " + shlex.join([*words, "--resume"])
+
+
+def _interrupted(prog: str, argv: list[str], command: Command | None, exc: KeyboardInterrupt) -> int:
+    """One line for Ctrl-C or SIGTERM: what was kept and how to continue; status 128 + the signal."""
+    _close_progress_bars()
+    done = getattr(exc, "done", "")
+    text = f"{prog}: interrupted" + (f" {done}" if done else "")
+    if command is not None and (done or command.resumable):
+        flag = any(f.name == "resume" for cls in command.options for f in dataclasses.fields(cls))
+        text += f"; continue with: {resume_command(argv, flag)}"
+    print(text, file=sys.stderr)
+    return getattr(exc, "status", 130)
+
+
 def _fail(prog: str, message: str) -> int:
+    _close_progress_bars()
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
@@ -263,21 +333,27 @@ def _bug(prog: str) -> int:
 
 def main(argv=None) -> int:
     """Runs `retro ARGV`; returns the exit status: 0, 2 after a one-line user error on stderr,
-    1 after an internal error's traceback."""
+    130 (143) after Ctrl-C (SIGTERM), 1 after an internal error's traceback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    prog = "retro"
+    prog, spec = "retro", None
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, unknown = build_parser().parse_known_args(argv)
-        prog = f"retro {args.command}"
-        if unknown:
-            raise UsageError(prog, f"unrecognized arguments: {' '.join(unknown)}")
-        spec = args.command_spec
-        options = [options_from_args(cls, args) for cls in spec.options]
-        for o in options:
-            if hasattr(o, "validate"):
-                o.validate()
-        spec.handler(*options)
+        with terminate_as_interrupt():
+            args, unknown = build_parser().parse_known_args(argv)
+            prog = f"retro {args.command}"
+            if unknown:
+                raise UsageError(prog, f"unrecognized arguments: {' '.join(unknown)}")
+            spec = args.command_spec
+            options = [options_from_args(cls, args) for cls in spec.options]
+            for o in options:
+                if hasattr(o, "validate"):
+                    o.validate()
+            spec.handler(*options)
+    except KeyboardInterrupt as exc:
+        if os.environ.get("RETRO_TRACEBACK"):  # where it was when stopped (a command that hangs)
+            raise
+        return _interrupted(prog, argv, spec, exc)
     except UsageError as exc:
         return _fail(exc.prog, exc.message)
     except RetroError as exc:

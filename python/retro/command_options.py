@@ -9,9 +9,11 @@ import argparse
 from dataclasses import dataclass
 
 from .checks import check_float, check_int, check_neighbours
+from .errors import RetroError
 from .options import option
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if there is one)"
+INDEX_HELP = "torch: search exactly in torch instead of the faiss index (default: the database's own index)"
 
 
 @dataclass
@@ -31,7 +33,7 @@ class NeighboursOptions:
     k: int = option(2, "neighbours per chunk", short="-k")
     extra: int = option(6, "extra candidates kept for packed training sequences")
     block_size: int = option(8192, "chunks searched per batch")
-    index: str | None = option(None, "torch: search exactly in torch instead of the faiss index", choices=["torch"])
+    index: str | None = option(None, INDEX_HELP, choices=["torch"])
     device: str | None = option(None, DEVICE_HELP)
 
     def validate(self) -> None:
@@ -45,7 +47,7 @@ class QueryOptions:
     db: str = option(help="the database folder", positional=True)
     text: str = option(help="the text whose neighbours are printed", positional=True)
     k: int = option(4, "neighbours to print", short="-k")
-    index: str | None = option(None, "torch: search exactly in torch instead of the faiss index", choices=["torch"])
+    index: str | None = option(None, INDEX_HELP, choices=["torch"])
     device: str | None = option(None, DEVICE_HELP)
 
     def validate(self) -> None:
@@ -77,19 +79,26 @@ class GenerateOptions:
 @dataclass
 class EvaluateOptions:
     run: str = option(help="the run folder (its checkpoint)", positional=True)
-    db: str = option(help="the database folder (its validation documents are evaluated)")
+    db: str = option(help="the database folder (its held-out documents are evaluated, unless --text)")
+    text: str | None = option(None, "score this text file, folder or .jsonl(.gz) instead, retrieving from the database "
+                                    "(a text that is in the database finds itself) (default: the database's "
+                                    "held-out documents)")
+    text_field: str = option("text", "--text: the field holding a document's text in .jsonl files")
     k: int | None = option(None, "neighbours per chunk (default: the model's, as it was trained)", short="-k")
-    max_documents: int | None = option(None, "evaluate at most this many validation documents")
+    max_documents: int | None = option(None, "evaluate at most this many documents (default: all)")
     overlap: bool = option(False, "bits per byte against chunk overlap with the neighbours")
     overlap_out: str | None = option(None, "folder for the overlap table and plot (default: RUN)")
     db_fraction: float | None = option(None, "retrieve from a seeded random part (0, 1] of the database's "
-                                             "training documents only (searched exactly)")
+                                             "training documents only (searched exactly) (default: all of it)")
     seed: int = option(0, "which part --db-fraction takes")
     device: str | None = option(None, DEVICE_HELP)
 
     def validate(self) -> None:
         check_neighbours("-k", self.k, optional=True)
         check_int("--max-documents", self.max_documents, 1, optional=True)
+        if self.text is not None and self.overlap:
+            raise RetroError(f"--overlap reports on the database's held-out documents; it does not take --text "
+                             f"{self.text!r}: leave one out")
         check_float("--db-fraction", self.db_fraction, 0, 1, low_open=True, optional=True)
         check_int("--seed", self.seed, 0)
 
@@ -99,7 +108,7 @@ class DedupOptions:
     eval: str = option(help="the evaluation corpus", positional=True)
     train: str = option(help="the training corpus", positional=True)
     threshold: float = option(0.8, "13-gram Jaccard similarity from which a training document leaks")
-    out: str | None = option(None, "write the kept training documents here (.jsonl)")
+    out: str | None = option(None, "write the kept training documents here (.jsonl) (default: only report the leaks)")
     text_field: str = option("text", "the field holding a document's text in .jsonl files")
 
     def validate(self) -> None:
@@ -123,7 +132,8 @@ class TrainExtras:
     """train's flags beyond TrainOptions: RetroConfig overrides and retrofitting."""
     set: tuple[str, ...] = option((), "override a RetroConfig field (repeatable), e.g. --set dim=512",
                                   metavar="FIELD=VALUE")
-    retrofit: str | None = option(None, "a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file")
+    retrofit: str | None = option(None, "a Hugging Face causal LM to retrofit: a name, a folder or a .gguf file "
+                                         "(default: train RETRO from scratch)")
     cca_layers: tuple[int, ...] | None = option(None, "--retrofit: the CCA layers, 0-based, e.g. 5,8,11 "
                                                       "(default: the paper's spacing)", parse=layer_list)
     placement: str = option("inside", "--retrofit: CCA between a block's attention and its MLP (inside, the paper's) "

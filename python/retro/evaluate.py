@@ -82,17 +82,21 @@ def _windows(tokens: np.ndarray, n: int):
 
 def prepare(retriever: Retriever, k: int = 2, documents=None, max_documents: int | None = None,
             seq_len: int = 2048, retrieval: bool = True, allowed_chunks: np.ndarray | None = None,
-            span_tokens: int | None = None, seed: int = 0) -> EvalSet:
-    """Cuts the held-out documents (or `documents`, ids) into windows of seq_len tokens, retrieves
+            span_tokens: int | None = None, seed: int = 0, texts: list[str] | None = None) -> EvalSet:
+    """Cuts the held-out documents (or `documents`, ids; or `texts`, any text, tokenised with the
+    database's tokenizer, document d being texts[d]) into windows of seq_len tokens, retrieves
     the k neighbours of every complete chunk in one batched search (only among `allowed_chunks`
     when given), and lays out the groups of scored tokens with their exact byte counts.
     span_tokens: score only a span of each longer document, span_tokens + 1 tokens from a
     chunk-aligned start drawn with `seed` (the whole document when it is shorter), so that a
     large model can read many documents in little time without only ever seeing their headers."""
     db = retriever.db
-    docs = db.documents("valid") if documents is None else np.asarray(documents, dtype=np.int64)
+    text_tokens = None if texts is None else db.tokenizer.encode(list(texts))
+    docs = (np.arange(len(text_tokens)) if text_tokens is not None else
+            db.documents("valid") if documents is None else np.asarray(documents, dtype=np.int64))
     if len(docs) == 0:
-        raise RetroError(f"{str(db.path)!r} has no held-out document: build it with --valid-fraction > 0")
+        raise RetroError(f"{str(db.path)!r} has no held-out document: build it with --valid-fraction > 0, or "
+                         "evaluate other text (`retro evaluate --text PATH`, prepare(texts=...))")
     if max_documents:
         docs = docs[:max_documents]
     m, n = db.chunk_size, seq_len
@@ -104,7 +108,7 @@ def prepare(retriever: Retriever, k: int = 2, documents=None, max_documents: int
     windows, first_chunk, chunk_tokens = [], [], []
     g_doc, g_win, g_chunk, g_tok, g_bytes, g_targets, window_groups = [], [], [], [], [], [], []
     for d in docs:
-        tokens = db.document_tokens(int(d))
+        tokens = db.document_tokens(int(d)) if text_tokens is None else text_tokens[d]
         if span_tokens is not None and len(tokens) > span_tokens + 1:
             start = int(rng.integers(0, (len(tokens) - span_tokens - 1) // m + 1)) * m
             tokens = tokens[start:start + span_tokens + 1]

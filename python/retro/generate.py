@@ -25,6 +25,7 @@ class Generation:
     text: str                      # the generated continuation
     tokens: list[int]
     retrieved: list[dict] = field(default_factory=list)  # per retrieval: chunk, ids, texts
+    prompt_tokens: int = 0         # the prompt's length in tokens
 
 
 @dataclass
@@ -93,7 +94,7 @@ def generate(model, retriever: Retriever | None, prompts: str | list[str],
         model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, num_neighbours=k)
-    gens = [Generation(p, "", []) for p in prompts]
+    gens = [Generation(p, "", [], prompt_tokens=n) for p, n in zip(prompts, lengths)]
     history = [row[:n].tolist() for row, n in zip(inputs.tokens.cpu(), lengths)]
     if retriever is not None:
         for g, ids in zip(gens, inputs.neighbour_ids):

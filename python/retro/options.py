@@ -10,7 +10,9 @@ from the annotation and the help given with `option(...)`:
     const=C                      --name [VALUE]: the flag alone gives C
     parse=f                      --name VALUE, VALUE converted by f (raising argparse.ArgumentTypeError)
 A field without a default is required (positional with `positional=True`); `cli=False` keeps a
-field off the command line (set from Python only); `flag` and `short` rename it there.
+field off the command line (set from Python only); `flag` and `short` rename it there. --help shows
+each default (help_with_default): a help text that says "default" itself (for a None, what it means)
+is left as written.
 """
 from __future__ import annotations
 
@@ -46,6 +48,21 @@ def _unwrap_optional(hint) -> tuple[object, bool]:
     return hint, False
 
 
+def help_with_default(help: str | None, default, flag: str) -> str | None:  # noqa: A002
+    """The help text with "(default: ...)" appended, unless it already says "default" (a default of
+    None, which means something else per option, must say so itself): --FLAG or --no-FLAG for a
+    bool, "none" for an empty repeatable flag."""
+    if help is None or "default" in help or default is None:
+        return help
+    if isinstance(default, bool):
+        shown = flag if default else "--no-" + flag[2:]
+    elif isinstance(default, tuple):
+        shown = " ".join(map(str, default)) or "none"
+    else:
+        shown = str(default)
+    return f"{help} (default: {shown})".replace("%", "%%")
+
+
 def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """Adds an argument for every command-line field of the dataclass cls (see the module doc)."""
     hints = typing.get_type_hints(cls)
@@ -55,7 +72,9 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             continue
         hint, optional = _unwrap_optional(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs: dict = {"help": md.get("help"), "dest": f.name}
+        flag = "--" + (md.get("flag") or f.name.replace("_", "-"))
+        kwargs: dict = {"help": md.get("help") if required else help_with_default(md.get("help"), f.default, flag),
+                        "dest": f.name}
         for key in ("choices", "metavar"):
             if md.get(key) is not None:
                 kwargs[key] = md[key]
@@ -76,7 +95,7 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         if md.get("flag") and "metavar" not in kwargs and "action" not in kwargs:
             kwargs["metavar"] = md["flag"].upper().replace("-", "_")
         names = [md.get("short")] if md.get("short") else []
-        names.append("--" + (md.get("flag") or f.name.replace("_", "-")))
+        names.append(flag)
         parser.add_argument(*names, **kwargs)
 
 

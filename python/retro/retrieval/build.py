@@ -36,6 +36,7 @@ from .bm25 import is_bm25
 from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks
 from .embedder import DEFAULT_EMBEDDER
 from .index import KINDS
+from .neighbours import is_neighbours_entry
 from .tokenizer import SentencePieceTokenizer, load_tokenizer
 
 HOLDOUT = ("document", "folder", "both")
@@ -56,7 +57,8 @@ class BuildOptions:
     tokenizer_lines: int = option(200_000, "lines of the training documents sampled (seeded) to train the "
                                            "tokenizer")
     chunk_size: int = option(64, "tokens per chunk (m)")
-    valid_fraction: float = option(0.0, "the fraction of documents held out for evaluation")
+    valid_fraction: float = option(0.05, "the fraction of documents held out for `retro evaluate` (at least one "
+                                         "when the corpus has two or more; 0: none)")
     holdout_by: str = option("document", "what is held out: single documents chosen at random, whole folders "
                                          "(no file of a held-out folder is in the database), or both (half of "
                                          "the held-out documents each way)", choices=HOLDOUT)
@@ -70,7 +72,7 @@ class BuildOptions:
     target_recall: float = option(0.95, "10-recall@10 that nprobe is tuned to")
     block_size: int = option(2048, "chunks per embedding block (the unit of --resume)")
     text_field: str = option("text", "the text field of .jsonl documents")
-    max_documents: int | None = option(None, "read at most this many documents")
+    max_documents: int | None = option(None, "read at most this many documents (default: all)")
     seed: int = option(0, "seed of the held-out choice")
     include: tuple[str, ...] = option((), INCLUDE_HELP, metavar="GLOB")
     exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
@@ -132,7 +134,8 @@ def _prepare_folder(opts: BuildOptions) -> dict:
     out = Path(opts.out)
     state_path = out / "build_state.json"
     if out.exists() and any(out.iterdir()):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in OWN_NAMES and not is_neighbours_entry(p.name) and not p.name.startswith("."))
         if opts.overwrite:
             if foreign:
                 raise RetroError(f"--overwrite refuses to empty {str(out)!r}: it holds files that are not part of a "
@@ -173,8 +176,10 @@ def _save_state(opts: BuildOptions, state: dict) -> None:
 
 def split_documents(n_docs: int, fraction: float, seed: int) -> np.ndarray:
     """Whole documents held out: a seeded random choice of round(fraction * D) documents (at
-    least one when fraction > 0). (D,) uint8, 1 = held out."""
+    least one when fraction > 0; none of a single document). (D,) uint8, 1 = held out."""
     split = np.zeros(n_docs, dtype=np.uint8)
+    if n_docs < 2:
+        return split
     n_valid = int(round(fraction * n_docs))
     if fraction > 0 and n_valid == 0:
         n_valid = 1
@@ -189,7 +194,7 @@ def split_folders(doc_folder: np.ndarray, fraction: float, seed: int, share: flo
     documents are held out; with share < 1 (holdout "both") the rest are single documents drawn
     from the folders that stay. doc_folder (D,) int32 folder ids -> (D,) uint8, 1 = held out."""
     n_docs = len(doc_folder)
-    target = max(1, int(round(fraction * n_docs))) if fraction > 0 else 0
+    target = max(1, int(round(fraction * n_docs))) if fraction > 0 and n_docs > 1 else 0
     split = np.zeros(n_docs, dtype=np.uint8)
     if target == 0:
         return split
@@ -247,7 +252,8 @@ def _catalogue_stage(opts: BuildOptions, state: dict, log) -> dict:
         "describe": report.describe()}
     _save_state(opts, state)
     log(f"[build-db] {len(sizes)} documents in {len(names)} folders, {int(doc_split.sum())} held out "
-        f"(by {opts.holdout_by})")
+        f"(by {opts.holdout_by})" + ("" if doc_split.any() else
+                                     "; `retro evaluate RUN --db DB --text PATH` scores other text instead"))
     return state["stages"]["catalogue"]
 
 
@@ -361,15 +367,12 @@ def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: O
     dist.barrier()
 
 
-def _embed_stage(opts: BuildOptions, tokenizer, on_block: OnBlock | None) -> dict:
-    from .embedder import make_embedder
-
+def _embed_stage(opts: BuildOptions, tokenizer, embedder, on_block: OnBlock | None) -> dict:
     out = Path(opts.out)
     parts = out / "parts"
     tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size,
                                                          lambda b: parts / f"embeddings-{b:06d}.npy",
                                                          dist.rank(), dist.world_size())
-    embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
                     opts.progress)
     for b in todo:
@@ -454,11 +457,18 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
+    embedder = None  # loaded first: a name that is no embedder fails before any stage, leaving no folder
+    if not is_bm25(opts.embedder):
+        from .embedder import make_embedder
+
+        embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
     if state is None:
         raise RetroError("build preparation failed on rank 0")
     if state.get("complete"):
-        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        if dist.is_main():
+            _repair_index(opts, log)
+        dist.barrier()
         return out
     if (out / "manifest.json").exists():  # killed after the manifest: only the clean-up was left
         if dist.is_main():
@@ -485,7 +495,7 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
         progress = lambda total, desc: _progress(total, desc, opts.progress)  # noqa: E731
         embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, on_block, progress)
     else:
-        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, on_block)
+        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, embedder, on_block)
     if dist.is_main():
         _save_state(opts, state)
         if is_bm25(opts.embedder):
@@ -514,6 +524,45 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
             f"{catalogue['report']['non_utf8_bytes_replaced']} non-UTF-8 bytes replaced; {catalogue['describe']}")
     dist.barrier()
     return out
+
+
+def _index_damage(out: Path, manifest: dict) -> str | None:
+    """What is wrong with a finished database's faiss index (index.faiss, or the shards' files):
+    missing, unreadable or of the wrong size, as "...; rebuilding it"; None if nothing is (or it has
+    no faiss index)."""
+    from .index import read_faiss_index
+    from .sharded import shard_path
+
+    info = manifest["index"]
+    shards = info.get("extra", {}).get("shards")
+    if is_bm25(manifest["embedder"]["name"]) or info["kind"] == "torch":
+        return None
+    files = [shard_path(out, s) for s in range(shards)] if shards else [out / "index.faiss"]
+    try:
+        vectors = sum(read_faiss_index(f, "rebuilding it").ntotal for f in files)
+    except RetroError as exc:
+        return str(exc)
+    chunks = manifest["counts"]["chunks"]
+    return None if vectors == chunks else f"the index holds {vectors} vectors, the database {chunks}; rebuilding it"
+
+
+def _repair_index(opts: BuildOptions, log) -> None:
+    """--resume of a finished database: its faiss index rebuilt from embeddings.npy if it is
+    missing or damaged (the index stage again, its settings into the manifest); else nothing to do."""
+    out = Path(opts.out)
+    manifest = read_json(out / "manifest.json")
+    damage = _index_damage(out, manifest)
+    if damage is None:
+        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        return
+    if not (out / "embeddings.npy").exists():
+        raise RetroError(f"the index of {str(out)!r} is damaged and embeddings.npy, which it is built from, is "
+                         "missing: build the database again with --overwrite")
+    log(f"[build-db] {damage}")
+    state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
+    manifest["index"] = _index_stage(opts, state, log, None)
+    write_json(out / "manifest.json", manifest)
+    _clean_up(out)
 
 
 def _clean_up(out: Path) -> None:

@@ -4,6 +4,7 @@ resumes where it stopped. The file keeps k + extra candidates per chunk: a train
 packs several documents drops candidates from any of them and keeps the first k."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def neighbours_path(db_dir: str | Path, candidates: int) -> Path:
     generation = current_generation(db_dir)
     return Path(db_dir) / (f"neighbours-{candidates}.npy" if generation == 0 else
                            f"neighbours-{candidates}-gen{generation:06d}.npy")
+
+
+def is_neighbours_entry(name: str) -> bool:
+    """Whether `name`, an entry of a database folder, is one compute_neighbours writes there (the
+    .npy, its .json description, the -parts folder of an unfinished run): derived from the
+    database, so `build-db --overwrite` removes it with the database."""
+    return re.fullmatch(r"neighbours-\d+(\.npy|\.json|-parts)", name) is not None
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
