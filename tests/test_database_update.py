@@ -37,10 +37,14 @@ def hashing_embedder(monkeypatch):
     monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", WideHashingEmbedder)
 
 
+BUILD = dict(vocab_size=300, chunk_size=16, block_size=64, valid_fraction=0.2, progress=False, index="flat",
+             embedder="hashing-test-embedder")
+
+
 def build(out: Path, corpus: Path, index: str = "flat", valid: float = 0.2, **extra) -> Path:
     bm25 = index == "bm25"
-    opts = dict(corpus=str(corpus), out=str(out), vocab_size=300, chunk_size=16, block_size=64, valid_fraction=valid,
-                progress=False, index="auto" if bm25 else index, embedder="bm25" if bm25 else "hashing-test-embedder")
+    opts = dict(BUILD, corpus=str(corpus), out=str(out), valid_fraction=valid, index="auto" if bm25 else index,
+                embedder="bm25" if bm25 else BUILD["embedder"])
     build_database(BuildOptions(**{**opts, **extra}), log=QUIET)
     return out
 
@@ -242,6 +246,24 @@ def test_kill_9_during_a_compact_leaves_the_old_generation_and_compact_completes
     mine, theirs = files(db), files(reference)
     assert json.loads(mine.pop("manifest.json")) == json.loads(theirs.pop("manifest.json"))
     assert mine == theirs
+
+
+def test_build_db_resume_and_overwrite_know_a_grown_database(tmp_path):
+    from retro.retrieval import compute_neighbours
+
+    corpus = write_corpus(tmp_path / "c1", docs=8)
+    db = build(tmp_path / "db", corpus)
+    add_documents(db, new_corpus(tmp_path / "c2"), log=QUIET)
+    compute_neighbours(db, k=2, extra=1, progress=False, log=QUIET)
+    assert (db / "neighbours-3-gen000001.npy").exists()
+    logs = []
+    build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "resume": True}), log=logs.append)
+    assert any("nothing to resume" in line for line in logs) and ChunkDatabase(db).generation == 1
+    (db / "generations" / "000001" / "index.faiss").unlink()
+    with pytest.raises(RetroError, match="changed after its build"):
+        build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "resume": True}), log=QUIET)
+    build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "overwrite": True}), log=QUIET)
+    assert ChunkDatabase(db).generation == 0 and sorted(p.name for p in db.iterdir() if "neighbours" in p.name) == []
 
 
 def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):

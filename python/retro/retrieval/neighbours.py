@@ -27,7 +27,7 @@ def is_neighbours_entry(name: str) -> bool:
     """Whether `name`, an entry of a database folder, is one compute_neighbours writes there (the
     .npy, its .json description, the -parts folder of an unfinished run): derived from the
     database, so `build-db --overwrite` removes it with the database."""
-    return re.fullmatch(r"neighbours-\d+(\.npy|\.json|-parts)", name) is not None
+    return re.fullmatch(r"neighbours-\d+(-gen\d{6})?(\.npy|\.json|-parts)", name) is not None
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,

@@ -120,10 +120,13 @@ def _array_infos(folder: Path, names) -> dict:
 
 
 def _counts(db: ChunkDatabase) -> dict:
+    """build-db's counts (every stored document, token and chunk, as the arrays and the index hold
+    them; train and valid documents without the removed ones), and the removed documents."""
     live = db.live_chunks
     return {"documents": int(len(db.doc_split)), "train_documents": int(len(db.documents("train"))),
             "valid_documents": int(len(db.documents("valid"))), "tokens": int(len(db.tokens)),
-            "chunks": int(db.num_chunks if live is None else live.sum()), "removed_documents": int(len(db.removed))}
+            "chunks": int(db.num_chunks), "removed_documents": int(len(db.removed)),
+            "removed_chunks": int(0 if live is None else (~live).sum())}
 
 
 def _next_manifest(db: ChunkDatabase, action: dict, **changes) -> dict:
