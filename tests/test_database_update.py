@@ -259,9 +259,16 @@ def test_build_db_resume_and_overwrite_know_a_grown_database(tmp_path):
     logs = []
     build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "resume": True}), log=logs.append)
     assert any("nothing to resume" in line for line in logs) and ChunkDatabase(db).generation == 1
-    (db / "generations" / "000001" / "index.faiss").unlink()
-    with pytest.raises(RetroError, match="changed after its build"):
+    (db / "generations" / "000001" / "index.faiss").write_bytes(b"cut short")
+    with pytest.raises(RetroError, match="is damaged .*; run `retro compact"):
+        Retriever.load(db)
+    with pytest.raises(RetroError, match="changed after its build .*: run `retro compact"):
         build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "resume": True}), log=QUIET)
+    compact(db, log=QUIET)  # two segments: written again as one, its index afresh
+    assert Retriever.load(db).db.generation == 2
+    (db / ChunkDatabase(db).manifest["index_file"]).unlink()
+    compact(db, log=QUIET)  # nothing removed, one segment, but no index: built afresh
+    assert Retriever.load(db).db.generation == 3
     build_database(BuildOptions(**{**BUILD, "corpus": str(corpus), "out": str(db), "overwrite": True}), log=QUIET)
     assert ChunkDatabase(db).generation == 0 and sorted(p.name for p in db.iterdir() if "neighbours" in p.name) == []
 

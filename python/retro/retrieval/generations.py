@@ -59,6 +59,12 @@ def index_file(manifest: dict, default: str) -> str:
     return manifest.get("index_file") or default
 
 
+def index_remedy(db: str | Path) -> str:
+    """What to do about a damaged index of a database changed after its build (build-db --resume
+    rebuilds only a build's own index)."""
+    return f"run `retro compact {db}`: it writes the database again with its index built afresh"
+
+
 @contextmanager
 def writer_lock(db: str | Path):
     """Holds the database's writer lock for the block; RetroError (one line) if another process

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
-from .generations import index_file
+from .generations import index_file, index_remedy
 from .index import (INDEX_REMEDY, IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available,
                     read_faiss_index, warn_without_faiss)
 
@@ -68,10 +68,11 @@ class Retriever:
             faiss_path = Path(path) / index_file(db.manifest, "index.faiss")
             if not faiss_path.exists() and not db.is_current():  # compact switched generations, deleted this one
                 return cls.load(path, embedder, device, index)
-            search_index = SearchIndex(settings, read_faiss_index(faiss_path))
+            search_index = SearchIndex(settings, read_faiss_index(faiss_path, index_remedy(path) if db.generation
+                                                                  else INDEX_REMEDY))
             if search_index.ntotal != db.num_chunks:
                 raise damaged_file(faiss_path, f"it holds {search_index.ntotal} vectors, the database "
-                                   f"{db.num_chunks} chunks", INDEX_REMEDY)
+                                   f"{db.num_chunks} chunks", index_remedy(path) if db.generation else INDEX_REMEDY)
         return cls(db, search_index, built_with, device)
 
     @property

@@ -393,8 +393,11 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
             if base.generation:  # what a compact killed after its switch left
                 (generation_dir(path, base.generation) / STATE).unlink(missing_ok=True)
                 _collect_garbage(path, base.manifest)
-            log(f"[compact] {str(path)!r}: no removed document, one segment: nothing to compact")
-            return base
+            damage = _index_damage(path)
+            if damage is None:
+                log(f"[compact] {str(path)!r}: no removed document, one segment: nothing to compact")
+                return base
+            log(f"[compact] {damage.split('; ')[0]}: writing the database again with its index built afresh")
         folder = _pending(path, base, {"action": "compact"}, resume=True)
         keep = np.setdiff1d(np.arange(len(base.doc_split)), base.removed)
         _compact_arrays(folder, base, keep)
@@ -417,6 +420,17 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
     log(f"[compact] {str(path)!r} generation {db_now.generation}: {len(base.removed)} removed documents dropped; "
         f"{len(keep)} documents, {db_now.num_chunks} chunks")
     return db_now
+
+
+def _index_damage(path: Path) -> str | None:
+    """Why the database's index cannot be loaded (missing, damaged), or None."""
+    from .retriever import Retriever
+
+    try:
+        Retriever.load(path)
+    except RetroError as exc:
+        return str(exc)
+    return None
 
 
 def _compact_arrays(folder: Path, db: ChunkDatabase, keep: np.ndarray) -> None:
