@@ -315,6 +315,7 @@ def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
              (["remove-documents", str(db), "--id", "two"], "--id takes document ids (integers), got 'two'"),
              (["remove-documents", str(db), "--path", "nothing*.txt"], "no document of"),
              (["remove-documents", str(db)], "needs --id ID or --path GLOB"),
+             (["remove-documents", str(db), "--path", ""], "--path takes non-empty glob patterns, got ('',)"),
              (["add-documents", str(db), str(corpus), "--resume"], "holds no unfinished add-documents"),
              (["add-documents", str(sharded), str(corpus)], "has a sharded index"),
              (["compact", str(tmp_path / "nope")], "does not exist")]

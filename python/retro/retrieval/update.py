@@ -71,7 +71,8 @@ class RemoveOptions:
 
     def validate(self) -> None:
         document_ids(self.ids)
-        check_globs(self.paths, ())
+        if isinstance(self.paths, str) or not all(isinstance(g, str) and g for g in self.paths):
+            raise RetroError(f"--path takes non-empty glob patterns, got {self.paths!r}")
         if not self.ids and not self.paths:
             raise RetroError("remove-documents needs --id ID or --path GLOB (repeatable), got neither")
         open_database(self.db)
@@ -149,6 +150,22 @@ def _switch(path: Path, manifest: dict) -> ChunkDatabase:
     return ChunkDatabase(path)
 
 
+def _segment(path: Path, folder: Path, embedder: str) -> dict:
+    """The manifest's entry for the array segment written into folder."""
+    return {"path": _relative(path, folder), "arrays": _array_infos(folder, key_arrays(embedder))}
+
+
+def _finish(path: Path, folder: Path, manifest: dict, on_stage: OnStage | None) -> ChunkDatabase:
+    """After the new generation's index: the switch, then its state file goes (on_stage after each)."""
+    if on_stage is not None:
+        on_stage("index")
+    db_now = _switch(path, manifest)
+    if on_stage is not None:
+        on_stage("manifest")
+    (folder / STATE).unlink(missing_ok=True)
+    return db_now
+
+
 def _discard(folder: Path) -> None:
     """Deletes a generation's folder, and generations/ with it if that leaves it empty."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -220,16 +237,10 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
                 on_stage("embed")
         first = len(base.doc_split)
         manifest = _next_manifest(base, {**action, "documents": [first, first + n_docs]})
-        manifest["segments"] = [*manifest["segments"], {"path": _relative(path, folder),
-                                                        "arrays": _array_infos(folder, key_arrays(name))}]
+        manifest["segments"] = [*manifest["segments"], _segment(path, folder, name)]
         grown = ChunkDatabase(path, manifest=manifest)
         _grow_index(folder, base, grown, manifest)
-        if on_stage is not None:
-            on_stage("index")
-        db_now = _switch(path, manifest)
-        if on_stage is not None:
-            on_stage("manifest")
-        (folder / STATE).unlink(missing_ok=True)
+        db_now = _finish(path, folder, manifest, on_stage)
     log(f"[add-documents] {str(path)!r} generation {db_now.generation}: documents {first}..{first + n_docs - 1} "
         f"added ({grown.num_chunks - base.num_chunks} chunks); {db_now.num_chunks} chunks in all")
     return db_now
@@ -405,17 +416,11 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
             on_stage("arrays")
         name = base.manifest["embedder"]["name"]
         manifest = _next_manifest(base, {"action": "compact", "documents": int(len(keep))}, removed_documents=[],
-                                  segments=[{"path": _relative(path, folder),
-                                             "arrays": _array_infos(folder, key_arrays(name))}])
+                                  segments=[_segment(path, folder, name)])
         manifest.pop("index_file", None)
         compacted = ChunkDatabase(path, manifest=manifest)
         _fresh_index(folder, compacted, manifest)
-        if on_stage is not None:
-            on_stage("index")
-        db_now = _switch(path, manifest)
-        if on_stage is not None:
-            on_stage("manifest")
-        (folder / STATE).unlink(missing_ok=True)
+        db_now = _finish(path, folder, manifest, on_stage)
         _collect_garbage(path, db_now.manifest)
     log(f"[compact] {str(path)!r} generation {db_now.generation}: {len(base.removed)} removed documents dropped; "
         f"{len(keep)} documents, {db_now.num_chunks} chunks")
