@@ -323,6 +323,12 @@ def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError, as where it is missing
+        for argv in (["add-documents", str(db), str(corpus)], ["compact", str(db)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "faiss is not installed here: install faiss-cpu" in err, err
     assert files(db) == before and files(old) == before_old and not (db / "generations").exists()
     assert main(["remove-documents", str(db), "--id", "0"]) == 0
     assert main(["remove-documents", str(db), "--id", "0"]) == 2  # removed already: not there any more

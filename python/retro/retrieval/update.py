@@ -58,7 +58,7 @@ class AddOptions:
     def validate(self) -> None:
         check_int("--batch-size", self.embed_batch_size, 1, optional=True)
         check_globs(self.include, self.exclude)
-        open_database(self.db)
+        open_database(self.db, writes_index=True)
         check_corpus(self.corpus)
 
 
@@ -83,7 +83,7 @@ class CompactOptions:
     db: str = option(help="the database folder", positional=True)
 
     def validate(self) -> None:
-        open_database(self.db)
+        open_database(self.db, writes_index=True)
 
 
 def document_ids(ids) -> list[int]:
@@ -97,14 +97,21 @@ def document_ids(ids) -> list[int]:
     return out
 
 
-def open_database(db) -> ChunkDatabase:
-    """The database in folder `db`; one-line RetroError if there is none (or one of another format)."""
+def open_database(db, writes_index: bool = False) -> ChunkDatabase:
+    """The database in folder `db`; one-line RetroError if there is none (or one of another format,
+    or a sharded one), or, for a change that writes its faiss index, if faiss is not installed."""
+    from .index import faiss_available
+
     if not Path(db).is_dir():
         raise RetroError(f"database {str(db)!r} does not exist; build it first with `retro build-db CORPUS --out {db}`")
     database = ChunkDatabase(db)
-    if database.manifest["index"].get("extra", {}).get("shards"):
+    index = database.manifest["index"]
+    if index.get("extra", {}).get("shards"):
         raise RetroError(f"{str(db)!r} has a sharded index (build-db --shards): it cannot grow in place; "
                          "build it again with the new documents")
+    if writes_index and index["kind"] not in ("torch", "bm25") and not faiss_available():
+        raise RetroError(f"{str(db)!r} has a faiss index ({index['kind']}), and faiss is not installed here: install "
+                         "faiss-cpu (or faiss-gpu) to change the database")
     return database
 
 
