@@ -67,7 +67,8 @@ class RetroLM(LM):
     run: a run folder, a saved model folder or a hub name (retro.from_pretrained); db: the
     database folder, the one the model was trained on; retrieval: on (RETRO[ON]) or off
     (RETRO[OFF], the database's tokenizer alone); k: neighbours per chunk (default: the model's);
-    device; batch_size: sequences per forward pass; max_length: tokens the model reads at once
+    device (lm-eval's --device; its default cuda:0 falls back to the CPU where there is no GPU);
+    batch_size: sequences per forward pass; max_length: tokens the model reads at once
     (default: its max_seq_len); seed: the sampling seed of do_sample generations."""
 
     def __init__(self, run, db, retrieval="on", k=None, device=None, batch_size=1, max_length=None, seed=0,
@@ -80,6 +81,9 @@ class RetroLM(LM):
         self.retrieval = SWITCH[retrieval]
         self.batch_size = positive_int("batch_size", batch_size)
         self.seed = check_int("seed", seed, 0)
+        if str(device or "").startswith("cuda") and not torch.cuda.is_available():
+            log.warning("retro: no CUDA device here; running on the CPU instead of %s", device)  # lm-eval's default
+            device = "cpu"
         self.model = from_pretrained(run, device=device)
         self.k = check_neighbours("k", self.model.cfg.num_neighbours if k is None else k)
         self.max_length = positive_int("max_length", self.model.cfg.max_seq_len if max_length is None else max_length)
