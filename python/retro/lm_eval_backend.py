@@ -33,6 +33,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .checks import check_float, check_int, check_neighbours
 from .errors import RetroError
@@ -81,6 +82,9 @@ class RetroLM(LM):
         self.retrieval = SWITCH[retrieval]
         self.batch_size = positive_int("batch_size", batch_size)
         self.seed = check_int("seed", seed, 0)
+        check_neighbours("k", k, optional=True)  # the arguments first, then the model (which may be large)
+        if max_length is not None:
+            positive_int("max_length", max_length)
         if str(device or "").startswith("cuda") and not torch.cuda.is_available():
             log.warning("retro: no CUDA device here; running on the CPU instead of %s", device)  # lm-eval's default
             device = "cpu"
@@ -101,7 +105,8 @@ class RetroLM(LM):
         pairs = [self.encode_pair(*req.args) for req in requests]
         results = [(0.0, True)] * len(pairs)  # an empty continuation (no token) is certain
         order = sorted((i for i, (_, cont) in enumerate(pairs) if len(cont)), key=lambda i: -sum(map(len, pairs[i])))
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", unit="batch",
+                          disable=disable_tqdm):
             batch = order[start:start + self.batch_size]
             for i, res in zip(batch, self.score_continuations([pairs[i] for i in batch])):
                 results[i] = res
@@ -164,7 +169,7 @@ class RetroLM(LM):
             retriever = self.retriever or Retriever(self.db, None)
             es = prepare(retriever, self.k, seq_len=self.max_length, retrieval=self.retrieval,
                          texts=[texts[i] for i in scorable])
-            nll = score(self.model, es, self.retrieval, batch_size=self.batch_size, progress=False)
+            nll = score(self.model, es, self.retrieval, batch_size=self.batch_size, progress=not disable_tqdm)
             out[scorable] = -np.bincount(es.group_doc, weights=nll, minlength=len(scorable))
         for req, ll in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, float(ll))
@@ -179,14 +184,14 @@ class RetroLM(LM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-        for members in groups.values():
-            settings = self.sampling(requests[members[0]].args[1])
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
-                texts = self.continue_contexts([requests[i].args[0] for i in batch], **settings)
-                for i, text in zip(batch, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        settings = {key: self.sampling(requests[members[0]].args[1]) for key, members in groups.items()}  # checked
+        batches = [(settings[key], members[start:start + self.batch_size]) for key, members in groups.items()
+                   for start in range(0, len(members), self.batch_size)]
+        for sampling, batch in tqdm(batches, desc="generate_until", unit="batch", disable=disable_tqdm):
+            texts = self.continue_contexts([requests[i].args[0] for i in batch], **sampling)
+            for i, text in zip(batch, texts):
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
 
     def sampling(self, gen_kwargs: dict) -> dict:
