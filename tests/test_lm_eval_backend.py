@@ -173,13 +173,42 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_string(run_db):
     assert lm.generate_until(requests("generate_until", (contexts[0], {"max_gen_toks": 20}))) == full[:1]
 
 
+def test_a_retrofitted_model_in_memory(run_db):
+    """model= a fresh retrofit of a (tiny, random) GPT-2: RETRO[OFF] is the base model's own
+    log-probability; with retrieval, the retrofit's NLL with the neighbours."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=320, n_positions=64)).double().eval()
+    model = retro.retrofit(hf, chunk_size=M, backend="reference", encoder=dict(dim=16, head_dim=8)).double()
+    with torch.no_grad():
+        for p in model.cca.parameters():  # (zero-initialised, CCA would change nothing)
+            p.normal_(0, 0.1)
+    on = RetroLM(model=model, db=str(run_db[1]), k=2, max_length=SEQ, batch_size=2)
+    off = RetroLM(model=model, db=str(run_db[1]), retrieval="off", max_length=SEQ)
+    pairs = pairs_of(run_db)[1:3]
+    got_on = on.loglikelihood(requests("loglikelihood", *pairs))
+    got_off = off.loglikelihood(requests("loglikelihood", *pairs))
+    for (ll_on, _), (ll_off, _), pair in zip(got_on, got_off, pairs):
+        tokens, scored = tokens_of_pair(on, *pair)
+        assert math.isclose(ll_on, -direct_nll(on, tokens, scored)[0], rel_tol=1e-10)
+        x = torch.as_tensor(tokens[-(SEQ + 1):])
+        with torch.no_grad():
+            logp = hf(input_ids=x[None, :-1]).logits[0].log_softmax(-1)
+        want = logp[torch.arange(len(x) - 1), x[1:]][-scored:].sum()
+        assert math.isclose(ll_off, float(want), rel_tol=1e-10)
+        assert abs(ll_on - ll_off) > 1e-3
+
+
 def test_bad_model_arguments_are_one_line_errors(run_db):
     run, db = run_db
     for kwargs, words in ((dict(retrieval="maybe"), "retrieval must be on or off, got 'maybe'"),
                           (dict(k=0), "k must be an integer in [1, 40], got 0"),
-                          (dict(batch_size="auto"), "batch_size must be an integer >= 1, got 'auto'")):
+                          (dict(batch_size="auto"), "batch_size must be an integer >= 1, got 'auto'"),
+                          (dict(run=None), "give run= .* or, from Python, model="),
+                          (dict(db=None), "db= .* is required")):
         with pytest.raises(retro.RetroError, match=words.replace("[", r"\[").replace("]", r"\]")):
-            RetroLM(run=str(run), db=str(db), device="cpu", **kwargs)
+            RetroLM(**{"run": str(run), "db": str(db), "device": "cpu", **kwargs})
 
 
 def write_tasks(folder, run_db):

@@ -70,11 +70,18 @@ class RetroLM(LM):
     (RETRO[OFF], the database's tokenizer alone); k: neighbours per chunk (default: the model's);
     device (lm-eval's --device; its default cuda:0 falls back to the CPU where there is no GPU);
     batch_size: sequences per forward pass; max_length: tokens the model reads at once
-    (default: its max_seq_len); seed: the sampling seed of do_sample generations."""
+    (default: its max_seq_len); seed: the sampling seed of do_sample generations. From Python,
+    model= an in-memory RetroModel or RetrofittedLM (e.g. a fresh retro.retrofit(...)) instead of
+    run; it stays on its device."""
 
-    def __init__(self, run, db, retrieval="on", k=None, device=None, batch_size=1, max_length=None, seed=0,
-                 max_batch_size=None):
+    def __init__(self, run=None, db=None, retrieval="on", k=None, device=None, batch_size=1, max_length=None, seed=0,
+                 max_batch_size=None, model=None):
         super().__init__()
+        if (run is None) == (model is None):
+            raise RetroError("give run= (a run folder, a saved model or a hub name) or, from Python, model= (one of "
+                             f"them), got run={run!r} and model={type(model).__name__}")
+        if db is None:
+            raise RetroError("db= (the database folder the model reads) is required")
         if isinstance(retrieval, str):
             retrieval = retrieval.strip().lower()
         if retrieval not in SWITCH:
@@ -88,7 +95,7 @@ class RetroLM(LM):
         if str(device or "").startswith("cuda") and not torch.cuda.is_available():
             log.warning("retro: no CUDA device here; running on the CPU instead of %s", device)  # lm-eval's default
             device = "cpu"
-        self.model = from_pretrained(run, device=device)
+        self.model = model.eval() if model is not None else from_pretrained(run, device=device)
         self.k = check_neighbours("k", self.model.cfg.num_neighbours if k is None else k)
         self.max_length = positive_int("max_length", self.model.cfg.max_seq_len if max_length is None else max_length)
         self.retriever = Retriever.load(db, device=device) if self.retrieval else None
