@@ -173,6 +173,18 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_string(run_db):
     assert lm.generate_until(requests("generate_until", (contexts[0], {"max_gen_toks": 20}))) == full[:1]
 
 
+def test_sampled_generation_is_generates_with_the_seed(run_db):
+    lm = make_lm(run_db, seed=3)
+    context = lm.tok.decode(lm.tok.encode([corpus_text(run_db)])[0][:30])  # fits max_length - max_gen_toks
+    kwargs = {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "max_gen_toks": 12, "until": []}
+    got = lm.generate_until(requests("generate_until", (context, kwargs), (context, {**kwargs, "top_k": 5})))
+    want = [retro.generate(lm.model, lm.retriever, [context], max_new_tokens=12, temperature=1.5, top_k=top_k,
+                           top_p=0.9, seed=3, k=2)[0].text for top_k in (0, 5)]
+    assert got == want and got[0] != got[1]
+    with pytest.raises(retro.RetroError, match="temperature must be a number >= 0, got -1"):
+        lm.generate_until(requests("generate_until", (context, {**kwargs, "temperature": -1})))
+
+
 def test_a_retrofitted_model_in_memory(run_db):
     """model= a fresh retrofit of a (tiny, random) GPT-2: RETRO[OFF] is the base model's own
     log-probability; with retrieval, the retrofit's NLL with the neighbours."""
