@@ -122,7 +122,9 @@ class RetroLM(LM):
         return results
 
     def encode_pair(self, context: str, continuation: str) -> tuple[np.ndarray, np.ndarray]:
-        """The tokens of context and of continuation, as lm-eval's Hugging Face model splits them."""
+        """The tokens of context and of continuation: the whole text's tokens, split after as many as
+        the context alone has (its trailing spaces moved to the continuation first, as lm-eval's
+        Hugging Face model does)."""
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
