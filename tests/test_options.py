@@ -28,6 +28,7 @@ COMMANDS = [
     ("evaluate", ["run", "--db", "d"], [EvaluateOptions(run="run", db="d")]),
     ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
     ("demo", [], [DemoOptions()]),
+    ("lm-eval", [], []),  # no flags of its own: main() hands `retro lm-eval ARGS` to lm-eval's command line
 ]
 
 
