@@ -32,6 +32,7 @@ COMMANDS = [
     ("add-documents", ["db", "corpus"], [AddOptions(db="db", corpus="corpus")]),
     ("remove-documents", ["db"], [RemoveOptions(db="db")]),
     ("compact", ["db"], [CompactOptions(db="db")]),
+    ("lm-eval", [], []),  # no flags of its own: main() hands `retro lm-eval ARGS` to lm-eval's command line
 ]
 
 

@@ -276,7 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
         for cls in command.options:
             add_options(sp, cls)
         sp.set_defaults(command_spec=command)
+    # `retro lm-eval ARGS` never reaches this parser (main hands ARGS to lm-eval's): listed for --help
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line (lm-eval's own flags) with the model "
+                                   "`retro` registered: --model retro --model_args run=RUN,db=DB,retrieval=on")
     return p
+
+
+def _lm_eval(argv: list[str]) -> int:
+    """`retro lm-eval ARGS`: lm-eval's command line with the `retro` model registered
+    (lm_eval_backend.py). Its own errors are lm-eval's; a RetroError (a bad run, database or
+    model argument) is one line, as every command's."""
+    prog = "retro lm-eval"
+    try:
+        from .lm_eval_backend import run_harness
+
+        run_harness(argv)
+    except RetroError as exc:
+        if os.environ.get("RETRO_TRACEBACK"):
+            raise
+        return _fail(prog, _one_line(exc))
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -334,10 +353,12 @@ def _bug(prog: str) -> int:
 def main(argv=None) -> int:
     """Runs `retro ARGV`; returns the exit status: 0, 2 after a one-line user error on stderr,
     130 (143) after Ctrl-C (SIGTERM), 1 after an internal error's traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # before HF_HUB_OFFLINE: lm-eval's tasks download their datasets
+        return _lm_eval(argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prog, spec = "retro", None
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         with terminate_as_interrupt():
             args, unknown = build_parser().parse_known_args(argv)
