@@ -276,12 +276,11 @@ def test_build_db_resume_and_overwrite_know_a_grown_database(tmp_path):
 def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
     db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
     corpus = new_corpus(tmp_path / "c2")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from retro.retrieval.generations import writer_lock\n"
-         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(db)],
+    holder = subprocess.Popen(  # an add that waits after embedding, holding the lock
+        [sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), "add", str(db), "pause:embed", str(corpus)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}"})
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().strip() == "paused"
         before = files(db)
         for argv in (["add-documents", str(db), str(corpus)], ["remove-documents", str(db), "--id", "0"],
                      ["compact", str(db)]):
@@ -292,7 +291,8 @@ def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    assert main(["add-documents", str(db), str(corpus)]) == 0  # the lock went with its process
+    assert main(["add-documents", str(db), str(corpus), "--resume"]) == 0  # the lock went with its process
+    assert ChunkDatabase(db).generation == 1
 
 
 def test_bad_input_gets_one_line_and_loses_nothing(tmp_path, capsys):
