@@ -1,4 +1,4 @@
-"""A database that grows (update.py, generations.py): add-documents appends to every index kind,
+"""A database that grows (update.py, compact.py, generations.py): add-documents appends to every index kind,
 remove-documents hides documents for good, compact gives what a fresh build of the rest gives; own
 document exclusion and the 13-gram filter keep working; a reader keeps its generation until it
 reloads; kill -9 mid-add leaves the old generation and --resume completes it; a second writer is

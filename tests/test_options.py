@@ -13,7 +13,8 @@ from retro.demo import DemoOptions
 from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions
-from retro.retrieval.update import AddOptions, CompactOptions, RemoveOptions
+from retro.retrieval.compact import CompactOptions, RemoveOptions
+from retro.retrieval.update import AddOptions
 from retro.train import TrainOptions
 
 # every command: a minimal command line and the options it must give (the dataclasses' defaults)

@@ -14,7 +14,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from test_database_update import WideHashingEmbedder  # noqa: E402
 
 import retro.retrieval.embedder as embedder  # noqa: E402
-from retro.retrieval.update import add_documents, compact  # noqa: E402
+from retro import add_documents, compact  # noqa: E402
 
 embedder.BertEmbedder = WideHashingEmbedder
 

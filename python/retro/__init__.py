@@ -18,7 +18,8 @@ from .inputs import ModelInputs, encode_for_model
 from .model import PRESETS, RetroConfig, RetroModel, preset
 from .pretrained import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
-from .retrieval.update import add_documents, compact, remove_documents
+from .retrieval.compact import compact, remove_documents
+from .retrieval.update import add_documents
 from .retrofit import RetrofittedLM, retrofit
 from .train import TrainOptions, load_model, train
 

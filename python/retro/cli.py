@@ -199,13 +199,13 @@ def _cmd_add_documents(o) -> None:
 
 
 def _cmd_remove_documents(o) -> None:
-    from .retrieval.update import remove_documents
+    from .retrieval.compact import remove_documents
 
     remove_documents(o.db, ids=o.ids, paths=o.paths)
 
 
 def _cmd_compact(o) -> None:
-    from .retrieval.update import compact
+    from .retrieval.compact import compact
 
     compact(o.db)
 
@@ -238,7 +238,8 @@ def commands() -> dict[str, Command]:
     from .demo import DemoOptions
     from .generate import SamplingOptions
     from .retrieval.build import BuildOptions
-    from .retrieval.update import AddOptions, CompactOptions, RemoveOptions
+    from .retrieval.compact import CompactOptions, RemoveOptions
+    from .retrieval.update import AddOptions
     from .train import TrainOptions
 
     return {

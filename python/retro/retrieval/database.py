@@ -68,7 +68,8 @@ class ChunkDatabase:
     continuation] and their mask; train/valid documents give the language-model data."""
 
     def __init__(self, path: str | Path, manifest: dict | None = None):
-        """Opens the generation manifest.json names (or, from update.py, the one `manifest` describes)."""
+        """Opens the generation manifest.json names (or, for update.py and compact.py, the one `manifest`
+        describes)."""
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if manifest is None and not mpath.exists():

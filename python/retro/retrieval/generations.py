@@ -1,4 +1,4 @@
-"""Generations of a database that grows (update.py: add-documents, remove-documents, compact).
+"""Generations of a database that grows (update.py: add-documents; compact.py: remove-documents, compact).
 
 A change never rewrites what a reader may hold. It writes its new files into a folder of its own,
 generations/GGGGGG/, and then switches the database to them by one atomic replace of manifest.json

@@ -1,4 +1,5 @@
-"""A database that grows without a rebuild (docs/usage.md, "A database that grows"):
+"""A database that grows without a rebuild (docs/usage.md, "A database that grows"); its
+removal and compaction are compact.py's:
 
   add_documents     a corpus's documents tokenised by the database's tokenizer and chunked at its
                     chunk size, their keys from its embedder, appended as a new array segment; the
@@ -7,14 +8,10 @@
                     the chunks (its idf and mean length depend on every chunk, so a second segment
                     would score differently from the same database built at once). The new documents
                     are training documents with new ids and folders after the existing ones.
-  remove_documents  documents (by id, or by their path's glob) marked removed: their chunks are never
-                    returned by a search again; the arrays and the index are untouched
-  compact           the arrays and the index written again without the removed documents: the
-                    database a fresh build of the remaining documents gives (same tokenizer, keys,
-                    index kind and seed)
 
 Each change is a new generation (generations.py), written beside the current one and switched in by
-one atomic replace of manifest.json, under the writer lock. add_documents' stages (tokenise, embed,
+one atomic replace of manifest.json, under the writer lock (the helpers here: pending, next_manifest,
+finish; compact.py uses them too). add_documents' stages (tokenise, embed,
 index) are each written atomically into generations/G/ with its state update_state.json; a kill at
 any point leaves the current generation as it was, and `--resume` completes the change. An add holds
 its corpus's text and new keys in memory (an update is small beside its database; build-db streams).
@@ -22,8 +19,7 @@ its corpus's text and new keys in memory (an update is small beside its database
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
-from itertools import islice
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +30,9 @@ from ..checks import check_int
 from ..errors import RetroError
 from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .bm25 import BM25Index, is_bm25, words
-from .corpus import CorpusReport, _matches, check_corpus, check_globs, iter_documents
-from .database import ARRAYS, ChunkDatabase, chunk_layout, chunk_texts, key_arrays
-from .generations import (GENERATIONS, GROWN_VERSION, generation_dir, generation_of, index_file, segments,
-                          writer_lock)
+from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
+from .database import ChunkDatabase, chunk_layout, chunk_texts, key_arrays
+from .generations import GROWN_VERSION, generation_dir, generation_of, index_file, segments, writer_lock
 
 STATE = "update_state.json"
 SOURCES = "doc_source.json"  # each document's path in its corpus (what remove-documents --path matches)
@@ -62,41 +57,6 @@ class AddOptions:
         check_corpus(self.corpus)
 
 
-@dataclass
-class RemoveOptions:
-    db: str = option(help="the database folder", positional=True)
-    ids: tuple[str, ...] = option((), "a document id to remove; repeatable", flag="id", metavar="ID")
-    paths: tuple[str, ...] = option((), "remove the documents whose path in their corpus matches GLOB (one without "
-                                        "'/' also matches the file name); repeatable", flag="path", metavar="GLOB")
-
-    def validate(self) -> None:
-        document_ids(self.ids)
-        if isinstance(self.paths, str) or not all(isinstance(g, str) and g for g in self.paths):
-            raise RetroError(f"--path takes non-empty glob patterns, got {self.paths!r}")
-        if not self.ids and not self.paths:
-            raise RetroError("remove-documents needs --id ID or --path GLOB (repeatable), got neither")
-        open_database(self.db)
-
-
-@dataclass
-class CompactOptions:
-    db: str = option(help="the database folder", positional=True)
-
-    def validate(self) -> None:
-        open_database(self.db, writes_index=True)
-
-
-def document_ids(ids) -> list[int]:
-    """--id values (ints or strings of ints) -> ints; RetroError naming the first that is not one."""
-    out = []
-    for i in ids:
-        try:
-            out.append(int(i))
-        except (TypeError, ValueError):
-            raise RetroError(f"--id takes document ids (integers), got {i!r}") from None
-    return out
-
-
 def open_database(db, writes_index: bool = False) -> ChunkDatabase:
     """The database in folder `db`; one-line RetroError if there is none (or one of another format,
     or a sharded one), or, for a change that writes its faiss index, if faiss is not installed."""
@@ -115,11 +75,11 @@ def open_database(db, writes_index: bool = False) -> ChunkDatabase:
     return database
 
 
-def _relative(db: Path, path: Path) -> str:
+def relative(db: Path, path: Path) -> str:
     return path.relative_to(db).as_posix()
 
 
-def _array_infos(folder: Path, names) -> dict:
+def array_infos(folder: Path, names) -> dict:
     infos = {}
     for name in names:
         a = np.load(folder / f"{name}.npy", mmap_mode="r")
@@ -137,7 +97,7 @@ def _counts(db: ChunkDatabase) -> dict:
             "removed_chunks": int(0 if live is None else (~live).sum())}
 
 
-def _next_manifest(db: ChunkDatabase, action: dict, **changes) -> dict:
+def next_manifest(db: ChunkDatabase, action: dict, **changes) -> dict:
     """The manifest of db's next generation: its changes, the update's line and the identity of the
     generation it follows; counts come once the new generation can be opened (_switch)."""
     old = db.manifest
@@ -150,37 +110,37 @@ def _next_manifest(db: ChunkDatabase, action: dict, **changes) -> dict:
             **changes}
 
 
-def _switch(path: Path, manifest: dict) -> ChunkDatabase:
+def switch(path: Path, manifest: dict) -> ChunkDatabase:
     """Writes the new generation's manifest: the one atomic step of a change."""
     manifest["counts"] = _counts(ChunkDatabase(path, manifest=manifest))
     write_json(path / "manifest.json", manifest)
     return ChunkDatabase(path)
 
 
-def _segment(path: Path, folder: Path, embedder: str) -> dict:
+def segment(path: Path, folder: Path, embedder: str) -> dict:
     """The manifest's entry for the array segment written into folder."""
-    return {"path": _relative(path, folder), "arrays": _array_infos(folder, key_arrays(embedder))}
+    return {"path": relative(path, folder), "arrays": array_infos(folder, key_arrays(embedder))}
 
 
-def _finish(path: Path, folder: Path, manifest: dict, on_stage: OnStage | None) -> ChunkDatabase:
+def finish(path: Path, folder: Path, manifest: dict, on_stage: OnStage | None) -> ChunkDatabase:
     """After the new generation's index: the switch, then its state file goes (on_stage after each)."""
     if on_stage is not None:
         on_stage("index")
-    db_now = _switch(path, manifest)
+    db_now = switch(path, manifest)
     if on_stage is not None:
         on_stage("manifest")
     (folder / STATE).unlink(missing_ok=True)
     return db_now
 
 
-def _discard(folder: Path) -> None:
+def discard(folder: Path) -> None:
     """Deletes a generation's folder, and generations/ with it if that leaves it empty."""
     shutil.rmtree(folder, ignore_errors=True)
     if folder.parent.exists() and not any(folder.parent.iterdir()):
         folder.parent.rmdir()
 
 
-def _pending(path: Path, db: ChunkDatabase, action: dict, resume: bool) -> Path:
+def pending(path: Path, db: ChunkDatabase, action: dict, resume: bool) -> Path:
     """The folder of the next generation, its state written. Clears what a finished change left
     (a state file in the current generation) and what a kill left before any state was written;
     refuses an unfinished change other than `action` resumed."""
@@ -228,12 +188,12 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
             log(f"[add-documents] {str(path)!r}: the add of {str(corpus)!r} is complete (generation "
                 f"{base.generation}): nothing to resume")
             return base
-        folder = _pending(path, base, action, resume)
+        folder = pending(path, base, action, resume)
         try:
             n_docs = _tokenise_stage(folder, base, action, log)
         except RetroError:
             if not (folder / "chunk_doc.npy").exists():
-                _discard(folder)  # nothing built: no unfinished change left behind
+                discard(folder)  # nothing built: no unfinished change left behind
             raise
         if on_stage is not None:
             on_stage("tokenise")
@@ -243,11 +203,11 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
             if on_stage is not None:
                 on_stage("embed")
         first = len(base.doc_split)
-        manifest = _next_manifest(base, {**action, "documents": [first, first + n_docs]})
-        manifest["segments"] = [*manifest["segments"], _segment(path, folder, name)]
+        manifest = next_manifest(base, {**action, "documents": [first, first + n_docs]})
+        manifest["segments"] = [*manifest["segments"], segment(path, folder, name)]
         grown = ChunkDatabase(path, manifest=manifest)
         _grow_index(folder, base, grown, manifest)
-        db_now = _finish(path, folder, manifest, on_stage)
+        db_now = finish(path, folder, manifest, on_stage)
     log(f"[add-documents] {str(path)!r} generation {db_now.generation}: documents {first}..{first + n_docs - 1} "
         f"added ({grown.num_chunks - base.num_chunks} chunks); {db_now.num_chunks} chunks in all")
     return db_now
@@ -315,7 +275,7 @@ def _grow_index(folder: Path, base: ChunkDatabase, grown: ChunkDatabase, manifes
     kind = base.manifest["index"]["kind"]
     if kind == "bm25":
         target = folder / "bm25"
-        manifest["index"] = _write_bm25(grown, target)
+        manifest["index"] = write_bm25(grown, target)
     elif kind != "torch":
         import faiss
 
@@ -327,10 +287,10 @@ def _grow_index(folder: Path, base: ChunkDatabase, grown: ChunkDatabase, manifes
                 faiss.write_index(index, str(tmp))
     else:
         return
-    manifest["index_file"] = _relative(base.path, target)
+    manifest["index_file"] = relative(base.path, target)
 
 
-def _write_bm25(db: ChunkDatabase, target: Path) -> dict:
+def write_bm25(db: ChunkDatabase, target: Path) -> dict:
     """The BM25 index of every chunk of db, as build-db's bm25 stages make it (bm25_build.py), into
     the folder target (unless a resumed change wrote it already); -> the manifest's index entry."""
     from ..atomic import write_folder
@@ -345,180 +305,3 @@ def _write_bm25(db: ChunkDatabase, target: Path) -> dict:
         write_folder(target, index.save)
     return {"kind": "bm25", "exact": True, "vocabulary": len(vocab), "postings": int(len(index.data)),
             "mean_terms_per_chunk": float(sum(len(t) for t in terms) / max(1, len(terms)))}
-
-
-def document_sources(db: ChunkDatabase) -> list[str]:
-    """Each document's path in its corpus: recorded for added ones; for the build's own, read again
-    from the corpus the build names (RetroError if it is gone or changed)."""
-    sources = []
-    for seg in segments(db.manifest):
-        folder = db.path / seg["path"]
-        if (folder / SOURCES).exists():
-            sources += read_json(folder / SOURCES)
-            continue
-        o = db.manifest["options"]
-        n = seg["arrays"]["doc_split"]["shape"][0]
-        docs = iter_documents(o["corpus"], o.get("text_field", "text"), None, o.get("include", ()),
-                              o.get("exclude", ()), with_source=True)
-        try:
-            found = [(len(t.encode("utf-8")), src) for t, _, src in islice(docs, n)]
-        except RetroError as exc:
-            raise RetroError(f"--path needs the corpus the database was built from to match paths: {exc}") from None
-        if [b for b, _ in found] != np.asarray(db.doc_bytes[len(sources):len(sources) + n]).tolist():
-            raise RetroError(f"--path: the corpus {o['corpus']!r} changed since {str(db.path)!r} was built, so its "
-                             "documents' paths are unknown; remove them by --id")
-        sources += [src for _, src in found]
-    return sources
-
-
-def remove_documents(db: str | Path, ids=(), paths=(), log=print) -> ChunkDatabase:
-    """Marks the documents `ids` and those whose corpus path matches a glob of `paths` removed (the
-    next generation): no search returns their chunks again. -> the database at the new generation."""
-    RemoveOptions(str(db), tuple(str(i) for i in ids), tuple(paths)).validate()
-    path = Path(db)
-    with writer_lock(path):
-        base = open_database(path)
-        wanted = set(document_ids(ids))
-        bad = sorted(i for i in wanted if not 0 <= i < len(base.doc_split) or i in set(base.removed.tolist()))
-        if bad:
-            raise RetroError(f"--id {bad[0]}: no such document in {str(path)!r} (ids are 0..{len(base.doc_split) - 1}"
-                             f"{', removed ones excluded' if len(base.removed) else ''}); nothing removed")
-        if paths:
-            matched = {d for d, src in enumerate(document_sources(base)) if _matches(src, paths)}
-            matched -= set(base.removed.tolist())
-            if not matched:
-                raise RetroError(f"--path {' '.join(paths)}: no document of {str(path)!r} matches; nothing removed")
-            wanted |= matched
-        _pending(path, base, {"action": "remove"}, resume=False)
-        removed = sorted(set(base.removed.tolist()) | wanted)
-        manifest = _next_manifest(base, {"action": "remove", "documents": sorted(wanted)},
-                                  removed_documents=removed)
-        db_now = _switch(path, manifest)
-        _discard(generation_dir(path, db_now.generation))  # only its state
-    log(f"[remove-documents] {str(path)!r} generation {db_now.generation}: {len(wanted)} documents removed "
-        f"({len(removed)} in all); `retro compact {db}` rewrites the database without them")
-    return db_now
-
-
-def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> ChunkDatabase:
-    """Writes the database again without its removed documents, as one segment with its index built
-    afresh (the next generation), then deletes the files no generation refers to any more."""
-    CompactOptions(str(db)).validate()
-    path = Path(db)
-    with writer_lock(path):
-        base = open_database(path)
-        if not len(base.removed) and len(segments(base.manifest)) == 1:
-            if base.generation:  # what a compact killed after its switch left
-                (generation_dir(path, base.generation) / STATE).unlink(missing_ok=True)
-                _collect_garbage(path, base.manifest)
-            damage = _index_damage(path)
-            if damage is None:
-                log(f"[compact] {str(path)!r}: no removed document, one segment: nothing to compact")
-                return base
-            log(f"[compact] {damage.split('; ')[0]}: writing the database again with its index built afresh")
-        folder = _pending(path, base, {"action": "compact"}, resume=True)
-        keep = np.setdiff1d(np.arange(len(base.doc_split)), base.removed)
-        _compact_arrays(folder, base, keep)
-        if on_stage is not None:
-            on_stage("arrays")
-        name = base.manifest["embedder"]["name"]
-        manifest = _next_manifest(base, {"action": "compact", "documents": int(len(keep))}, removed_documents=[],
-                                  segments=[_segment(path, folder, name)])
-        manifest.pop("index_file", None)
-        compacted = ChunkDatabase(path, manifest=manifest)
-        _fresh_index(folder, compacted, manifest)
-        db_now = _finish(path, folder, manifest, on_stage)
-        _collect_garbage(path, db_now.manifest)
-    log(f"[compact] {str(path)!r} generation {db_now.generation}: {len(base.removed)} removed documents dropped; "
-        f"{len(keep)} documents, {db_now.num_chunks} chunks")
-    return db_now
-
-
-def _index_damage(path: Path) -> str | None:
-    """Why the database's index cannot be loaded (missing, damaged), or None."""
-    from .retriever import Retriever
-
-    try:
-        Retriever.load(path)
-    except RetroError as exc:
-        return str(exc)
-    return None
-
-
-def _compact_arrays(folder: Path, db: ChunkDatabase, keep: np.ndarray) -> None:
-    """The arrays of the documents `keep` (sorted ids), renumbered 0.. in order; chunk_doc last."""
-    if (folder / "chunk_doc.npy").exists():
-        return
-    lengths = np.diff(np.asarray(db.doc_start))[keep]
-    doc_start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    with atomic_path(folder / "tokens.npy") as tmp:
-        tokens = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(int(doc_start[-1]),))
-        for new, d in enumerate(keep):
-            tokens[doc_start[new]:doc_start[new + 1]] = db.document_tokens(int(d))
-        tokens.flush()
-        del tokens
-    doc_split = np.asarray(db.doc_split)[keep]
-    chunk_start, chunk_len, chunk_doc = chunk_layout(doc_start, doc_split, db.chunk_size)
-    live = np.flatnonzero(db.live_chunks) if db.live_chunks is not None else np.arange(db.num_chunks)
-    if len(live) != len(chunk_start):
-        raise RetroError(f"{str(db.path)!r}: {len(live)} chunks remain but their documents give {len(chunk_start)}; "
-                         "the database is damaged")
-    try:
-        sources = document_sources(db)
-        write_json(folder / SOURCES, [sources[int(d)] for d in keep])
-    except RetroError:
-        pass  # the build's corpus is gone: --path cannot match the compacted documents (--id still can)
-    if db.embeddings is not None:
-        write_npy(folder / "embeddings.npy", np.asarray(db.embeddings[live], dtype=np.float32))
-    for name, arr in (("doc_start", doc_start), ("doc_split", doc_split), ("doc_bytes", np.asarray(db.doc_bytes)[keep]),
-                      ("doc_folder", np.asarray(db.doc_folder)[keep]), ("chunk_start", chunk_start),
-                      ("chunk_len", chunk_len), ("chunk_doc", chunk_doc)):
-        write_npy(folder / f"{name}.npy", arr)
-
-
-def _fresh_index(folder: Path, db: ChunkDatabase, manifest: dict) -> None:
-    """The compacted database's index, built as build-db builds it (same kind, seed, target recall)."""
-    from .index import SearchIndex, build_faiss, tune_nprobe
-
-    kind = manifest["index"]["kind"]
-    if kind == "bm25":
-        target = folder / "bm25"
-        manifest["index"] = _write_bm25(db, target)
-    elif kind != "torch":
-        import faiss
-
-        target = folder / "index.faiss"
-        options = manifest.get("options", {})
-        vectors = np.asarray(db.embeddings, dtype=np.float32)
-        index, settings = build_faiss(kind, vectors, seed=options.get("seed", 0))
-        settings.nprobe, settings.recall = tune_nprobe(SearchIndex(settings, index), vectors,
-                                                       options.get("target_recall", 0.95),
-                                                       seed=options.get("seed", 0))
-        with atomic_path(target) as tmp:
-            faiss.write_index(index, str(tmp))
-        manifest["index"] = asdict(settings)
-    else:
-        return
-    manifest["index_file"] = _relative(db.path, target)
-
-
-def _collect_garbage(path: Path, manifest: dict) -> None:
-    """Deletes the arrays, indexes and precomputed neighbours that the manifest's generation does not
-    use (a reader that opened them keeps them: its memory maps and loaded index outlive the files'
-    names)."""
-    if not any(seg["path"] == "" for seg in segments(manifest)):
-        for name in ARRAYS:
-            (path / f"{name}.npy").unlink(missing_ok=True)
-    named = {manifest.get("index_file")}
-    if "index.faiss" not in named:
-        (path / "index.faiss").unlink(missing_ok=True)
-    if "bm25" not in named:
-        shutil.rmtree(path / "bm25", ignore_errors=True)
-    current = generation_dir(path, generation_of(manifest))
-    for folder in (path / GENERATIONS).iterdir() if (path / GENERATIONS).exists() else ():
-        if folder != current:
-            shutil.rmtree(folder, ignore_errors=True)
-    mine = f"-gen{generation_of(manifest):06d}"
-    for stale in path.glob("neighbours-*"):  # precomputed for the chunk ids of an earlier generation
-        if mine not in stale.name:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
