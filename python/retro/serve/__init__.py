@@ -1,0 +1,42 @@
+"""`retro serve RUN --db DB`: the model behind an OpenAI-compatible HTTP API (FastAPI on uvicorn),
+retrieving live from the database at every chunk boundary, with a page at / that shows the
+neighbours. app.py: the routes; scheduler.py: continuous batching (one thread owns the model);
+schemas.py: the request body; errors.py: OpenAI-style error bodies; neighbours.py: what a response
+says about retrieval; page.html: the page.
+
+    from retro.serve import build_scheduler, create_app
+    app = create_app(build_scheduler(model, retriever, tokenizer), "my-model")   # any ASGI server runs it
+"""
+from __future__ import annotations
+
+from .app import create_app
+from .scheduler import Job, Scheduler
+
+
+def build_scheduler(model, retriever, tokenizer, max_batch: int = 16, max_waiting: int = 64) -> Scheduler:
+    """A Scheduler for model (eval mode), retrieving from retriever (None: RETRO[OFF] for every
+    request), decoding with tokenizer."""
+    model.eval()
+    return Scheduler(model, retriever, tokenizer, max_batch=max_batch, max_waiting=max_waiting)
+
+
+def serve(o) -> None:
+    """Runs the server of ServeOptions o until SIGTERM or Ctrl-C (both finish the requests in flight)."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from ..retrieval import Retriever
+    from ..train import check_run_database, load_model
+
+    model, state = load_model(o.run, device=o.device)
+    retriever = Retriever.load(o.db, device=o.device)
+    check_run_database(state, retriever.db, o.run)
+    scheduler = build_scheduler(model, retriever, retriever.db.tokenizer, o.max_batch, o.max_waiting)
+    name = o.model_name or Path(o.run).resolve().name
+    print(f"[serve] {name} on http://{o.host}:{o.port} ({o.max_batch} decoding slots of {scheduler.max_len} "
+          "tokens); the page: /, the API: /v1/completions", flush=True)
+    uvicorn.run(create_app(scheduler, name), host=o.host, port=o.port, log_level=o.log_level)
+
+
+__all__ = ["Job", "Scheduler", "build_scheduler", "create_app", "serve"]
