@@ -349,3 +349,14 @@ def test_retro_serve_refuses_bad_flags_in_one_line(argv, says, capsys, tmp_path)
     assert main(["serve", str(tmp_path / "run"), "--db", str(tmp_path / "db"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("retro serve: error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_retrofitted_model_is_refused_in_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import retro
+    from retro.serve import build_scheduler
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+    with pytest.raises(retro.RetroError, match="serves RETRO models; this run holds a RetrofittedLM"):
+        build_scheduler(retro.retrofit(hf, chunk_size=4, encoder=dict(dim=16, head_dim=8)), None, None)

@@ -9,13 +9,20 @@ says about retrieval; page.html: the page.
 """
 from __future__ import annotations
 
+from ..errors import RetroError
 from .app import create_app
 from .scheduler import Job, Scheduler
 
 
 def build_scheduler(model, retriever, tokenizer, max_batch: int = 16, max_waiting: int = 64) -> Scheduler:
-    """A Scheduler for model (eval mode), retrieving from retriever (None: RETRO[OFF] for every
-    request), decoding with tokenizer."""
+    """A Scheduler for model (a RetroModel, in eval mode), retrieving from retriever (None:
+    RETRO[OFF] for every request), decoding with tokenizer. A retrofitted model is refused: its
+    decoding keeps one Hugging Face cache per sequence, not rows that requests can join and leave."""
+    from ..model import RetroModel
+
+    if not isinstance(model, RetroModel):
+        raise RetroError(f"retro serve serves RETRO models; this run holds a {type(model).__name__} (a retrofitted "
+                         "model decodes one sequence at a time): use retro generate for it")
     model.eval()
     return Scheduler(model, retriever, tokenizer, max_batch=max_batch, max_waiting=max_waiting)
 

@@ -79,7 +79,10 @@ class Job:
     def push(self, event: Event | BaseException) -> None:
         """From the scheduler thread: hands an event (or an exception to raise) to the handler."""
         if not self.cancelled.is_set():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                self.cancel()
 
 
 @dataclass
