@@ -34,7 +34,7 @@ MAX_LEN = 96
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base url, model, retriever, scheduler): the tiny run served in this process, 4 decoding
-    slots, 8 requests queued at most."""
+    slots, 16 requests queued at most."""
     from retro.retrieval import Retriever
     from retro.serve import build_scheduler, create_app
     from retro.train import load_model
@@ -42,7 +42,7 @@ def served(tmp_path_factory):
     run, db = trained_run(tmp_path_factory.mktemp("serve"))
     model, _ = load_model(run, device="cpu")
     retriever = Retriever.load(db)
-    scheduler = build_scheduler(model, retriever, retriever.db.tokenizer, max_batch=4, max_waiting=8)
+    scheduler = build_scheduler(model, retriever, retriever.db.tokenizer, max_batch=4, max_waiting=16)
     with running_server(create_app(scheduler, "tiny")) as (url, _):
         yield url, model, retriever, scheduler
 
@@ -144,8 +144,9 @@ def stream_events(url: str, **body) -> list[dict]:
 
 
 def test_concurrent_requests_decode_together_and_never_mix(served):
-    """Six different prompts at once on 4 slots (rows join and leave): each output is its
-    single-request output, greedy and sampled, in fewer batched steps than one by one."""
+    """Six different prompts at once, greedy and sampled (12 requests: 4 slots, the rest queued;
+    rows join and leave): each output is its single-request output, in fewer batched steps than
+    one by one."""
     url, _, _, scheduler = served
     bodies = [dict(prompt=p, max_tokens=24 + 3 * i, temperature=0) for i, p in enumerate(PROMPTS)]
     bodies += [dict(prompt=p, max_tokens=20, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
@@ -174,7 +175,7 @@ def test_no_request_is_kept_after_it_is_done(served):
 
 
 def test_a_hundred_simultaneous_connections(served):
-    """100 requests at once on 4 slots and a queue of 8: each is served or refused with 429 and an
+    """100 requests at once on 4 slots and a queue of 16: each is served or refused with 429 and an
     OpenAI-style body; the server stays up."""
     url, *_ = served
 

@@ -279,9 +279,9 @@ class Scheduler:
         end = len(text) if finish else len(text) - held_back(text, job.stop)
         delta = text[row.sent:end]
         row.sent = max(row.sent, end)
-        job.push(Event(delta, token, logprobs, retrieved, finish))
-        if finish:
+        if finish:  # free before the last event: a client that has it finds the slot free
             self._free(slot)
+        job.push(Event(delta, token, logprobs, retrieved, finish))
 
     def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> dict:
         """The model's log-probabilities (before temperature) of `token` and of the `top` most likely."""
