@@ -361,3 +361,35 @@ def test_a_retrofitted_model_is_refused_in_one_line():
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
     with pytest.raises(retro.RetroError, match="serves RETRO models; this run holds a RetrofittedLM"):
         build_scheduler(retro.retrofit(hf, chunk_size=4, encoder=dict(dim=16, head_dim=8)), None, None)
+
+
+def test_the_usage_docs_client_example_runs(served, capsys):
+    """docs/usage.md's `openai` client example ("Serving"), run as written against the test's server."""
+    import re
+
+    url, *_ = served
+    text = (ROOT / "docs" / "usage.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "OpenAI(" in b]
+    assert len(blocks) == 1 and "http://127.0.0.1:8000" in blocks[0]
+    exec(compile(blocks[0].replace("http://127.0.0.1:8000", url), "docs/usage.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.strip() and "0 [" in out  # the text, then chunk 0's neighbour ids
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_the_usage_docs_curl_examples_run(served):
+    """docs/usage.md's curl calls ("Serving"), each run as written against the test's server."""
+    import re
+
+    url, *_ = served
+    text = (ROOT / "docs" / "usage.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "curl -s localhost:8000" in b)
+    calls = [c.split("  #")[0] for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl")]
+    assert len(calls) == 3
+    for call in calls:
+        out = subprocess.run(call.replace("localhost:8000", url), shell=True, capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        if '"stream": true' in call:
+            assert out.rstrip().endswith("data: [DONE]")
+        else:
+            assert json.loads(out)["usage"]["completion_tokens"] >= 1
