@@ -393,3 +393,32 @@ def test_the_usage_docs_curl_examples_run(served):
             assert out.rstrip().endswith("data: [DONE]")
         else:
             assert json.loads(out)["usage"]["completion_tokens"] >= 1
+
+
+def test_put_row_joins_a_prefilled_row_into_a_decoding_batch():
+    """DecodeState.put_row: a prompt prefilled alone and copied into row r of a wider, longer state
+    steps to the logits it gives in a state of its own, whatever the other rows hold."""
+    import torch
+
+    from retro.model import RetroModel, preset
+
+    torch.manual_seed(0)
+    model = RetroModel(preset("tiny", vocab_size=64, dim=32, ff_dim=64, heads=2, head_dim=16, depth=2,
+                              cca_layers=(1,), enc_dim=32, enc_heads=2, enc_head_dim=16, chunk_size=4,
+                              max_seq_len=32)).double().eval()
+    prompts = [torch.randint(0, 64, (1, n)) for n in (3, 6, 9)]
+    batch = model.new_state(4, 32)
+    model.step(batch, torch.randint(0, 64, (4,)), {})  # rows holding something else before the prompts join
+    alone = []
+    for r, p in enumerate(prompts):
+        chunks = p.shape[1] // 4  # the neighbours (k=2, [chunk, continuation] of 8 tokens) of its complete chunks
+        nb = torch.randint(0, 64, (1, chunks, 2, 8)) if chunks else None
+        one = model.new_state(1, p.shape[1])
+        model.prefill(one, p, nb)
+        batch.put_row(r + 1, one)
+        own = model.new_state(1, 16)
+        model.prefill(own, p, nb)
+        alone.append(model.step(own, torch.tensor([5]), {}))
+    together = model.step(batch, torch.tensor([7, 5, 5, 5]), {})
+    for r in range(3):
+        torch.testing.assert_close(together[r + 1:r + 2], alone[r], rtol=0, atol=1e-12)
