@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
@@ -422,3 +423,17 @@ def test_put_row_joins_a_prefilled_row_into_a_decoding_batch():
     together = model.step(batch, torch.tensor([7, 5, 5, 5]), {})
     for r in range(3):
         torch.testing.assert_close(together[r + 1:r + 2], alone[r], rtol=0, atol=1e-12)
+
+
+def test_the_queue_takes_max_waiting_jobs_beyond_the_free_slots():
+    """max_waiting counts the jobs that wait while every slot is taken: with 2 free slots and
+    max_waiting 0, two jobs are taken, a third is refused."""
+    from retro.serve.scheduler import Busy, Job, Scheduler
+
+    scheduler = Scheduler.__new__(Scheduler)  # the queue alone: no model, no thread
+    scheduler.max_batch, scheduler.max_waiting, scheduler.slots = 2, 0, [None, None]
+    scheduler.waiting, scheduler.cond = deque(), threading.Condition()
+    for _ in range(2):
+        scheduler.submit(Job("a", 1, 1))
+    with pytest.raises(Busy, match="2 requests are waiting for one of its 2 decoding slots"):
+        scheduler.submit(Job("a", 1, 1))

@@ -84,7 +84,7 @@ class ServeOptions:
     host: str = option("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, "the port to listen on")
     max_batch: int = option(16, "requests decoded together (the decoding slots)")
-    max_waiting: int = option(64, "requests queued for a slot before more are refused (HTTP 429)")
+    max_waiting: int = option(64, "requests queued while every slot is taken; more are refused (HTTP 429)")
     model_name: str | None = option(None, "the model's name in the API (default: the run folder's name)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
     device: str | None = option(None, DEVICE_HELP)

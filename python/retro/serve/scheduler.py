@@ -142,9 +142,9 @@ class Scheduler:
         self.thread.join()
 
     def submit(self, job: Job) -> Job:
-        """Queues a bound job; Busy when max_waiting jobs already wait."""
+        """Queues a bound job; Busy when max_waiting jobs already wait beyond those the free slots take."""
         with self.cond:
-            if len(self.waiting) >= self.max_waiting:
+            if len(self.waiting) >= self.max_waiting + self.slots.count(None):
                 raise Busy(f"the server is busy: {len(self.waiting)} requests are waiting for one of its "
                            f"{self.max_batch} decoding slots; retry later")
             self.waiting.append(job)
