@@ -310,8 +310,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
 def test_the_page_streams_the_continuation_and_shows_the_neighbours(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (the test extra)")
+    sync_playwright = sync_playwright.sync_playwright
     url, *_ = served
     expected = complete(url, prompt=PROMPTS[0], max_tokens=40, temperature=0)["choices"][0]
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
