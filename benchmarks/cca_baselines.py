@@ -88,17 +88,28 @@ def flex_mask(p: Problem):
 _flex = None
 
 
-def flex_layer(p: Problem, block_mask) -> Tensor:
+def flex(compiled: bool = True) -> Callable:
+    """flex_attention, compiled once (its fused kernel; static shapes) or as it is (eager: the
+    unfused reference computation, for the CPU rehearsal, where inductor's compile takes minutes)."""
     global _flex
-    if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
+    if not compiled:
+        return flex_attention
+    if _flex is None:
         _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex
+
+
+def _flex_inputs(p: Problem):
+    """q (B, H, N, D) and keys/values flattened to (B, H, L*K*R, D), views of p's tensors."""
     B, N, H, D, L, K, R, m = p.dims
-    q = p.q.transpose(1, 2)
-    k = p.k.reshape(B, L * K * R, H, D).transpose(1, 2)
-    v = p.v.reshape(B, L * K * R, H, D).transpose(1, 2)
-    return _flex(q, k, v, block_mask=block_mask).transpose(1, 2)
+    return (p.q.transpose(1, 2), p.k.reshape(B, L * K * R, H, D).transpose(1, 2),
+            p.v.reshape(B, L * K * R, H, D).transpose(1, 2))
+
+
+def flex_layer(p: Problem, block_mask, compiled: bool = True) -> Tensor:
+    return flex(compiled)(*_flex_inputs(p), block_mask=block_mask).transpose(1, 2)
 
 
 # ---- bare attention: inputs prepared outside the timed region -----------------------------------
@@ -124,6 +135,18 @@ def bare_sdpa(prep, backend=None) -> Callable[[], Tensor]:
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(win, k, v, attn_mask=mask)
     return run
+
+
+def bare_flex(prep, block_mask, compiled: bool = True) -> Callable[[], Tensor]:
+    """FlexAttention on inputs already laid out as it wants them (prepared_flex_inputs)."""
+    q, k, v = prep
+    fn = flex(compiled)
+    return lambda: fn(q, k, v, block_mask=block_mask)
+
+
+def prepared_flex_inputs(p: Problem, requires_grad: bool):
+    """Contiguous copies of _flex_inputs (leaves, with requires_grad as asked)."""
+    return tuple(x.contiguous().detach().requires_grad_(requires_grad) for x in _flex_inputs(p))
 
 
 def prepared_sdpa_inputs(p: Problem, requires_grad: bool):

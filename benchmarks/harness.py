@@ -1,6 +1,7 @@
 """Shared benchmark harness: timing (median of many runs), peak memory, machine name, the backend
 each row measured (and the refusal to label a fallback as a fused kernel), and the results as
-JSON, a Markdown table and a plot under benchmarks/results/."""
+JSON, a Markdown table and a plot under benchmarks/results/; append_row writes one row at a time
+(JSON Lines) for runs that may be cut (benchmarks/gpu_rows.py)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where write_results writes; RETRO_RESULTS_DIR moves it (gpu_check.sh: into the run's own folder)
+RESULTS = Path(os.environ.get("RETRO_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def cpu_isa_label() -> str:
@@ -228,6 +230,20 @@ def code_version() -> str:
     return head + (" + uncommitted changes" if dirty else "")
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Appends row as one JSON line to path (JSON Lines) and flushes it to disk at once: a run
+    killed after this call keeps the row. The line is written by one write() call in append mode,
+    so rows of concurrent writers do not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(row, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def mean_range(values, digits: int = 3) -> str:
     """"mean (min-max)" of values, for a row summarising several seeds."""
     v = np.asarray(values, dtype=float)
@@ -235,9 +251,9 @@ def mean_range(values, digits: int = 3) -> str:
 
 
 def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple[str, str]],
-                  notes: list[str], plot: Callable[[Path], None] | None = None) -> Path:
-    """Writes results/<name>-<machine>.{json,md} (and .png through `plot`); prints the table.
-    columns: (key in row, header)."""
+                  notes: list[str], plot: Callable[[Path], None] | None = None, echo: bool = True) -> Path:
+    """Writes results/<name>-<machine>.{json,md} (and .png through `plot`); prints the table
+    (unless echo is False). columns: (key in row, header)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{slug(machine)}"
     meta = {"benchmark": name, "machine": machine, "torch": torch.__version__,
@@ -254,7 +270,8 @@ def write_results(name: str, machine: str, rows: list[dict], columns: list[tuple
     stem.with_suffix(".md").write_text(text)
     if plot is not None:
         plot(stem.with_suffix(".png"))
-    print(text)
+    if echo:
+        print(text)
     return stem
 
 

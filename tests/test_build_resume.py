@@ -85,9 +85,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_bm25_database(tmp_path, unin
     kill_then_resume(tmp_path, *uninterrupted_bm25, stage, index, "--bm25")
 
 
-def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted):
+def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted, monkeypatch):
+    import retro.retrieval.embedder
+    from retrieval_helpers import HashingEmbedder
     from retro import RetroError
     from retro.retrieval import BuildOptions, ChunkDatabase, build_database
+
+    monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", HashingEmbedder)
 
     corpus, _ = uninterrupted
     assert run_worker(corpus, tmp_path / "db", "embed", 1).returncode == -9

@@ -1,7 +1,8 @@
 """GPU checks (marker `gpu`; skipped without CUDA): every backend against the float64 reference
 with the error-ratio rule in bfloat16 and float16, the Triton backward against autograd through
-the reference, the CUDA decode kernel, and `train --compile` (inductor, bf16 autocast, fused AdamW)
-against eager training. Run by benchmarks/gpu_check.sh on the device."""
+the reference, the CUDA decode kernel, `train --compile` (inductor, bf16 autocast, fused AdamW)
+against eager training, CUDA-graph decoding against eager, FSDP2 on one GPU. Run by
+benchmarks/gpu_check.sh on the device (benchmarks/gpu_tests.txt: the cases its first call runs)."""
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def cca(backend, m, mask):
     return lambda q, k, v: chunked_cross_attention(q, k, v, chunk_size=m, neighbour_mask=mask, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mask", [None, "random"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference_on_gpu(case, mask, dtype):
@@ -50,12 +51,13 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     assert calls == ["triton"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 # rows of head_dim 30 (every dtype) and 100 (16-bit dtypes) are not whole 16-byte vectors: they take
 # the kernel's element-by-element (scalar) loads; the others its vector loads
 @pytest.mark.parametrize("shape", [(3, 2, 32, 2, 7), (64, 16, 64, 2, 128), (8, 32, 128, 2, 128),
-                                   (2, 4, 80, 4, 33), (1, 2, 256, 10, 128), (2, 3, 30, 2, 9), (5, 2, 100, 3, 40)])
-@pytest.mark.parametrize("mask", [False, True])
+                                   (2, 4, 80, 4, 33), (1, 2, 256, 10, 128), (2, 3, 30, 2, 9), (5, 2, 100, 3, 40)],
+                         ids=lambda s: "B{}-H{}-D{}-K{}-R{}".format(*s))
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
 def test_cuda_decode_matches_reference(shape, dtype, mask):
     B, H, D, K, R = shape
     q, k, v, m = random_decode_step(B, H, D, K, R, device="cuda", mask=mask)
@@ -63,8 +65,9 @@ def test_cuda_decode_matches_reference(shape, dtype, mask):
     torch.testing.assert_close(chunked_cross_attention_decode(*(x.to(dtype) for x in (q, k, v)), m), got)  # auto
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 128, 14, 64, 64), (1, 3, 3, 100, 2, 128, 40)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 128, 14, 64, 64), (1, 3, 3, 100, 2, 128, 40)],
+                         ids=lambda s: "B{}-L{}-K{}-R{}-H{}-D{}-C{}".format(*s))
 def test_neighbour_attention_triton_on_gpu(shape, dtype):
     from retro_kernels import neighbour_cross_attention, neighbour_self_attention
 
@@ -157,3 +160,48 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
     err_eager, err_graphs = (eager - exact).abs().max(), (graphs - exact).abs().max()
     assert err_graphs <= 2 * err_eager + floor, (err_graphs, err_eager, floor)
     assert torch.equal(again, graphs)
+
+
+def test_sharded_model_on_one_gpu_matches_unsharded():
+    """FSDP2 on the GPU (tests/test_fsdp.py runs it in CPU processes): fsdp.shard_model on one CUDA
+    device (NCCL, one rank; the path of `retro train --fsdp` on a GPU). In float32 the loss and
+    every gradient are the unsharded model's on the same GPU; with bf16 the gathered weights
+    compute in bfloat16 and the reduced gradients come back float32, within bfloat16's error of the
+    float32 ones. The reference backend keeps Triton compiles out."""
+    import copy
+
+    from retrieval_helpers import free_port
+    from retro import fsdp
+    from retro.model import RetroModel, preset
+    from test_fsdp import SMALL
+
+    cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16, "backend": "reference"})
+    plain = RetroModel(cfg).cuda()
+    sharded, sharded_bf16 = copy.deepcopy(plain), copy.deepcopy(plain)
+    tokens = torch.randint(0, 50, (2, 16), device="cuda")
+    neighbours = torch.randint(0, 50, (2, 4, 2, 8), device="cuda")
+    mask = torch.rand(2, 4, 2, 8, device="cuda") > 0.2
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        fsdp.shard_model(sharded, torch.device("cuda"), bf16=False)
+        fsdp.shard_model(sharded_bf16, torch.device("cuda"), bf16=True)
+        losses = []
+        for model in (plain, sharded, sharded_bf16):
+            model.train()
+            loss = model(tokens, neighbours, mask).float().square().mean()
+            loss.backward()
+            losses.append(loss.item())
+        grads = [{name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # gathered: needs the group
+                  for name, p in model.named_parameters()} for model in (sharded, sharded_bf16)]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[0], rel=5e-2) and losses[2] != losses[0]  # bfloat16 arithmetic
+    for name, p in plain.named_parameters():
+        for got, exact in zip(grads, (True, False)):
+            assert got[name].dtype == torch.float32, (name, got[name].dtype)
+            if exact:
+                torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            else:  # bfloat16 has 8 bits of mantissa: a few percent of the gradient's norm
+                assert (got[name] - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name

@@ -21,6 +21,7 @@ from retro_kernels import (chunked_cross_attention_decode_reference, chunked_cro
 from retro_kernels._extension import has_cpu_kernels, has_cuda_kernels, has_triton, triton_interpreting
 from retro_kernels.ops.block_attention import block_attention, block_attention_decode, layouts
 from retro_kernels.ops.block_attention.naive import block_attention_reference
+from testing import triton_device
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
 B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 5, 2, 5, 6, 4
@@ -38,6 +39,12 @@ class OpSpec:
     @property
     def backend(self) -> str:
         return "triton" if self.op.endswith("_triton") else "cpu"
+
+    @property
+    def device(self) -> str:
+        """Where the op's tensors live: the C++ ops' on the CPU, the Triton ops' on the GPU when
+        there is one (else on the CPU, under the interpreter)."""
+        return triton_device() if self.backend == "triton" else "cpu"
 
     def __str__(self) -> str:
         return self.op
@@ -82,16 +89,17 @@ def _reference(kind: str, q, k, v, key_mask, q_rows=M, groups=4, prefix_rows=M -
 def _forward_outputs(spec: OpSpec):
     """out and lse of the consistent inputs, from the forward op of the same backend."""
     fwd = getattr(torch.ops.retro_kernels, spec.op.replace("_bwd", "_fwd"))
-    return fwd(*_inputs(spec.kind).values(), *DESCRIPTION.values(), SCALE)
+    return fwd(*_inputs(spec.kind, spec.device).values(), *DESCRIPTION.values(), SCALE)
 
 
-def consistent_args(spec: OpSpec, real: bool = False) -> dict:
-    """The op's arguments by schema name, all consistent. A backward op gets out and lse of the
-    right shapes and dtypes; their values come from the forward op only when `real`."""
-    x = _inputs(spec.kind)
+def consistent_args(spec: OpSpec, real: bool = False, device: str | None = None) -> dict:
+    """The op's arguments by schema name, all consistent, on `device` (default the op's). A
+    backward op gets out and lse of the right shapes and dtypes; their values come from the forward
+    op only when `real`."""
+    x = _inputs(spec.kind, spec.device if device is None else device)
     if spec.backward:
         q = x["q"]
-        out, lse = _forward_outputs(spec) if real else (torch.zeros_like(q), torch.zeros(B, H, N))
+        out, lse = _forward_outputs(spec) if real else (torch.zeros_like(q), torch.zeros(B, H, N, device=q.device))
         x = {"grad_out": torch.randn_like(q), **x, "out": out, "lse": lse}
     if spec.kind == "block":
         x.update(DESCRIPTION)
@@ -112,17 +120,18 @@ def _resized(t: torch.Tensor, dim: int, delta: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] += delta
     if t.dtype == torch.bool:
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.randn(shape, dtype=t.dtype)
+        return torch.ones(shape, dtype=torch.bool, device=t.device)
+    return torch.randn(shape, dtype=t.dtype, device=t.device)
 
 
 def _other_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bool, torch.float64) else t.double()
 
 
-def mutations(spec: OpSpec):
-    """(argument, description, replacement, expected exception or None for a legal change)."""
-    args = consistent_args(spec)
+def mutations(spec: OpSpec, device: str | None = None):
+    """(argument, description, replacement, expected exception or None for a legal change); the
+    tensors on `device` (default the op's)."""
+    args = consistent_args(spec, device=device)
     for name, t in args.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -163,9 +172,10 @@ def mutation_table(spec: OpSpec) -> dict:
 
 
 def _cases():
+    """The test cases, from mutations on the CPU: collecting creates nothing on a GPU."""
     for p in OPS:
         spec = p.values[0]
-        for (name, what), (_, error) in mutation_table(spec).items():
+        for name, what, _, error in mutations(spec, "cpu"):
             yield pytest.param(spec, name, what, error, id=f"{spec}-{name}-{what}")
 
 
@@ -192,7 +202,7 @@ def test_inconsistent_argument_is_refused_and_named(spec, name, what, error):
 @pytest.mark.parametrize("spec", OPS)
 def test_consistent_call_succeeds_and_matches_reference(spec):
     args = consistent_args(spec, real=True)
-    x = _inputs(spec.kind)
+    x = _inputs(spec.kind, spec.device)
     result = call(spec, args)
     if not spec.backward:
         out = result[0] if isinstance(result, tuple) else result
@@ -210,13 +220,13 @@ def test_consistent_call_succeeds_and_matches_reference(spec):
 # ---- each public op's description (layouts.py), run by each backend ---------------------------------
 
 
-def _family_inputs(family: str):
+def _family_inputs(family: str, device="cpu"):
     g = torch.Generator().manual_seed(1)
     shapes = {"cca": ((B, N, H, D), (B, L, K, R, H, D)), "self": ((B, L, K, R, H, D), (B, L, K, R, H, D)),
               "cross": ((B, L, K, R, H, D), (B, L, C, H, D)), "decode": ((B, H, D), (B, K, R, H, D))}
     q_shape, k_shape = shapes[family]
-    q, k, v = (torch.randn(s, generator=g) for s in (q_shape, k_shape, k_shape))
-    return q, k, v, torch.rand(k_shape[:-2], generator=g) > 0.25
+    q, k, v = (torch.randn(s, generator=g).to(device) for s in (q_shape, k_shape, k_shape))
+    return q, k, v, (torch.rand(k_shape[:-2], generator=g) > 0.25).to(device)
 
 
 FAMILIES = {
@@ -234,7 +244,7 @@ def test_each_description_matches_its_reference(family, backend):
     """layouts.<family> run by the block op of `backend`: the output and the gradients of the
     public op's reference."""
     describe, reference = FAMILIES[family]
-    q, k, v, m = _family_inputs(family)
+    q, k, v, m = _family_inputs(family, triton_device() if backend == "triton" else "cpu")
     grad = torch.randn_like(q)
     got_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     got = block_attention(describe(*got_leaves, m), SCALE, backend)

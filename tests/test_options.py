@@ -29,6 +29,7 @@ COMMANDS = [
     ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
     ("serve", ["run", "--db", "d"], [ServeOptions(run="run", db="d")]),
     ("demo", [], [DemoOptions()]),
+    ("lm-eval", [], []),  # no flags of its own: main() hands `retro lm-eval ARGS` to lm-eval's command line
 ]
 
 

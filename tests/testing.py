@@ -10,6 +10,12 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def triton_device() -> str:
+    """Where tests run the Triton kernels: the GPU when there is one (a CPU tensor there is refused),
+    else the CPU under the interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def max_err(x: torch.Tensor, ref64: torch.Tensor) -> float:
     return (x.double() - ref64).abs().max().item() if x.numel() else 0.0
 

@@ -1,16 +1,20 @@
 """The command line: `retro <command>` (or `python -m retro <command>`). Every command's flags
 come from its options dataclasses (commands(); options.add_options): each default and help text is
-written once. A user mistake (a bad flag, a value out of range, a missing file: argparse's errors
-and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit status 2, never a
-traceback; numbers are range-checked before any work starts. Any other exception is a bug: its
-traceback is shown, with a line asking to report it, and the exit status is 1.
-RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError too (for debugging)."""
+written once. A user mistake (a bad flag, a value out of range, a missing or damaged file:
+argparse's errors and RetroError) ends as one line `retro <command>: error: ...` on stderr and exit
+status 2, never a traceback; numbers are range-checked before any work starts. Ctrl-C (or SIGTERM)
+ends as one line `retro <command>: interrupted ...` saying how to continue (build-db and train: the
+same command with --resume; demo: the same command), exit status 130 (143). Any other exception is
+a bug: its traceback is shown, with a line asking to report it, and the exit status is 1.
+RETRO_TRACEBACK=1 in the environment shows the traceback of a RetroError or an interrupt too (for
+debugging)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import traceback
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from .command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
                               QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
 from .errors import RetroError
+from .interrupt import terminate_as_interrupt
 from .options import add_options, options_from_args
 
 
@@ -207,10 +212,12 @@ def _cmd_dedup(o: DedupOptions) -> None:
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its help line, the options dataclasses its flags come from (the handler
-    receives one instance of each, in this order) and the handler."""
+    receives one instance of each, in this order) and the handler; `resumable`: interrupted at any
+    point, it continues where it stopped (with --resume if it has that flag, else run again)."""
     help: str
     options: tuple
     handler: object
+    resumable: bool = False
 
 
 def commands() -> dict[str, Command]:
@@ -222,7 +229,8 @@ def commands() -> dict[str, Command]:
 
     return {
         "tokenizer": Command("train a SentencePiece tokenizer on a corpus", (TokenizerOptions,), _cmd_tokenizer),
-        "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db),
+        "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db,
+                            resumable=True),
         "neighbours": Command("precompute the neighbours of every training chunk (own document excluded)",
                               (NeighboursOptions,), _cmd_neighbours),
         "query": Command("print the neighbours of a text", (QueryOptions,), _cmd_query),
@@ -238,7 +246,7 @@ def commands() -> dict[str, Command]:
         "dedup-against": Command("find (and remove) training documents that leak evaluation ones",
                                  (DedupOptions,), _cmd_dedup),
         "demo": Command("the whole pipeline on an embedded corpus: RETRO against a baseline", (DemoOptions,),
-                        _cmd_demo),
+                        _cmd_demo, resumable=True),
     }
 
 
@@ -250,7 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         for cls in command.options:
             add_options(sp, cls)
         sp.set_defaults(command_spec=command)
+    # `retro lm-eval ARGS` never reaches this parser (main hands ARGS to lm-eval's): listed for --help
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line (lm-eval's own flags) with the model "
+                                   "`retro` registered: --model retro --model_args run=RUN,db=DB,retrieval=on")
     return p
+
+
+def _lm_eval(argv: list[str]) -> int:
+    """`retro lm-eval ARGS`: lm-eval's command line with the `retro` model registered
+    (lm_eval_backend.py). Its own errors are lm-eval's; a RetroError (a bad run, database or
+    model argument) is one line, as every command's."""
+    prog = "retro lm-eval"
+    try:
+        from .lm_eval_backend import run_harness
+
+        run_harness(argv)
+    except RetroError as exc:
+        if os.environ.get("RETRO_TRACEBACK"):
+            raise
+        return _fail(prog, _one_line(exc))
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -262,7 +289,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _close_progress_bars() -> None:
+    """Closes the progress bars still shown (a command stopped mid-stage), so that the line printed
+    next starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def resume_command(argv: list[str], flag: bool = True) -> str:
+    """The command line `argv` that continues it: with --resume if the command has that flag (and
+    without --overwrite, which would start again), else as it was (it resumes by itself)."""
+    if not flag:
+        return "retro " + shlex.join(argv)
+    words = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
+    return "retro " + shlex.join([*words, "--resume"])
+
+
+def _interrupted(prog: str, argv: list[str], command: Command | None, exc: KeyboardInterrupt) -> int:
+    """One line for Ctrl-C or SIGTERM: what was kept and how to continue; status 128 + the signal."""
+    _close_progress_bars()
+    done = getattr(exc, "done", "")
+    text = f"{prog}: interrupted" + (f" {done}" if done else "")
+    if command is not None and (done or command.resumable):
+        flag = any(f.name == "resume" for cls in command.options for f in dataclasses.fields(cls))
+        text += f"; continue with: {resume_command(argv, flag)}"
+    print(text, file=sys.stderr)
+    return getattr(exc, "status", 130)
+
+
 def _fail(prog: str, message: str) -> int:
+    _close_progress_bars()
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
@@ -277,21 +334,29 @@ def _bug(prog: str) -> int:
 
 def main(argv=None) -> int:
     """Runs `retro ARGV`; returns the exit status: 0, 2 after a one-line user error on stderr,
-    1 after an internal error's traceback."""
+    130 (143) after Ctrl-C (SIGTERM), 1 after an internal error's traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # before HF_HUB_OFFLINE: lm-eval's tasks download their datasets
+        return _lm_eval(argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    prog = "retro"
+    prog, spec = "retro", None
     try:
-        args, unknown = build_parser().parse_known_args(argv)
-        prog = f"retro {args.command}"
-        if unknown:
-            raise UsageError(prog, f"unrecognized arguments: {' '.join(unknown)}")
-        spec = args.command_spec
-        options = [options_from_args(cls, args) for cls in spec.options]
-        for o in options:
-            if hasattr(o, "validate"):
-                o.validate()
-        spec.handler(*options)
+        with terminate_as_interrupt():
+            args, unknown = build_parser().parse_known_args(argv)
+            prog = f"retro {args.command}"
+            if unknown:
+                raise UsageError(prog, f"unrecognized arguments: {' '.join(unknown)}")
+            spec = args.command_spec
+            options = [options_from_args(cls, args) for cls in spec.options]
+            for o in options:
+                if hasattr(o, "validate"):
+                    o.validate()
+            spec.handler(*options)
+    except KeyboardInterrupt as exc:
+        if os.environ.get("RETRO_TRACEBACK"):  # where it was when stopped (a command that hangs)
+            raise
+        return _interrupted(prog, argv, spec, exc)
     except UsageError as exc:
         return _fail(exc.prog, exc.message)
     except RetroError as exc:

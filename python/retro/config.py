@@ -56,6 +56,8 @@ class RetroConfig:
         """The inverse of to_dict (a checkpoint's config, the old names of RENAMED fields accepted);
         an unknown field is a RetroError naming it."""
         label = "the checkpoint's model config:"
+        if not isinstance(d, dict):
+            raise RetroError(f"{label} a JSON object of RetroConfig fields was expected, got {d!r:.100}")
         d = dict(d)
         for old, new in cls.RENAMED.items():
             if old in d:

@@ -66,26 +66,46 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
 
-@torch.no_grad()
 def generate(model, retriever: Retriever | None, prompts: str | list[str],
              max_new_tokens: int = SamplingOptions.max_new_tokens, temperature: float = SamplingOptions.temperature,
              top_k: int | None = SamplingOptions.top_k, top_p: float | None = SamplingOptions.top_p,
              seed: int = SamplingOptions.seed, k: int | None = SamplingOptions.k, stop_at_eos: bool = True,
-             tokenizer=None, compile: bool = False) -> list[Generation]:
+             tokenizer=None, compile: bool = False, stop: list[str] | None = None) -> list[Generation]:
     """Continues each prompt, one Generation per prompt; one prompt given as a str gives a list of
     one (the sampling arguments: SamplingOptions, whose defaults they take). retriever: the
     database's (refused unless the model reads it, as the command line refuses it:
     inputs.check_database); None generates without retrieval (RETRO[OFF]), and the tokenizer is
     then required (otherwise the database's is used). compile: the one-token step through
     torch.compile (CUDA graphs on a GPU; RETRO models, not retrofitted ones); retrieval and the
-    encoder at chunk completions stay eager."""
+    encoder at chunk completions stay eager. stop: strings that end a prompt's continuation: it
+    stops at the first token whose text completes one of them, and its text ends before it (its
+    tokens keep every token generated)."""
     SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, k).validate()
     prompts = as_texts("prompts", prompts)
-    m = model.cfg.chunk_size
+    stop = as_texts("stop", stop) if stop else None
     k = k or model.cfg.num_neighbours
     # the prompts' tokens, right-padded, and the neighbours of every row's complete chunks
     inputs = encode_for_model(model, retriever, prompts, k, tokenizer, name="prompts")
-    tok = tokenizer or retriever.db.tokenizer
+    return continue_inputs(model, retriever, inputs, tokenizer or retriever.db.tokenizer, prompts, max_new_tokens,
+                           temperature, top_k, top_p, seed, k, stop_at_eos, compile, stop)
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    """`text` up to the first occurrence of any of the `stop` strings, and whether one occurs."""
+    cut = min((i for i in (text.find(s) for s in stop or () if s) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+@torch.no_grad()
+def continue_inputs(model, retriever: Retriever | None, inputs, tok, prompts: list[str], max_new_tokens: int,
+                    temperature: float, top_k: int | None, top_p: float | None, seed: int, k: int,
+                    stop_at_eos: bool = True, compile: bool = False, stop: list[str] | None = None
+                    ) -> list[Generation]:
+    """generate() on prompts already encoded: inputs (inputs.ModelInputs, from encode_for_model
+    or tokens_for_model, with k neighbours per chunk) holds the B prompts' tokens and neighbours;
+    tok decodes the continuations; prompts (B str) names them in the Generations. The arguments
+    are generate()'s, checked by the caller."""
+    m = model.cfg.chunk_size
     device, lengths = inputs.tokens.device, inputs.lengths
     max_len = max(lengths) + max_new_tokens  # the caches' length (any length works)
     if compile:
@@ -111,6 +131,9 @@ def generate(model, retriever: Retriever | None, prompts: str | list[str],
         eos = getattr(tok, "eos_id", -1)
         if stop_at_eos:
             done |= (nxt.cpu() == eos)
+        for row in range(len(prompts) if stop else 0):
+            if not done[row] and cut_at_stop(tok.decode(gens[row].tokens), stop)[1]:
+                done[row] = True
         if done.all():
             break
         new = {}
@@ -125,7 +148,7 @@ def generate(model, retriever: Retriever | None, prompts: str | list[str],
         logits = model.step(state, nxt.to(device), new)
         nxt = sample(logits, temperature, top_k, top_p, gen)
     for g in gens:
-        g.text = tok.decode(g.tokens)
+        g.text = cut_at_stop(tok.decode(g.tokens), stop)[0]
         if retriever is not None:
             for r in g.retrieved:
                 r["texts"] = [retriever.db.chunk_text(i) if i >= 0 else None for i in r["ids"]]

@@ -89,19 +89,26 @@ def encode_for_model(model, retriever, texts, k: int | None = None, tokenizer=No
     if tok is None:
         raise RetroError("without a retriever, tokenizer= is needed (the database's tokenizer)")
     k = check_neighbours("k", k or model.cfg.num_neighbours)
-    m = model.cfg.chunk_size
-    device = next(model.parameters()).device
     encoded = [np.asarray(t, dtype=np.int64) for t in tok.encode(texts)]
     if any(len(t) == 0 for t in encoded):
         raise RetroError(f"one of the {name} encodes to no token; give at least one character")
+    return tokens_for_model(model, retriever, encoded, k)
+
+
+def tokens_for_model(model, retriever, encoded: list[np.ndarray], k: int) -> ModelInputs:
+    """ModelInputs of texts already tokenised: encoded, B non-empty int64 arrays of token ids; the
+    neighbours (k per chunk) of each row's complete chunks from `retriever` (None: no neighbours),
+    which the caller has checked (check_database)."""
+    m = model.cfg.chunk_size
+    device = next(model.parameters()).device
     lengths = [len(t) for t in encoded]
-    tokens = torch.zeros(len(texts), max(lengths), dtype=torch.long, device=device)
+    tokens = torch.zeros(len(encoded), max(lengths), dtype=torch.long, device=device)
     for row, t in enumerate(encoded):
         tokens[row, :len(t)] = torch.as_tensor(t, device=device)
     nb = mask = None
     ids = [np.full((n // m, k), -1, dtype=np.int64) for n in lengths]
     if retriever is not None and max(lengths) >= m:
-        shape = (len(texts), max(lengths) // m, k, 2 * m)
+        shape = (len(encoded), max(lengths) // m, k, 2 * m)
         nb = torch.zeros(shape, dtype=torch.long, device=device)
         mask = torch.ones(shape, dtype=torch.bool, device=device)  # padding chunks: finite states
         for row, t in enumerate(encoded):

@@ -414,7 +414,8 @@ class RetroModel(nn.Module):
 
         return from_pretrained(source, device=device)
 
-    def compile_decoding(self, mode: str | None = None, fullgraph: bool = True) -> "RetroModel":
+    def compile_decoding(self, mode: str | None = None, fullgraph: bool = True,
+                         backend: str = "inductor") -> "RetroModel":
         """Compiles the two halves of step() with torch.compile (mode "reduce-overhead": CUDA graphs
         on a GPU); retrieval and the encoder at chunk completions stay eager. Compiles once per
         mode: calling it again with the same mode keeps the compiled step.
@@ -424,11 +425,13 @@ class RetroModel(nn.Module):
         first generation of a shape are replayed by every later one (a state from before the
         latest new_state() of its shape is refused). Each step marks a new CUDA-graph generation
         (torch.compiler.cudagraph_mark_step_begin), so the two halves run as graphs of one step
-        and the first half's output survives the eager encoder between them."""
-        if self._compiled_step is None or self._compiled_mode != (mode, fullgraph):
-            self._compiled_step = (torch.compile(self._step_below, mode=mode, fullgraph=fullgraph),
-                                   torch.compile(self._step_above, mode=mode, fullgraph=fullgraph))
-            self._compiled_mode = (mode, fullgraph)
+        and the first half's output survives the eager encoder between them. backend: torch.compile's
+        ("eager" traces the same fullgraph halves and runs them op by op, without inductor's code
+        generation: the CPU rehearsal of benchmarks/gpu_check.sh)."""
+        if self._compiled_step is None or self._compiled_mode != (mode, fullgraph, backend):
+            self._compiled_step = tuple(torch.compile(half, mode=mode, fullgraph=fullgraph, backend=backend)
+                                        for half in (self._step_below, self._step_above))
+            self._compiled_mode = (mode, fullgraph, backend)
             self._static_states = {}
         return self
 

@@ -62,20 +62,20 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
 
 def model_from_folder(folder: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
     """The model of a saved folder or a run's checkpoint folder (config.json + model.safetensors),
-    in eval mode."""
-    from safetensors.torch import load_file
-
+    in eval mode. A missing or damaged file is a RetroError naming it and what to do."""
+    from .checkpoint import REMEDY, load_state_dict, load_weights, read_config, read_json_file
     from .config import RetroConfig
 
     folder = Path(folder)
+    remedy = REMEDY if (folder / "state.json").exists() else "save or download the model again"
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).exists():
-            raise RetroError(f"{str(folder)!r} holds no saved model: {name} is missing")
-    config = json.loads((folder / "config.json").read_text())
+            raise RetroError(f"{str(folder)!r} holds no saved model: {name} is missing; {remedy}")
+    config = read_config(folder / "config.json", remedy)
     cfg = RetroConfig.from_dict(config["model"])
     if backend is not None:
         cfg.backend = backend
-    weights = load_file(str(folder / "model.safetensors"))
+    weights = load_weights(folder / "model.safetensors", remedy)
     if config.get("retrofit"):
         from .retrofit import load_retrofitted
 
@@ -84,10 +84,10 @@ def model_from_folder(folder: str | Path, device=None, backend: str | None = Non
         from .model import RetroModel
 
         model = RetroModel(cfg)
-        model.load_state_dict(weights)
+        load_state_dict(model, weights, folder / "model.safetensors", remedy=remedy)
     model.trained_on = config.get("database")
     if model.trained_on is None and (folder / "state.json").exists():  # a run's checkpoint
-        model.trained_on = database_of(json.loads((folder / "state.json").read_text()))
+        model.trained_on = database_of(read_json_file(folder / "state.json", remedy))
     model.source = str(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()

@@ -1,11 +1,12 @@
 """Training (`retro train --db DIR --config tiny --out RUN`): AdamW, linear warm-up then cosine
 decay, gradient clipping, bfloat16 autocast on a GPU, optional activation checkpointing and
-torch.compile, atomic checkpoints, exact resume, and data parallelism under torchrun (DDP, or
-sharded with --fsdp: fsdp.py)."""
+torch.compile, atomic checkpoints (one saved on Ctrl-C or SIGTERM before it stops), exact resume,
+and data parallelism under torchrun (DDP, or sharded with --fsdp: fsdp.py)."""
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ import torch
 
 from . import distributed as dist
 from . import fsdp
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, load_state_dict, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
 from .compile_training import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import Sampler, TrainSequences
 from .errors import RetroError
+from .interrupt import Interrupted, StopSignals
 from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
 from .options import option
 from .retrieval.database import ChunkDatabase
@@ -204,7 +206,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
             log(f"[train] {str(run)!r} already finished ({done} of {planned} steps): nothing to resume; to train "
                 "longer, start a new run with another --out")
             return run
-        cfg = RetroConfig.from_dict(ck["config"]["model"])
+        cfg = RetroConfig.from_dict(ck["config"].get("model"))
     else:
         if (run / "checkpoint").exists() or fsdp.complete_steps(run):
             raise RetroError(f"{str(run)!r} already holds a run; pass --resume to continue it or choose another --out")
@@ -237,7 +239,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
             fsdp.load_sharded(ck["dir"], model, optimizer)
             rngs = ck["rng"]
         else:
-            model.load_state_dict(ck["weights"], strict=model_factory is None)
+            load_state_dict(model, ck["weights"], ck["dir"] / "model.safetensors", strict=model_factory is None)
             optimizer.load_state_dict(ck["optimizer"]["optimizer"])
             rngs = ck["optimizer"]["rng"]
         set_fused(optimizer, fused)  # this run's choice, not the saved one
@@ -263,52 +265,59 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     net.train()
     t_last, step_times = time.perf_counter(), []
     t_start, next_estimate = t_last, 5
-    while step < total:
-        if on_step is not None:
-            on_step(step)
-        batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
-        result = train_step(net, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, total),
-                            world=world, bf16=bf16)
-        step += 1
-        stats = torch.stack([result.nll.double(), result.count.double()])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
-        now = time.perf_counter()
-        step_times.append(now - t_last)
-        t_last = now
-        if opts.time_budget and ck is None and next_estimate <= step < total:
-            total = budget_steps(step, now - t_start, step_times, opts.time_budget, opts.steps)
-            next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
-            bar.total = total
-        record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)), "lr": lr_at(step - 1, opts, total),
-                  "tokens_per_s": tokens_per_step / step_times[-1], "seconds": step_times[-1],
-                  "grad_norm": fsdp.full_value(result.grad_norm)}
-        if dist.is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if step % opts.log_every == 0 and not opts.progress:
-                log(f"[train] step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                    f"{record['tokens_per_s']:.0f} tokens/s")
-        if step % opts.save_every == 0 or step == total:
-            rngs = [rng_state()]
+    with StopSignals() as stop:  # Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved
+        while step < total:
+            if on_step is not None:
+                on_step(step)
+            batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
+            result = train_step(net, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, total),
+                                world=world, bf16=bf16)
+            step += 1
+            # a stop asked for on any process (Ctrl-C, SIGTERM) travels with the loss: all stop together
+            asked = torch.tensor(float(stop.requested), dtype=torch.float64, device=result.nll.device)
+            stats = torch.stack([result.nll.double(), result.count.double(), asked])
             if torch.distributed.is_initialized():
-                gathered = [None] * world
-                torch.distributed.all_gather_object(gathered, rngs[0])
-                rngs = gathered
-            state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
-                     "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "db": str(Path(opts.db).resolve()),
-                     "database": db.identity(),
-                     "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
-            config = {"model": cfg.to_dict(), **getattr(model, "extra_config", {})}
-            if opts.fsdp:  # every rank writes its shards
-                fsdp.save_sharded(run, step, model, optimizer, config, state, rngs)
-            elif dist.is_main():
-                save_checkpoint(run, weights_to_save(), config, state,
-                                {"optimizer": optimizer.state_dict(), "rng": rngs})
-            dist.barrier()
+                torch.distributed.all_reduce(stats)
+            stopping = bool(stats[2] > 0)
+            now = time.perf_counter()
+            step_times.append(now - t_last)
+            t_last = now
+            if opts.time_budget and ck is None and next_estimate <= step < total:
+                total = budget_steps(step, now - t_start, step_times, opts.time_budget, opts.steps)
+                next_estimate = 2 * step if now - t_start < 0.6 * opts.time_budget else opts.steps + 1
+                bar.total = total
+            record = {"step": step, "loss": float(stats[0] / stats[1].clamp(min=1)),
+                      "lr": lr_at(step - 1, opts, total), "tokens_per_s": tokens_per_step / step_times[-1],
+                      "seconds": step_times[-1], "grad_norm": fsdp.full_value(result.grad_norm)}
+            if dist.is_main():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if step % opts.log_every == 0 and not opts.progress:
+                    log(f"[train] step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                        f"{record['tokens_per_s']:.0f} tokens/s")
+            if step % opts.save_every == 0 or step == total or stopping:
+                rngs = [rng_state()]
+                if torch.distributed.is_initialized():
+                    gathered = [None] * world
+                    torch.distributed.all_gather_object(gathered, rngs[0])
+                    rngs = gathered
+                state = {"step": step, "total_steps": total, "samples_seen": step * opts.batch_size,
+                         "tokenizer_sha256": db.manifest["tokenizer"]["sha256"],
+                         "db": str(Path(opts.db).resolve()), "database": db.identity(),
+                         "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
+                config = {"model": cfg.to_dict(), **getattr(model, "extra_config", {})}
+                if opts.fsdp:  # every rank writes its shards
+                    fsdp.save_sharded(run, step, model, optimizer, config, state, rngs)
+                elif dist.is_main():
+                    save_checkpoint(run, weights_to_save(), config, state,
+                                    {"optimizer": optimizer.state_dict(), "rng": rngs})
+                dist.barrier()
+            if stopping and step < total:
+                bar.close()
+                raise Interrupted(stop.signum or signal.SIGINT, f"at step {step} of {total} (checkpoint saved)")
     bar.close()
     if dist.is_main():
         saved = fsdp.latest_step_dir(run) if opts.fsdp else run / "checkpoint"
@@ -320,11 +329,11 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
     (pretrained.model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
-    from .checkpoint import checkpoint_dir
+    from .checkpoint import checkpoint_dir, read_json_file
     from .pretrained import model_from_folder
 
     folder = checkpoint_dir(Path(run))
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json_file(folder / "state.json")
     if db is not None:
         check_run_database(state, db, run)
     model = model_from_folder(folder, device=device, backend=backend)

@@ -37,6 +37,10 @@ class ChunkedCrossAttention(nn.Module):
 
     step(x, positions, k, v, neighbour_mask): one token per sequence against cached neighbour
     keys/values (from project_neighbours) -> (batch, 1, dim), for incremental decoding.
+
+    Second derivatives (Hessian-vector products, gradient penalties, gradgradcheck) are right on
+    every backend: a backward with create_graph=True runs the attention's backward through the
+    reference formulas instead of the fused backward kernel (a plain backward stays fused).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int = 64, chunk_size: int = 64,

@@ -99,6 +99,9 @@ class RetroEncoder(nn.Module):
         chunk_states (batch, chunks, m, context_dim)  decoder states H_u of each chunk (unshifted)
         neighbour_mask optional bool (batch, chunks, k, r); chunk_mask optional bool (batch, chunks, m)
         -> encoded neighbours (batch, chunks, k, r, dim), after a final LayerNorm.
+
+    Second derivatives are right on every backend, as for ChunkedCrossAttention: a backward with
+    create_graph=True runs the attentions' backward through the reference formulas.
     """
 
     def __init__(self, dim: int, depth: int = 2, heads: int = 8, head_dim: int = 64, context_dim: int | None = None,

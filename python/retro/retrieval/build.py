@@ -367,15 +367,12 @@ def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: O
     dist.barrier()
 
 
-def _embed_stage(opts: BuildOptions, tokenizer, on_block: OnBlock | None) -> dict:
-    from .embedder import make_embedder
-
+def _embed_stage(opts: BuildOptions, tokenizer, embedder, on_block: OnBlock | None) -> dict:
     out = Path(opts.out)
     parts = out / "parts"
     tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size,
                                                          lambda b: parts / f"embeddings-{b:06d}.npy",
                                                          dist.rank(), dist.world_size())
-    embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     bar = _progress(sum(min(opts.block_size, n - b * opts.block_size) for b in todo), "embedding chunks",
                     opts.progress)
     for b in todo:
@@ -460,11 +457,18 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
+    embedder = None  # loaded first: a name that is no embedder fails before any stage, leaving no folder
+    if not is_bm25(opts.embedder):
+        from .embedder import make_embedder
+
+        embedder = make_embedder(opts.embedder, device=opts.device, batch_size=opts.embed_batch_size)
     state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
     if state is None:
         raise RetroError("build preparation failed on rank 0")
     if state.get("complete"):
-        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        if dist.is_main():
+            _repair_index(opts, log)
+        dist.barrier()
         return out
     if (out / "manifest.json").exists():  # killed after the manifest: only the clean-up was left
         if dist.is_main():
@@ -491,7 +495,7 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
         progress = lambda total, desc: _progress(total, desc, opts.progress)  # noqa: E731
         embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, on_block, progress)
     else:
-        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, on_block)
+        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, embedder, on_block)
     if dist.is_main():
         _save_state(opts, state)
         if is_bm25(opts.embedder):
@@ -520,6 +524,45 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
             f"{catalogue['report']['non_utf8_bytes_replaced']} non-UTF-8 bytes replaced; {catalogue['describe']}")
     dist.barrier()
     return out
+
+
+def _index_damage(out: Path, manifest: dict) -> str | None:
+    """What is wrong with a finished database's faiss index (index.faiss, or the shards' files):
+    missing, unreadable or of the wrong size, as "...; rebuilding it"; None if nothing is (or it has
+    no faiss index)."""
+    from .index import read_faiss_index
+    from .sharded import shard_path
+
+    info = manifest["index"]
+    shards = info.get("extra", {}).get("shards")
+    if is_bm25(manifest["embedder"]["name"]) or info["kind"] == "torch":
+        return None
+    files = [shard_path(out, s) for s in range(shards)] if shards else [out / "index.faiss"]
+    try:
+        vectors = sum(read_faiss_index(f, "rebuilding it").ntotal for f in files)
+    except RetroError as exc:
+        return str(exc)
+    chunks = manifest["counts"]["chunks"]
+    return None if vectors == chunks else f"the index holds {vectors} vectors, the database {chunks}; rebuilding it"
+
+
+def _repair_index(opts: BuildOptions, log) -> None:
+    """--resume of a finished database: its faiss index rebuilt from embeddings.npy if it is
+    missing or damaged (the index stage again, its settings into the manifest); else nothing to do."""
+    out = Path(opts.out)
+    manifest = read_json(out / "manifest.json")
+    damage = _index_damage(out, manifest)
+    if damage is None:
+        log(f"[build-db] {str(out)!r} is complete: nothing to resume")
+        return
+    if not (out / "embeddings.npy").exists():
+        raise RetroError(f"the index of {str(out)!r} is damaged and embeddings.npy, which it is built from, is "
+                         "missing: build the database again with --overwrite")
+    log(f"[build-db] {damage}")
+    state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
+    manifest["index"] = _index_stage(opts, state, log, None)
+    write_json(out / "manifest.json", manifest)
+    _clean_up(out)
 
 
 def _clean_up(out: Path) -> None:

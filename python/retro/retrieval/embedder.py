@@ -55,6 +55,19 @@ def resolve_embedder_path(name: str) -> str:
     return name
 
 
+def embedder_error(base: str, exc: Exception) -> RetroError:
+    """The error for an embedder `base` that transformers cannot load (`exc`): offline, a name that
+    is neither a local folder nor in the Hugging Face cache is said so (not as a network failure)."""
+    import os
+    from pathlib import Path
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = ("neither a local folder nor a model in the Hugging Face cache (offline: HF_HUB_OFFLINE=1)"
+              if offline and not Path(base).exists() else str(exc))
+    return RetroError(f"cannot load the embedder {base!r}: {reason}; expected a Hugging Face BERT name or a local "
+                      f"model folder (default {DEFAULT_EMBEDDER}; also static:NAME, int8:NAME or bm25)")
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str, device: str, int8: bool = False):
     """(tokenizer, model) of a BERT folder or name, loaded once per process and device (int8: its
@@ -107,8 +120,7 @@ class BertEmbedder:
             except RetroError:
                 raise
             except Exception as exc:  # noqa: BLE001 - OSError/ValueError from transformers
-                raise RetroError(f"cannot load the embedder {base!r} ({exc}); expected a Hugging Face BERT name "
-                                 "or a local model folder") from exc
+                raise embedder_error(base, exc) from exc
         self.dim = int(self.model.config.hidden_size)
 
     def describe(self) -> dict:

@@ -11,22 +11,27 @@ Kinds, chosen by database size unless named:
   torch     exact search in torch, on the GPU when there is one (for faiss builds without GPUs)
 faiss indexes train on a sample, run on every GPU faiss sees (sharded) and on the CPU otherwise;
 nprobe is tuned until recall@k against exact search reaches the target on a sample of queries.
+On GPUs faiss returns at most 2048 neighbours and probes at most 2048 lists (FAISS_GPU_MAX_K), and
+IVF-PQ's lookup tables must fit a block's shared memory (gpu_cloner_settings).
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import RetroError
+from ..errors import RetroError, damaged_file
 
 KINDS = ("auto", "flat", "ivf-flat", "ivf-fastscan", "ivf-pq", "torch")
 IVF_KINDS = ("ivf-flat", "ivf-fastscan", "ivf-pq")
 REFINE_FACTOR = 4  # ivf-fastscan re-ranks k x this many candidates by exact distance
 LARGE_CPU = 500_000  # keys above which a CPU ivf-fastscan index trains a cheaper coarse quantiser
+FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit (GPU_MAX_SELECTION_K): k and nprobe at most this
+GPU_SHARED_MEMORY = 48 * 1024  # bytes of shared memory per block faiss's GPU IVF-PQ lookup tables must fit in
 
 
 def faiss_available() -> bool:
@@ -35,6 +40,14 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def warn_without_faiss(path, kind: str) -> None:
+    """The one warning of a database with a faiss index loaded where faiss is not installed."""
+    warnings.warn(f"{str(path)!r}: faiss is not installed, so the database's {kind} faiss index is replaced by an "
+                  "exact search of its stored keys in torch (on the GPU when there is one; the neighbours of "
+                  "a flat index); pip install faiss-cpu, or faiss-gpu on GPUs (retro-kernels[gpu]), to use it",
+                  RuntimeWarning, stacklevel=3)
 
 
 def choose_kind(n: int) -> str:
@@ -51,10 +64,48 @@ def choose_kind(n: int) -> str:
     return "ivf-pq"
 
 
+# what to do about a missing or damaged index file of a finished database
+INDEX_REMEDY = "run the database's build-db command again with --resume (and its options): it rebuilds the index"
+
+
+def read_faiss_index(path, remedy: str = INDEX_REMEDY):
+    """faiss.read_index(path); a missing or damaged file (cut short, overwritten) is a RetroError
+    naming it, then `remedy` (by default: how to rebuild it)."""
+    import faiss
+
+    if not Path(path).is_file():
+        raise RetroError(f"{str(path)!r} is missing; {remedy}")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:  # faiss's message names its C++ function; what matters is which file
+        raise damaged_file(path, "faiss cannot read it: cut short or overwritten", remedy) from None
+
+
 def faiss_gpus() -> int:
     import faiss
 
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def gpu_cloner_settings(kind: str, dim: int) -> dict:
+    """The faiss GpuMultipleClonerOptions a `kind` index of dim-dim keys goes to the GPUs with:
+    sharded over them all; for ivf-pq, float16 lookup tables where float32 ones (pq_m x 256 codes
+    x 4 bytes) would not fit GPU_SHARED_MEMORY: at 384 dims (MiniLM) 64 sub-quantisers need 64 KiB
+    in float32, which faiss refuses, and 32 KiB in float16."""
+    settings = {"shard": True}
+    if kind == "ivf-pq":
+        settings["useFloat16LookupTables"] = _pq_m(dim) * 256 * 4 > GPU_SHARED_MEMORY
+    return settings
+
+
+def to_all_gpus(index, kind: str):
+    """index copied to every GPU faiss sees, with gpu_cloner_settings."""
+    import faiss
+
+    co = faiss.GpuMultipleClonerOptions()
+    for name, value in gpu_cloner_settings(kind, index.d).items():
+        setattr(co, name, value)
+    return faiss.index_cpu_to_all_gpus(index, co)
 
 
 @dataclass
@@ -152,9 +203,7 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
             index.train(sample)
     gpu_index = None
     if faiss_gpus() and kind not in ("flat", "ivf-fastscan"):
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = True
-        gpu_index = faiss.index_cpu_to_all_gpus(index, co)
+        gpu_index = to_all_gpus(index, kind)
     target = gpu_index if gpu_index is not None else index
     for s in range(0, n, block):
         target.add(np.asarray(vectors[s:s + block], dtype=np.float32))
@@ -166,33 +215,35 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
 
 
 class SearchIndex:
-    """A loaded index: faiss (on all GPUs when faiss has them) or torch exact search."""
+    """A loaded index: faiss (on all GPUs when faiss has them) or torch exact search. max_k: the
+    most neighbours one search returns (FAISS_GPU_MAX_K on GPUs, None: the whole database)."""
 
     def __init__(self, settings: IndexSettings, faiss_index=None, vectors=None, device=None):
         self.settings = settings
         self.kind = settings.kind
+        self.max_k = None
         if self.kind == "torch":
             self.impl = TorchExactIndex(vectors, device)
             self.ntotal = self.impl.ntotal
             return
-        import faiss
-
         self.faiss_index = faiss_index
-        if settings.nprobe:
+        on_gpus = faiss_gpus() and self.kind != "ivf-fastscan"  # faiss GPU indexes have no fast scan
+        if on_gpus:
+            self.max_k = FAISS_GPU_MAX_K
+        if settings.nprobe:  # before the copy to the GPUs, which takes it
             self.set_nprobe(settings.nprobe)
         if "k_factor" in settings.extra:
             self.set_refine_factor(int(settings.extra["k_factor"]))
-        self.impl = faiss_index
-        if faiss_gpus() and self.kind != "ivf-fastscan":  # faiss GPU indexes have no fast scan
-            co = faiss.GpuMultipleClonerOptions()
-            co.shard = True
-            self.impl = faiss.index_cpu_to_all_gpus(faiss_index, co)
+        self.impl = to_all_gpus(faiss_index, self.kind) if on_gpus else faiss_index
         self.ntotal = faiss_index.ntotal
 
     def set_nprobe(self, nprobe: int) -> None:
+        """nprobe lists probed per query; on GPUs at most max_k (the most faiss probes there), on
+        the CPU index too, which the GPUs copy."""
         import faiss
 
         if self.kind in IVF_KINDS:
+            nprobe = min(nprobe, self.max_k or nprobe)
             faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
             if getattr(self, "impl", None) is not None and self.impl is not self.faiss_index:
                 faiss.GpuParameterSpace().set_index_parameter(self.impl, "nprobe", nprobe)
@@ -212,7 +263,15 @@ class SearchIndex:
         """-> distances (Q, k) float32 (squared L2), ids (Q, k) int64; -1 where fewer exist."""
         if k > self.ntotal:
             raise RetroError(f"k={k} is larger than the database ({self.ntotal} chunks)")
+        check_max_k(k, self.max_k)
         return self.impl.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def check_max_k(k: int, max_k: int | None) -> None:
+    """RetroError where k is more neighbours than an index on GPUs returns."""
+    if max_k is not None and k > max_k:
+        raise RetroError(f"k={k} is more neighbours than faiss's GPU indexes return ({max_k}); ask for fewer, or "
+                         "search exactly in torch (--index torch)")
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
@@ -229,6 +288,7 @@ def tune_nprobe(index: SearchIndex, vectors: np.ndarray, target: float, k: int =
     outside the database); returns (nprobe, measured recall)."""
     n = vectors.shape[0]
     k = min(k, n - 1)
+    most = min(index.settings.nlist, index.max_k or index.settings.nlist)  # GPUs probe at most max_k lists
     if index.kind in ("flat", "torch") or k < 1:
         return 0, 1.0
     rng = np.random.default_rng(seed)
@@ -244,15 +304,15 @@ def tune_nprobe(index: SearchIndex, vectors: np.ndarray, target: float, k: int =
 
     if index.kind == "ivf-fastscan":  # the re-ranked candidates bound the recall: enough of them first
         few = slice(0, min(200, len(ids)))
-        while recall_with(index.settings.nlist, few) < target and index.refine_factor() < 64:
+        while recall_with(most, few) < target and index.refine_factor() < 64:
             index.set_refine_factor(2 * index.refine_factor())
         index.settings.extra["k_factor"] = index.refine_factor()
     nprobe = 1
     while True:
         recall = recall_with(nprobe)
-        if recall >= target or nprobe >= index.settings.nlist:
+        if recall >= target or nprobe >= most:
             return nprobe, recall
-        nprobe = min(nprobe * 2, index.settings.nlist)
+        nprobe = min(nprobe * 2, most)
 
 
 def _without(found: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RetroError
+from ..errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
-from .index import IndexSettings, SearchIndex, TorchExactIndex
+from .index import (INDEX_REMEDY, IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available,
+                    read_faiss_index, warn_without_faiss)
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Retriever:
     @classmethod
     def load(cls, path: str | Path, embedder: str | None = None, device=None, index: str | None = None) -> "Retriever":
         """Loads DIR. `embedder` (optional) must be the one the database was built with;
-        `index="torch"` searches exactly in torch instead of with the faiss index."""
+        `index="torch"` searches exactly in torch instead of with the faiss index, as where faiss is
+        not installed (with a warning then)."""
         db = ChunkDatabase(path)
         built_with = db.manifest["embedder"]["name"]
         if embedder is not None and embedder != built_with:
@@ -43,25 +45,25 @@ class Retriever:
 
             return BM25Retriever.open(db)
         settings = IndexSettings(**db.manifest["index"])
+        use_faiss = index != "torch" and settings.kind != "torch"  # the database's own faiss index(es)
+        if use_faiss and not faiss_available():
+            warn_without_faiss(path, settings.kind)
+            use_faiss = False
         if settings.extra.get("shards"):
             from .sharded import load_sharded_index
 
             search_index = load_sharded_index(Path(path), db, settings.extra, settings.kind, device=device,
-                                              use_faiss=index != "torch")
+                                              use_faiss=use_faiss)
             search_index.settings = settings
-        elif index == "torch" or settings.kind == "torch":
+        elif not use_faiss:
             settings = IndexSettings(kind="torch", recall=1.0)
             search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
         else:
-            import faiss
-
             faiss_path = Path(path) / "index.faiss"
-            if not faiss_path.exists():
-                raise RetroError(f"{str(path)!r}: index.faiss is missing")
-            search_index = SearchIndex(settings, faiss.read_index(str(faiss_path)))
+            search_index = SearchIndex(settings, read_faiss_index(faiss_path))
             if search_index.ntotal != db.num_chunks:
-                raise RetroError(f"{str(path)!r}: the index holds {search_index.ntotal} vectors but the database "
-                                 f"{db.num_chunks} chunks; the database is damaged")
+                raise damaged_file(faiss_path, f"it holds {search_index.ntotal} vectors, the database "
+                                   f"{db.num_chunks} chunks", INDEX_REMEDY)
         return cls(db, search_index, built_with, device)
 
     @property
@@ -114,20 +116,23 @@ class Retriever:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
         exclude = check_exclude(exclude_doc_ids, len(emb))
+        max_k = getattr(self.index, "max_k", None)  # faiss on GPUs: no search wider than that
+        check_max_k(k, max_k)
+        cap = min(self.db.num_chunks, max_k or self.db.num_chunks)
         ids = np.full((len(emb), k), -1, dtype=np.int64)
         dist = np.full((len(emb), k), np.inf, dtype=np.float32)
         todo = np.arange(len(emb))
-        wide = min(self.db.num_chunks, 2 * k + 8)
+        wide = min(cap, 2 * k + 8)  # at most cap: what is still missing then is masked
         while len(todo):  # only the queries still short of k go round again, each time 4x wider
             d, i = self.index.search(emb[todo], wide)
             keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
-            done = (keep.sum(1) >= k) | (wide == self.db.num_chunks)
+            done = (keep.sum(1) >= k) | (wide == cap)
             first = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
             kept = np.take_along_axis(keep[done], first, 1)
             ids[todo[done]] = np.where(kept, np.take_along_axis(i[done], first, 1), -1)
             dist[todo[done]] = np.where(kept, np.take_along_axis(d[done], first, 1), np.inf)
             todo = todo[~done]
-            wide = min(self.db.num_chunks, wide * 4)
+            wide = min(cap, wide * 4)
         return ids, dist
 
     def search_chunks(self, chunk_ids: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None

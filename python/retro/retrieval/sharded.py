@@ -101,7 +101,9 @@ class ShardedIndex:
             import faiss
 
             self.vectors = vectors
-            self.flats = [faiss.read_index(str(shard_files[s])) for s in self.shards]
+            from .index import read_faiss_index
+
+            self.flats = [read_faiss_index(shard_files[s]) for s in self.shards]
             if self.shards == list(range(count)):  # all shards: faiss merges them (ids numbered on)
                 self.faiss = faiss.IndexShards(vectors.shape[1], False, True)
                 for flat in self.flats:

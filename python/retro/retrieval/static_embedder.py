@@ -148,7 +148,7 @@ class StaticEmbedder:
     def __init__(self, name: str, device: str | torch.device | None = None, batch_size: int | None = None,
                  cache: str | Path | None = None, log=None, weighting: str = "sif", counts: str = "sqrt",
                  table: np.ndarray | None = None):
-        from .embedder import resolve_embedder_path
+        from .embedder import embedder_error, resolve_embedder_path
 
         if not is_static(name):
             raise RetroError(f"a static embedder's name starts with {STATIC_PREFIX!r}, got {name!r}")
@@ -162,8 +162,7 @@ class StaticEmbedder:
 
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - OSError/ValueError from transformers
-            raise RetroError(f"cannot load the embedder {self.base!r} ({exc}); expected a Hugging Face BERT name "
-                             "or a local model folder") from exc
+            raise embedder_error(self.base, exc) from exc
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if self._backend is not None:  # our own instance: no truncation, no padding, whatever others set
             self._backend.no_truncation()

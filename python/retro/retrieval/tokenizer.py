@@ -7,13 +7,34 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ..errors import RetroError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# SentencePiece drops a training sentence longer than its max_sentence_length (bytes), and fails
+# with `[!sentences_.empty()]` when that leaves none (minified text: one long line per file):
+# longer lines are split into pieces of at most this many bytes for training
+MAX_LINE_BYTES = 4096
+
+
+def split_long_lines(lines: Iterable[str], max_bytes: int = MAX_LINE_BYTES) -> Iterator[str]:
+    """The lines, each longer than max_bytes UTF-8 bytes cut into pieces of at most max_bytes: at
+    the last space of the second half of a piece if there is one, never inside a character."""
+    for line in lines:
+        data = line.encode("utf-8")
+        start = 0
+        while len(data) - start > max_bytes:
+            end = start + max_bytes
+            while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back to the character's start
+                end -= 1
+            space = data.rfind(b" ", start + max_bytes // 2, end)
+            end = space + 1 if space >= 0 else end
+            yield data[start:end].decode("utf-8")
+            start = end
+        yield data[start:].decode("utf-8") if start else line
 
 
 
@@ -65,11 +86,13 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train_on_lines(cls, lines: list[str], vocab_size: int, log=print) -> "SentencePieceTokenizer":
-        """Trains a unigram model on these non-empty lines (the vocabulary adjusted as `train` says)."""
+        """Trains a unigram model on these non-empty lines (the vocabulary adjusted as `train` says;
+        lines over MAX_LINE_BYTES split)."""
         import sentencepiece as spm
 
         if not lines:
             raise RetroError("cannot train a tokenizer: the corpus has no non-empty line")
+        lines = list(split_long_lines(lines))
         size = vocab_size
         for _ in range(3):
             buf = io.BytesIO()

@@ -6,7 +6,8 @@ and their keys, or a neighbour and its chunk). Not grouped-query attention: ever
 keys. layouts.py describes each problem once; that description is what every op takes:
 
     layouts.py       BlockProblem and the mapping of each public op onto it
-    naive.py         the reference of the block op itself
+    naive.py         the reference of the block op itself, and its differentiable backward formulas
+    autograd.py      the ops' autograd: fused first derivatives, reference formulas for second ones
     arg_checks.py    the ops' argument checks in Python (the C++ ops: csrc/torch/arg_checks.h)
     native_ops.py    registers the C++/CUDA ops: their fakes and autograd (kernels in csrc/)
     triton_op.py     the Triton ops with their fakes and autograd
@@ -24,7 +25,8 @@ from .triton_op import block_attention_fwd_triton
 
 def block_attention(problem: BlockProblem, softmax_scale: float, backend: str) -> Tensor:
     """The output of `problem` (in the caller's shape of q) from the fused forward op of `backend`
-    ("cpu": the C++ op, "triton": the Triton op); differentiable in q, k and v."""
+    ("cpu": the C++ op, "triton": the Triton op); differentiable in q, k and v, to any order
+    (autograd.py: a backward with create_graph=True runs the reference formulas)."""
     if backend == "cpu":
         out, _ = torch.ops.retro_kernels.block_attention_fwd(*problem.args, softmax_scale)
     elif backend == "triton":

@@ -1,5 +1,8 @@
 """Registers the C++/CUDA ops of retro_kernels._C with torch (pattern of pytorch/extension-cpp): fake (meta)
-implementations, so torch.compile traces through them, and autograd, so they train. Their schemas are in
+implementations, so torch.compile traces through them, and autograd (autograd.py), so they train: the
+forward op's backward is the backward op (the reference formulas where create_graph=True asks for second
+derivatives), the backward op refuses to be differentiated, the decode op's backward is the reference
+formulas (it has no backward kernel). Their schemas are in
 csrc/torch/registration.cpp, their CPU kernels in csrc/torch/cpu_ops.cpp, the CUDA decode kernel
 in csrc/torch_cuda/; the arguments are the description of layouts.py.
 
@@ -19,8 +22,15 @@ import torch
 
 from ..._extension import has_cpu_kernels
 from . import arg_checks
-from .autograd import block_attention_autograd
+from .autograd import block_attention_autograd, block_attention_decode_autograd, refuse_differentiation
 from .layouts import lse_dtype
+
+
+def _register_autograd(op: str, autograd: tuple) -> None:
+    """Registers (backward, setup_context) as the autograd of torch.ops.retro_kernels.<op>."""
+    backward, setup_context = autograd
+    torch.library.register_autograd(f"retro_kernels::{op}", backward, setup_context=setup_context)
+
 
 if has_cpu_kernels():
 
@@ -37,11 +47,13 @@ if has_cpu_kernels():
                                softmax_scale, grad_out=grad_out, out=out, lse=lse)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    _backward, _setup_context = block_attention_autograd(torch.ops.retro_kernels.block_attention_bwd)
-    torch.library.register_autograd("retro_kernels::block_attention_fwd", _backward, setup_context=_setup_context)
+    _register_autograd("block_attention_fwd", block_attention_autograd(torch.ops.retro_kernels.block_attention_bwd))
+    _register_autograd("block_attention_bwd", refuse_differentiation("retro_kernels::block_attention_bwd"))
 
     @torch.library.register_fake("retro_kernels::block_attention_decode")
     def _block_attention_decode_fake(q, k, v, key_mask, softmax_scale):
         dtypes = arg_checks.CUDA_DECODE_DTYPES if q.device.type == "cuda" else arg_checks.ALL_DTYPES
         arg_checks.check_decode("block_attention_decode", q, k, v, key_mask, softmax_scale, dtypes)
         return q.new_empty(q.shape)
+
+    _register_autograd("block_attention_decode", block_attention_decode_autograd())

@@ -4,8 +4,11 @@ They take the description of layouts.py: q-like tensors (B, T, H, D) with T = pr
 k-like tensors (B, G, keys, H, D) with G >= groups, all contiguous, and q_rows, groups, prefix_rows.
 Both launchers check every tensor against that description and the kernels' limits (dtype,
 head_dim, the grid, int32 offsets) before launching, and take optional preallocated outputs (which
-the kernels must write in full). On a GPU the kernels autotune over a small space
-(RETRO_TRITON_AUTOTUNE=0 keeps one default configuration, for quick test runs); under
+the kernels must write in full). On a GPU the environment variable RETRO_TRITON_AUTOTUNE picks
+what the autotuner times for each (dtype, head_dim, q_rows): unset or "shortlist", 2-3
+configurations (shortlist(): each costs a compile, and a float32 one 10-70 s of ptxas); "full",
+every configuration of CONFIGS["autotune"] that fits (the whole space, for finding new winners);
+"0", the shortlist's first alone, launched without timing (quick test runs). Under
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
 the multi-block paths are exercised too. candidate_configs is the one place that picks the block
 sizes and configurations: only those whose estimated shared memory fits sm_90's 227 KiB (float32
@@ -35,24 +38,31 @@ def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-# mode -> (forward configs, backward configs). "autotune" is what a GPU runs; "default"
-# (RETRO_TRITON_AUTOTUNE=0) keeps one configuration; "interpret" is TRITON_INTERPRET=1.
+# mode -> (forward configs, backward configs): the whole space of a mode. "autotune"
+# (RETRO_TRITON_AUTOTUNE=full) times every one that fits; "shortlist" (a GPU's default) and
+# "default" (RETRO_TRITON_AUTOTUNE=0) take theirs from shortlist(), which picks among "autotune"'s
+# (so tests/test_triton_compile.py's compiles of those cover them); "interpret" is TRITON_INTERPRET=1.
 CONFIGS = {
     "interpret": ([triton.Config({"BLOCK_N": 16}, num_warps=1)], [triton.Config({"BLOCK_N": 16}, num_warps=1)]),
-    "default": ([_config(64, 4, 2)], [_config(32, 4, 1)]),
     "autotune": (
         [_config(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
         + [_config(128, 8, 4)],  # no spills at head_dim 64 (sm_90)
         [_config(n, w, s) for n in (32, 64) for w in (4, 8) for s in (1, 2)],
     ),
 }
+CONFIGS["shortlist"] = CONFIGS["default"] = CONFIGS["autotune"]
+MODES = {"0": "default", "full": "autotune", "shortlist": "shortlist", "1": "shortlist", "": "shortlist"}
 
 
 def _mode() -> str:
-    """The key of CONFIGS this process launches with."""
+    """The key of CONFIGS this process launches with (RETRO_TRITON_AUTOTUNE, see the docstring)."""
     if _INTERPRET:
         return "interpret"
-    return "default" if os.environ.get("RETRO_TRITON_AUTOTUNE", "1") == "0" else "autotune"
+    knob = os.environ.get("RETRO_TRITON_AUTOTUNE", "")
+    if knob not in MODES:
+        raise ValueError(f"RETRO_TRITON_AUTOTUNE is {knob!r}, expected one of {sorted(MODES)} "
+                         "(0: one configuration; shortlist or unset: 2-3 timed; full: the whole space)")
+    return MODES[knob]
 
 
 _MODE = _mode()
@@ -106,16 +116,54 @@ def _fitting(configs, dtype: torch.dtype, block_m: int, block_d: int, backward: 
                                                      backward, partials) <= triton_limits.MAX_SHARED_MEMORY)
 
 
-@functools.cache
-@functools.lru_cache(maxsize=None)  # per launch: keeps the launchers' per-call cost flat
+def shortlist(dtype: torch.dtype, block_m: int, block_d: int, backward: bool) -> list[triton.Config]:
+    """The 2-3 configurations (of CONFIGS["autotune"]) worth timing at these block sizes, the likely
+    winner first (what RETRO_TRITON_AUTOTUNE=0 runs). No H100 autotune winner has been recorded
+    yet, so they follow how the kernels use sm_90 (shared_memory()'s notes) and the block sizes
+    of Triton's own fused-attention tutorial on Hopper:
+    - 16-bit forward with BLOCK_M >= 64 runs warp-group MMAs: 8 warps over 128 keys with 3-4
+      pipeline stages at BLOCK_D <= 64 (the 128 x 128 score tile spread over 256 threads, no
+      spills), 4 warps over 64 keys at BLOCK_D 128 (half the registers per k/v tile), and 2 stages
+      at BLOCK_D 256 (the only depth whose k/v buffers fit beside a 128-row q tile);
+    - 16-bit forward with BLOCK_M < 64 (short chunks, neighbour attention) is mma.sync with few
+      rows: 4 warps, 64 or 128 keys, 2 stages;
+    - the backward keeps q, do and both k/v tiles live: 64 keys at BLOCK_D <= 64, 32 keys beyond,
+      1-2 stages;
+    - float32 (FMA dots, unrolled: ptxas takes 10-70 s a configuration) gets two: the forward 4 and
+      8 warps at 64 keys, the backward the 16-bit backward's first two.
+    Those that do not fit shared memory are dropped by candidate_configs. Compiled for sm_90 by
+    Triton 3.6, the bfloat16 shortlists at chunks of 64 (head_dim 64 and 128, forward and backward)
+    use 136-203 registers and 45-208 KiB of shared memory, with no spills."""
+    if backward:
+        picks = [(64, 4, 2), (32, 4, 1), (64, 8, 2)] if block_d <= 64 else [(32, 4, 1), (64, 8, 1), (32, 8, 2)]
+        picks = picks[:2] if dtype == torch.float32 else picks
+    elif dtype == torch.float32:
+        picks = [(64, 4, 2), (64, 8, 2)]
+    elif block_m < 64:
+        picks = [(64, 4, 2), (128, 4, 2)]
+    elif block_d <= 64:
+        picks = [(128, 8, 3), (64, 4, 3), (128, 8, 4)]
+    elif block_d <= 128:
+        picks = [(64, 4, 3), (128, 8, 3), (64, 8, 2)]
+    else:
+        picks = [(64, 8, 2), (64, 4, 2)]
+    return [_config(*p) for p in picks]
+
+
 def candidate_configs(dtype: torch.dtype, head_dim: int, q_rows: int, backward: bool,
                       mode: str | None = None) -> Candidates:
     """The launchers' choice for queries of `dtype` and `head_dim` in groups of `q_rows` rows
     (mode: a key of CONFIGS, default this process's). BLOCK_D is the next power of two >= head_dim
     (>= 16); BLOCK_M the next power of two >= q_rows in [16, cap] (cap 16 under the interpreter, 64
-    for the backward beyond head_dim 64, else 128), halved while no configuration of the mode fits;
-    the configurations are those that fit at these block sizes."""
-    mode = _MODE if mode is None else mode
+    for the backward beyond head_dim 64, else 128), halved while no configuration of the mode's
+    space fits; the configurations are those that fit at these block sizes: all of them
+    ("autotune", "interpret"), the shortlist's ("shortlist"; topped up to two with the space's
+    first that fit where fewer do) or the first of those ("default")."""
+    return _candidates(dtype, head_dim, q_rows, backward, _MODE if mode is None else mode)
+
+
+@functools.cache  # per launch: keeps the launchers' per-call cost flat
+def _candidates(dtype: torch.dtype, head_dim: int, q_rows: int, backward: bool, mode: str) -> Candidates:
     configs = CONFIGS[mode][backward]
     block_d = max(16, triton.next_power_of_2(head_dim))
     cap = 16 if mode == "interpret" else 64 if backward and head_dim > 64 else 128
@@ -126,6 +174,10 @@ def candidate_configs(dtype: torch.dtype, head_dim: int, q_rows: int, backward: 
     fitting = _fitting(configs, dtype, block_m, block_d, backward, partials)
     if not fitting:
         raise RuntimeError(f"no {mode} configuration fits shared memory for {dtype}, head_dim {head_dim}")
+    if mode in ("shortlist", "default"):
+        short = _fitting(shortlist(dtype, block_m, block_d, backward), dtype, block_m, block_d, backward, partials)
+        fitting = (short + tuple(c for c in fitting if c not in short))[:max(2, len(short))]
+        fitting = fitting[:1] if mode == "default" else fitting
     return Candidates(block_m, block_d, partials, fitting)
 
 
@@ -138,10 +190,22 @@ def _prune(backward: bool):
     return prune
 
 
+# Used only where a launch has more than one candidate; one candidate is launched directly (_launch):
+# Triton 3.6's autotuner would time even a single configuration.
 _fwd = triton.autotune(configs=CONFIGS[_MODE][0], key=_KEY,
                        prune_configs_by={"early_config_prune": _prune(False)})(block_attention_fwd_kernel)
 _bwd = triton.autotune(configs=CONFIGS[_MODE][1], key=_KEY,
                        prune_configs_by={"early_config_prune": _prune(True)})(block_attention_bwd_kernel)
+
+
+def _launch(backward: bool, blocks: Candidates, grid, *args, **constexprs) -> None:
+    """The kernel over `grid`: autotuned among blocks.configs, or with the only one."""
+    if len(blocks.configs) > 1:
+        (_bwd if backward else _fwd)[grid](*args, **constexprs)
+        return
+    config = blocks.configs[0]
+    kernel = block_attention_bwd_kernel if backward else block_attention_fwd_kernel
+    kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -268,8 +332,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_rows: int, g
     row_blocks, group_programs, grid = _grid(layout, blocks.block_m, B * H)
     mask_t, (smb, smg, smr), has_mask = _mask_args(mask, q)
     qv, ov, lv = q[:, p:], out[:, p:], lse[:, :, p:]
-    _fwd[grid](
-        qv, k, v, mask_t, ov, lv,
+    _launch(
+        False, blocks, grid, qv, k, v, mask_t, ov, lv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         smb, smg, smr,
@@ -317,7 +381,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
         dv_buf = torch.empty_like(dk_buf)
         part_stride = dk_buf.stride(0)
     mask_t, (smb, smg, smr), has_mask = _mask_args(mask, q)
-    _bwd[grid](
+    _launch(
+        True, blocks, grid,
         q[:, p:], k, v, mask_t, out[:, p:], grad_out[:, p:], lse[:, :, p:], dq[:, p:], dk_buf, dv_buf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),

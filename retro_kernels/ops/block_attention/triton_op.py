@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import arg_checks
-from .autograd import block_attention_autograd
+from .autograd import block_attention_autograd, refuse_differentiation
 from .layouts import lse_dtype
 
 _DTYPES = arg_checks.TRITON_DTYPES
@@ -70,3 +70,5 @@ def _block_attention_bwd_triton_fake(grad_out, q, k, v, key_mask, out, lse, q_ro
 
 _backward, _setup_context = block_attention_autograd(block_attention_bwd_triton)
 block_attention_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+_backward, _setup_context = refuse_differentiation("retro_kernels::block_attention_bwd_triton")
+block_attention_bwd_triton.register_autograd(_backward, setup_context=_setup_context)

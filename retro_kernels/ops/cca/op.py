@@ -62,7 +62,9 @@ def chunked_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int,
         softmax_scale: defaults to head_dim ** -0.5.
         backend: "auto", "reference", "cpu" or "triton".
     Returns:
-        (batch, seq_len, heads, head_dim), differentiable in q, k and v.
+        (batch, seq_len, heads, head_dim), differentiable in q, k and v, twice and more: a
+        backward with create_graph=True runs the reference's backward formulas instead of the fused
+        backward kernel, so Hessian-vector products and gradient penalties are right.
     """
     _validate(q, k, v, chunk_size, neighbour_mask)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])

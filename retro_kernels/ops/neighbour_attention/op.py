@@ -1,5 +1,7 @@
 """neighbour_self_attention and neighbour_cross_attention: the neighbour encoder's attentions as
-fused, differentiable ops (the kernels are those of chunked cross-attention, block_attention/)."""
+fused, differentiable ops (the kernels are those of chunked cross-attention, block_attention/).
+Second derivatives are right: a backward with create_graph=True runs the reference's backward
+formulas (block_attention/autograd.py)."""
 from __future__ import annotations
 
 from torch import Tensor
