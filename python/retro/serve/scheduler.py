@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..generate import sample
+from ..generate import cut_at_stop, sample
 from ..inputs import encode_for_model, search_chunks
 from .neighbours import describe_retrievals
 
@@ -95,12 +95,6 @@ class _Row:
     generator: torch.Generator
     sent: int = 0
     next_token: int = 0
-
-
-def stop_position(text: str, stops: list[str]) -> int | None:
-    """Where the first stop string starts in text, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -268,10 +262,9 @@ class Scheduler:
         if token == getattr(self.tok, "eos_id", -1):
             text, finish = before, "stop"
         else:
-            text = self.tok.decode(row.generated)
-            cut = stop_position(text, job.stop)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
+            text, stopped = cut_at_stop(self.tok.decode(row.generated), job.stop)
+            if stopped:
+                finish = "stop"
             elif len(row.generated) >= job.max_tokens:
                 finish = "length"
         if logprobs is not None:
