@@ -95,6 +95,7 @@ setup(
     packages=find_packages(include=["retro_kernels", "retro_kernels.*"])
     + find_packages("python", include=["retro", "retro.*"]),
     package_dir={"retro": "python/retro"},
+    package_data={"retro.serve": ["page.html"]},  # the page of `retro serve`
     ext_modules=extension_modules(),
     cmdclass={"build_ext": build_ext_class()},
 )

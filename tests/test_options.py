@@ -8,7 +8,7 @@ import pytest
 
 from retro.cli import build_parser
 from retro.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
-                                   QueryOptions, TokenizerOptions, TrainExtras)
+                                   QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
 from retro.demo import DemoOptions
 from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
@@ -29,6 +29,7 @@ COMMANDS = [
                                                     SamplingOptions()]),
     ("evaluate", ["run", "--db", "d"], [EvaluateOptions(run="run", db="d")]),
     ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
+    ("serve", ["run", "--db", "d"], [ServeOptions(run="run", db="d")]),
     ("demo", [], [DemoOptions()]),
     ("add-documents", ["db", "corpus"], [AddOptions(db="db", corpus="corpus")]),
     ("remove-documents", ["db"], [RemoveOptions(db="db")]),

@@ -92,6 +92,18 @@ class DecodeState:
         """Every cache tensor (positions, self-attention keys/values, the neighbour cache)."""
         return [self.pos] + [t for kv in self.self_attn for t in (kv.k, kv.v)] + self.neighbour_cache.tensors()
 
+    def put_row(self, row: int, other: "DecodeState") -> None:
+        """Row `row` of these caches becomes row 0 of `other` (a one-row state, e.g. just prefilled,
+        whose caches may be shorter): its positions past other's length are zeroed. How a request
+        joins a batch already decoding (retro serve's scheduler)."""
+        for dst, src in zip(self.tensors(), other.tensors()):
+            if dst.dim() == 4 and dst.shape[2] != src.shape[2]:  # self-attention keys/values (B, H, T, D)
+                n = src.shape[2]
+                dst[row, :, :n] = src[0]
+                dst[row, :, n:] = 0
+            else:
+                dst[row] = src[0]
+
     def reset(self) -> None:
         """Empties the caches in place (their addresses stay): as a new state of the same shapes."""
         for t in self.tensors():

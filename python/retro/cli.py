@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 
 from .command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
-                              QueryOptions, TokenizerOptions, TrainExtras)
+                              QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
 from .errors import RetroError
 from .interrupt import terminate_as_interrupt
 from .options import add_options, options_from_args
@@ -216,6 +216,12 @@ def _cmd_demo(o) -> None:
     run_demo(o)
 
 
+def _cmd_serve(o: ServeOptions) -> None:
+    from .serve import serve
+
+    serve(o)
+
+
 def _cmd_dedup(o: DedupOptions) -> None:
     from .dedup import dedup_against
 
@@ -262,6 +268,8 @@ def commands() -> dict[str, Command]:
                             (GenerateOptions, SamplingOptions), _cmd_generate),
         "evaluate": Command("bits per byte on held-out documents, with and without retrieval",
                             (EvaluateOptions,), _cmd_evaluate),
+        "serve": Command("an OpenAI-compatible HTTP server, retrieving live, with a page that shows the neighbours",
+                         (ServeOptions,), _cmd_serve),
         "dedup-against": Command("find (and remove) training documents that leak evaluation ones",
                                  (DedupOptions,), _cmd_dedup),
         "demo": Command("the whole pipeline on an embedded corpus: RETRO against a baseline", (DemoOptions,),

@@ -77,6 +77,25 @@ class GenerateOptions:
 
 
 @dataclass
+class ServeOptions:
+    """serve's flags (retro.serve)."""
+    run: str = option(help="the run folder (its checkpoint)", positional=True)
+    db: str = option(help="the database to retrieve from")
+    host: str = option("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "the port to listen on")
+    max_batch: int = option(16, "requests decoded together (the decoding slots)")
+    max_waiting: int = option(64, "requests queued while every slot is taken; more are refused (HTTP 429)")
+    model_name: str | None = option(None, "the model's name in the API (default: the run folder's name)")
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+    device: str | None = option(None, DEVICE_HELP)
+
+    def validate(self) -> None:
+        check_int("--port", self.port, 0, 65535)
+        check_int("--max-batch", self.max_batch, 1)
+        check_int("--max-waiting", self.max_waiting, 0)
+
+
+@dataclass
 class EvaluateOptions:
     run: str = option(help="the run folder (its checkpoint)", positional=True)
     db: str = option(help="the database folder (its held-out documents are evaluated, unless --text)")
