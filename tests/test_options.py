@@ -13,6 +13,8 @@ from retro.demo import DemoOptions
 from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions
+from retro.retrieval.compact import CompactOptions, RemoveOptions
+from retro.retrieval.update import AddOptions
 from retro.train import TrainOptions
 
 # every command: a minimal command line and the options it must give (the dataclasses' defaults)
@@ -29,6 +31,9 @@ COMMANDS = [
     ("dedup-against", ["e", "t"], [DedupOptions(eval="e", train="t")]),
     ("serve", ["run", "--db", "d"], [ServeOptions(run="run", db="d")]),
     ("demo", [], [DemoOptions()]),
+    ("add-documents", ["db", "corpus"], [AddOptions(db="db", corpus="corpus")]),
+    ("remove-documents", ["db"], [RemoveOptions(db="db")]),
+    ("compact", ["db"], [CompactOptions(db="db")]),
     ("lm-eval", [], []),  # no flags of its own: main() hands `retro lm-eval ARGS` to lm-eval's command line
 ]
 

@@ -6,6 +6,7 @@ and the command line `retro`.
     run = retro.train(retro.TrainOptions(db="db", out="run", config="tiny", steps=500))
     model, _ = retro.load_model(run)
     print(retro.evaluate(model, retro.Retriever.load("db")).bpb_on)
+    retro.add_documents("db", "more_docs/")   # the database grows without a rebuild
 
 (`retro.train`, `retro.generate` and `retro.evaluate` are the functions; their modules stay
 importable as `from retro.train import ...`.)
@@ -17,10 +18,12 @@ from .inputs import ModelInputs, encode_for_model
 from .model import PRESETS, RetroConfig, RetroModel, preset
 from .pretrained import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
+from .retrieval.compact import compact, remove_documents
+from .retrieval.update import add_documents
 from .retrofit import RetrofittedLM, retrofit
 from .train import TrainOptions, load_model, train
 
 __all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "ModelInputs", "PRESETS", "RetroConfig",
-           "RetroError", "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "build_database",
-           "compute_neighbours", "encode_for_model", "evaluate", "from_pretrained", "generate", "load_model", "preset",
-           "retrofit", "train"]
+           "RetroError", "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "add_documents", "build_database",
+           "compact", "compute_neighbours", "encode_for_model", "evaluate", "from_pretrained", "generate",
+           "load_model", "preset", "remove_documents", "retrofit", "train"]

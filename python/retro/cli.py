@@ -191,6 +191,25 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     print(json.dumps(report, indent=1))
 
 
+def _cmd_add_documents(o) -> None:
+    from .retrieval.update import add_documents
+
+    add_documents(o.db, o.corpus, text_field=o.text_field, include=o.include, exclude=o.exclude, resume=o.resume,
+                  device=o.device, batch_size=o.embed_batch_size)
+
+
+def _cmd_remove_documents(o) -> None:
+    from .retrieval.compact import remove_documents
+
+    remove_documents(o.db, ids=o.ids, paths=o.paths)
+
+
+def _cmd_compact(o) -> None:
+    from .retrieval.compact import compact
+
+    compact(o.db)
+
+
 def _cmd_demo(o) -> None:
     from .demo import run_demo
 
@@ -225,12 +244,20 @@ def commands() -> dict[str, Command]:
     from .demo import DemoOptions
     from .generate import SamplingOptions
     from .retrieval.build import BuildOptions
+    from .retrieval.compact import CompactOptions, RemoveOptions
+    from .retrieval.update import AddOptions
     from .train import TrainOptions
 
     return {
         "tokenizer": Command("train a SentencePiece tokenizer on a corpus", (TokenizerOptions,), _cmd_tokenizer),
         "build-db": Command("build the chunk database, its embeddings and index", (BuildOptions,), _cmd_build_db,
                             resumable=True),
+        "add-documents": Command("add a corpus's documents to a built database (no rebuild)", (AddOptions,),
+                                 _cmd_add_documents, resumable=True),
+        "remove-documents": Command("mark documents removed from a database (by id or path glob)", (RemoveOptions,),
+                                    _cmd_remove_documents),
+        "compact": Command("rewrite a database without its removed documents", (CompactOptions,), _cmd_compact,
+                           resumable=True),
         "neighbours": Command("precompute the neighbours of every training chunk (own document excluded)",
                               (NeighboursOptions,), _cmd_neighbours),
         "query": Command("print the neighbours of a text", (QueryOptions,), _cmd_query),

@@ -195,6 +195,9 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
                           or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
     bf16 = opts.bf16 if opts.bf16 is not None else device.type == "cuda"
     db = ChunkDatabase(opts.db)
+    if len(db.removed):  # training packs the chunks in order: it would read the removed documents
+        raise RetroError(f"{opts.db!r} has {len(db.removed)} removed documents: run `retro compact {opts.db}` "
+                         "before training on it")
     run = Path(opts.out)
     ck = None
     if opts.resume:

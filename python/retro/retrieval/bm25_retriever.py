@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import RetroError
 from .bm25 import BM25_NAME, BM25Index
 from .database import ChunkDatabase, chunk_texts
+from .generations import index_file
 from .retriever import Retriever, SearchResult, check_allowed, check_exclude, check_k
 
 
@@ -18,7 +19,7 @@ class BM25Retriever(Retriever):
 
     @classmethod
     def open(cls, db: ChunkDatabase) -> "BM25Retriever":
-        index = BM25Index.load(db.path / "bm25", db.num_chunks)
+        index = BM25Index.load(db.path / index_file(db.manifest, "bm25"), db.num_chunks)
         if index.num_chunks != db.num_chunks:
             raise RetroError(f"{str(db.path)!r}: the BM25 index covers {index.num_chunks} chunks but the database "
                              f"has {db.num_chunks}; the database is damaged")
@@ -54,6 +55,8 @@ class BM25Retriever(Retriever):
                 raise RetroError("allowed_chunks and exclude_doc_ids cannot be combined")
             allowed = np.zeros(self.db.num_chunks, dtype=bool)
             allowed[check_allowed(allowed_chunks, self.db.num_chunks)] = True
+        if self.db.live_chunks is not None:  # removed documents' chunks are never returned
+            allowed = self.db.live_chunks if allowed is None else allowed & self.db.live_chunks
         if exclude_doc_ids is not None:
             exclude = check_exclude(exclude_doc_ids, len(terms))
         ids, scores = self.index.search(terms, k, exclude, np.asarray(self.db.chunk_doc), allowed)

@@ -34,6 +34,7 @@ from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .bm25 import is_bm25
 from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks
+from .generations import generation_of, index_file, index_remedy
 from .embedder import DEFAULT_EMBEDDER
 from .index import KINDS
 from .neighbours import is_neighbours_entry
@@ -537,7 +538,7 @@ def _index_damage(out: Path, manifest: dict) -> str | None:
     shards = info.get("extra", {}).get("shards")
     if is_bm25(manifest["embedder"]["name"]) or info["kind"] == "torch":
         return None
-    files = [shard_path(out, s) for s in range(shards)] if shards else [out / "index.faiss"]
+    files = [shard_path(out, s) for s in range(shards)] if shards else [out / index_file(manifest, "index.faiss")]
     try:
         vectors = sum(read_faiss_index(f, "rebuilding it").ntotal for f in files)
     except RetroError as exc:
@@ -558,6 +559,9 @@ def _repair_index(opts: BuildOptions, log) -> None:
     if not (out / "embeddings.npy").exists():
         raise RetroError(f"the index of {str(out)!r} is damaged and embeddings.npy, which it is built from, is "
                          "missing: build the database again with --overwrite")
+    if generation_of(manifest):  # embeddings.npy holds the build's keys only
+        raise RetroError(f"{damage.removesuffix('; rebuilding it')}; {str(out)!r} was changed after its build "
+                         f"(generation {generation_of(manifest)}): {index_remedy(out)}")
     log(f"[build-db] {damage}")
     state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
     manifest["index"] = _index_stage(opts, state, log, None)

@@ -114,8 +114,8 @@ def _select(path: Path, include, exclude, report: CorpusReport) -> list[Path]:
     return kept
 
 
-def _jsonl_documents(f: Path, rel: str, text_field: str, report: CorpusReport) -> Iterator[tuple[str, str]]:
-    """(text, folder) of each record: the folder of its "path" field if it has one, else a folder of
+def _jsonl_documents(f: Path, rel: str, text_field: str, report: CorpusReport) -> Iterator[tuple[str, str, str]]:
+    """(text, folder, source) of each record: the folder of its "path" field if it has one, else a folder of
     its own (the file and line), so that a folder hold-out then holds out single records."""
     for n, line in enumerate(_jsonl_lines(f), 1):
         if not line.strip():
@@ -131,10 +131,10 @@ def _jsonl_documents(f: Path, rel: str, text_field: str, report: CorpusReport) -
         path = record.get("path")
         folder = path.rsplit("/", 1)[0] if isinstance(path, str) and "/" in path else \
             "" if isinstance(path, str) else f"{rel}#{n}"
-        yield from _count(str(record[text_field]), report, folder)
+        yield from _count(str(record[text_field]), report, folder, path if isinstance(path, str) else f"{rel}#{n}")
 
 
-def _text_document(f: Path, folder: str, report: CorpusReport) -> Iterator[tuple[str, str]]:
+def _text_document(f: Path, folder: str, report: CorpusReport, rel: str) -> Iterator[tuple[str, str, str]]:
     """The file's text, or nothing (counted as binary) if its first block holds a NUL byte."""
     with open(f, "rb") as fh:
         head = fh.read(BLOCK)
@@ -144,15 +144,18 @@ def _text_document(f: Path, folder: str, report: CorpusReport) -> Iterator[tuple
         raw = head + fh.read()
     report.files += 1
     report.bytes += len(raw)
-    yield from _count(_decode(raw, report), report, folder)
+    yield from _count(_decode(raw, report), report, folder, rel)
 
 
 def iter_documents(corpus: str | Path, text_field: str = "text", report: CorpusReport | None = None,
-                   include: Iterable[str] = (), exclude: Iterable[str] = (), with_folder: bool = False):
+                   include: Iterable[str] = (), exclude: Iterable[str] = (), with_folder: bool = False,
+                   with_source: bool = False):
     """Yields the text of every non-empty document of `corpus`, in a stable order (sorted paths),
     or with_folder=True (text, folder): the folder of the file relative to the corpus (a .jsonl
-    record: the folder of its "path" field). include: globs a file must match (none: every file);
-    exclude: globs of files left out. Streams: one file is in memory at a time."""
+    record: the folder of its "path" field), or with_source=True (text, folder, source): also the
+    file's path relative to the corpus (a .jsonl record: its "path" field, else FILE#LINE).
+    include: globs a file must match (none: every file); exclude: globs of files left out.
+    Streams: one file is in memory at a time."""
     report = report if report is not None else CorpusReport()
     check_globs(include, exclude)
     path = check_corpus(corpus)
@@ -164,9 +167,9 @@ def iter_documents(corpus: str | Path, text_field: str = "text", report: CorpusR
                 report.files += 1
                 docs = _jsonl_documents(f, rel, text_field, report)
             else:
-                docs = _text_document(f, rel.rsplit("/", 1)[0] if "/" in rel else "", report)
-            for text, folder in docs:
-                yield (text, folder) if with_folder else text
+                docs = _text_document(f, rel.rsplit("/", 1)[0] if "/" in rel else "", report, rel)
+            for text, folder, source in docs:
+                yield (text, folder, source) if with_source else (text, folder) if with_folder else text
         except OSError as exc:
             raise RetroError(f"cannot read corpus file {str(f)!r}: {exc.strerror or exc}") from exc
 
@@ -182,9 +185,9 @@ def read_documents(corpus: str | Path, text_field: str = "text", report: CorpusR
     return documents
 
 
-def _count(text: str, report: CorpusReport, folder: str) -> Iterator[tuple[str, str]]:
+def _count(text: str, report: CorpusReport, folder: str, source: str) -> Iterator[tuple[str, str, str]]:
     if text.strip():
         report.documents += 1
-        yield text, folder
+        yield text, folder, source
     else:
         report.empty_documents += 1

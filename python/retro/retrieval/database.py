@@ -17,6 +17,8 @@ A database folder holds memory-mapped numpy arrays, the faiss index and manifest
   bm25/                    instead of the keys and their index, with --embedder bm25: the BM25 index (bm25.py)
 Chunks never cross a document boundary. The manifest is written last: a folder without one is an
 unfinished build, which `--resume` completes into exactly the database an uninterrupted build gives.
+A database changed after its build (add-documents, remove-documents, compact) holds its later array
+segments, index and removed documents in generations/ (generations.py); ChunkDatabase reads both.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..atomic import read_json
 from ..errors import RetroError
+from .generations import GENERATIONS, GROWN_VERSION, current_generation, generation_of, join_segments, segments
 from .tokenizer import tokenizer_from_manifest
 
 FORMAT_VERSION = 2  # 2: doc_folder.npy, the build's stage timings
@@ -33,7 +36,7 @@ BASE_ARRAYS = ("tokens", "doc_start", "doc_split", "doc_bytes", "doc_folder", "c
                "chunk_doc")
 ARRAYS = (*BASE_ARRAYS, "embeddings")
 OWN_NAMES = {f"{a}.npy" for a in ARRAYS} | {"index.faiss", "manifest.json", "build_state.json",
-                                            "tokenizer.model", "parts", "index-shards", "bm25"}
+                                            "tokenizer.model", "parts", "index-shards", "bm25", GENERATIONS}
 
 
 def key_arrays(embedder: str) -> tuple[str, ...]:
@@ -64,32 +67,61 @@ class ChunkDatabase:
     """A finished database, memory-mapped. values(ids) gives the neighbour tokens [chunk,
     continuation] and their mask; train/valid documents give the language-model data."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, manifest: dict | None = None):
+        """Opens the generation manifest.json names (or, for update.py and compact.py, the one `manifest`
+        describes)."""
         self.path = Path(path)
         mpath = self.path / "manifest.json"
-        if not mpath.exists():
+        if manifest is None and not mpath.exists():
             hint = " (an unfinished build: run build-db again with --resume)" if \
                 (self.path / "build_state.json").exists() else ""
             raise RetroError(f"{str(self.path)!r} is not a retro database: no manifest.json{hint}")
-        self.manifest = read_json(mpath)
+        self.manifest = manifest if manifest is not None else read_json(mpath)
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, GROWN_VERSION):
             raise RetroError(f"{str(self.path)!r} has database format version {version}; this version of retro "
-                             f"reads version {FORMAT_VERSION}: rebuild it with `retro build-db --overwrite`")
+                             f"reads versions {FORMAT_VERSION} and {GROWN_VERSION}: rebuild it with "
+                             "`retro build-db --overwrite`")
         self.embeddings = None  # a BM25 database has no keys
-        for name in key_arrays(self.manifest["embedder"]["name"]):
-            p = self.path / f"{name}.npy"
-            if not p.exists():
-                raise RetroError(f"{str(self.path)!r}: {name}.npy is missing")
-            arr = np.load(p, mmap_mode="r")
-            want = self.manifest["arrays"][name]
-            if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
-                raise RetroError(f"{str(self.path)!r}: {name}.npy has shape {list(arr.shape)} and dtype {arr.dtype}, "
-                                 f"but the manifest says {want['shape']} {want['dtype']}; the database is damaged")
+        while True:
+            try:
+                loaded = [self._load_segment(seg) for seg in segments(self.manifest)]
+                break
+            except RetroError:  # files gone: unless a compact switched generations meanwhile, damage
+                if manifest is not None or current_generation(self.path) == generation_of(self.manifest):
+                    raise
+                self.manifest = read_json(mpath)
+        for name, arr in join_segments(loaded).items():
             setattr(self, name, arr)
+        self.generation = generation_of(self.manifest)
+        self.removed = np.asarray(sorted(self.manifest.get("removed_documents", [])), dtype=np.int64)
+        # (C,) bool, False for the chunks of removed documents; None when nothing is removed
+        self.live_chunks = ~np.isin(self.chunk_doc, self.removed) if len(self.removed) else None
         self.chunk_size = int(self.manifest["chunk_size"])
         self.num_chunks = len(self.chunk_start)
         self._tokenizer = None
+
+    def _load_segment(self, segment: dict) -> dict:
+        """{name: memory-mapped array} of one segment, each checked against the manifest."""
+        folder = self.path / segment["path"]
+        loaded = {}
+        for name in key_arrays(self.manifest["embedder"]["name"]):
+            p = folder / f"{name}.npy"
+            if not p.exists():
+                raise RetroError(f"{str(self.path)!r}: {p.relative_to(self.path)} is missing")
+            arr = np.load(p, mmap_mode="r")
+            want = segment["arrays"][name]
+            if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
+                raise RetroError(f"{str(self.path)!r}: {p.relative_to(self.path)} has shape {list(arr.shape)} and "
+                                 f"dtype {arr.dtype}, but the manifest says {want['shape']} {want['dtype']}; the "
+                                 "database is damaged")
+            loaded[name] = arr
+        return loaded
+
+    def is_current(self) -> bool:
+        """False once another generation has been switched in (add-documents, remove-documents,
+        compact): load the database again to see it."""
+        return current_generation(self.path) == self.generation
 
     def identity(self) -> dict:
         """What a model trained on this database depends on: its tokenizer, chunk size, keys, and
@@ -109,6 +141,9 @@ class ChunkDatabase:
         if not trained_on:
             return
         mine = self.identity()
+        for earlier in self.manifest.get("earlier_identities", []):  # trained before documents were added
+            if all(earlier.get(key) == trained_on.get(key) for key in ("documents", "split_sha256")):
+                mine = {**mine, "documents": earlier["documents"], "split_sha256": earlier["split_sha256"]}
         words = {"tokenizer_sha256": "another tokenizer", "chunk_size": "another chunk size",
                  "embedder": "other keys (embedder, or BM25)", "documents": "other documents",
                  "split_sha256": "other held-out documents (a build with another --seed, --valid-fraction or corpus)"}
@@ -152,8 +187,9 @@ class ChunkDatabase:
         return tokens.reshape(shape), mask.reshape(shape)
 
     def documents(self, split: str = "train") -> np.ndarray:
-        """Document ids of the training ("train") or held-out ("valid") split."""
-        return np.flatnonzero(self.doc_split == (0 if split == "train" else 1))
+        """Document ids of the training ("train") or held-out ("valid") split, removed ones left out."""
+        ids = np.flatnonzero(self.doc_split == (0 if split == "train" else 1))
+        return ids[~np.isin(ids, self.removed)] if len(self.removed) else ids
 
     def document_tokens(self, d: int) -> np.ndarray:
         return np.asarray(self.tokens[int(self.doc_start[d]):int(self.doc_start[d + 1])])

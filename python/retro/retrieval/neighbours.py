@@ -12,18 +12,22 @@ import numpy as np
 
 from ..atomic import atomic_path, read_json, write_json, write_npy
 from ..errors import RetroError
+from .generations import current_generation
 from .retriever import Retriever
 
 
 def neighbours_path(db_dir: str | Path, candidates: int) -> Path:
-    return Path(db_dir) / f"neighbours-{candidates}.npy"
+    """The neighbours file of the database's current generation (a database that grew needs its own)."""
+    generation = current_generation(db_dir)
+    return Path(db_dir) / (f"neighbours-{candidates}.npy" if generation == 0 else
+                           f"neighbours-{candidates}-gen{generation:06d}.npy")
 
 
 def is_neighbours_entry(name: str) -> bool:
     """Whether `name`, an entry of a database folder, is one compute_neighbours writes there (the
     .npy, its .json description, the -parts folder of an unfinished run): derived from the
     database, so `build-db --overwrite` removes it with the database."""
-    return re.fullmatch(r"neighbours-\d+(\.npy|\.json|-parts)", name) is not None
+    return re.fullmatch(r"neighbours-\d+(-gen\d{6})?(\.npy|\.json|-parts)", name) is not None
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
@@ -42,7 +46,7 @@ def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: in
     out = neighbours_path(db_dir, k + extra)
     if out.exists():
         return out
-    parts = Path(db_dir) / f"neighbours-{k + extra}-parts"
+    parts = out.with_name(f"{out.stem}-parts")
     n = db.num_chunks
     blocks = range((n + block - 1) // block)
     bar = tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)

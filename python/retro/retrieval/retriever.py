@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
+from .generations import index_file, index_remedy
 from .index import (INDEX_REMEDY, IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available,
                     read_faiss_index, warn_without_faiss)
 
@@ -43,7 +44,12 @@ class Retriever:
         if is_bm25(built_with):
             from .bm25_retriever import BM25Retriever
 
-            return BM25Retriever.open(db)
+            try:
+                return BM25Retriever.open(db)
+            except RetroError:
+                if db.is_current():
+                    raise
+                return cls.load(path, embedder, device, index)  # compact deleted its files meanwhile: the new one
         settings = IndexSettings(**db.manifest["index"])
         use_faiss = index != "torch" and settings.kind != "torch"  # the database's own faiss index(es)
         if use_faiss and not faiss_available():
@@ -59,11 +65,14 @@ class Retriever:
             settings = IndexSettings(kind="torch", recall=1.0)
             search_index = SearchIndex(settings, vectors=db.embeddings, device=device)
         else:
-            faiss_path = Path(path) / "index.faiss"
-            search_index = SearchIndex(settings, read_faiss_index(faiss_path))
+            faiss_path = Path(path) / index_file(db.manifest, "index.faiss")
+            if not faiss_path.exists() and not db.is_current():  # compact switched generations, deleted this one
+                return cls.load(path, embedder, device, index)
+            search_index = SearchIndex(settings, read_faiss_index(faiss_path, index_remedy(path) if db.generation
+                                                                  else INDEX_REMEDY))
             if search_index.ntotal != db.num_chunks:
                 raise damaged_file(faiss_path, f"it holds {search_index.ntotal} vectors, the database "
-                                   f"{db.num_chunks} chunks", INDEX_REMEDY)
+                                   f"{db.num_chunks} chunks", index_remedy(path) if db.generation else INDEX_REMEDY)
         return cls(db, search_index, built_with, device)
 
     @property
@@ -87,8 +96,11 @@ class Retriever:
         return self.embedder.embed(list(queries))
 
     def _subset_index(self, allowed: np.ndarray) -> tuple[TorchExactIndex, np.ndarray]:
-        """An exact index over the chunks `allowed` (kept for the last subset asked for)."""
+        """An exact index over the chunks `allowed` (kept for the last subset asked for), removed
+        documents' chunks left out."""
         allowed = check_allowed(allowed, self.db.num_chunks)
+        if self.db.live_chunks is not None:
+            allowed = allowed[self.db.live_chunks[allowed]]
         key = (len(allowed), hash(allowed.tobytes()))
         if getattr(self, "_subset", (None,))[0] != key:
             self._subset = (key, TorchExactIndex(self.db.embeddings[allowed], device=self.device), allowed)
@@ -99,7 +111,8 @@ class Retriever:
         """-> ids (Q, k) int64 and distances (Q, k). With exclude_doc_ids (Q,), neighbours from
         that document are dropped: the search oversamples, then masks what is still missing.
         With allowed_chunks (chunk ids), only those chunks are searched, exactly (a part of the
-        database, e.g. to measure how the gain grows with the database)."""
+        database, e.g. to measure how the gain grows with the database). Chunks of removed documents
+        (remove-documents) are never returned."""
         check_k(k, self.db.num_chunks)
         emb = np.asarray(emb, dtype=np.float32)
         if allowed_chunks is not None:
@@ -112,10 +125,11 @@ class Retriever:
             ids[:, :i.shape[1]] = np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
             dist[:, :i.shape[1]] = np.where(i >= 0, d, np.inf)
             return ids, dist
-        if exclude_doc_ids is None:
+        live = self.db.live_chunks
+        if exclude_doc_ids is None and live is None:
             d, i = self.index.search(emb, k)
             return i.astype(np.int64), np.where(i >= 0, d, np.inf).astype(np.float32)
-        exclude = check_exclude(exclude_doc_ids, len(emb))
+        exclude = None if exclude_doc_ids is None else check_exclude(exclude_doc_ids, len(emb))
         max_k = getattr(self.index, "max_k", None)  # faiss on GPUs: no search wider than that
         check_max_k(k, max_k)
         cap = min(self.db.num_chunks, max_k or self.db.num_chunks)
@@ -125,7 +139,11 @@ class Retriever:
         wide = min(cap, 2 * k + 8)  # at most cap: what is still missing then is masked
         while len(todo):  # only the queries still short of k go round again, each time 4x wider
             d, i = self.index.search(emb[todo], wide)
-            keep = (i >= 0) & (self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None])
+            keep = i >= 0
+            if exclude is not None:
+                keep &= self.db.chunk_doc[np.maximum(i, 0)] != exclude[todo, None]
+            if live is not None:
+                keep &= live[np.maximum(i, 0)]
             done = (keep.sum(1) >= k) | (wide == cap)
             first = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
             kept = np.take_along_axis(keep[done], first, 1)
