@@ -161,7 +161,7 @@ def test_concurrent_requests_decode_together_and_never_mix(served):
     assert healthy(url)["steps"] - steps < sequential_steps / 2
     for a, t in zip(alone, together):
         assert (t["text"], t["retrieved"]) == (a["text"], a["retrieved"])
-    assert scheduler.load() == {"active": 0, "waiting": 0, "slots": 4, "steps": scheduler.steps}
+    assert scheduler.load() == {"active": 0, "waiting": 0, "slots": 4, "steps": scheduler.steps, "generation": 0}
 
 
 def test_no_request_is_kept_after_it_is_done(served):

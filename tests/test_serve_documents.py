@@ -72,6 +72,23 @@ def test_a_document_added_through_the_api_is_retrieved(live):
     assert json.loads((db / "manifest.json").read_text())["generation"] == out["generation"]
 
 
+def test_a_request_in_flight_decodes_on_through_an_add(live):
+    """A streamed completion decoding while documents are added (and the new generation swapped in
+    between two of its steps) runs to its end: the add did not stop decoding."""
+    url, _ = live
+    events, added = [], {}
+    body = {"prompt": "zebraquartz violetmoss", "max_tokens": 60, "temperature": 0, "stream": True}  # 23 tokens
+    with httpx2.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 2:
+                    added = post(url, {"documents": [HERON.replace("heron", "egret")]})
+    assert added["data"][0]["chunks"] >= 1 and len(events) == 60
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert [c["chunk"] for e in events for c in e["choices"][0]["retrieved"]] == [0, 1, 2, 3, 4]  # searched on
+
+
 def test_a_generation_another_writer_switches_in_is_picked_up(live, tmp_path):
     import retro
 
@@ -106,13 +123,15 @@ def test_a_bad_body_gets_a_400_and_the_server_stays_up(live, body, says):
 
 
 def test_a_database_that_cannot_grow_gets_a_409(live, monkeypatch):
-    """The update path's refusal (here: faiss missing for a faiss index, as open_database sees it)
-    is a 409 body naming the reason; so is a second add while one runs."""
+    """The update path's refusal (faiss missing for a faiss index, as open_database would say it;
+    another process holding the writer lock) is a 409 body naming the reason; so is a second add
+    while one runs."""
     import retro.retrieval.update as update
     from retro import RetroError
+    from retro.retrieval.generations import writer_lock
     from retro.serve import live as live_module
 
-    url, _ = live
+    url, db = live
     def refuse(db, writes_index=False):
         raise RetroError(f"{str(db)!r} has a faiss index (ivf), and faiss is not installed here")
 
@@ -120,6 +139,10 @@ def test_a_database_that_cannot_grow_gets_a_409(live, monkeypatch):
     err = post(url, {"documents": ["x y z"]}, 409)["error"]
     assert err["code"] == "database_refused" and "faiss is not installed" in err["message"], err
     monkeypatch.undo()
+    with writer_lock(db):  # another writer (the lock is per open file: this process's own add is refused too)
+        err = post(url, {"documents": ["x y z"]}, 409)["error"]
+    assert err["code"] == "database_refused" and "is being changed by another process" in err["message"], err
+    assert not (db / "api-documents").exists()
     monkeypatch.setattr(live_module.LiveDatabase, "_add", lambda self, docs: time.sleep(3))
     with httpx2.Client(timeout=30) as c1, httpx2.Client(timeout=30) as c2:
         slow = threading.Thread(target=lambda: c1.post(f"{url}/v1/documents", json={"documents": ["a"]}))
