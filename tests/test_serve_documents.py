@@ -1,6 +1,6 @@
 """`retro serve`'s live knowledge: POST /v1/documents grows the served database (a new generation)
-and a later completion retrieves the new document; a generation another writer switches in
-(retro.add_documents, as `retro add-documents` runs it) is picked up by the running server; bad
+and a later completion retrieves the new document; a generation another process switches in
+(`retro add-documents`) is picked up by the running server; bad
 bodies and a database that cannot grow get OpenAI-style 4xx bodies, and the server stays up."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import httpx2
 import pytest
 
-from retrieval_helpers import ROOT
+from retrieval_helpers import ROOT, run_cli
 from serve_helpers import running_server, trained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,13 +89,14 @@ def test_a_request_in_flight_decodes_on_through_an_add(live):
     assert [c["chunk"] for e in events for c in e["choices"][0]["retrieved"]] == [0, 1, 2, 3, 4]  # searched on
 
 
-def test_a_generation_another_writer_switches_in_is_picked_up(live, tmp_path):
-    import retro
+def test_a_generation_another_process_switches_in_is_picked_up(live, tmp_path):
+    from retro.retrieval import ChunkDatabase
 
     url, db = live
     before = generation(url)
     (tmp_path / "heron.txt").write_text(HERON)
-    grown = retro.add_documents(db, tmp_path / "heron.txt", log=lambda *_: None)  # as `retro add-documents` does
+    run_cli("add-documents", str(db), str(tmp_path / "heron.txt"))
+    grown = ChunkDatabase(db)
     deadline = time.monotonic() + 30
     while generation(url) != grown.generation and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -143,13 +144,20 @@ def test_a_database_that_cannot_grow_gets_a_409(live, monkeypatch):
         err = post(url, {"documents": ["x y z"]}, 409)["error"]
     assert err["code"] == "database_refused" and "is being changed by another process" in err["message"], err
     assert not (db / "api-documents").exists()
-    monkeypatch.setattr(live_module.LiveDatabase, "_add", lambda self, docs: time.sleep(3))
-    with httpx2.Client(timeout=30) as c1, httpx2.Client(timeout=30) as c2:
-        slow = threading.Thread(target=lambda: c1.post(f"{url}/v1/documents", json={"documents": ["a"]}))
-        slow.start()
-        time.sleep(1)
-        r = c2.post(f"{url}/v1/documents", json={"documents": ["b"]})
-        slow.join()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_add(self, documents):
+        entered.set()
+        release.wait(30)
+        return {"data": []}
+
+    monkeypatch.setattr(live_module.LiveDatabase, "_add", slow_add)
+    first = threading.Thread(target=lambda: httpx2.post(f"{url}/v1/documents", json={"documents": ["a"]}, timeout=30))
+    first.start()
+    assert entered.wait(30)
+    r = httpx2.post(f"{url}/v1/documents", json={"documents": ["b"]}, timeout=30)
+    release.set()
+    first.join()
     assert r.status_code == 409 and r.json()["error"]["code"] == "add_in_progress", r.text
     neighbour_documents(url, ZEBRA)
 
