@@ -42,17 +42,28 @@ class DocumentsRequest(BaseModel):
     """{"documents": [...]}: each a {"text", "source"} object or a plain string (its text)."""
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    documents: list[Document | str] = Field(min_length=1)
+    documents: list[Document] = Field(min_length=1)
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _strings(cls, documents):
+        """A string is a document's text; anything but a string or an object is refused by its index."""
+        if not isinstance(documents, list):
+            return documents  # pydantic's own error: a list is expected
+        for i, d in enumerate(documents):
+            if not isinstance(d, (str, dict)):
+                raise ValueError(f"document {i} is {d!r}: give a string or an object {{\"text\", \"source\"}}")
+        return [{"text": d} if isinstance(d, str) else d for d in documents]
 
     @field_validator("documents")
     @classmethod
-    def _texts(cls, documents: list) -> list:
+    def _texts(cls, documents: list[Document]) -> list[Document]:
         for i, d in enumerate(documents):
-            if not (d.text if isinstance(d, Document) else d).strip():
+            if not d.text.strip():
                 raise ValueError(f"document {i} has no text (an empty or blank string): give each document "
                                  "some text")
         return documents
 
     def pairs(self) -> list[tuple[str, str | None]]:
         """(text, source or None) of each document."""
-        return [(d.text, d.source) if isinstance(d, Document) else (d, None) for d in self.documents]
+        return [(d.text, d.source) for d in self.documents]
