@@ -161,7 +161,7 @@ class Scheduler:
 
     def generation(self) -> int | None:
         """The database generation of the retriever that the next iteration uses (None: no retriever)."""
-        retriever = self.swapping or self.retriever
+        retriever = self.swapping if self.swapping is not None else self.retriever
         return None if retriever is None else retriever.db.generation
 
     def swap(self, retriever) -> None:
