@@ -161,7 +161,7 @@ def test_concurrent_requests_decode_together_and_never_mix(served):
     assert healthy(url)["steps"] - steps < sequential_steps / 2
     for a, t in zip(alone, together):
         assert (t["text"], t["retrieved"]) == (a["text"], a["retrieved"])
-    assert scheduler.load() == {"active": 0, "waiting": 0, "slots": 4, "steps": scheduler.steps}
+    assert scheduler.load() == {"active": 0, "waiting": 0, "slots": 4, "steps": scheduler.steps, "generation": 0}
 
 
 def test_no_request_is_kept_after_it_is_done(served):
@@ -344,6 +344,7 @@ def test_the_page_streams_the_continuation_and_shows_the_neighbours(served, tmp_
     (["--port", "70000"], "--port must be an integer in [0, 65535], got 70000"),
     (["--max-batch", "0"], "--max-batch must be an integer >= 1, got 0"),
     (["--max-waiting", "-1"], "--max-waiting must be an integer >= 0, got -1"),
+    (["--check-every", "0"], "--check-every must be"),
 ])
 def test_retro_serve_refuses_bad_flags_in_one_line(argv, says, capsys, tmp_path):
     from retro.cli import main

@@ -88,8 +88,11 @@ class ServeOptions:
     model_name: str | None = option(None, "the model's name in the API (default: the run folder's name)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
     device: str | None = option(None, DEVICE_HELP)
+    check_every: float = option(2.0, "seconds between checks for a new generation of the database (another "
+                                     "process's retro add-documents, remove-documents, compact)")
 
     def validate(self) -> None:
+        check_float("--check-every", self.check_every, 0, low_open=True)
         check_int("--port", self.port, 0, 65535)
         check_int("--max-batch", self.max_batch, 1)
         check_int("--max-waiting", self.max_waiting, 0)

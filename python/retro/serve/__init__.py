@@ -1,7 +1,8 @@
 """`retro serve RUN --db DB`: the model behind an OpenAI-compatible HTTP API (FastAPI on uvicorn),
 retrieving live from the database at every chunk boundary, with a page at / that shows the
 neighbours. app.py: the routes; scheduler.py: continuous batching (one thread owns the model);
-schemas.py: the request body; errors.py: OpenAI-style error bodies; neighbours.py: what a response
+live.py: the database growing under the server (POST /v1/documents, other processes' changes);
+schemas.py: the request bodies; errors.py: OpenAI-style error bodies; neighbours.py: what a response
 says about retrieval; page.html: the page.
 
     from retro.serve import build_scheduler, create_app
@@ -42,8 +43,8 @@ def serve(o) -> None:
     scheduler = build_scheduler(model, retriever, retriever.db.tokenizer, o.max_batch, o.max_waiting)
     name = o.model_name or Path(o.run).resolve().name
     print(f"[serve] {name} on http://{o.host}:{o.port} ({o.max_batch} decoding slots of {scheduler.max_len} "
-          "tokens); the page: /, the API: /v1/completions", flush=True)
-    uvicorn.run(create_app(scheduler, name), host=o.host, port=o.port, log_level=o.log_level)
+          "tokens); the page: /, the API: /v1/completions, /v1/documents", flush=True)
+    uvicorn.run(create_app(scheduler, name, o.check_every), host=o.host, port=o.port, log_level=o.log_level)
 
 
 __all__ = ["Job", "Scheduler", "build_scheduler", "create_app", "serve"]

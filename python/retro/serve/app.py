@@ -3,8 +3,12 @@
     POST /v1/completions   a completion, or with "stream": true a stream of server-sent events
                            (one per token, then "data: [DONE]"), each choice carrying "retrieved":
                            the chunks completed so far and their neighbours (neighbours.py)
+    POST /v1/documents     {"documents": [{"text", "source"} or a string, ...]} added to the database as
+                           its next generation (live.py), which later requests retrieve from ->
+                           {"generation", "data": [{"id", "chunks", "source"}]}; 409 while another add
+                           runs or where the database cannot grow
     GET  /v1/models        the one model served
-    GET  /health           {"status": "ok", "active", "waiting", "slots", "steps"}
+    GET  /health           {"status": "ok", "active", "waiting", "slots", "steps", "generation"}
     GET  /                 the page: a prompt box, the continuation streaming in, the neighbours
                            each chunk retrieved beside it (page.html)
 
@@ -25,8 +29,9 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 
 from ..errors import RetroError
 from .errors import ApiError, error_body, install_error_handlers
+from .live import AddInProgress, LiveDatabase
 from .scheduler import Busy, Event, Job, Scheduler
-from .schemas import CompletionRequest
+from .schemas import CompletionRequest, DocumentsRequest
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int, max_len: int) -> None:
@@ -105,14 +110,21 @@ def page_html() -> str:
     return resources.files("retro.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
+def create_app(scheduler: Scheduler, model_name: str, check_every: float = 2.0) -> FastAPI:
     """The app serving `scheduler`'s model as `model_name`; the scheduler's thread starts with the
-    app and stops (after finishing every request in flight) when the app shuts down."""
+    app and stops (after finishing every request in flight) when the app shuts down. With a
+    retriever, its database is live (live.py): POST /v1/documents adds to it, and a generation
+    another process switches in is picked up within check_every seconds."""
+    live = LiveDatabase(scheduler, check_every) if scheduler.retriever is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        if live is not None:
+            live.start()
         yield
+        if live is not None:
+            await asyncio.to_thread(live.stop)
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="retro serve", lifespan=lifespan)
@@ -131,6 +143,19 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return page_html()
+
+    @app.post("/v1/documents")
+    async def documents(body: DocumentsRequest):
+        if live is None:
+            raise ApiError(409, "this server retrieves from no database: there is nothing to add documents to",
+                           code="no_database")
+        try:  # in a worker thread: decoding goes on meanwhile
+            return await asyncio.to_thread(live.add, body.pairs())
+        except AddInProgress as exc:
+            raise ApiError(409, str(exc), code="add_in_progress") from None
+        except RetroError as exc:
+            raise ApiError(409, "the database cannot take these documents: " + " ".join(str(exc).split()),
+                           param="documents", code="database_refused") from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -9,7 +9,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-         429: "rate_limit_error", 500: "server_error"}
+         409: "conflict_error", 429: "rate_limit_error", 500: "server_error"}
+FIELDS = {"/v1/completions": "the fields are those of OpenAI's /v1/completions (model, prompt, max_tokens, "
+                             "temperature, top_p, stop, seed, stream, logprobs, n, user) and retrieval",
+          "/v1/documents": 'the body is {"documents": [...]}, each document a string or {"text", "source"}'}
 
 
 class ApiError(Exception):
@@ -29,9 +32,9 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
+def validation_error(exc: RequestValidationError, route: str = "/v1/completions") -> ApiError:
     """FastAPI's validation error (malformed JSON, an unknown or mistyped field, a value out of
-    range) as one ApiError (400) about its first problem."""
+    range) in a request to `route` as one ApiError (400) about its first problem."""
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     kind = first.get("type", "")
@@ -41,9 +44,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {reason}{at}", code="json_invalid")
     param = loc[0] if loc else None
     if kind == "extra_forbidden":
-        return ApiError(400, f"unknown field {param!r}: the fields are those of OpenAI's /v1/completions "
-                             "(model, prompt, max_tokens, temperature, top_p, stop, seed, stream, logprobs, n, "
-                             "user) and retrieval", param=param, code="unknown_field")
+        name = loc[-1] if loc else param
+        return ApiError(400, f"unknown field {name!r}: {FIELDS.get(route, 'not a field of this body')}", param=param,
+                        code="unknown_field")
     where = ".".join(loc) or "the body"
     return ApiError(400, f"{where}: {first.get('msg')}, got {first.get('input')!r}", param=param, code=kind or None)
 
@@ -57,7 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(validation_error(exc))
+        return error_response(validation_error(exc, request.url.path))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

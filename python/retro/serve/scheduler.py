@@ -16,6 +16,12 @@ greedy outputs of concurrent requests against each one run alone).
 The handlers talk to the scheduler with Job objects: submit() queues one (Busy when the queue is
 full), the loop pushes its Events onto the job's asyncio queue (thread-safe, through its event
 loop), and job.cancel() makes the loop drop it.
+
+The database can change under a running server (live.py): swap() hands over a Retriever loaded at
+its new generation, which the loop takes at the top of its next iteration, before it admits jobs:
+never between a search and the description of what it found. A request submitted after swap()
+returned is prefilled against the new generation; rows already decoding keep the neighbours they
+have and search the new generation from their next chunk boundary.
 """
 from __future__ import annotations
 
@@ -119,6 +125,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.swapping = None  # a Retriever to take at the next iteration (swap)
         self.steps = 0  # batched decoding steps run (for /health and the tests)
         self.thread = threading.Thread(target=self._run, name="retro-scheduler", daemon=True)
 
@@ -146,10 +153,23 @@ class Scheduler:
         return job
 
     def load(self) -> dict:
-        """{"active": rows decoding, "waiting": jobs queued, "slots": max_batch, "steps": steps run}."""
+        """{"active": rows decoding, "waiting": jobs queued, "slots": max_batch, "steps": steps run,
+        "generation": the database generation that jobs submitted now retrieve from (None: no retriever)}."""
         with self.cond:
             return {"active": sum(r is not None for r in self.slots), "waiting": len(self.waiting),
-                    "slots": self.max_batch, "steps": self.steps}
+                    "slots": self.max_batch, "steps": self.steps, "generation": self.generation()}
+
+    def generation(self) -> int | None:
+        """The database generation of the retriever that the next iteration uses (None: no retriever)."""
+        retriever = self.swapping if self.swapping is not None else self.retriever
+        return None if retriever is None else retriever.db.generation
+
+    def swap(self, retriever) -> None:
+        """Hands over a Retriever (the database at a newer generation): the loop takes it at the top
+        of its next iteration, before admitting jobs, so every job submitted after this returns uses it."""
+        with self.cond:
+            self.swapping = retriever
+            self.cond.notify()
 
     # ---- the scheduler thread --------------------------------------------------------------------
 
@@ -166,6 +186,8 @@ class Scheduler:
                 self.cond.wait()
             if self.stopping and not self.waiting and not any(self.slots):
                 return False
+            if self.swapping is not None:  # between steps: no search is under way
+                self.retriever, self.swapping = self.swapping, None
             joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.slots.count(None)))]
         for job in joining:
             self._guard(job, self._admit, job)
