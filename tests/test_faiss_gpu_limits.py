@@ -75,7 +75,7 @@ def test_own_document_widening_stays_within_the_gpu_limit(one_gpu):
     flat = faiss.IndexFlatL2(8)
     flat.add(keys)
     db = SimpleNamespace(num_chunks=5000, chunk_doc=np.r_[np.zeros(4990, np.int64), np.ones(10, np.int64)],
-                         embeddings=keys, manifest={"embedder": {"name": "test"}})
+                         embeddings=keys, manifest={"embedder": {"name": "test"}}, live_chunks=None)  # none removed
     retriever = Retriever(db, ix.SearchIndex(ix.IndexSettings(kind="flat"), flat))
     ids, dist = retriever.search_embeddings(keys[:3], 1000, exclude_doc_ids=np.zeros(3, np.int64))
     assert retriever.index.impl.ks == [2008, 2048]

@@ -122,3 +122,32 @@ def test_other_commands_stop_with_one_line(monkeypatch, capsys):
     assert main(["query", "db", "some text"]) == 130
     assert capsys.readouterr().err == "retro query: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default back
+
+
+def test_an_error_raised_by_what_ctrl_c_stopped_is_the_interruption(monkeypatch, capsys):
+    """A library may catch the KeyboardInterrupt inside its own code and raise an error of its own
+    (numpy's file reading turned one into "TypeError: expected str, bytes or os.PathLike object"):
+    after a signal, that error is the interruption (one line, 130), not a bug; without a signal an
+    error is still a bug (traceback, status 1)."""
+    import time
+
+    import retro.demo
+
+    def library_swallowing_ctrl_c(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler raises before this ends
+        except KeyboardInterrupt:
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedReader") from None
+        pytest.fail("SIGINT did not stop the command")
+
+    def a_bug(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(retro.demo, "run_demo", library_swallowing_ctrl_c)
+    assert main(["demo", "--steps", "5"]) == 130
+    assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --steps 5\n"
+    monkeypatch.setattr(retro.demo, "run_demo", a_bug)  # the earlier command's signal does not count
+    assert main(["demo", "--steps", "5"]) == 1
+    assert "internal error" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handler back

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
                               QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
 from .errors import RetroError
-from .interrupt import terminate_as_interrupt
+from .interrupt import Interrupted, received_signal, terminate_as_interrupt
 from .options import add_options, options_from_args
 
 
@@ -391,5 +391,8 @@ def main(argv=None) -> int:
             raise
         return _fail(prog, _one_line(exc))
     except Exception:  # noqa: BLE001 - anything else is a bug: shown, not hidden
+        signum = received_signal()
+        if signum is not None and not os.environ.get("RETRO_TRACEBACK"):  # raised by what the signal stopped
+            return _interrupted(prog, argv, spec, Interrupted(signum))
         return _bug(prog)
     return 0

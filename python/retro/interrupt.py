@@ -8,6 +8,16 @@ import threading
 from contextlib import contextmanager
 
 
+_received: list[int] = []  # the signals that stopped (or began to stop) this process's command
+
+
+def received_signal() -> int | None:
+    """The signal that began to stop the command, if one came: an error raised after it (a library
+    that caught the KeyboardInterrupt in its C code and raised an error of its own, as numpy's file
+    reading can) is the interruption, not a bug."""
+    return _received[-1] if _received else None
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a command; `done` says what was kept before it stopped (e.g.
     "at step 40 (checkpoint saved)"). The exit status is 128 + the signal's number."""
@@ -15,6 +25,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT, done: str = ""):
         super().__init__(done or signal.Signals(signum).name)
         self.signum, self.done = int(signum), done
+        _received.append(self.signum)
 
     @property
     def status(self) -> int:
@@ -27,8 +38,9 @@ def _in_main_thread() -> bool:
 
 @contextmanager
 def terminate_as_interrupt():
-    """Within the block, SIGTERM raises Interrupted as Ctrl-C raises KeyboardInterrupt (files being
-    written are cleaned up, the command line prints one line). Outside the main thread: no change."""
+    """Within the block, SIGTERM and Ctrl-C (SIGINT) raise Interrupted, a KeyboardInterrupt that
+    records the signal (files being written are cleaned up, the command line prints one line).
+    Outside the main thread: no change."""
     if not _in_main_thread():
         yield
         return
@@ -36,11 +48,13 @@ def terminate_as_interrupt():
     def raise_interrupted(signum, frame):
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    _received.clear()  # a command's own signals only
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class StopSignals:
@@ -59,6 +73,7 @@ class StopSignals:
         if self.signum is not None:
             raise Interrupted(signum)
         self.signum = signum
+        _received.append(signum)
 
     @property
     def requested(self) -> bool:

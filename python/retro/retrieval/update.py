@@ -48,7 +48,8 @@ class AddOptions:
     exclude: tuple[str, ...] = option((), EXCLUDE_HELP, metavar="GLOB")
     resume: bool = option(False, "complete an interrupted add-documents")
     device: str | None = option(None, "where to embed (default: cuda if there is one)")
-    embed_batch_size: int | None = option(None, "texts per embedder batch", flag="batch-size")
+    embed_batch_size: int | None = option(None, "texts per embedder batch (default as build-db: 32 on the CPU, "
+                                                "128 on a GPU)", flag="batch-size")
 
     def validate(self) -> None:
         check_int("--batch-size", self.embed_batch_size, 1, optional=True)
