@@ -186,7 +186,8 @@ def main(argv=None):
              "per-token latency (the gap between streamed tokens) as each client saw them",
              f"memory: the server's RSS over {memory['requests']} requests of 8 tokens, 16 at a time: "
              f"{memory['rss_after_warmup_mb']:.0f} MB after the first 10%, {memory['rss_end_mb']:.0f} MB at the end",
-             "measured once, briefly, on a machine shared with other jobs: the load average below says how busy"]
+             "one run (repeat it for the spread: serve-*-runs.md has three); the load average below says "
+             "how busy the machine was"]
     columns = [("clients", "clients"), ("requests", "requests"), ("tokens_per_s", "tokens/s"),
                ("ttft_p50_ms", "first token p50 (ms)"), ("ttft_p99_ms", "first token p99 (ms)"),
                ("token_p50_ms", "per token p50 (ms)"), ("token_p99_ms", "per token p99 (ms)")]
