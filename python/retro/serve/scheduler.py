@@ -94,13 +94,15 @@ class Job:
 @dataclass
 class _Row:
     """A job in a slot: its tokens so far (prompt and generated), the generated ones, the sampling
-    generator, how much of its text was sent, the token to feed next."""
+    generator, how much of its text was sent, the token to feed next, the generated tokens' text
+    (decoded once per step)."""
     job: Job
     history: list[int]
     generated: list[int]
     generator: torch.Generator
     sent: int = 0
     next_token: int = 0
+    text: str = ""
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -276,7 +278,7 @@ class Scheduler:
         job = row.job
         token = int(sample(logits, job.temperature, None, job.top_p, row.generator)[0])
         logprobs = self._logprobs(logits[0], token, job.logprobs) if job.logprobs is not None else None
-        before = self.tok.decode(row.generated)
+        before = row.text
         row.generated.append(token)
         row.history.append(token)
         row.next_token = token
@@ -284,7 +286,8 @@ class Scheduler:
         if token == getattr(self.tok, "eos_id", -1):
             text, finish = before, "stop"
         else:
-            text, stopped = cut_at_stop(self.tok.decode(row.generated), job.stop)
+            row.text = self.tok.decode(row.generated)
+            text, stopped = cut_at_stop(row.text, job.stop)
             if stopped:
                 finish = "stop"
             elif len(row.generated) >= job.max_tokens:
