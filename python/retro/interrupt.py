@@ -25,7 +25,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT, done: str = ""):
         super().__init__(done or signal.Signals(signum).name)
         self.signum, self.done = int(signum), done
-        _received.append(self.signum)
 
     @property
     def status(self) -> int:
@@ -46,6 +45,7 @@ def terminate_as_interrupt():
         return
 
     def raise_interrupted(signum, frame):
+        _received.append(signum)
         raise Interrupted(signum)
 
     _received.clear()  # a command's own signals only
