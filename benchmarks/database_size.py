@@ -30,10 +30,10 @@ def main() -> None:
     p.add_argument("--device", default=None)
     a = p.parse_args()
 
-    from retro.evaluate import bits_per_byte, prepare, score, summarise
+    from retro.evaluation.evaluate import bits_per_byte, prepare, score, summarise
     from retro.retrieval import Retriever
     from retro.retrieval.retriever import database_fraction
-    from retro.train import load_model
+    from retro.training.train import load_model
 
     model, state = load_model(a.run, device=a.device)
     a.k = a.k or model.cfg.num_neighbours

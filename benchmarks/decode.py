@@ -24,7 +24,7 @@ import torch
 from benchmarks import gpu_rows
 from benchmarks.harness import (bar_plot, backend_column, machine_name, model_backends, require_fused,
                                 write_results)
-from retro.model import RetroModel, preset, recorded_cuda_graphs
+from retro.model.model import RetroModel, preset, recorded_cuda_graphs
 
 
 @torch.no_grad()

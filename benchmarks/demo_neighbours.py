@@ -37,7 +37,7 @@ VARIANTS = {"k2": (2, {}), "k1": (1, {}), "k2-cca1": (2, {"cca_layers": (1,)})}
 def step_seconds(config, variants: dict, batch: int, seq_chunks: int, steps: int = 12) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, AdamW) on random tokens for the
     baseline ("baseline", no neighbours) and each variant, interleaved step by step."""
-    from retro.model import RetroModel
+    from retro.model.model import RetroModel
 
     torch.manual_seed(0)
     n = seq_chunks * config.chunk_size
@@ -72,10 +72,10 @@ def main() -> None:
     a = p.parse_args()
 
     from retro.demo import DEMO_CPU_ENCODER
-    from retro.evaluate import prepare, score, summarise
-    from retro.model import preset
+    from retro.evaluation.evaluate import prepare, score, summarise
+    from retro.model.model import preset
     from retro.retrieval import Retriever
-    from retro.train import TrainOptions, load_model, train
+    from retro.training.train import TrainOptions, load_model, train
 
     retriever = Retriever.load(a.db)
     config = preset("tiny", **DEMO_CPU_ENCODER, vocab_size=retriever.db.tokenizer.vocab_size, max_seq_len=512)

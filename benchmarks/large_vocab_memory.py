@@ -45,8 +45,8 @@ GB = 1e9
 
 def defaults() -> dict:
     """The batch and sequence length of `retro train` and `retro evaluate` with their defaults."""
-    from retro.evaluate import score
-    from retro.train import TrainOptions
+    from retro.evaluation.evaluate import score
+    from retro.training.train import TrainOptions
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     n = fields["seq_chunks"] * CHUNK  # a run's max_seq_len: evaluate's window
@@ -72,7 +72,7 @@ def _available() -> int:
 def build(vocab: int, n: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retro.retrofit import retrofit
+    from retro.retrofit.wrapper import retrofit
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=WIDTH, intermediate_size=FF,
@@ -88,8 +88,8 @@ def build(vocab: int, n: int):
 
 def whole_logits_step(model, optimizer, batch, grad_clip: float, lr: float):
     """train_step before sliced_loss.py: the whole logits, then cross_entropy."""
-    from retro.data import IGNORE
-    from retro.train_step import set_learning_rate
+    from retro.training.data import IGNORE
+    from retro.training.step import set_learning_rate
 
     set_learning_rate(optimizer, lr)
     logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask)
@@ -106,8 +106,8 @@ def whole_logits_step(model, optimizer, batch, grad_clip: float, lr: float):
 
 def run_case(vocab: int, mode: str, loss: str) -> dict:
     """One case, in this process: build, reset the peak, run the pass, read the peak."""
-    from retro.data import Batch
-    from retro.train_step import train_step
+    from retro.training.data import Batch
+    from retro.training.step import train_step
 
     B, n = defaults()[mode]
     model = build(vocab, n)

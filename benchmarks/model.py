@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.harness import (NO_RETRIEVAL, backend_column, bar_plot, machine_name, model_backends, require_fused,
                                 time_fn, write_results)
-from retro.model import RetroModel, preset
+from retro.model.model import RetroModel, preset
 
 FUSED_VARIANT = "RETRO (fused kernels)"  # backend "auto": must resolve to fused kernels, or the run is refused
 

@@ -28,7 +28,7 @@ def corpus_root(corpus: str | None) -> tuple[str, str]:
     where neither $RETRO_DEFAULT_CORPUS nor the cache has it)."""
     if corpus is not None:
         return corpus, f".py files of {corpus}"
-    from retro.default_corpus import default_corpus, describe
+    from retro.app.default_corpus import default_corpus, describe
 
     return default_corpus(), describe()
 

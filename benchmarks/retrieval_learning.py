@@ -144,7 +144,7 @@ def eval_windows(db_dir: Path, seq_chunks: int, k: int, count: int, seed: int):
     retrieval finds for each chunk; cached in the database folder. -> x, y, neighbours, mask."""
     cache = db_dir / f"learning_eval-L{seq_chunks}-k{k}-n{count}-s{seed}.npz"
     if not cache.exists():
-        from retro.atomic import atomic_path
+        from retro.base.atomic import atomic_path
         from retro.retrieval import Retriever
 
         retriever = Retriever.load(db_dir)
@@ -218,13 +218,13 @@ def main() -> None:
     p.add_argument("--curve-out", help=argparse.SUPPRESS)  # a worker's curve, for --jobs
     a = p.parse_args()
 
-    from retro.data import Sampler, TrainSequences
-    from retro.model import RetroModel, preset
+    from retro.training.data import Sampler, TrainSequences
+    from retro.model.model import RetroModel, preset
     from retro.retrieval import BuildOptions, build_database, compute_neighbours
     from retro.retrieval.database import ChunkDatabase
     from retro.retrieval.neighbours import load_neighbours
-    from retro.train import TrainOptions, lr_at, make_optimizer
-    from retro.train_step import train_step
+    from retro.training.train import TrainOptions, lr_at, make_optimizer
+    from retro.training.step import train_step
 
     if a.db:
         db_dir = Path(a.db)

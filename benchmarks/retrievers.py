@@ -194,7 +194,7 @@ def bm25_terms(tokenizer) -> dict:
 def next_overlap(db, found: np.ndarray, nxt: list[np.ndarray]) -> dict:
     """found (Q,) top-1 chunk ids of held-out query chunks, nxt: the tokens of each query's next chunk ->
     the mean longest common run / chunk size and the share of queries where it is >= 0.5."""
-    from retro.evaluate_overlap import longest_common_substring
+    from retro.evaluation.overlap import longest_common_substring
 
     tokens, mask = db.values(found)
     r = np.array([longest_common_substring(n, t[m]) / db.chunk_size if f >= 0 else 0.0
@@ -260,7 +260,7 @@ def main() -> None:
     p.add_argument("--note", action="append", default=[], help="a note for the results file (repeatable)")
     a = p.parse_args()
 
-    from retro.default_corpus import default_corpus
+    from retro.app.default_corpus import default_corpus
     from retro.demo import sample_corpus
     from retro.retrieval import ChunkDatabase
     from retro.retrieval.database import chunk_texts

@@ -26,14 +26,14 @@ from benchmarks.harness import machine_name, pyplot, save_figure, write_results
 
 def run_variant(db_dir: str, variant: str, steps: int, batch: int, eval_docs: int, seed: int,
                 encoder_depth: int = 2) -> dict:
-    from retro.data import TrainSequences
+    from retro.training.data import TrainSequences
     from retro.demo import held_out_by_split
     from retro.demo_retrofit import EVAL_SPAN, default_cca_layers, resolve_base, SMOLLM2
-    from retro.evaluate import prepare, score, summarise
+    from retro.evaluation.evaluate import prepare, score, summarise
     from retro.retrieval import Retriever
     from retro.retrieval.neighbours import load_neighbours
-    from retro.retrofit import retrofit
-    from retro.train_step import train_step
+    from retro.retrofit.wrapper import retrofit
+    from retro.training.step import train_step
 
     placement, init = variant.split("-")
     torch.manual_seed(seed)

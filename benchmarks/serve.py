@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_run(folder: Path) -> tuple[Path, Path, list[str]]:
     """(run, db, prompts): a BM25 database of 40 files of the demo's corpus, the tiny preset
     trained on it for 2 steps, and prompts from its held-out documents."""
-    from retro.default_corpus import default_corpus
+    from retro.app.default_corpus import default_corpus
     from retro.demo import sample_corpus
     from retro.retrieval import BuildOptions, ChunkDatabase, build_database, compute_neighbours
-    from retro.train import TrainOptions, train
+    from retro.training.train import TrainOptions, train
 
     corpus = sample_corpus(default_corpus(), 40, 0, folder / "corpus.jsonl")
     build_database(BuildOptions(corpus=str(corpus), out=str(folder / "db"), embedder="bm25", vocab_size=2000,

@@ -1,14 +1,14 @@
 """Training throughput and model FLOP utilisation (MFU), eager against `retro train --compile`,
 for RETRO with retrieval and the same decoder without it (RETRO[OFF]).
 
-Each step is the training loop's own retro.train_step.train_step: the loss under bfloat16
+Each step is the training loop's own retro.training.step.train_step: the loss under bfloat16
 autocast (on CUDA), backward, gradient clipping, AdamW (train.make_optimizer; compiled: the model through
 compile_training.compile_for_training, fullgraph, and AdamW's fused kernel on CUDA). Synthetic tokens and
 neighbours (no retrieval I/O). The first step, which compiles, is timed apart ("first step s")
 and its loss is shown: eager and compiled start from the same weights and batch, so it must agree
 to bfloat16 rounding.
 
-MFU = tokens/s * training FLOPs per token / the card's dense bf16 peak (retro.flops: the PaLM
+MFU = tokens/s * training FLOPs per token / the card's dense bf16 peak (retro.model.flops: the PaLM
 count of matrix products, 3x the forward; decoder N(8da + 4df) + 4Nna + 2dV per token, CCA
 c(4da + 4kra + 2k 4ea), encoder 2k((2de) + D_e(8eb + 4rb + 16e^2) + 4eb + 4mb) + 4db; peak
 989.4 TFLOP/s for H100 SXM and H200, NVIDIA's datasheet figure with sparsity halved).
@@ -37,11 +37,11 @@ import torch
 from benchmarks import gpu_rows
 from benchmarks.harness import (NO_RETRIEVAL, backend_column, machine_name, markdown_table, model_backends, time_fn,
                                 write_results)
-from retro.compile_training import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
-from retro.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_token
-from retro.model import PRESETS, RetroModel, preset
-from retro.train import TrainOptions, make_optimizer
-from retro.train_step import train_step
+from retro.training.compile import COMPILE_BACKENDS, compile_for_training, use_fused_adamw
+from retro.model.flops import PEAK_BF16_FLOPS, mfu, peak_flops, training_flops_per_token
+from retro.model.model import PRESETS, RetroModel, preset
+from retro.training.train import TrainOptions, make_optimizer
+from retro.training.step import train_step
 
 MODES = ("eager", "compile", "ddp", "fsdp")
 
@@ -91,7 +91,7 @@ def measure(name: str, retrieval: bool, mode: str, device: torch.device, batch: 
     if mode in ("ddp", "fsdp"):  # eager, world size 1
         one_process_group(device)
         if mode == "fsdp":
-            from retro.fsdp import shard_model
+            from retro.training.fsdp import shard_model
 
             shard_model(model, device, bf16)
         else:

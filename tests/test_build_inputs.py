@@ -4,7 +4,7 @@ refused before any stage runs, leaving no unfinished build behind."""
 import numpy as np
 
 from retrieval_helpers import WORDS, write_corpus
-from retro.cli import main
+from retro.app.cli import main
 from retro.retrieval.tokenizer import SentencePieceTokenizer
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from retro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from retro.errors import RetroError
+from retro.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from retro.base.errors import RetroError
 
 
 class Payload:

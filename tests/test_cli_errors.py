@@ -4,10 +4,10 @@ options dataclasses give the Python API the same checks."""
 import pytest
 
 from retro import BuildOptions, RetroError, TrainOptions
-from retro.cli import main, parse_overrides
+from retro.app.cli import main, parse_overrides
 from retro.demo import DemoOptions
-from retro.generate import SamplingOptions
-from retro.model import check_config_fields
+from retro.decoding.generate import SamplingOptions
+from retro.model.model import check_config_fields
 
 TRAIN = ["train", "--db", "{tmp}/db", "--out", "{tmp}/run"]
 GENERATE = ["generate", "{tmp}/run", "a prompt", "--db", "{tmp}/db"]
@@ -129,12 +129,12 @@ def test_python_api_has_the_same_checks(make):
 def test_a_retro_error_from_inside_a_command_is_one_line(folder, monkeypatch, capsys):
     """A RetroError raised deep in a command's work (not by argparse or validate) is still a user
     error: one line, status 2."""
-    import retro.dedup
+    import retro.evaluation.dedup
 
     def refuse(*args, **kwargs):
         raise RetroError("the evaluation corpus 'e' holds no document")
 
-    monkeypatch.setattr(retro.dedup, "dedup_against", refuse)
+    monkeypatch.setattr(retro.evaluation.dedup, "dedup_against", refuse)
     assert main(["dedup-against", "e", "t"]) == 2
     assert capsys.readouterr().err == "retro dedup-against: error: the evaluation corpus 'e' holds no document\n"
 
@@ -146,12 +146,12 @@ def test_a_retro_error_from_inside_a_command_is_one_line(folder, monkeypatch, ca
 def test_an_internal_bug_shows_its_traceback_and_asks_for_a_report(error, monkeypatch, capsys):
     """Any exception other than RetroError (and argparse's errors) is a bug, not a user mistake:
     its traceback, naming the function that raised it, then a line asking to report it; status 1."""
-    import retro.fsdp
+    import retro.training.fsdp
 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(retro.fsdp, "convert_checkpoint", broken)
+    monkeypatch.setattr(retro.training.fsdp, "convert_checkpoint", broken)
     status = main(["convert-checkpoint", "run"])
     err = capsys.readouterr().err
     assert status == 1

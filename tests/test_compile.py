@@ -1,4 +1,4 @@
-"""`retro train --compile` (python/retro/compile_training.py) and the model FLOPs (python/retro/flops.py):
+"""`retro train --compile` (python/retro/training/compile.py) and the model FLOPs (python/retro/model/flops.py):
 the forward with retrieval compiles as one graph (and the check sees a graph break when one is
 put in), compiled training follows eager training in float32, and the FLOP formula equals a
 direct count of the matrix products."""
@@ -10,11 +10,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from retro.compile_training import compile_for_training, set_fused, use_fused_adamw
-from retro.flops import forward_flops_per_token, mfu, peak_flops, training_flops_per_token
-from retro.model import RetroModel, preset
-from retro.train import TrainOptions, make_optimizer
-from retro.train_step import sequence_loss, train_step
+from retro.training.compile import compile_for_training, set_fused, use_fused_adamw
+from retro.model.flops import forward_flops_per_token, mfu, peak_flops, training_flops_per_token
+from retro.model.model import RetroModel, preset
+from retro.training.train import TrainOptions, make_optimizer
+from retro.training.step import sequence_loss, train_step
 from retro_kernels.nn import ChunkedCrossAttention
 from retro_kernels._extension import has_triton, triton_interpreting
 
@@ -72,7 +72,7 @@ def test_triton_path_is_one_graph():
 def test_the_loss_in_checkpointed_slices_is_one_graph(monkeypatch):
     """sequence_loss's forward(..., targets=...) in 8 slices (sliced_loss.py, each under
     torch.utils.checkpoint) traces as one graph; compiled, its loss and gradients are eager's."""
-    from retro import sliced_loss
+    from retro.model.model import sliced_loss
 
     monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * SMALL["vocab_size"] * 8)  # 8 positions per slice
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ second half reads it). tests/test_gpu.py replays the graphs on a GPU against eag
 import pytest
 import torch
 
-from retro.errors import RetroError
-from retro.model import RetroModel
+from retro.base.errors import RetroError
+from retro.model.model import RetroModel
 from test_model import inputs, tiny
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retro.config import RetroConfig
-from retro.model import RetroModel
+from retro.model.config import RetroConfig
+from retro.model.model import RetroModel
 
 M, L, VOCAB = 16, 4, 512
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from retro import RetroError
-from retro.cli import main
+from retro.app.cli import main
 from retro.retrieval.corpus import BLOCK, CorpusReport, iter_documents, read_documents
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"

@@ -16,7 +16,7 @@ import pytest
 import retro.retrieval.embedder
 from retrieval_helpers import ROOT, WORDS, HashingEmbedder, database_files, quick_database, write_corpus
 from retro import RetroError, add_documents, compact, remove_documents
-from retro.cli import main
+from retro.app.cli import main
 from retro.demo import near_duplicated
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
 from retro.retrieval.database import ARRAYS, chunk_texts
@@ -340,7 +340,7 @@ SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "en
 
 
 def test_a_run_still_loads_after_an_add_and_another_tokenizer_is_refused(tmp_path, monkeypatch, capsys):
-    from retro.train import TrainOptions, load_model, train
+    from retro.training.train import TrainOptions, load_model, train
 
     db = quick_database(tmp_path / "a", monkeypatch)
     run = train(TrainOptions(db=str(db), out=str(tmp_path / "run"), steps=2, batch_size=2, seq_chunks=4, warmup=1,

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from retrieval_helpers import run_cli
-from retro.dedup import candidate_probability, duplicated_documents, find_duplicates, jaccard, ngrams, word_tokens
+from retro.evaluation.dedup import (candidate_probability, duplicated_documents, find_duplicates, jaccard, ngrams,
+                                   word_tokens)
 
 
 def near_duplicate(words: list[str], target: float, rng) -> list[str]:

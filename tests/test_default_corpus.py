@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from retro import default_corpus as dc
+from retro.app import default_corpus as dc
 from retro.demo import python_files, sample_corpus
 
 SAMPLES = {  # (files, seed) -> sha256 of the demo's corpus.jsonl

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from retrieval_helpers import run_cli
 from retro.demo import DemoOptions, run_demo
 from retro.demo_retrofit import default_cca_layers, slug
-from retro.errors import RetroError
+from retro.base.errors import RetroError
 from retro.retrieval.embedder import resolve_embedder_path
 from test_retrofit import passages_corpus
 

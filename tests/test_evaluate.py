@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from retrieval_helpers import write_corpus
-from retro.evaluate import evaluate, prepare, score, summarise
-from retro.evaluate_overlap import chunk_overlap, group_overlaps, longest_common_substring, overlap_rows
-from retro.model import RetroModel, preset
+from retro.evaluation.evaluate import evaluate, prepare, score, summarise
+from retro.evaluation.overlap import chunk_overlap, group_overlaps, longest_common_substring, overlap_rows
+from retro.model.model import RetroModel, preset
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.retriever import database_fraction
 

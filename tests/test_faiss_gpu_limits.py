@@ -8,7 +8,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from retro.errors import RetroError  # noqa: E402
+from retro.base.errors import RetroError  # noqa: E402
 from retro.retrieval import index as ix  # noqa: E402
 from retro.retrieval.retriever import Retriever  # noqa: E402
 

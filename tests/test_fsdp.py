@@ -24,9 +24,9 @@ import torch
 
 from retrieval_helpers import ROOT, free_port, quick_database
 from train_helpers import Stop, stop_at
-from retro import fsdp
-from retro.errors import RetroError
-from retro.train import TrainOptions, load_model, train
+from retro.training import fsdp
+from retro.base.errors import RetroError
+from retro.training.train import TrainOptions, load_model, train
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}
@@ -78,7 +78,7 @@ def finished(proc: subprocess.Popen) -> None:
 
 def retro_cli(capsys, *args) -> tuple[int, str, str]:
     """`retro ARGS` in this process -> (exit status, stdout, stderr)."""
-    from retro.cli import main
+    from retro.app.cli import main
 
     capsys.readouterr()
     status = main([str(a) for a in args])
@@ -192,13 +192,14 @@ def test_sharded_layers_run_through_fsdp_with_checkpointing(one_rank_group, monk
     CPU stays float32, and the loss and gradients are those of the unsharded model."""
     import copy
 
-    import retro.model
+    import retro.model.model
     from torch.distributed.fsdp import FSDPModule
-    from retro.model import RetroModel, preset
+    from retro.model.model import RetroModel, preset
 
     calls = []
-    layer_fn = retro.model.DecoderLayer.forward
-    monkeypatch.setattr(retro.model.DecoderLayer, "forward", lambda self, *a: calls.append(1) or layer_fn(self, *a))
+    layer_fn = retro.model.model.DecoderLayer.forward
+    monkeypatch.setattr(retro.model.model.DecoderLayer, "forward",
+                        lambda self, *a: calls.append(1) or layer_fn(self, *a))
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16})
     plain = RetroModel(cfg)
     sharded = copy.deepcopy(plain)
@@ -240,9 +241,9 @@ def test_the_loss_in_checkpointed_slices_runs_through_fsdp(one_rank_group, monke
     unsharded model's."""
     import copy
 
-    from retro import sliced_loss
-    from retro.data import IGNORE
-    from retro.model import RetroModel, preset
+    from retro.model.model import sliced_loss
+    from retro.training.data import IGNORE
+    from retro.model.model import RetroModel, preset
 
     monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * 50 * 4)  # 4 positions per slice: 16 = 4 + 4 + 4 + 4
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16})

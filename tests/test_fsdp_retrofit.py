@@ -11,9 +11,9 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from retrieval_helpers import quick_database
-from retro import fsdp
-from retro.train import TrainOptions, load_model, train
-from retro.retrofit import retrofit_factory
+from retro.training import fsdp
+from retro.training.train import TrainOptions, load_model, train
+from retro.retrofit.wrapper import retrofit_factory
 from test_fsdp import finished, log, torchrun, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -95,7 +95,7 @@ def test_compiled_training_follows_eager_bf16():
     ops. Error-ratio rule against float32 eager training (same weights, same batch): the compiled
     bf16 losses deviate at most 2x as much as eager bf16's, plus 1e-3 (an eighth of bfloat16's
     eps, 2^-7: a loss averages the rounding of many logits)."""
-    from retro.model import preset
+    from retro.model.model import preset
     from test_compile import inputs, run_training
 
     cfg = preset("tiny", vocab_size=300, max_seq_len=256)
@@ -121,7 +121,7 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from retro.model import RetroModel, preset, recorded_cuda_graphs
+    from retro.model.model import RetroModel, preset, recorded_cuda_graphs
 
     torch.manual_seed(0)
     m, B, prompts, steps, V = 16, 3, [5, 16, 23], 70, 97
@@ -171,8 +171,8 @@ def test_sharded_model_on_one_gpu_matches_unsharded():
     import copy
 
     from retrieval_helpers import free_port
-    from retro import fsdp
-    from retro.model import RetroModel, preset
+    from retro.training import fsdp
+    from retro.model.model import RetroModel, preset
     from test_fsdp import SMALL
 
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16, "backend": "reference"})

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from retrieval_helpers import ROOT, quick_database, write_corpus
-from retro.cli import main
+from retro.app.cli import main
 from retro.retrieval import ChunkDatabase
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,

@@ -16,10 +16,10 @@ import retro  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from retrieval_helpers import quick_database  # noqa: E402
-from retro.cli import main  # noqa: E402
-from retro.data import IGNORE  # noqa: E402
-from retro.evaluate import evaluate, prepare  # noqa: E402
-from retro.lm_eval_backend import RetroLM  # noqa: E402
+from retro.app.cli import main  # noqa: E402
+from retro.training.data import IGNORE  # noqa: E402
+from retro.evaluation.evaluate import evaluate, prepare  # noqa: E402
+from retro.evaluation.lm_eval_backend import RetroLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 M, SEQ = 16, 48  # chunk size, the model's max_seq_len: 3 chunks

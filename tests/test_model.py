@@ -3,9 +3,9 @@ full forward pass across chunk boundaries (float64)."""
 import pytest
 import torch
 
-from retro.config import PRESETS, RetroConfig, paper_cca_layers, preset
-from retro.errors import RetroError
-from retro.model import RetroModel
+from retro.model.config import PRESETS, RetroConfig, paper_cca_layers, preset
+from retro.base.errors import RetroError
+from retro.model.model import RetroModel
 
 
 def tiny(**kw):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from retro import default_corpus as dc
+from retro.app import default_corpus as dc
 from retro.demo import python_files
-from retro.errors import RetroError
+from retro.base.errors import RetroError
 
 FILES = {f"{dc.MODELS}bert/modeling_bert.py": "class Bert:\n    pass\n",
          f"{dc.MODELS}bert/__init__.py": "",

@@ -1,21 +1,21 @@
 """The command line is built from the options dataclasses: each default and help text lives in one
-place (python/retro/options.py)."""
+place (python/retro/base/options.py)."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
-from retro.cli import build_parser
-from retro.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
-                                   QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
+from retro.app.cli import build_parser
+from retro.app.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions,
+                                       NeighboursOptions, QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
 from retro.demo import DemoOptions
-from retro.generate import SamplingOptions
-from retro.options import add_options, option, options_from_args
+from retro.decoding.generate import SamplingOptions
+from retro.base.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions
 from retro.retrieval.compact import CompactOptions, RemoveOptions
 from retro.retrieval.update import AddOptions
-from retro.train import TrainOptions
+from retro.training.train import TrainOptions
 
 # every command: a minimal command line and the options it must give (the dataclasses' defaults)
 COMMANDS = [

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from retrieval_helpers import quick_database, write_corpus
-from retro.cli import build_parser, commands, main
-from retro.evaluate import evaluate, prepare
+from retro.app.cli import build_parser, commands, main
+from retro.evaluation.evaluate import evaluate, prepare
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
-from retro.train import TrainOptions, load_model, train
+from retro.training.train import TrainOptions, load_model, train
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}

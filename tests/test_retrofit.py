@@ -10,11 +10,11 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from retrieval_helpers import run_cli
-from retro.evaluate import evaluate
+from retro.evaluation.evaluate import evaluate
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.embedder import resolve_embedder_path
-from retro.retrofit import retrofit
-from retro.train import load_model
+from retro.retrofit.wrapper import retrofit
+from retro.training.train import load_model
 
 SMALL_LLAMA = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -165,8 +165,8 @@ def test_the_frozen_base_stays_in_eval_mode_while_the_new_parts_train():
 def test_compiled_generation_is_refused_for_retrofitted_models():
     """A retrofitted model decodes through the base model's own caches, eagerly: compile=True is
     refused by name."""
-    from retro.errors import RetroError
-    from retro.generate import generate
+    from retro.base.errors import RetroError
+    from retro.decoding.generate import generate
 
     class Tokenizer:
         eos_id = -1

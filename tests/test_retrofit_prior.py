@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from retro.data import Batch
-from retro.retrofit import retrofit
-from retro.train_step import train_step
+from retro.training.data import Batch
+from retro.retrofit.wrapper import retrofit
+from retro.training.step import train_step
 
 M, K, V = 8, 2, 64
 
@@ -143,7 +143,7 @@ def test_inside_placement_is_between_attention_and_mlp():
 
 
 def test_bad_placement_and_settings_are_refused():
-    from retro.errors import RetroError
+    from retro.base.errors import RetroError
 
     with pytest.raises(RetroError, match="placement must be one of inside, after, got 'middle'"):
         retrofitted("middle")

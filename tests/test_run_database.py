@@ -7,9 +7,9 @@ import pytest
 
 from retrieval_helpers import quick_database
 from retro import RetroError
-from retro.cli import main
+from retro.app.cli import main
 from retro.retrieval import ChunkDatabase
-from retro.train import TrainOptions, load_model, train
+from retro.training.train import TrainOptions, load_model, train
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}
@@ -57,7 +57,7 @@ def test_evaluate_k_defaults_to_the_models(trained, capsys):
 def test_a_run_folder_loads_as_a_saved_model(trained, tmp_path):
     import torch
 
-    from retro.pretrained import from_pretrained, save_pretrained
+    from retro.model.saved import from_pretrained, save_pretrained
 
     _, _, run = trained
     model, _ = load_model(run, device="cpu")

@@ -38,7 +38,7 @@ def served(tmp_path_factory):
     slots, 16 requests queued at most."""
     from retro.retrieval import Retriever
     from retro.serve import build_scheduler, create_app
-    from retro.train import load_model
+    from retro.training.train import load_model
 
     run, db = trained_run(tmp_path_factory.mktemp("serve"))
     model, _ = load_model(run, device="cpu")
@@ -347,7 +347,7 @@ def test_the_page_streams_the_continuation_and_shows_the_neighbours(served, tmp_
     (["--check-every", "0"], "--check-every must be"),
 ])
 def test_retro_serve_refuses_bad_flags_in_one_line(argv, says, capsys, tmp_path):
-    from retro.cli import main
+    from retro.app.cli import main
 
     assert main(["serve", str(tmp_path / "run"), "--db", str(tmp_path / "db"), *argv]) == 2
     err = capsys.readouterr().err
@@ -402,7 +402,7 @@ def test_put_row_joins_a_prefilled_row_into_a_decoding_batch():
     steps to the logits it gives in a state of its own, whatever the other rows hold."""
     import torch
 
-    from retro.model import RetroModel, preset
+    from retro.model.model import RetroModel, preset
 
     torch.manual_seed(0)
     model = RetroModel(preset("tiny", vocab_size=64, dim=32, ff_dim=64, heads=2, head_dim=16, depth=2,

@@ -29,7 +29,7 @@ def live(tmp_path_factory):
     (this module grows it), checking for new generations every 0.2 s."""
     from retro.retrieval import Retriever
     from retro.serve import build_scheduler, create_app
-    from retro.train import load_model
+    from retro.training.train import load_model
 
     run, db = trained_run(tmp_path_factory.mktemp("serve-documents"))
     model, _ = load_model(run, device="cpu")

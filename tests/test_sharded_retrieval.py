@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retrieval_helpers import ROOT, free_port, quick_database
-from retro.errors import RetroError
+from retro.base.errors import RetroError
 from retro.retrieval import BuildOptions, Retriever
 from retro.retrieval.neighbours import load_neighbours
 from retro.retrieval.sharded import (ShardedIndex, build_shards, exact_search, merge_topk, shard_bounds,
@@ -31,7 +31,7 @@ def reference(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 def test_shard_bounds_and_errors(tmp_path, capsys):
-    from retro.cli import main
+    from retro.app.cli import main
 
     assert main(["build-db", str(ROOT / "README.md"), "--out", str(tmp_path / "db"), "--shards", "0"]) == 2
     assert "retro build-db: error: --shards must be an integer >= 1, got 0" in capsys.readouterr().err

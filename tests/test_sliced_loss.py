@@ -1,4 +1,4 @@
-"""The next-token NLL a slice of the sequence at a time (python/retro/sliced_loss.py), through the
+"""The next-token NLL a slice of the sequence at a time (python/retro/model/sliced_loss.py), through the
 models' forward(..., targets=...): in float64 it equals cross_entropy on the whole logits, values
 and gradients (hidden states, output weights, every trainable weight), for odd shapes; no slice's
 logits are kept for the backward pass; a retrofitted Hugging Face model's output layer (Gemma's
@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM)
 
-from retro import hf_head, sliced_loss
-from retro.data import IGNORE
-from retro.model import RetroModel, preset
-from retro.retrofit import retrofit
-from retro.sliced_loss import slice_length, sliced_nll
-from retro.train_step import sequence_loss
+from retro.retrofit.wrapper import hf_head
+from retro.model.model import sliced_loss
+from retro.training.data import IGNORE
+from retro.model.model import RetroModel, preset
+from retro.retrofit.wrapper import retrofit
+from retro.model.sliced_loss import slice_length, sliced_nll
+from retro.training.step import sequence_loss
 from test_retrofit import MODELS, SMALL_LLAMA
 
 SMALL = dict(vocab_size=300, chunk_size=8, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2,

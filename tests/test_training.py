@@ -12,12 +12,12 @@ import torch
 
 from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
 from train_helpers import Stop, stop_at, train_killed_at
-from retro.data import IGNORE, TrainSequences
-from retro.evaluate import evaluate
-from retro.generate import generate
+from retro.training.data import IGNORE, TrainSequences
+from retro.evaluation.evaluate import evaluate
+from retro.decoding.generate import generate
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from retro.retrieval.neighbours import load_neighbours
-from retro.train import TrainOptions, load_model, train
+from retro.training.train import TrainOptions, load_model, train
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}
@@ -65,7 +65,7 @@ def test_sequences_mask_padding_and_exclude_their_documents(db):
 
 
 def test_a_sequence_longer_than_the_database_is_a_user_error(db, tmp_path, capsys):
-    from retro.cli import main
+    from retro.app.cli import main
 
     chunks = ChunkDatabase(db).num_chunks
     assert main(["train", "--db", str(db), "--out", str(tmp_path / "run"), "--seq-chunks", str(chunks + 1),
@@ -160,7 +160,7 @@ def test_evaluate_and_generate(db, tmp_path):
 
 @pytest.mark.slow
 def test_overlap_report(db, tmp_path):
-    from retro.evaluate_overlap import overlap_report
+    from retro.evaluation.overlap import overlap_report
 
     train(opts(db, tmp_path / "run", steps=3), log=lambda *_: None)
     model, _ = load_model(tmp_path / "run", device="cpu")
@@ -185,11 +185,11 @@ def test_overlap_report(db, tmp_path):
 def test_activation_checkpointing_recomputes_and_changes_nothing(db, tmp_path, monkeypatch):
     """With checkpointing every decoder layer runs twice per training step (forward, then again in
     the backward pass), and the losses are bit for bit those without it."""
-    import retro.model
+    import retro.model.model
 
     calls = []
-    layer = retro.model.DecoderLayer.forward
-    monkeypatch.setattr(retro.model.DecoderLayer, "forward",
+    layer = retro.model.model.DecoderLayer.forward
+    monkeypatch.setattr(retro.model.model.DecoderLayer, "forward",
                         lambda self, *a, **kw: calls.append(1) or layer(self, *a, **kw))
     train(opts(db, tmp_path / "plain", steps=3), log=lambda *_: None)
     plain = len(calls)
@@ -221,14 +221,14 @@ def test_compiled_training_matches_eager_and_resumes(db, tmp_path, monkeypatch):
 
 
 def test_compile_backend_is_checked(tmp_path):
-    from retro.errors import RetroError
+    from retro.base.errors import RetroError
 
     with pytest.raises(RetroError, match="compile_backend must be one of inductor, .*got 'xla'"):
         opts(tmp_path, tmp_path / "run", compile_backend="xla").validate()
 
 
 def test_time_budget_is_re_estimated_from_recent_speed():
-    from retro.train import budget_steps
+    from retro.training.train import budget_steps
 
     # a slow start (3 s/step) then 1 s/step: the length follows the recent speed, not the first steps
     times = [5.0] + [3.0] * 4 + [1.0] * 20
@@ -252,8 +252,8 @@ def test_time_budget_stops_training_near_the_budget(db, tmp_path):
 def test_checkpointing_is_refused_for_retrofitted_models(db, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from retro.errors import RetroError
-    from retro.retrofit import retrofit
+    from retro.base.errors import RetroError
+    from retro.retrofit.wrapper import retrofit
 
     def factory(cfg, database):
         hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=database.tokenizer.vocab_size))
@@ -283,8 +283,8 @@ def test_retrieval_parameters_are_those_of_the_retrieval_path():
     """is_retrieval_parameter (the parameters --retrieval-lr-scale scales) is true exactly for the
     parameters only a forward with neighbours uses: the encoder, its input projection (enc_dim 24
     != dim 32) and input norm, the CCA blocks and their norms; false for the decoder's."""
-    from retro.model import RetroModel, preset
-    from retro.train import is_retrieval_parameter
+    from retro.model.model import RetroModel, preset
+    from retro.training.train import is_retrieval_parameter
 
     cfg = preset("tiny", vocab_size=300, chunk_size=8, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=24,
                  enc_heads=2, enc_head_dim=12, depth=3, cca_layers=(1, 2), max_seq_len=32, backend="reference",
@@ -303,7 +303,7 @@ def test_resume_refuses_a_changed_plan(db, tmp_path, capsys):
     """--resume continues a run as it was planned: `train --steps 4`, then `train --steps 8
     --resume` is refused with one line naming both values, and the run is left as it was; with
     the run's own --steps it resumes (here: finished, nothing to do)."""
-    from retro.cli import main
+    from retro.app.cli import main
 
     args = ["train", "--db", str(db), "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
             "--seq-chunks", "4", "--warmup", "2", "--save-every", "2", "--device", "cpu", "--no-progress"] + \

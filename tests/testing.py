@@ -257,7 +257,7 @@ def check_model_decoding(device: str, backend: str = "auto", B: int = 2, n: int 
     import copy
     from dataclasses import replace
 
-    from retro.model import RetroModel, preset
+    from retro.model.model import RetroModel, preset
 
     torch.manual_seed(seed)
     m, V = 16, 97

@@ -5,9 +5,9 @@ import os
 import signal
 import sys
 
-from retro.cli import build_parser, parse_overrides
-from retro.options import options_from_args
-from retro.train import TrainOptions, train
+from retro.app.cli import build_parser, parse_overrides
+from retro.base.options import options_from_args
+from retro.training.train import TrainOptions, train
 
 
 def main(argv: list[str]) -> None:

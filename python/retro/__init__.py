@@ -8,20 +8,21 @@ and the command line `retro`.
     print(retro.evaluate(model, retro.Retriever.load("db")).bpb_on)
     retro.add_documents("db", "more_docs/")   # the database grows without a rebuild
 
-(`retro.train`, `retro.generate` and `retro.evaluate` are the functions; their modules stay
-importable as `from retro.train import ...`.)
+(`retro.train`, `retro.generate` and `retro.evaluate` are the functions; their modules are
+`retro.training.train`, `retro.decoding.generate` and `retro.evaluation.evaluate`; ARCHITECTURE.md maps
+the sub-packages.)
 """
-from .errors import RetroError
-from .evaluate import EvalResult, evaluate
-from .generate import Generation, generate
-from .inputs import ModelInputs, encode_for_model
-from .model import PRESETS, RetroConfig, RetroModel, preset
-from .pretrained import from_pretrained
+from .base.errors import RetroError
+from .evaluation.evaluate import EvalResult, evaluate
+from .decoding.generate import Generation, generate
+from .decoding.inputs import ModelInputs, encode_for_model
+from .model.model import PRESETS, RetroConfig, RetroModel, preset
+from .model.saved import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from .retrieval.compact import compact, remove_documents
 from .retrieval.update import add_documents
-from .retrofit import RetrofittedLM, retrofit
-from .train import TrainOptions, load_model, train
+from .retrofit.wrapper import RetrofittedLM, retrofit
+from .training.train import TrainOptions, load_model, train
 
 __all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "ModelInputs", "PRESETS", "RetroConfig",
            "RetroError", "RetroModel", "RetrofittedLM", "Retriever", "TrainOptions", "add_documents", "build_database",

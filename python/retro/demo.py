@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import check_float, check_int, check_neighbours
-from .errors import RetroError
-from .model import check_preset
-from .options import EXCLUDE_HELP, INCLUDE_HELP, option
+from .base.checks import check_float, check_int, check_neighbours
+from .base.errors import RetroError
+from .model.model import check_preset
+from .base.options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .retrieval.corpus import check_globs
-from .default_corpus import default_corpus, describe as describe_default_corpus
+from .app.default_corpus import default_corpus, describe as describe_default_corpus
 from .retrieval.embedder import DEFAULT_EMBEDDER
 
 
@@ -118,7 +118,7 @@ def sample_corpus(root: str, n: int | None, seed: int, out: Path) -> Path:
     """A seeded random sample of n Python files under root (None: all), taken folder by folder (whole
     model packages, in random order, as a crawl takes whole repositories), written atomically to out
     as .jsonl (one document per file, with its path). Which are held out is decided by build-db."""
-    from .atomic import write_bytes
+    from .base.atomic import write_bytes
     from .retrieval.corpus import CorpusReport, iter_documents
 
     files = python_files(root)
@@ -154,7 +154,7 @@ def _trained(run: Path) -> bool:
 def _train(opts, run: Path, log) -> float:
     """Trains (or resumes) run; returns its training seconds: the sum of its steps' times (log.jsonl),
     start-up and checkpoints left out."""
-    from .train import train
+    from .training.train import train
 
     if not _trained(run):
         train(opts, log=log)
@@ -194,7 +194,7 @@ SPLIT_WORDS = {"folder": "whole model folders held out (no file of their folder 
 def near_duplicated(db, docs: np.ndarray) -> set[int]:
     """The held-out documents (ids among docs) that have a near-duplicate (13-gram Jaccard >= 0.8)
     among the database's training documents."""
-    from .dedup import duplicated_documents
+    from .evaluation.dedup import duplicated_documents
 
     texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in docs]
     train_texts = [db.tokenizer.decode(db.document_tokens(int(d))) for d in db.documents("train")]
@@ -206,8 +206,8 @@ def evaluate_split(name: str, docs: np.ndarray, models: dict, retriever, k: int,
     """Bits per byte of RETRO[ON], RETRO[OFF] and the baseline on these held-out documents (span_tokens:
     a span of each drawn with seed, see evaluate.prepare; None: whole), the overlap table, and the
     same without the documents in `duplicated` (near_duplicated)."""
-    from .evaluate import prepare, score, summarise
-    from .evaluate_overlap import format_overlap, group_overlaps, overlap_rows
+    from .evaluation.evaluate import prepare, score, summarise
+    from .evaluation.overlap import format_overlap, group_overlaps, overlap_rows
 
     es = prepare(retriever, k, documents=docs, seq_len=seq_len, span_tokens=span_tokens, seed=seed)
     nll = {"RETRO[ON]": score(models["retro"], es, True), "RETRO[OFF]": score(models["retro"], es, False),
@@ -248,7 +248,7 @@ def continue_held_out(model, retriever, held: dict, o: DemoOptions, log, shown: 
     has one; skip_header: of the first one that defines a class or a function, from that line, past
     a licence or a generated file's banner) with retrieval, logs the prompt, the continuation and the neighbours
     of the last `shown` retrievals; returns the Generation."""
-    from .generate import generate
+    from .decoding.generate import generate
 
     db = retriever.db
     order = [int(d) for d in held["folder"]] + [int(d) for d in held["file"]]
@@ -277,10 +277,10 @@ def run_demo(o: DemoOptions, log=print) -> dict:
         from .demo_retrofit import run_retrofit_demo
 
         return run_retrofit_demo(o, log)
-    from .atomic import write_json
+    from .base.atomic import write_json
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .retrieval.static_embedder import STATIC_PREFIX
-    from .train import TrainOptions, load_model
+    from .training.train import TrainOptions, load_model
 
     o.validate()
     t0 = time.time()

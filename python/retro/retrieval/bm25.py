@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 
 BM25_NAME = "bm25"
 K1, B, METHOD = 1.5, 0.75, "lucene"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import distributed as dist
-from ..atomic import atomic_path, write_folder
+from ..base import distributed as dist
+from ..base.atomic import atomic_path, write_folder
 from .bm25 import BM25Index, describe, words
 from .database import chunk_texts, pending_chunk_blocks
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 from .bm25 import BM25_NAME, BM25Index
 from .database import ChunkDatabase, chunk_texts
 from .generations import index_file

@@ -26,11 +26,11 @@ from typing import Callable
 
 import numpy as np
 
-from .. import distributed as dist
-from ..atomic import atomic_path, read_json, write_json, write_npy
-from ..checks import check_choice, check_float, check_int
-from ..errors import RetroError
-from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
+from ..base import distributed as dist
+from ..base.atomic import atomic_path, read_json, write_json, write_npy
+from ..base.checks import check_choice, check_float, check_int
+from ..base.errors import RetroError
+from ..base.options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .bm25 import is_bm25
 from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, read_json, write_json, write_npy
-from ..errors import RetroError
-from ..options import option
+from ..base.atomic import atomic_path, read_json, write_json, write_npy
+from ..base.errors import RetroError
+from ..base.options import option
 from .corpus import _matches, iter_documents
 from .database import ARRAYS, ChunkDatabase, chunk_layout
 from .generations import GENERATIONS, generation_dir, generation_of, segments, writer_lock

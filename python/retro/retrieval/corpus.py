@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 
 BLOCK = 8192  # bytes sniffed for a NUL: a file with one is binary
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import read_json
-from ..errors import RetroError
+from ..base.atomic import read_json
+from ..base.errors import RetroError
 from .generations import GENERATIONS, GROWN_VERSION, current_generation, generation_of, join_segments, segments
 from .tokenizer import tokenizer_from_manifest
 

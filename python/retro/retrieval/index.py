@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import RetroError, damaged_file
+from ..base.errors import RetroError, damaged_file
 
 KINDS = ("auto", "flat", "ivf-flat", "ivf-fastscan", "ivf-pq", "torch")
 IVF_KINDS = ("ivf-flat", "ivf-fastscan", "ivf-pq")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, read_json, write_json, write_npy
-from ..errors import RetroError
+from ..base.atomic import atomic_path, read_json, write_json, write_npy
+from ..base.errors import RetroError
 from .generations import current_generation
 from .retriever import Retriever
 

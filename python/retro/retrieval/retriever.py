@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RetroError, damaged_file
+from ..base.errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
 from .generations import index_file, index_remedy

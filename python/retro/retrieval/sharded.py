@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import check_int
-from ..errors import RetroError
+from ..base.checks import check_int
+from ..base.errors import RetroError
 
 SHARD_DIR = "index-shards"
 
@@ -157,7 +157,7 @@ class ShardedIndex:
 def build_shards(vectors: np.ndarray, shards: int, out: Path | None, kind: str) -> np.ndarray:
     """Bounds of `shards` shards of vectors (n, dim); for kind "flat" writes each shard's faiss
     IndexFlatL2 to OUT/index-shards/shard-SSS.faiss (atomically). -> bounds."""
-    from ..atomic import atomic_path
+    from ..base.atomic import atomic_path
 
     if kind not in ("flat", "torch"):
         raise RetroError(f"--shards needs an exact index (--index flat or torch), got --index {kind!r}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 
 STATIC_PREFIX = "static:"
 RECIPE = 1            # the distillation recipe; a new one gets a new cache file
@@ -43,7 +43,7 @@ def is_static(name: str) -> bool:
 
 
 def cache_dir() -> Path:
-    from ..default_corpus import cache_dir as retro_cache
+    from ..app.default_corpus import cache_dir as retro_cache
 
     return retro_cache() / "static-embedders"
 
@@ -110,7 +110,7 @@ def token_weights(vocab: int, weighting: str = "sif", a: float = SIF_A) -> np.nd
 
 def load_or_distill(base: str, path: str, device=None, folder: Path | None = None, log=None) -> tuple[np.ndarray, Path]:
     """The distilled table of the BERT at `path` (from the cache, or distilled now and cached atomically)."""
-    from ..atomic import write_npy
+    from ..base.atomic import write_npy
 
     target = table_path(base, path, folder)
     if target.exists():

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # SentencePiece drops a training sentence longer than its max_sentence_length (bytes), and fails
@@ -123,7 +123,7 @@ class SentencePieceTokenizer:
         return cls(buf.getvalue(), source="trained")
 
     def save(self, path: str | Path) -> None:
-        from ..atomic import write_bytes
+        from ..base.atomic import write_bytes
 
         write_bytes(path, self.model_bytes)
 

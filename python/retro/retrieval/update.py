@@ -25,10 +25,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_path, read_json, write_json, write_npy
-from ..checks import check_int
-from ..errors import RetroError
-from ..options import EXCLUDE_HELP, INCLUDE_HELP, option
+from ..base.atomic import atomic_path, read_json, write_json, write_npy
+from ..base.checks import check_int
+from ..base.errors import RetroError
+from ..base.options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .bm25 import BM25Index, is_bm25, words
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .database import ChunkDatabase, chunk_layout, chunk_texts, key_arrays
@@ -294,7 +294,7 @@ def _grow_index(folder: Path, base: ChunkDatabase, grown: ChunkDatabase, manifes
 def write_bm25(db: ChunkDatabase, target: Path) -> dict:
     """The BM25 index of every chunk of db, as build-db's bm25 stages make it (bm25_build.py), into
     the folder target (unless a resumed change wrote it already); -> the manifest's index entry."""
-    from ..atomic import write_folder
+    from ..base.atomic import write_folder
 
     terms = []
     for s in range(0, db.num_chunks, 4096):

@@ -10,7 +10,7 @@ says about retrieval; page.html: the page.
 """
 from __future__ import annotations
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 from .app import create_app
 from .scheduler import Job, Scheduler
 
@@ -19,7 +19,7 @@ def build_scheduler(model, retriever, tokenizer, max_batch: int = 16, max_waitin
     """A Scheduler for model (a RetroModel, in eval mode), retrieving from retriever (None:
     RETRO[OFF] for every request), decoding with tokenizer. A retrofitted model is refused: its
     decoding keeps one Hugging Face cache per sequence, not rows that requests can join and leave."""
-    from ..model import RetroModel
+    from ..model.model import RetroModel
 
     if not isinstance(model, RetroModel):
         raise RetroError(f"retro serve serves RETRO models; this run holds a {type(model).__name__} (a retrofitted "
@@ -35,7 +35,7 @@ def serve(o) -> None:
     import uvicorn
 
     from ..retrieval import Retriever
-    from ..train import check_run_database, load_model
+    from ..training.train import check_run_database, load_model
 
     model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)

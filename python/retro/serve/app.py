@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from ..errors import RetroError
+from ..base.errors import RetroError
 from .errors import ApiError, error_body, install_error_handlers
 from .live import AddInProgress, LiveDatabase
 from .scheduler import Busy, Event, Job, Scheduler

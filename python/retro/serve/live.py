@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import read_json, write_bytes
+from ..base.atomic import read_json, write_bytes
 from ..retrieval import Retriever
 from ..retrieval.generations import current_generation, generation_dir
 from ..retrieval.update import SOURCES, STATE, add_documents

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..generate import cut_at_stop, sample
-from ..inputs import encode_for_model, search_chunks
+from ..decoding.generate import cut_at_stop, sample
+from ..decoding.inputs import encode_for_model, search_chunks
 from .neighbours import describe_retrievals
 
 

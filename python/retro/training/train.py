@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
+from ..base import distributed as dist
 from . import fsdp
 from .checkpoint import load_checkpoint, load_state_dict, rng_state, save_checkpoint, set_rng_state
-from .checks import check_float, check_int, check_neighbours
-from .compile_training import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
+from ..base.checks import check_float, check_int, check_neighbours
+from .compile import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import Sampler, TrainSequences
-from .errors import RetroError
-from .interrupt import Interrupted, StopSignals
-from .model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
-from .options import option
-from .retrieval.database import ChunkDatabase
-from .retrieval.neighbours import compute_neighbours, load_neighbours
-from .train_step import train_step
+from ..base.errors import RetroError
+from ..base.interrupt import Interrupted, StopSignals
+from ..model.model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
+from ..base.options import option
+from ..retrieval.database import ChunkDatabase
+from ..retrieval.neighbours import compute_neighbours, load_neighbours
+from .step import train_step
 
 
 # What a resumed run must share with the run it continues (TrainOptions fields): the model, the
@@ -333,7 +333,7 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     (pretrained.model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
     from .checkpoint import checkpoint_dir, read_json_file
-    from .pretrained import model_from_folder
+    from ..model.saved import model_from_folder
 
     folder = checkpoint_dir(Path(run))
     state = read_json_file(folder / "state.json")
@@ -346,6 +346,6 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
 
 def check_run_database(state: dict, db, run) -> None:
     """RetroError (one line) unless db is the database a run (its checkpoint state) was trained on."""
-    from .pretrained import database_of
+    from ..model.saved import database_of
 
     db.check_identity(database_of(state), run)

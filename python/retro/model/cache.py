@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import MAX_NEIGHBOURS
+from ..base.checks import MAX_NEIGHBOURS
 
 
 class KVCache:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
-from .checks import MAX_NEIGHBOURS, check_float, check_int
-from .errors import RetroError
+from ..base.checks import MAX_NEIGHBOURS, check_float, check_int
+from ..base.errors import RetroError
 
 
 def paper_cca_layers(depth: int, start: int = 6, every: int = 3) -> tuple[int, ...]:

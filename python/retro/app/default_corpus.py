@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import RetroError
+from ..base.errors import RetroError
 
 PACKAGE, VERSION = "transformers", "5.24.0"
 MODELS = f"{PACKAGE}/models/"  # the part of the wheel the corpus is made of

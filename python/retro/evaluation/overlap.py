@@ -99,7 +99,7 @@ def _fmt(v) -> str:
 
 
 def _write_overlap(folder: Path, rows: list[dict], names: list[str], k: int) -> None:
-    from .atomic import atomic_path, write_bytes, write_json
+    from ..base.atomic import atomic_path, write_bytes, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "overlap.json", {"k": k, "rows": rows})

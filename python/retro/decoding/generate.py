@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checks import check_float, check_int, check_neighbours
-from .errors import RetroError
+from ..base.checks import check_float, check_int, check_neighbours
+from ..base.errors import RetroError
 from .inputs import as_texts, encode_for_model, search_chunks
-from .options import option
-from .retrieval.retriever import Retriever
+from ..base.options import option
+from ..retrieval.retriever import Retriever
 
 
 @dataclass

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from ..base import distributed as dist
 from .checkpoint import load_tensors
-from .errors import RetroError
+from ..base.errors import RetroError
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import RetroError
-from .inputs import check_database
-from .retrieval.retriever import Retriever
+from ..base.errors import RetroError
+from ..decoding.inputs import check_database
+from ..retrieval.retriever import Retriever
 
 
 @dataclass

@@ -5,7 +5,7 @@ retrofit) scored and decoded with its database, retrieval on or off.
 
 (`retro lm-eval ARGS` is lm-eval's own command line, `lm-eval ARGS`, with this model registered:
 the installed lm-eval has no entry point through which a package adds a model.) From Python:
-`import retro.lm_eval_backend` registers it, then `lm_eval.simple_evaluate(model="retro", ...)`,
+`import retro.evaluation.lm_eval_backend` registers it, then `lm_eval.simple_evaluate(model="retro", ...)`,
 or pass `RetroLM(run=..., db=...)` itself as the model.
 
 Retrieval is RETRO's, causal: each complete chunk of m tokens of what the model reads is looked
@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import check_float, check_int, check_neighbours
-from .errors import RetroError
+from ..base.checks import check_float, check_int, check_neighbours
+from ..base.errors import RetroError
 from .evaluate import prepare, score
-from .generate import continue_inputs
-from .inputs import check_database, tokens_for_model
-from .pretrained import from_pretrained
-from .retrieval import ChunkDatabase, Retriever
+from ..decoding.generate import continue_inputs
+from ..decoding.inputs import check_database, tokens_for_model
+from ..model.saved import from_pretrained
+from ..retrieval import ChunkDatabase, Retriever
 
 try:
     from lm_eval.api.model import LM

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .checks import check_float, check_int, check_neighbours
-from .errors import RetroError
-from .options import option
+from ..base.checks import check_float, check_int, check_neighbours
+from ..base.errors import RetroError
+from ..base.options import option
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if there is one)"
 INDEX_HELP = "torch: search exactly in torch instead of the faiss index (default: the database's own index)"

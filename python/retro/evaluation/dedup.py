@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .checks import check_float
+from ..base.checks import check_float
 
 NGRAM = 13
 NUM_PERM = 128
@@ -104,8 +104,8 @@ def dedup_against(eval_corpus: str, train_corpus: str, threshold: float = 0.8, o
                   text_field: str = "text", log=print) -> list[Duplicate]:
     """Lists (or, with `out`, removes) the training documents too similar to evaluation ones. `out`
     receives the kept training documents as .jsonl (field `text`), written atomically."""
-    from .atomic import write_bytes
-    from .retrieval.corpus import iter_documents
+    from ..base.atomic import write_bytes
+    from ..retrieval.corpus import iter_documents
 
     check_float("--threshold", threshold, 0, 1, low_open=True)
     eval_docs = list(iter_documents(eval_corpus, text_field))

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_folder
-from .errors import RetroError, damaged_file
+from ..base.atomic import write_folder
+from ..base.errors import RetroError, damaged_file
 
 # what to do about a checkpoint file that is missing or damaged
 REMEDY = "restore the checkpoint from a copy, or train a new run (another --out)"

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_neighbours
-from .errors import RetroError
+from ..base.checks import check_neighbours
+from ..base.errors import RetroError
 
 
 def check_database(model, db) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import RetroError
-from .retrieval.database import ChunkDatabase
+from ..base.errors import RetroError
+from ..retrieval.database import ChunkDatabase
 
 IGNORE = -100
 

@@ -20,14 +20,14 @@ from torch import Tensor, nn
 
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
-from .checks import check_int, check_neighbours
-from .errors import RetroError
+from ..base.checks import check_int, check_neighbours
+from ..base.errors import RetroError
 from . import hf_head
-from .cache import NeighbourCache
-from .config import RetroConfig, check_config_fields, paper_cca_layers
-from .model import encode_completed_chunks, keep_after_prefill
-from .retrieval.tokenizer import hf_source
-from .sliced_loss import sliced_nll
+from ..model.cache import NeighbourCache
+from ..model.config import RetroConfig, check_config_fields, paper_cca_layers
+from ..model.model import encode_completed_chunks, keep_after_prefill
+from ..retrieval.tokenizer import hf_source
+from ..model.sliced_loss import sliced_nll
 
 
 def _blocks(hf_model) -> nn.ModuleList:
@@ -121,7 +121,7 @@ class RetrofittedLM(nn.Module):
         self.encoder_in_norm = nn.LayerNorm(cfg.enc_dim) if cfg.encoder_input_norm else nn.Identity()
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
-        from .pretrained import weights_sha256
+        from ..model.saved import weights_sha256
 
         # the base's name, a hash of its weights and where CCA sits: a saved retrofit loads back
         # onto this base only, and runs as it was trained
@@ -268,7 +268,7 @@ class RetrofittedLM(nn.Module):
 
     def fit_copy_prior(self, batch, log=print) -> dict:
         """Fits the copy prior (retrofit_prior.py) on batch (data.Batch with neighbours)."""
-        from .retrofit_prior import fit_copy_prior
+        from .prior import fit_copy_prior
 
         return fit_copy_prior(self, batch, log)
 
@@ -321,7 +321,7 @@ class RetrofittedLM(nn.Module):
 
     def save_pretrained(self, folder, tokenizer=None):
         """The new weights, the base's name and weights hash, and the tokenizer (pretrained.py)."""
-        from .pretrained import save_pretrained
+        from ..model.saved import save_pretrained
 
         return save_pretrained(self, folder, tokenizer)
 
@@ -334,7 +334,7 @@ class RetrofittedLM(nn.Module):
     def from_pretrained(cls, source, device=None, backend: str | None = None) -> "RetrofittedLM":
         """A retrofitted model saved by save_pretrained (or a retrofit run's folder), loaded onto
         the base it was trained on (pretrained.py)."""
-        from .pretrained import from_pretrained
+        from ..model.saved import from_pretrained
 
         model = from_pretrained(source, device=device, backend=backend)
         if not isinstance(model, cls):

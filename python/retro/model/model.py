@@ -27,7 +27,7 @@ from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 
 from .cache import DecodeState, KVCache, NeighbourCache
 from .config import PRESETS, RetroConfig, check_config_fields, check_preset, paper_cca_layers, preset  # noqa: F401
-from .errors import RetroError
+from ..base.errors import RetroError
 from .sliced_loss import sliced_nll
 
 # (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None) for a sequence; the layer's cached
@@ -403,14 +403,14 @@ class RetroModel(nn.Module):
     def save_pretrained(self, folder, tokenizer=None):
         """Writes config.json, model.safetensors and, if given, the tokenizer into folder
         (pretrained.py); from_pretrained reads it back."""
-        from .pretrained import save_pretrained
+        from .saved import save_pretrained
 
         return save_pretrained(self, folder, tokenizer)
 
     @classmethod
     def from_pretrained(cls, source, device=None) -> "RetroModel":
         """A model saved by save_pretrained, a run folder, or a Hugging Face hub repository."""
-        from .pretrained import from_pretrained
+        from .saved import from_pretrained
 
         return from_pretrained(source, device=device)
 

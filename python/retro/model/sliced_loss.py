@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import IGNORE
+from ..training.data import IGNORE
 
 LOGITS_BUDGET = 2 ** 25  # logit elements per slice: B * slice length * V
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_folder
-from .errors import RetroError
+from ..base.atomic import write_folder
+from ..base.errors import RetroError
 
 FORMAT = "retro-kernels/1"
 
@@ -63,7 +63,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
 def model_from_folder(folder: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
     """The model of a saved folder or a run's checkpoint folder (config.json + model.safetensors),
     in eval mode. A missing or damaged file is a RetroError naming it and what to do."""
-    from .checkpoint import REMEDY, load_state_dict, load_weights, read_config, read_json_file
+    from ..training.checkpoint import REMEDY, load_state_dict, load_weights, read_config, read_json_file
     from .config import RetroConfig
 
     folder = Path(folder)
@@ -77,7 +77,7 @@ def model_from_folder(folder: str | Path, device=None, backend: str | None = Non
         cfg.backend = backend
     weights = load_weights(folder / "model.safetensors", remedy)
     if config.get("retrofit"):
-        from .retrofit import load_retrofitted
+        from ..retrofit.wrapper import load_retrofitted
 
         model = load_retrofitted(config["retrofit"], cfg, weights)
     else:
@@ -106,7 +106,7 @@ def resolve(source: str | Path) -> Path:
     if path.is_dir():
         if (path / "config.json").exists():
             return path
-        from .checkpoint import checkpoint_dir
+        from ..training.checkpoint import checkpoint_dir
 
         return checkpoint_dir(path)
     if path.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
@@ -132,11 +132,11 @@ def load_tokenizer_beside(source: str | Path):
     """The tokenizer saved beside a model (None if none was)."""
     folder = resolve(source)
     if (folder / "tokenizer.model").exists():
-        from .retrieval.tokenizer import SentencePieceTokenizer
+        from ..retrieval.tokenizer import SentencePieceTokenizer
 
         return SentencePieceTokenizer.load(folder / "tokenizer.model")
     if (folder / "tokenizer").is_dir():
-        from .retrieval.tokenizer import HFTokenizer
+        from ..retrieval.tokenizer import HFTokenizer
 
         return HFTokenizer(str(folder / "tokenizer"))
     return None

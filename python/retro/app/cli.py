@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from .command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
                               QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
-from .errors import RetroError
-from .interrupt import Interrupted, received_signal, terminate_as_interrupt
-from .options import add_options, options_from_args
+from ..base.errors import RetroError
+from ..base.interrupt import Interrupted, received_signal, terminate_as_interrupt
+from ..base.options import add_options, options_from_args
 
 
 class UsageError(Exception):
@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_tokenizer(o: TokenizerOptions) -> None:
-    from .retrieval import SentencePieceTokenizer
-    from .retrieval.corpus import read_documents
+    from ..retrieval import SentencePieceTokenizer
+    from ..retrieval.corpus import read_documents
 
     tok = SentencePieceTokenizer.train(read_documents(o.corpus, o.text_field), o.vocab_size)
     tok.save(o.out)
@@ -51,19 +51,19 @@ def _cmd_tokenizer(o: TokenizerOptions) -> None:
 
 
 def _cmd_build_db(o) -> None:
-    from .retrieval import build_database
+    from ..retrieval import build_database
 
     build_database(o)
 
 
 def _cmd_neighbours(o: NeighboursOptions) -> None:
-    from .retrieval import compute_neighbours
+    from ..retrieval import compute_neighbours
 
     compute_neighbours(o.db, k=o.k, extra=o.extra, block=o.block_size, device=o.device, index=o.index)
 
 
 def _cmd_query(o: QueryOptions) -> None:
-    from .retrieval import Retriever
+    from ..retrieval import Retriever
 
     r = Retriever.load(o.db, device=o.device, index=o.index)
     res = r.search([o.text], o.k)
@@ -93,12 +93,12 @@ def parse_overrides(items) -> dict:
 
 
 def _cmd_train(o, extras: TrainExtras) -> None:
-    from .distributed import shutdown
-    from .train import train
+    from ..base.distributed import shutdown
+    from ..training.train import train
 
     kwargs = {}
     if extras.retrofit:
-        from .retrofit import retrofit_factory
+        from ..retrofit.wrapper import retrofit_factory
 
         kwargs["model_factory"] = retrofit_factory(extras.retrofit, extras.cca_layers, extras.placement,
                                                    settings=parse_overrides(extras.set))
@@ -110,15 +110,15 @@ def _cmd_train(o, extras: TrainExtras) -> None:
 
 
 def _cmd_convert_checkpoint(o: ConvertOptions) -> None:
-    from .fsdp import convert_checkpoint
+    from ..training.fsdp import convert_checkpoint
 
     convert_checkpoint(o.run, o.out, o.step)
 
 
 def _cmd_generate(o: GenerateOptions, sampling) -> None:
-    from .generate import generate
-    from .retrieval import ChunkDatabase, Retriever
-    from .train import check_run_database, load_model
+    from ..decoding.generate import generate
+    from ..retrieval import ChunkDatabase, Retriever
+    from ..training.train import check_run_database, load_model
 
     model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device) if o.retrieval else None
@@ -161,10 +161,10 @@ def _note_k(command: str, k: int | None, model) -> None:
 
 
 def _cmd_evaluate(o: EvaluateOptions) -> None:
-    from .evaluate import evaluate, prepare
-    from .retrieval import Retriever
-    from .retrieval.retriever import database_fraction
-    from .train import check_run_database, load_model
+    from ..evaluation.evaluate import evaluate, prepare
+    from ..retrieval import Retriever
+    from ..retrieval.retriever import database_fraction
+    from ..training.train import check_run_database, load_model
 
     model, state = load_model(o.run, device=o.device)
     retriever = Retriever.load(o.db, device=o.device)
@@ -172,14 +172,14 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
     _note_k("evaluate", o.k, model)
     k = o.k if o.k is not None else model.cfg.num_neighbours
     if o.overlap:
-        from .evaluate_overlap import overlap_report
+        from ..evaluation.overlap import overlap_report
 
         overlap_report(model, retriever, k=k, max_documents=o.max_documents, out=o.overlap_out or o.run)
         return
     allowed = None if o.db_fraction is None else database_fraction(retriever.db, o.db_fraction, o.seed)
     texts = None
     if o.text is not None:
-        from .retrieval.corpus import read_documents
+        from ..retrieval.corpus import read_documents
 
         texts = read_documents(o.text, o.text_field)
     es = prepare(retriever, k, max_documents=o.max_documents, seq_len=model.cfg.max_seq_len, allowed_chunks=allowed,
@@ -192,38 +192,38 @@ def _cmd_evaluate(o: EvaluateOptions) -> None:
 
 
 def _cmd_add_documents(o) -> None:
-    from .retrieval.update import add_documents
+    from ..retrieval.update import add_documents
 
     add_documents(o.db, o.corpus, text_field=o.text_field, include=o.include, exclude=o.exclude, resume=o.resume,
                   device=o.device, batch_size=o.embed_batch_size)
 
 
 def _cmd_remove_documents(o) -> None:
-    from .retrieval.compact import remove_documents
+    from ..retrieval.compact import remove_documents
 
     remove_documents(o.db, ids=o.ids, paths=o.paths)
 
 
 def _cmd_compact(o) -> None:
-    from .retrieval.compact import compact
+    from ..retrieval.compact import compact
 
     compact(o.db)
 
 
 def _cmd_demo(o) -> None:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(o)
 
 
 def _cmd_serve(o: ServeOptions) -> None:
-    from .serve import serve
+    from ..serve import serve
 
     serve(o)
 
 
 def _cmd_dedup(o: DedupOptions) -> None:
-    from .dedup import dedup_against
+    from ..evaluation.dedup import dedup_against
 
     dedup_against(o.eval, o.train, threshold=o.threshold, out=o.out, text_field=o.text_field)
 
@@ -241,12 +241,12 @@ class Command:
 
 def commands() -> dict[str, Command]:
     """Every subcommand, by name (the option classes of the heavier modules imported here)."""
-    from .demo import DemoOptions
-    from .generate import SamplingOptions
-    from .retrieval.build import BuildOptions
-    from .retrieval.compact import CompactOptions, RemoveOptions
-    from .retrieval.update import AddOptions
-    from .train import TrainOptions
+    from ..demo import DemoOptions
+    from ..decoding.generate import SamplingOptions
+    from ..retrieval.build import BuildOptions
+    from ..retrieval.compact import CompactOptions, RemoveOptions
+    from ..retrieval.update import AddOptions
+    from ..training.train import TrainOptions
 
     return {
         "tokenizer": Command("train a SentencePiece tokenizer on a corpus", (TokenizerOptions,), _cmd_tokenizer),
@@ -297,7 +297,7 @@ def _lm_eval(argv: list[str]) -> int:
     model argument) is one line, as every command's."""
     prog = "retro lm-eval"
     try:
-        from .lm_eval_backend import run_harness
+        from ..evaluation.lm_eval_backend import run_harness
 
         run_harness(argv)
     except RetroError as exc:

@@ -1,0 +1,1 @@
+"""The command line `retro`: its commands, their options, the demo's default corpus."""

@@ -1,0 +1,1 @@
+"""Decoding: what a model reads from a database, and incremental generation with retrieval."""

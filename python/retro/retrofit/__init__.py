@@ -1,0 +1,1 @@
+"""A frozen Hugging Face causal LM with CCA and an encoder added, its copy prior and its output head."""

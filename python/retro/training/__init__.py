@@ -1,0 +1,1 @@
+"""Training: sequences with their neighbours, the loop, one step, checkpoints, FSDP, compilation."""
