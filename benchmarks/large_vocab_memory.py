@@ -88,7 +88,7 @@ def build(vocab: int, n: int):
 
 def whole_logits_step(model, optimizer, batch, grad_clip: float, lr: float):
     """train_step before sliced_loss.py: the whole logits, then cross_entropy."""
-    from retro.training.data import IGNORE
+    from retro.base.defaults import IGNORE
     from retro.training.step import set_learning_rate
 
     set_learning_rate(optimizer, lr)

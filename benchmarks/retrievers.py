@@ -273,7 +273,7 @@ def main() -> None:
     corpus = sample_corpus(default_corpus(), a.files, a.seed, out / "corpus.jsonl")
 
     # distillation, timed from scratch (a temporary cache folder), then the shared cache is used
-    from retro.retrieval.embedder import resolve_embedder_path
+    from retro.retrieval.embedder_source import resolve_embedder_path
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

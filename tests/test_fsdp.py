@@ -242,7 +242,7 @@ def test_the_loss_in_checkpointed_slices_runs_through_fsdp(one_rank_group, monke
     import copy
 
     from retro.model.model import sliced_loss
-    from retro.training.data import IGNORE
+    from retro.base.defaults import IGNORE
     from retro.model.model import RetroModel, preset
 
     monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * 50 * 4)  # 4 positions per slice: 16 = 4 + 4 + 4 + 4

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from retrieval_helpers import quick_database  # noqa: E402
 from retro.app.cli import main  # noqa: E402
-from retro.training.data import IGNORE  # noqa: E402
+from retro.base.defaults import IGNORE  # noqa: E402
 from retro.evaluation.evaluate import evaluate, prepare  # noqa: E402
 from retro.evaluation.lm_eval_backend import RetroLM  # noqa: E402
 

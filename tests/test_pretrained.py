@@ -6,7 +6,8 @@ import torch
 
 from retro import RetroError
 from retro.model.model import RetroModel, preset
-from retro.model.saved import from_pretrained, load_tokenizer_beside, save_pretrained
+from retro.model.saved import load_tokenizer_beside, save_pretrained
+from retro.retrofit.load import from_pretrained
 
 SMALL = dict(dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2, enc_head_dim=16, depth=2,
              cca_layers=[1], vocab_size=97, chunk_size=4, max_seq_len=32)

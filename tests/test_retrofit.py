@@ -12,7 +12,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from retrieval_helpers import run_cli
 from retro.evaluation.evaluate import evaluate
 from retro.retrieval import BuildOptions, Retriever, build_database
-from retro.retrieval.embedder import resolve_embedder_path
+from retro.retrieval.embedder_source import resolve_embedder_path
 from retro.retrofit.wrapper import retrofit
 from retro.training.train import load_model
 

@@ -57,7 +57,8 @@ def test_evaluate_k_defaults_to_the_models(trained, capsys):
 def test_a_run_folder_loads_as_a_saved_model(trained, tmp_path):
     import torch
 
-    from retro.model.saved import from_pretrained, save_pretrained
+    from retro.model.saved import save_pretrained
+    from retro.retrofit.load import from_pretrained
 
     _, _, run = trained
     model, _ = load_model(run, device="cpu")

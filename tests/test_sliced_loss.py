@@ -14,7 +14,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
 
 from retro.retrofit.wrapper import hf_head
 from retro.model.model import sliced_loss
-from retro.training.data import IGNORE
+from retro.base.defaults import IGNORE
 from retro.model.model import RetroModel, preset
 from retro.retrofit.wrapper import retrofit
 from retro.model.sliced_loss import slice_length, sliced_nll

@@ -13,7 +13,8 @@ from retro import RetroError
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, StaticEmbedder, build_database
 from retro.retrieval import compute_neighbours, load_neighbours
 from retro.retrieval import static_embedder as se
-from retro.retrieval.embedder import make_embedder, resolve_embedder_path
+from retro.retrieval.embedder import make_embedder
+from retro.retrieval.embedder_source import resolve_embedder_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 busy cores: one thread
 

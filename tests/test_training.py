@@ -12,7 +12,8 @@ import torch
 
 from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
 from train_helpers import Stop, stop_at, train_killed_at
-from retro.training.data import IGNORE, TrainSequences
+from retro.base.defaults import IGNORE
+from retro.training.data import TrainSequences
 from retro.evaluation.evaluate import evaluate
 from retro.decoding.generate import generate
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours

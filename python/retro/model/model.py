@@ -28,6 +28,8 @@ from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 from .cache import DecodeState, KVCache, NeighbourCache
 from .config import PRESETS, RetroConfig, check_config_fields, check_preset, paper_cca_layers, preset  # noqa: F401
 from ..base.errors import RetroError
+from ..base.files import load_state_dict
+from .saved import Saved, load_pretrained, save_pretrained
 from .sliced_loss import sliced_nll
 
 # (states (B, L, K, R, enc_dim), mask (B, L, K, R) or None) for a sequence; the layer's cached
@@ -402,17 +404,21 @@ class RetroModel(nn.Module):
 
     def save_pretrained(self, folder, tokenizer=None):
         """Writes config.json, model.safetensors and, if given, the tokenizer into folder
-        (pretrained.py); from_pretrained reads it back."""
-        from .saved import save_pretrained
-
+        (saved.py); from_pretrained reads it back."""
         return save_pretrained(self, folder, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, source, device=None) -> "RetroModel":
-        """A model saved by save_pretrained, a run folder, or a Hugging Face hub repository."""
-        from .saved import from_pretrained
+    def from_pretrained(cls, source, device=None, backend: str | None = None) -> "RetroModel":
+        """A RetroModel saved by save_pretrained, a run folder, or a Hugging Face hub repository (a
+        retrofitted model is refused: retro.from_pretrained loads either kind)."""
+        return load_pretrained(source, {False: cls}, device=device, backend=backend)
 
-        return from_pretrained(source, device=device)
+    @classmethod
+    def from_saved(cls, saved: Saved) -> "RetroModel":
+        """The model of a saved folder already read (saved.py's load_folder builds it with this)."""
+        model = cls(saved.cfg)
+        load_state_dict(model, saved.weights, saved.folder / "model.safetensors", remedy=saved.remedy)
+        return model
 
     def compile_decoding(self, mode: str | None = None, fullgraph: bool = True,
                          backend: str = "inductor") -> "RetroModel":

@@ -4,7 +4,9 @@ and the tokenizer beside them (tokenizer.model for SentencePiece, tokenizer/ for
 
 A run's checkpoint folder (RUN/checkpoint) has the same layout, so `from_pretrained` reads a saved
 model, a run folder or a Hugging Face hub repository (downloaded with huggingface_hub where the
-network allows) through one function, `model_from_folder`. A retrofitted model records its base's
+network allows) through one function, `load_folder`, which builds the model with the class its kind
+names (each class's `from_saved`; `retro.from_pretrained`, which takes either kind, is in
+retrofit/load.py, above both). A retrofitted model records its base's
 name and a hash of the base's weights, and loads back onto that base only. A model trained on a
 database records that database's identity (ChunkDatabase.identity(): tokenizer, chunk size, keys,
 held-out documents) as `model.trained_on`, read from a run's state.json or a saved config.json and
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..base.atomic import write_folder
 from ..base.errors import RetroError
+from ..base.files import load_weights, read_config, read_json_file
+from .config import RetroConfig
 
 FORMAT = "retro-kernels/1"
 
@@ -60,11 +65,21 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
     return write_folder(folder, fill)
 
 
-def model_from_folder(folder: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
-    """The model of a saved folder or a run's checkpoint folder (config.json + model.safetensors),
-    in eval mode. A missing or damaged file is a RetroError naming it and what to do."""
-    from ..training.checkpoint import REMEDY, load_state_dict, load_weights, read_config, read_json_file
-    from .config import RetroConfig
+@dataclass
+class Saved:
+    """A saved folder, read and checked: its config.json, the RetroConfig in it and its weights;
+    `remedy` is what to do if a file is missing or damaged."""
+    folder: Path
+    config: dict
+    cfg: RetroConfig
+    weights: dict
+    remedy: str
+
+
+def read_saved(folder: str | Path, backend: str | None = None) -> Saved:
+    """A saved folder or a run's checkpoint folder (config.json + model.safetensors). A missing or
+    damaged file is a RetroError naming it and what to do."""
+    from ..training.checkpoint import REMEDY
 
     folder = Path(folder)
     remedy = REMEDY if (folder / "state.json").exists() else "save or download the model again"
@@ -75,20 +90,26 @@ def model_from_folder(folder: str | Path, device=None, backend: str | None = Non
     cfg = RetroConfig.from_dict(config["model"])
     if backend is not None:
         cfg.backend = backend
-    weights = load_weights(folder / "model.safetensors", remedy)
-    if config.get("retrofit"):
-        from ..retrofit.wrapper import load_retrofitted
+    return Saved(folder, config, cfg, load_weights(folder / "model.safetensors", remedy), remedy)
 
-        model = load_retrofitted(config["retrofit"], cfg, weights)
-    else:
-        from .model import RetroModel
 
-        model = RetroModel(cfg)
-        load_state_dict(model, weights, folder / "model.safetensors", remedy=remedy)
-    model.trained_on = config.get("database")
-    if model.trained_on is None and (folder / "state.json").exists():  # a run's checkpoint
-        model.trained_on = database_of(read_json_file(folder / "state.json", remedy))
-    model.source = str(folder)
+def load_folder(folder: str | Path, kinds: dict, device=None, backend: str | None = None,
+                source: str | Path | None = None) -> torch.nn.Module:
+    """The model of a saved folder or a run's checkpoint folder, in eval mode, built by
+    `kinds[retrofitted]` (a class with `from_saved(saved)`: kinds[False] for a RetroModel,
+    kinds[True] for a retrofitted model); a kind not in `kinds` is a RetroError before anything is
+    built. `source` (default: the folder) is what errors name."""
+    source = str(source or folder)
+    saved = read_saved(folder, backend)
+    retrofitted = bool(saved.config.get("retrofit"))
+    if retrofitted not in kinds:
+        held, wanted = ("RetrofittedLM", "RetroModel") if retrofitted else ("RetroModel", "retrofitted model")
+        raise RetroError(f"{source!r} holds a {held}, not a {wanted}: load it with retro.from_pretrained")
+    model = kinds[retrofitted].from_saved(saved)
+    model.trained_on = saved.config.get("database")
+    if model.trained_on is None and (saved.folder / "state.json").exists():  # a run's checkpoint
+        model.trained_on = database_of(read_json_file(saved.folder / "state.json", saved.remedy))
+    model.source = source
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
 
@@ -120,12 +141,10 @@ def resolve(source: str | Path) -> Path:
         raise RetroError(f"cannot fetch {str(source)!r} from the Hugging Face hub: {exc}") from exc
 
 
-def from_pretrained(source: str | Path, device=None, backend: str | None = None) -> torch.nn.Module:
-    """A model saved by save_pretrained, a run folder, or a hub repository name: a RetroModel or a
-    RetrofittedLM (loaded onto its base), in eval mode."""
-    model = model_from_folder(resolve(source), device=device, backend=backend)
-    model.source = str(source)
-    return model
+def load_pretrained(source: str | Path, kinds: dict, device=None, backend: str | None = None) -> torch.nn.Module:
+    """A model saved by save_pretrained, a run folder, or a hub repository name, of one of `kinds`
+    (load_folder), in eval mode."""
+    return load_folder(resolve(source), kinds, device=device, backend=backend, source=source)
 
 
 def load_tokenizer_beside(source: str | Path):

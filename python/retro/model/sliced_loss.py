@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..training.data import IGNORE
+from ..base.defaults import IGNORE
 
 LOGITS_BUDGET = 2 ** 25  # logit elements per slice: B * slice length * V
 

@@ -4,7 +4,8 @@ from .build import BuildOptions, build_database
 from .database import ChunkDatabase
 from .embedder import DEFAULT_EMBEDDER, BertEmbedder, make_embedder
 from .neighbours import compute_neighbours, load_neighbours
-from .retriever import Retriever, SearchResult
+from .retriever import Retriever
+from .search import SearchResult
 from .static_embedder import STATIC_PREFIX, StaticEmbedder
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 

@@ -10,10 +10,10 @@ from ..base.errors import RetroError
 from .bm25 import BM25_NAME, BM25Index
 from .database import ChunkDatabase, chunk_texts
 from .generations import index_file
-from .retriever import Retriever, SearchResult, check_allowed, check_exclude, check_k
+from .search import SearchBase, SearchResult, check_allowed, check_exclude, check_k
 
 
-class BM25Retriever(Retriever):
+class BM25Retriever(SearchBase):
     def __init__(self, db: ChunkDatabase, index: BM25Index):
         super().__init__(db, index, BM25_NAME)
 
@@ -70,6 +70,4 @@ class BM25Retriever(Retriever):
 
     def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:
         """The k best chunks of each query by BM25 with their values [chunk, continuation]."""
-        ids, dist = self.search_terms(self.terms(queries), k, exclude_doc_ids, allowed_chunks)
-        tokens, mask = self.db.values(ids)
-        return SearchResult(ids, dist, tokens, mask)
+        return self.result(*self.search_terms(self.terms(queries), k, exclude_doc_ids, allowed_chunks))

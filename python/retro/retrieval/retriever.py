@@ -4,7 +4,6 @@ document). Excluded or missing neighbours are masked (id -1), never replaced by 
 Retriever.load returns a BM25Retriever (bm25_retriever.py) for a database built with --embedder bm25."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +12,13 @@ from ..base.errors import RetroError, damaged_file
 from .database import ChunkDatabase
 from .bm25 import is_bm25
 from .generations import index_file, index_remedy
+from .search import SearchBase, SearchResult, check_allowed, check_exclude, check_k
 from .index import (INDEX_REMEDY, IndexSettings, SearchIndex, TorchExactIndex, check_max_k, faiss_available,
                     read_faiss_index, warn_without_faiss)
 
 
-@dataclass
-class SearchResult:
-    ids: np.ndarray        # (Q, k) int64, -1 = no neighbour
-    distances: np.ndarray  # (Q, k) float32 squared L2 (BM25: minus the score), inf where no neighbour
-    tokens: np.ndarray     # (Q, k, 2 * chunk_size) int64, [chunk, continuation], pad where masked
-    mask: np.ndarray       # (Q, k, 2 * chunk_size) bool, True = real token
-
-
-class Retriever:
-    def __init__(self, db: ChunkDatabase, index: SearchIndex, embedder_name: str | None = None, device=None):
-        self.db, self.index, self.device = db, index, device
-        self.embedder_name = embedder_name or db.manifest["embedder"]["name"]
-        self._embedder = None
+class Retriever(SearchBase):
+    """Search by embedded keys (BERT or static), through the database's faiss or torch index."""
 
     @classmethod
     def load(cls, path: str | Path, embedder: str | None = None, device=None, index: str | None = None) -> "Retriever":
@@ -161,33 +150,7 @@ class Retriever:
 
     def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:
         """The k nearest chunks of each query with their values [chunk, continuation]."""
-        ids, dist = self.search_embeddings(self.embed(queries), k, exclude_doc_ids, allowed_chunks)
-        tokens, mask = self.db.values(ids)
-        return SearchResult(ids, dist, tokens, mask)
-
-
-def check_k(k, num_chunks: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise RetroError(f"k must be a positive int, got {k!r}")
-    if k > num_chunks:
-        raise RetroError(f"k={k} is larger than the database ({num_chunks} chunks)")
-
-
-def check_exclude(exclude_doc_ids, n_queries: int) -> np.ndarray:
-    """exclude_doc_ids as a (Q,) array, one document id per query."""
-    exclude = np.asarray(exclude_doc_ids).reshape(-1)
-    if len(exclude) != n_queries:
-        raise RetroError(f"exclude_doc_ids has {len(exclude)} entries for {n_queries} queries")
-    return exclude
-
-
-def check_allowed(allowed_chunks, num_chunks: int) -> np.ndarray:
-    """allowed_chunks (chunk ids) -> their sorted unique ids; RetroError unless all in [0, num_chunks)."""
-    allowed = np.unique(np.asarray(allowed_chunks, dtype=np.int64))
-    if len(allowed) == 0 or allowed[0] < 0 or allowed[-1] >= num_chunks:
-        raise RetroError(f"allowed_chunks must be chunk ids in [0, {num_chunks}), got {len(allowed)} ids "
-                         f"in [{allowed.min(initial=0)}, {allowed.max(initial=0)}]")
-    return allowed
+        return self.result(*self.search_embeddings(self.embed(queries), k, exclude_doc_ids, allowed_chunks))
 
 
 def database_fraction(db: ChunkDatabase, fraction: float, seed: int = 0) -> np.ndarray:

@@ -148,7 +148,7 @@ class StaticEmbedder:
     def __init__(self, name: str, device: str | torch.device | None = None, batch_size: int | None = None,
                  cache: str | Path | None = None, log=None, weighting: str = "sif", counts: str = "sqrt",
                  table: np.ndarray | None = None):
-        from .embedder import embedder_error, resolve_embedder_path
+        from .embedder_source import embedder_error, resolve_embedder_path
 
         if not is_static(name):
             raise RetroError(f"a static embedder's name starts with {STATIC_PREFIX!r}, got {name!r}")

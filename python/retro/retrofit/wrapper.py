@@ -26,6 +26,7 @@ from . import hf_head
 from ..model.cache import NeighbourCache
 from ..model.config import RetroConfig, check_config_fields, paper_cca_layers
 from ..model.model import encode_completed_chunks, keep_after_prefill
+from ..model.saved import load_pretrained, save_pretrained, weights_sha256
 from ..retrieval.tokenizer import hf_source
 from ..model.sliced_loss import sliced_nll
 
@@ -121,7 +122,6 @@ class RetrofittedLM(nn.Module):
         self.encoder_in_norm = nn.LayerNorm(cfg.enc_dim) if cfg.encoder_input_norm else nn.Identity()
         self.encoder = RetroEncoder(cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.enc_head_dim, context_dim=hidden,
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
-        from ..model.saved import weights_sha256
 
         # the base's name, a hash of its weights and where CCA sits: a saved retrofit loads back
         # onto this base only, and runs as it was trained
@@ -320,9 +320,7 @@ class RetrofittedLM(nn.Module):
         return sliced_nll(logits, targets, _identity, logits.shape[-1])
 
     def save_pretrained(self, folder, tokenizer=None):
-        """The new weights, the base's name and weights hash, and the tokenizer (pretrained.py)."""
-        from ..model.saved import save_pretrained
-
+        """The new weights, the base's name and weights hash, and the tokenizer (model/saved.py)."""
         return save_pretrained(self, folder, tokenizer)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -333,14 +331,13 @@ class RetrofittedLM(nn.Module):
     @classmethod
     def from_pretrained(cls, source, device=None, backend: str | None = None) -> "RetrofittedLM":
         """A retrofitted model saved by save_pretrained (or a retrofit run's folder), loaded onto
-        the base it was trained on (pretrained.py)."""
-        from ..model.saved import from_pretrained
+        the base it was trained on (model/saved.py); a RetroModel is refused."""
+        return load_pretrained(source, {True: cls}, device=device, backend=backend)
 
-        model = from_pretrained(source, device=device, backend=backend)
-        if not isinstance(model, cls):
-            raise RetroError(f"{str(source)!r} holds a {type(model).__name__}, not a retrofitted model: load it "
-                             "with retro.from_pretrained")
-        return model
+    @classmethod
+    def from_saved(cls, saved) -> "RetrofittedLM":
+        """The model of a saved folder already read: its base, the new weights on top."""
+        return load_retrofitted(saved.config["retrofit"], saved.cfg, saved.weights)
 
     def new_state(self, batch: int, max_len: int, device=None, dtype=None,
                   num_neighbours: int | None = None) -> "RetrofitState":

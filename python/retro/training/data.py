@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..base.defaults import IGNORE
 from ..base.errors import RetroError
 from ..retrieval.database import ChunkDatabase
-
-IGNORE = -100
 
 
 @dataclass

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from ..base import distributed as dist
-from .checkpoint import load_tensors
+from ..base.files import load_tensors
+from .checkpoint import REMEDY
 from ..base.errors import RetroError
 
 CHECKPOINTS = "checkpoints"
@@ -158,7 +159,7 @@ def read_sharded_meta(path: Path) -> dict:
         raise RetroError(f"{str(path)!r} is not a complete sharded checkpoint (no {COMPLETE} marker)")
     return {"config": json.loads((path / "config.json").read_text()),
             "state": json.loads((path / "state.json").read_text()),
-            "rng": load_tensors(path / "rng.pt"), "dir": path}
+            "rng": load_tensors(path / "rng.pt", REMEDY), "dir": path}
 
 
 def load_sharded(path: Path, model, optimizer) -> None:
@@ -198,7 +199,7 @@ def convert_checkpoint(run: str | Path, out: str | Path | None = None, step: int
     meta = read_sharded_meta(src)
     with tempfile.TemporaryDirectory() as tmp, _one_process_quiet():
         dcp_to_torch_save(str(src), os.path.join(tmp, "full.pt"))
-        full = load_tensors(os.path.join(tmp, "full.pt"))
+        full = load_tensors(os.path.join(tmp, "full.pt"), REMEDY)
     weights = full["model"]
     if meta["config"].get("retrofit"):
         weights = {k: v for k, v in weights.items() if not k.startswith("base.")}

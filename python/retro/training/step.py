@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE
+from ..base.defaults import IGNORE
 
 
 @dataclass

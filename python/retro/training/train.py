@@ -16,7 +16,8 @@ import torch
 
 from ..base import distributed as dist
 from . import fsdp
-from .checkpoint import load_checkpoint, load_state_dict, rng_state, save_checkpoint, set_rng_state
+from ..base.files import load_state_dict
+from .checkpoint import REMEDY, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..base.checks import check_float, check_int, check_neighbours
 from .compile import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import Sampler, TrainSequences
@@ -242,7 +243,8 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
             fsdp.load_sharded(ck["dir"], model, optimizer)
             rngs = ck["rng"]
         else:
-            load_state_dict(model, ck["weights"], ck["dir"] / "model.safetensors", strict=model_factory is None)
+            load_state_dict(model, ck["weights"], ck["dir"] / "model.safetensors", REMEDY,
+                            strict=model_factory is None)
             optimizer.load_state_dict(ck["optimizer"]["optimizer"])
             rngs = ck["optimizer"]["rng"]
         set_fused(optimizer, fused)  # this run's choice, not the saved one
@@ -330,13 +332,13 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
 
 def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetroModel, dict]:
     """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
-    (pretrained.model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
+    (retrofit/load.py's model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
-    from .checkpoint import checkpoint_dir, read_json_file
-    from ..model.saved import model_from_folder
+    from ..base.files import read_json_file
+    from ..retrofit.load import model_from_folder
 
     folder = checkpoint_dir(Path(run))
-    state = read_json_file(folder / "state.json")
+    state = read_json_file(folder / "state.json", REMEDY)
     if db is not None:
         check_run_database(state, db, run)
     model = model_from_folder(folder, device=device, backend=backend)
