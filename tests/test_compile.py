@@ -72,7 +72,7 @@ def test_triton_path_is_one_graph():
 def test_the_loss_in_checkpointed_slices_is_one_graph(monkeypatch):
     """sequence_loss's forward(..., targets=...) in 8 slices (sliced_loss.py, each under
     torch.utils.checkpoint) traces as one graph; compiled, its loss and gradients are eager's."""
-    from retro.model.model import sliced_loss
+    from retro.model import sliced_loss
 
     monkeypatch.setattr(sliced_loss, "LOGITS_BUDGET", 2 * SMALL["vocab_size"] * 8)  # 8 positions per slice
     torch.manual_seed(0)

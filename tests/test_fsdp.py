@@ -241,7 +241,7 @@ def test_the_loss_in_checkpointed_slices_runs_through_fsdp(one_rank_group, monke
     unsharded model's."""
     import copy
 
-    from retro.model.model import sliced_loss
+    from retro.model import sliced_loss
     from retro.base.defaults import IGNORE
     from retro.model.model import RetroModel, preset
 

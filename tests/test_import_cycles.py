@@ -90,3 +90,24 @@ def test_no_import_cycles():
         graph.get(a, set()).discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The sub-packages in pipeline order (ARCHITECTURE.md): a module imports from its own package and
+# those before it, never from a later one.
+PIPELINE = ("base", "retrieval", "model", "retrofit", "training", "decoding", "evaluation", "serve", "app")
+
+
+def stage(module: str) -> int:
+    """The pipeline rank of a module: its sub-package's; the package itself and `python -m retro`
+    come last; a flat module (the demo) ranks with the app."""
+    parts = module.split(".")
+    if module in ("retro", "retro.__main__"):
+        return len(PIPELINE)
+    return PIPELINE.index(parts[1]) if parts[1] in PIPELINE else PIPELINE.index("app")
+
+
+def test_packages_follow_the_pipeline():
+    graph = import_graph()
+    assert {m.split(".")[1] for m in graph if m.count(".") >= 2} == set(PIPELINE)
+    upward = [f"{a} -> {b}" for a, targets in sorted(graph.items()) for b in sorted(targets) if stage(b) > stage(a)]
+    assert not upward, "imports of a later stage: " + ", ".join(upward)

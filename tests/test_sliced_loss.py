@@ -13,7 +13,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM)
 
 from retro.retrofit.wrapper import hf_head
-from retro.model.model import sliced_loss
+from retro.model import sliced_loss
 from retro.base.defaults import IGNORE
 from retro.model.model import RetroModel, preset
 from retro.retrofit.wrapper import retrofit

@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..base.checks import check_float, check_int, check_neighbours
+from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.errors import RetroError
 from ..base.options import option
 
@@ -30,8 +31,8 @@ class TokenizerOptions:
 @dataclass
 class NeighboursOptions:
     db: str = option(help="the database folder", positional=True)
-    k: int = option(2, "neighbours per chunk", short="-k")
-    extra: int = option(6, "extra candidates kept for packed training sequences")
+    k: int = option(NEIGHBOURS, "neighbours per chunk", short="-k")
+    extra: int = option(EXTRA_NEIGHBOURS, "extra candidates kept for packed training sequences")
     block_size: int = option(8192, "chunks searched per batch")
     index: str | None = option(None, INDEX_HELP, choices=["torch"])
     device: str | None = option(None, DEVICE_HELP)

@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..base.defaults import cache_dir
 from ..base.errors import RetroError
 
 PACKAGE, VERSION = "transformers", "5.24.0"
@@ -32,10 +33,6 @@ ARCHIVES = (".whl", ".zip", ".tar.xz", ".tar.gz", ".tgz", ".tar")
 WHAT_TO_PASS = (f"pass --corpus DIR (a corpus of your own), or set {ENV}=PATH to the model sources on disk (a "
                 f"folder, or {PACKAGE} {VERSION}'s wheel or an extract of its {MODELS} as .zip or .tar.xz, "
                 "such as scripts/gpu_carry.sh makes)")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RETRO_CACHE") or Path.home() / ".cache" / "retro-kernels")
 
 
 def pinned_wheel() -> Path:

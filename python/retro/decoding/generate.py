@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..base.checks import check_float, check_int, check_neighbours
-from ..base.errors import RetroError
 from .inputs import as_texts, encode_for_model, search_chunks
 from ..base.options import option
 from ..retrieval.retriever import Retriever
@@ -109,8 +108,6 @@ def continue_inputs(model, retriever: Retriever | None, inputs, tok, prompts: li
     device, lengths = inputs.tokens.device, inputs.lengths
     max_len = max(lengths) + max_new_tokens  # the caches' length (any length works)
     if compile:
-        if not hasattr(model, "compile_decoding"):
-            raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
         model.compile_decoding(mode="reduce-overhead" if device.type == "cuda" else None)
         max_len = 1 << max(max_len - 1, 63).bit_length()  # few cache lengths, few compiled graphs
     state = model.new_state(len(prompts), max_len, num_neighbours=k)

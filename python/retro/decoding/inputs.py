@@ -24,7 +24,7 @@ def check_database(model, db) -> None:
     the command line's check, ChunkDatabase.check_identity), and in any case one of the model's
     chunk size whose tokenizer the model's vocabulary holds (a model never trained on a database,
     e.g. a fresh retrofit)."""
-    db.check_identity(getattr(model, "trained_on", None), getattr(model, "source", "the model"))
+    db.check_identity(model.trained_on, model.source or "the model")
     cfg = model.cfg
     if db.chunk_size != cfg.chunk_size:
         raise RetroError(f"the model reads chunks of {cfg.chunk_size} tokens but {str(db.path)!r} has chunks of "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..base.defaults import NEIGHBOURS
 from ..base.errors import RetroError
 from ..decoding.inputs import check_database
 from ..retrieval.retriever import Retriever
@@ -80,7 +81,7 @@ def _windows(tokens: np.ndarray, n: int):
         yield s, tokens[s:s + len(tgt)], tgt
 
 
-def prepare(retriever: Retriever, k: int = 2, documents=None, max_documents: int | None = None,
+def prepare(retriever: Retriever, k: int = NEIGHBOURS, documents=None, max_documents: int | None = None,
             seq_len: int = 2048, retrieval: bool = True, allowed_chunks: np.ndarray | None = None,
             span_tokens: int | None = None, seed: int = 0, texts: list[str] | None = None) -> EvalSet:
     """Cuts the held-out documents (or `documents`, ids; or `texts`, any text, tokenised with the
@@ -204,9 +205,9 @@ def summarise(es: EvalSet, nll_on: np.ndarray | None, nll_off: np.ndarray,
                       groups={"nll_on": nll_on, "nll_off": nll_off})
 
 
-def evaluate(model, retriever: Retriever, k: int = 2, max_documents: int | None = None, seq_len: int | None = None,
-             retrieval: bool = True, device=None, progress: bool = True, batch_size: int = 16, documents=None,
-             eval_set: EvalSet | None = None) -> EvalResult:
+def evaluate(model, retriever: Retriever, k: int = NEIGHBOURS, max_documents: int | None = None,
+             seq_len: int | None = None, retrieval: bool = True, device=None, progress: bool = True,
+             batch_size: int = 16, documents=None, eval_set: EvalSet | None = None) -> EvalResult:
     """Bits per byte of the held-out documents with (RETRO[ON]) and without (RETRO[OFF]) neighbours.
     The retriever's database must be one the model reads (the one it was trained on where the
     model records it, as the command line checks: inputs.check_database)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base.defaults import NEIGHBOURS
 from .evaluate import bits_per_byte, prepare, score
 
 
@@ -81,7 +82,7 @@ def format_overlap(rows: list[dict], names) -> list[str]:
     return lines
 
 
-def overlap_report(model, retriever, k: int = 2, max_documents: int | None = None, out: str | None = None,
+def overlap_report(model, retriever, k: int = NEIGHBOURS, max_documents: int | None = None, out: str | None = None,
                    alphas=ALPHAS, log=print, progress: bool = True) -> list[dict]:
     """Bits per byte with and without retrieval over the scored tokens with overlap r <= alpha."""
     es = prepare(retriever, k, max_documents=max_documents, seq_len=model.cfg.max_seq_len)

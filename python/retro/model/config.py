@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
+from ..base.defaults import CHUNK_SIZE, NEIGHBOURS
 from ..base.checks import MAX_NEIGHBOURS, check_float, check_int
 from ..base.errors import RetroError
 
@@ -24,13 +25,13 @@ class RetroConfig:
     heads: int = 16
     head_dim: int = 64
     ff_dim: int = 3584
-    chunk_size: int = 64
+    chunk_size: int = CHUNK_SIZE
     cca_layers: tuple[int, ...] = field(default_factory=lambda: paper_cca_layers(12))  # 0-based layer indices
     enc_dim: int = 896
     enc_depth: int = 2
     enc_heads: int = 14
     enc_head_dim: int = 64
-    num_neighbours: int = 2       # k, the neighbours per chunk
+    num_neighbours: int = NEIGHBOURS  # k, the neighbours per chunk
     dropout: float = 0.0
     max_seq_len: int = 2048
     rotary_base: float = 10000.0

@@ -26,6 +26,7 @@ from retro_kernels import ChunkedCrossAttention, RetroEncoder
 from retro_kernels.nn import FeedForward, apply_rotary, rotary_table
 
 from .cache import DecodeState, KVCache, NeighbourCache
+from .copy_prior import SMEAR, zero_encoder_outputs
 from .config import PRESETS, RetroConfig, check_config_fields, check_preset, paper_cca_layers, preset  # noqa: F401
 from ..base.errors import RetroError
 from ..base.files import load_state_dict
@@ -189,11 +190,30 @@ class RetroModel(nn.Module):
                                     cross_attend_layers=(0,), dropout=cfg.dropout, backend=cfg.backend)
         self.norm = nn.LayerNorm(cfg.dim)
         self.checkpointing = False  # activation checkpointing of the decoder layers
+        self.extra_config: dict = {}  # the model contract (protocol.py): nothing beside the configuration
+        self.trained_on: dict | None = None  # set by the loaders (saved.py)
+        self.source: str | None = None
         self._compiled_step = self._compiled_mode = None  # compile_decoding()
         self._static_states: dict[tuple, DecodeState] = {}  # compiled decoding: one per cache shape
         self.apply(self._init)
         if cfg.copy_prior:
             self.apply_copy_prior()
+
+    supports_checkpointing = True
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks (RetrofittedLM.blocks: its base's), which FSDP shards one by one."""
+        return self.layers
+
+    def fit_copy_prior(self, batch, log=print) -> None:
+        """The copy-prior hook of the model contract: a RetroModel's prior needs no data (it is set
+        at construction, apply_copy_prior), so there is nothing to fit."""
+        return None
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Every weight trains: the whole state dict."""
+        return self.state_dict()
 
     @torch.no_grad()
     def apply_copy_prior(self) -> None:
@@ -209,12 +229,7 @@ class RetroModel(nn.Module):
           through the encoder's input projection: the found token's embedding goes back into the
           residual stream, where the tied unembedding reads it as a prediction.
         Every weight stays trainable; only the starting point changes."""
-        for layer in self.encoder.layers:
-            outs = [layer.self_attn.to_out, layer.ff[-1]] + ([layer.cross_attn.to_out] if layer.cross_attn else [])
-            for lin in outs:
-                lin.weight.zero_()
-                if lin.bias is not None:
-                    lin.bias.zero_()
+        zero_encoder_outputs(self.encoder)
         # encoder input = W_e @ embedding (W_e the identity when enc_dim == dim)
         w_e = self.to_encoder.weight.float() if isinstance(self.to_encoder, nn.Linear) else None
         for layer in self.layers:
@@ -228,7 +243,7 @@ class RetroModel(nn.Module):
             cca.to_k.weight.copy_(k)
             cca.to_out.weight.copy_(out)
             if cca.smear is not None:
-                cca.smear.fill_(2.2)  # sigmoid(2.2) = 0.9 of the previous token's key
+                cca.smear.fill_(SMEAR)  # 0.9 of the previous token's key
 
     @staticmethod
     def _init(m: nn.Module) -> None:

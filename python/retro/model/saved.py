@@ -28,6 +28,9 @@ from .config import RetroConfig
 
 FORMAT = "retro-kernels/1"
 
+# what to do about a checkpoint file that is missing or damaged
+REMEDY = "restore the checkpoint from a copy, or train a new run (another --out)"
+
 
 def weights_sha256(module: torch.nn.Module) -> str:
     """A hash of a module's weights: every tensor of its state dict, by name, dtype, shape and bytes."""
@@ -47,10 +50,10 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").exists():
         raise RetroError(f"{str(folder)!r} is not empty and holds no saved model; choose another folder")
-    config = {"format": FORMAT, "model": model.cfg.to_dict(), **getattr(model, "extra_config", {})}
-    if getattr(model, "trained_on", None):
+    config = {"format": FORMAT, "model": model.cfg.to_dict(), **model.extra_config}
+    if model.trained_on:
         config["database"] = model.trained_on
-    weights = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+    weights = model.trainable_state_dict()
 
     def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
@@ -79,8 +82,6 @@ class Saved:
 def read_saved(folder: str | Path, backend: str | None = None) -> Saved:
     """A saved folder or a run's checkpoint folder (config.json + model.safetensors). A missing or
     damaged file is a RetroError naming it and what to do."""
-    from ..training.checkpoint import REMEDY
-
     folder = Path(folder)
     remedy = REMEDY if (folder / "state.json").exists() else "save or download the model again"
     for name in ("config.json", "model.safetensors"):
@@ -127,8 +128,6 @@ def resolve(source: str | Path) -> Path:
     if path.is_dir():
         if (path / "config.json").exists():
             return path
-        from ..training.checkpoint import checkpoint_dir
-
         return checkpoint_dir(path)
     if path.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
         raise RetroError(f"{str(source)!r} is neither a saved model folder, a run folder nor a Hugging Face "
@@ -159,3 +158,19 @@ def load_tokenizer_beside(source: str | Path):
 
         return HFTokenizer(str(folder / "tokenizer"))
     return None
+
+
+def checkpoint_dir(run: Path) -> Path:
+    """RUN/checkpoint, or the previous one if a crash hit between the two renames."""
+    run = Path(run)
+    for name in ("checkpoint", ".checkpoint-old"):
+        if (run / name / "state.json").exists():
+            return run / name
+    if (run / "checkpoint").is_dir():
+        raise RetroError(f"{str(run / 'checkpoint' / 'state.json')!r} is missing: the checkpoint is incomplete; "
+                         f"{REMEDY}")
+    if any((run / "checkpoints").glob("step-*/COMPLETE")):  # a --fsdp run (fsdp.py)
+        raise RetroError(f"{str(run)!r} holds sharded checkpoints only (a --fsdp run); convert the newest with "
+                         f"`retro convert-checkpoint {run}`")
+    raise RetroError(f"{str(run)!r} holds no checkpoint (expected {str(run / 'checkpoint')!r}); "
+                     "train one with `retro train`")

@@ -29,6 +29,7 @@ import numpy as np
 from ..base import distributed as dist
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.checks import check_choice, check_float, check_int
+from ..base.defaults import CHUNK_SIZE
 from ..base.errors import RetroError
 from ..base.options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
@@ -57,7 +58,7 @@ class BuildOptions:
     vocab_size: int = option(8000, "the trained tokenizer's vocabulary")
     tokenizer_lines: int = option(200_000, "lines of the training documents sampled (seeded) to train the "
                                            "tokenizer")
-    chunk_size: int = option(64, "tokens per chunk (m)")
+    chunk_size: int = option(CHUNK_SIZE, "tokens per chunk (m)")
     valid_fraction: float = option(0.05, "the fraction of documents held out for `retro evaluate` (at least one "
                                          "when the corpus has two or more; 0: none)")
     holdout_by: str = option("document", "what is held out: single documents chosen at random, whole folders "

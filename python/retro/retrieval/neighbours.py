@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.errors import RetroError
 from .generations import current_generation
@@ -30,8 +31,8 @@ def is_neighbours_entry(name: str) -> bool:
     return re.fullmatch(r"neighbours-\d+(-gen\d{6})?(\.npy|\.json|-parts)", name) is not None
 
 
-def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
-                       index: str | None = None, progress: bool = True, log=print, on_block=None) -> Path:
+def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXTRA_NEIGHBOURS, block: int = 8192,
+                       device=None, index: str | None = None, progress: bool = True, log=print, on_block=None) -> Path:
     """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
     on_block("neighbours", b) is called after each block is written (tests kill the run there)."""
     from tqdm.auto import tqdm

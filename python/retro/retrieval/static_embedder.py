@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..base.defaults import cache_dir as retro_cache
 from ..base.errors import RetroError
 
 STATIC_PREFIX = "static:"
@@ -43,8 +44,6 @@ def is_static(name: str) -> bool:
 
 
 def cache_dir() -> Path:
-    from ..app.default_corpus import cache_dir as retro_cache
-
     return retro_cache() / "static-embedders"
 
 

@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..base.defaults import IGNORE
+from ..model.copy_prior import SMEAR, zero_encoder_outputs
+
 GAIN = 40.0                                    # qk_norm's gain: sharp matches among k x 2m neighbour tokens
 SCALES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)  # of the residual stream's norm at the layer
-SMEAR = 2.2                                    # sigmoid(2.2) = 0.9 of each key from the token before
 
 
 def ridge(x: Tensor, y: Tensor, lam: float) -> Tensor:
@@ -34,15 +36,6 @@ def ridge(x: Tensor, y: Tensor, lam: float) -> Tensor:
     x, y = x.double(), y.double()
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     return torch.linalg.solve(x.T @ x + lam * len(x) * eye, x.T @ y).T
-
-
-def _zero_encoder_outputs(encoder) -> None:
-    for layer in encoder.layers:
-        outs = [layer.self_attn.to_out, layer.ff[-1]] + ([layer.cross_attn.to_out] if layer.cross_attn else [])
-        for lin in outs:
-            lin.weight.zero_()
-            if lin.bias is not None:
-                lin.bias.zero_()
 
 
 def _final_norm_gain(base) -> Tensor | None:
@@ -57,7 +50,7 @@ def _final_norm_gain(base) -> Tensor | None:
 
 def _batch_loss(model, batch) -> float:
     logits = model(batch.tokens, batch.neighbours, batch.neighbour_mask).float()
-    return F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=-100).item()
+    return F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE).item()
 
 
 @torch.no_grad()
@@ -68,7 +61,7 @@ def fit_copy_prior(model, batch, log=print, lam: float = 1e-3) -> dict:
     cfg, m = model.cfg, model.cfg.chunk_size
     was_training = model.training
     model.eval()
-    _zero_encoder_outputs(model.encoder)
+    zero_encoder_outputs(model.encoder)
     dt = model.to_encoder.weight.dtype
     emb = model.base.get_input_embeddings().weight.to(dt)          # (V, hidden)
     hidden, enc, inner = emb.shape[1], cfg.enc_dim, cfg.heads * cfg.head_dim

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from retro_kernels import ChunkedCrossAttention, RetroEncoder
 
 from ..base.checks import check_int, check_neighbours
+from ..base.defaults import CHUNK_SIZE, NEIGHBOURS
 from ..base.errors import RetroError
 from . import hf_head
 from ..model.cache import NeighbourCache
@@ -128,6 +129,9 @@ class RetrofittedLM(nn.Module):
         self.extra_config = {"retrofit": {"base": base_name, "base_sha256": weights_sha256(hf_model),
                                           "placement": placement}}
         self._active: _Pass | None = None  # the pass of the base model's call in progress
+        self.checkpointing = False
+        self.trained_on: dict | None = None  # set by the loaders (model/saved.py)
+        self.source: str | None = None
         for i in cfg.cca_layers:
             if placement == "after":
                 self.blocks[i].register_forward_hook(self._hook(i), with_kwargs=True)
@@ -267,10 +271,17 @@ class RetrofittedLM(nn.Module):
         return p.captured
 
     def fit_copy_prior(self, batch, log=print) -> dict:
-        """Fits the copy prior (retrofit_prior.py) on batch (data.Batch with neighbours)."""
+        """The copy-prior hook of the model contract: fits the copy prior (prior.py) on batch
+        (training.data.Batch with neighbours) and records what it chose in extra_config."""
         from .prior import fit_copy_prior
 
-        return fit_copy_prior(self, batch, log)
+        chosen = fit_copy_prior(self, batch, log)
+        self.extra_config["retrofit"]["copy_prior"] = chosen
+        return chosen
+
+    def compile_decoding(self, mode: str | None = None, fullgraph: bool = True, backend: str = "inductor"):
+        """Not supported: a retrofitted model decodes eagerly (one base-model cache per sequence)."""
+        raise RetroError("compile (--compile) works for RETRO models; a retrofitted model decodes eagerly")
 
     def cca_modules(self) -> dict[int, ChunkedCrossAttention]:
         return {i: self.cca[str(i)] for i in self.cfg.cca_layers}
@@ -394,7 +405,7 @@ class RetrofitState:
         self.caches = [None] * batch
 
 
-def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = 2, chunk_size: int = 64,
+def retrofit(hf_model, cca_layers=None, encoder: dict | None = None, k: int = NEIGHBOURS, chunk_size: int = CHUNK_SIZE,
              backend: str = "auto", base_name: str = "", max_seq_len: int | None = None,
              placement: str = DEFAULT_PLACEMENT,
              **settings) -> RetrofittedLM:

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from ..base.atomic import write_folder
-from ..base.errors import RetroError, damaged_file
+from ..base.errors import damaged_file
 from ..base.files import load_tensors, load_weights, read_json_file
+from ..model.saved import REMEDY, checkpoint_dir
 
-# what to do about a checkpoint file that is missing or damaged
-REMEDY = "restore the checkpoint from a copy, or train a new run (another --out)"
 
 
 def rng_state() -> dict:
@@ -55,22 +54,6 @@ def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], config: dict, s
             torch.save(optimizer_state, tmp / "optimizer.pt")
 
     return write_folder(Path(run) / "checkpoint", fill)
-
-
-def checkpoint_dir(run: Path) -> Path:
-    """RUN/checkpoint, or the previous one if a crash hit between the two renames."""
-    run = Path(run)
-    for name in ("checkpoint", ".checkpoint-old"):
-        if (run / name / "state.json").exists():
-            return run / name
-    if (run / "checkpoint").is_dir():
-        raise RetroError(f"{str(run / 'checkpoint' / 'state.json')!r} is missing: the checkpoint is incomplete; "
-                         f"{REMEDY}")
-    if any((run / "checkpoints").glob("step-*/COMPLETE")):  # a --fsdp run (fsdp.py)
-        raise RetroError(f"{str(run)!r} holds sharded checkpoints only (a --fsdp run); convert the newest with "
-                         f"`retro convert-checkpoint {run}`")
-    raise RetroError(f"{str(run)!r} holds no checkpoint (expected {str(run / 'checkpoint')!r}); "
-                     "train one with `retro train`")
 
 
 def load_checkpoint(run: Path, with_optimizer: bool = True) -> dict:

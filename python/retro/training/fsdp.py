@@ -48,9 +48,7 @@ _STEP = re.compile(r"^step-(\d{8})$")
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules sharded one by one: decoder blocks, then encoder layers."""
-    blocks = getattr(model, "blocks", None)  # RetrofittedLM: the base model's blocks
-    blocks = model.layers if blocks is None else blocks
-    return [*blocks, *model.encoder.layers]
+    return [*model.blocks, *model.encoder.layers]
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:

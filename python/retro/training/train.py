@@ -21,8 +21,10 @@ from .checkpoint import REMEDY, checkpoint_dir, load_checkpoint, rng_state, save
 from ..base.checks import check_float, check_int, check_neighbours
 from .compile import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
 from .data import Sampler, TrainSequences
+from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.errors import RetroError
 from ..base.interrupt import Interrupted, StopSignals
+from ..model.protocol import RetrievalLM
 from ..model.model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
 from ..base.options import option
 from ..retrieval.database import ChunkDatabase
@@ -51,10 +53,10 @@ class TrainOptions:
     warmup: int = option(50, "warm-up steps")
     weight_decay: float = option(0.1, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient norm clip")
-    k: int = option(2, "neighbours per chunk", short="-k")
+    k: int = option(NEIGHBOURS, "neighbours per chunk", short="-k")
     retrieval: bool = option(True, "--no-retrieval: the same decoder trained without neighbours (the baseline)")
     retrieval_lr_scale: float = option(1.0, "learning rate of the encoder and CCA blocks, relative to --lr")
-    extra: int = option(6, "extra neighbour candidates, for dropping the sequence's own documents")
+    extra: int = option(EXTRA_NEIGHBOURS, "extra neighbour candidates, for dropping the sequence's own documents")
     seed: int = option(0, "seed of the initialisation and the data order")
     save_every: int = option(200, "steps between checkpoints")
     log_every: int = option(10, "steps between progress lines")
@@ -157,17 +159,15 @@ def start_from_copy_prior(model, cfg: RetroConfig, opts: TrainOptions, seqs: Tra
     """A retrofitted model's copy prior is fitted to its base on a few training sequences (4,
     drawn with a generator of their own, so the training order stays the seed's) before the first
     step; what it chose is kept in the model's config. A resumed run keeps the record."""
-    if not hasattr(model, "fit_copy_prior") or not cfg.copy_prior or not opts.retrieval:
+    if not cfg.copy_prior or not opts.retrieval:
         return
-    info = getattr(model, "extra_config", {}).get("retrofit")
-    if ck is not None:
-        if info is not None and "copy_prior" in ck["config"].get("retrofit", {}):
-            info["copy_prior"] = ck["config"]["retrofit"]["copy_prior"]
+    if ck is not None:  # the record of the run's start, kept
+        for key, record in model.extra_config.items():
+            if "copy_prior" in ck["config"].get(key, {}):
+                record["copy_prior"] = ck["config"][key]["copy_prior"]
         return
     pick = np.random.default_rng((opts.seed, 1)).choice(len(seqs), size=min(4, len(seqs)), replace=False)
-    chosen = model.fit_copy_prior(seqs.batch(pick).to(device), log=log if dist.is_main() else lambda *_: None)
-    if info is not None:
-        info["copy_prior"] = chosen
+    model.fit_copy_prior(seqs.batch(pick).to(device), log=log if dist.is_main() else lambda *_: None)
 
 
 def check_resume_options(opts: TrainOptions, saved: dict, run: Path) -> None:
@@ -228,11 +228,11 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     model = (model_factory(cfg, db) if model_factory else RetroModel(cfg)).to(device)
     cfg = model.cfg  # a retrofitted model derives its configuration from the base model
     start_from_copy_prior(model, cfg, opts, seqs, ck, device, log)
-    if opts.checkpointing and not getattr(model, "supports_checkpointing", True):
+    if opts.checkpointing and not model.supports_checkpointing:
         raise RetroError(f"--checkpointing is not supported for {type(model).__name__} (retrofitted models); "
                          "train without it")
     model.checkpointing = opts.checkpointing
-    weights_to_save = getattr(model, "trainable_state_dict", model.state_dict)  # retrofit: new weights only
+    weights_to_save = model.trainable_state_dict  # retrofit: new weights only
     if opts.fsdp and world > 1:
         fsdp.shard_model(model, device, bf16)
     fused = use_fused_adamw(device, opts.compile)
@@ -313,7 +313,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
                          "tokenizer_sha256": db.manifest["tokenizer"]["sha256"],
                          "db": str(Path(opts.db).resolve()), "database": db.identity(),
                          "options": {k: v for k, v in asdict(opts).items() if k != "overrides"}}
-                config = {"model": cfg.to_dict(), **getattr(model, "extra_config", {})}
+                config = {"model": cfg.to_dict(), **model.extra_config}
                 if opts.fsdp:  # every rank writes its shards
                     fsdp.save_sharded(run, step, model, optimizer, config, state, rngs)
                 elif dist.is_main():
@@ -330,7 +330,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     return run
 
 
-def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetroModel, dict]:
+def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetrievalLM, dict]:
     """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
     (retrofit/load.py's model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
