@@ -45,7 +45,7 @@ METRICS = {
     "tokens_per_s": "tokens per second",
     "tflop_s": "TFLOP/s by the stated FLOP count",
     "pct_bandwidth_floor": "% of the bandwidth floor: minimal bytes / time / the measured copy bandwidth",
-    "mfu_pct": "model FLOP utilisation in %, retro/flops.py's count over the card's dense bf16 peak",
+    "mfu_pct": "model FLOP utilisation in %, retro/model/flops.py's count over the card's dense bf16 peak",
 }
 SECTIONS = ("cca", "decode", "training", "fsdp")
 ROWS_ENV = "RETRO_GPU_ROWS"      # where emit() appends rows (unset: rows are checked, not written)
