@@ -3,6 +3,7 @@
 probing the classes with hasattr/getattr."""
 import typing
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,3 +43,17 @@ def test_the_contract_answers_the_same_questions_for_both():
     assert plain.trained_on is None and fitted.trained_on is None
     for model in (plain, fitted):
         assert sorted(model.cca_modules()) == [1]
+
+
+def test_each_class_loads_its_own_kind_and_retro_loads_either(tmp_path):
+    plain, fitted = models()
+    plain.save_pretrained(tmp_path / "plain")
+    fitted.save_pretrained(tmp_path / "fitted")
+    with pytest.raises(retro.RetroError, match="holds a RetrofittedLM, not a RetroModel"):
+        retro.RetroModel.from_pretrained(tmp_path / "fitted", device="cpu")
+    with pytest.raises(retro.RetroError, match="holds a RetroModel, not a retrofitted model"):
+        retro.RetrofittedLM.from_pretrained(tmp_path / "plain", device="cpu")
+    loaded = retro.from_pretrained(tmp_path / "plain", device="cpu")
+    assert type(loaded) is retro.RetroModel and loaded.source == str(tmp_path / "plain")
+    tokens = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(loaded(tokens), plain.eval()(tokens), rtol=0, atol=0)

@@ -16,7 +16,8 @@ from .base.errors import RetroError
 from .evaluation.evaluate import EvalResult, evaluate
 from .decoding.generate import Generation, generate
 from .decoding.inputs import ModelInputs, encode_for_model
-from .model.model import PRESETS, RetroConfig, RetroModel, preset
+from .model.config import PRESETS, RetroConfig, preset
+from .model.model import RetroModel
 from .retrofit.load import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from .retrieval.compact import compact, remove_documents

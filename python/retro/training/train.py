@@ -25,7 +25,8 @@ from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.errors import RetroError
 from ..base.interrupt import Interrupted, StopSignals
 from ..model.protocol import RetrievalLM
-from ..model.model import RetroConfig, RetroModel, check_config_fields, check_preset, preset
+from ..model.config import RetroConfig, check_config_fields, check_preset, preset
+from ..model.model import RetroModel
 from ..base.options import option
 from ..retrieval.database import ChunkDatabase
 from ..retrieval.neighbours import compute_neighbours, load_neighbours
