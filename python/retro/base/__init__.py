@@ -1,2 +1,2 @@
-"""What every stage uses: the user's error, argument checks, atomic files, interrupts, the
-options dataclasses' flags, the process group, the shared defaults."""
+"""What every stage uses: the user's error, argument checks, the shared defaults, files written
+atomically and read with clear errors, interrupts, the options dataclasses' flags, the process group."""

@@ -157,9 +157,10 @@ def prepare_neighbours(db_dir: str, k: int, extra: int, device, log) -> np.ndarr
 
 
 def start_from_copy_prior(model, cfg: RetroConfig, opts: TrainOptions, seqs: TrainSequences, ck, device, log) -> None:
-    """A retrofitted model's copy prior is fitted to its base on a few training sequences (4,
-    drawn with a generator of their own, so the training order stays the seed's) before the first
-    step; what it chose is kept in the model's config. A resumed run keeps the record."""
+    """The model contract's copy-prior hook, before the first step, on a few training sequences (4,
+    drawn with a generator of their own, so the training order stays the seed's): a retrofitted
+    model fits its prior to its base and records what it chose in its extra_config; a RetroModel's
+    prior was set at construction (the hook does nothing). A resumed run keeps the record."""
     if not cfg.copy_prior or not opts.retrieval:
         return
     if ck is not None:  # the record of the run's start, kept
