@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # the repository root: tests.helpers
 
-from retrieval_helpers import HashingEmbedder  # noqa: E402
+from tests.helpers.retrieval_helpers import HashingEmbedder  # noqa: E402
 
 import retro.retrieval.build as build  # noqa: E402
 import retro.retrieval.embedder as embedder  # noqa: E402

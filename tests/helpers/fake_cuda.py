@@ -1,6 +1,6 @@
 """pytest plugin: runs tests as a GPU machine would see them, on a machine without one.
 
-    python -m pytest -p fake_cuda TESTS      (tests/ on PYTHONPATH; TRITON_INTERPRET unset)
+    python -m pytest -p tests.helpers.fake_cuda TESTS   (the repository root on PYTHONPATH; TRITON_INTERPRET unset)
 
 torch.cuda.is_available() says True and device_count() 1, so every `"cuda" if
 torch.cuda.is_available() else "cpu"` choice, every gpu-marked test and every Triton backend case
@@ -10,7 +10,7 @@ a CUDA generator or stream) reaches torch.cuda's lazy initialisation, which rais
 test did put its work on the GPU, and is reported as skipped ("reached CUDA") from there on. What
 fails is what would fail on the GPU for a reason that is not the GPU's: a Triton op handed CPU
 tensors, a test that mixes devices before its first CUDA tensor, a CUDA-only path taken with CPU
-tensors. The summary line counts the tests that reached CUDA (tests/test_gpu_test_list.py checks
+tensors. The summary line counts the tests that reached CUDA (tests/project/test_gpu_test_list.py checks
 that the fake took effect)."""
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx2
 
-from retrieval_helpers import free_port, write_corpus
+from tests.helpers.retrieval_helpers import free_port, write_corpus
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1], "max_seq_len": 96}

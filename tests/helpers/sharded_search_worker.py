@@ -1,4 +1,4 @@
-"""Run by tests/test_sharded_retrieval.py under torchrun: each rank loads only its shards of the
+"""Run by tests/retro/retrieval/test_sharded_retrieval.py under torchrun: each rank loads only its shards of the
 database DB, searches QUERIES.npy (k = K) with distributed_search and rank 0 saves the merged
 result to OUT.npz."""
 import sys

@@ -1,12 +1,12 @@
 """Stopping a training run in the tests: in this process through train()'s on_step callback
-(stop_at), or by a real SIGKILL of a subprocess (train_killed_at, tests/train_killed_at.py)."""
+(stop_at), or by a real SIGKILL of a subprocess (train_killed_at, tests/helpers/train_killed_at.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
 
 
 class Stop(Exception):
@@ -23,7 +23,7 @@ def stop_at(step: int):
 
 def train_killed_at(step: int, *args: str) -> subprocess.CompletedProcess:
     """`retro train ARGS` in a subprocess that SIGKILLs itself before optimizer step `step`
-    (tests/train_killed_at.py); its stdout and stderr captured."""
+    (tests/helpers/train_killed_at.py); its stdout and stderr captured."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "train_killed_at.py"), str(step), *args],
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "train_killed_at.py"), str(step), *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)

@@ -1,4 +1,4 @@
-"""`python tests/train_killed_at.py STEP ARGS...`: `retro train ARGS` in this process, killed with
+"""`python tests/helpers/train_killed_at.py STEP ARGS...`: `retro train ARGS` in this process, killed with
 SIGKILL just before optimizer step STEP (0-based) runs, as an out-of-memory kill or a lost node
 would: no exception handler, no cleanup. The tests resume what it leaves behind."""
 import os

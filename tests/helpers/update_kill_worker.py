@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # the repository root: tests.helpers
 
-from test_database_update import WideHashingEmbedder  # noqa: E402
+from tests.retro.retrieval.test_database_update import WideHashingEmbedder  # noqa: E402
 
 import retro.retrieval.embedder as embedder  # noqa: E402
 from retro import add_documents, compact  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (a plain `pytest` does not add it)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ (a plain `pytest` does not add it)
 
 import retro_kernels.ops.cca.op as cca_op  # noqa: E402
 import retro_kernels.ops.cca_decode.op as decode_op  # noqa: E402

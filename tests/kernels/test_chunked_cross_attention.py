@@ -6,7 +6,7 @@ import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_reference
 from retro_kernels.ops.block_attention import layouts
-from testing import CCACase, cca_spec_loop, check_backend, random_cca
+from tests.helpers.testing import CCACase, cca_spec_loop, check_backend, random_cca
 
 CASES = [
     CCACase(2, 37, 3, 32, 5, 2, 7, 8),      # seq_len not a multiple of chunk_size, extra chunk

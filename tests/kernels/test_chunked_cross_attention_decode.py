@@ -6,7 +6,7 @@ import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
 from retro_kernels.ops.block_attention import layouts
-from testing import CCACase, check_decode, random_cca, random_decode_step
+from tests.helpers.testing import CCACase, check_decode, random_cca, random_decode_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

@@ -6,7 +6,7 @@ import torch
 from retro_kernels import chunked_cross_attention
 from retro_kernels._extension import has_triton, triton_interpreting
 from retro_kernels.ops.block_attention import layouts
-from testing import CCACase, check_backend, random_cca, with_grads
+from tests.helpers.testing import CCACase, check_backend, random_cca, with_grads
 
 pytestmark = pytest.mark.skipif(
     not has_triton() or not (torch.cuda.is_available() or triton_interpreting()),

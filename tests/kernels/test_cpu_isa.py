@@ -13,13 +13,13 @@ from retro_kernels import cpu_kernel_isa, has_cpu_kernels
 
 pytestmark = pytest.mark.skipif(not has_cpu_kernels(), reason="needs the C++ extension")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ISAS = ["default", "avx2", "avx512"]
 
 SCRIPT = r"""
 import sys, torch
 from retro_kernels import chunked_cross_attention, cpu_kernel_isa, neighbour_self_attention
-from testing import CCACase, check_backend, random_cca
+from tests.helpers.testing import CCACase, check_backend, random_cca
 
 want = sys.argv[1]
 if cpu_kernel_isa() != want:
@@ -56,7 +56,7 @@ def test_cpu_kernel_isa_is_reported():
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_path_matches_reference(isa):
     env = dict(os.environ, RETRO_KERNELS_CPU_ISA=isa,
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", SCRIPT, isa], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -11,7 +11,7 @@ from retro_kernels import (ChunkedCrossAttention, RetroEncoder, chunked_cross_at
 from retro_kernels._extension import has_triton, triton_interpreting
 from retro_kernels.ops.block_attention import autograd as block_autograd
 from retro_kernels.ops.block_attention import layouts
-from testing import CCACase, assert_error_ratio, random_cca, random_decode_step
+from tests.helpers.testing import CCACase, assert_error_ratio, random_cca, random_decode_step
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

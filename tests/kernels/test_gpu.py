@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retro_kernels import chunked_cross_attention, chunked_cross_attention_decode
-from testing import CCACase, check_backend, check_decode, check_model_decoding, random_cca, random_decode_step
+from tests.helpers.testing import (CCACase, check_backend, check_decode, check_model_decoding, random_cca,
+                                   random_decode_step)
 
 pytestmark = pytest.mark.gpu
 
@@ -86,7 +87,7 @@ def test_neighbour_attention_triton_on_gpu(shape, dtype):
 def test_retro_model_decoding_matches_full_forward_on_gpu():
     """The fused GPU paths (Triton CCA and encoder in the full pass, the CUDA decode kernel in the
     steps) in float32: the full pass and incremental decoding each within the error-ratio rule of
-    the float64 model (testing.check_model_decoding; tests/test_testing.py runs it on the CPU)."""
+    the float64 model (testing.check_model_decoding; tests/kernels/test_testing.py runs it on the CPU)."""
     check_model_decoding("cuda")
 
 
@@ -96,7 +97,7 @@ def test_compiled_training_follows_eager_bf16():
     bf16 losses deviate at most 2x as much as eager bf16's, plus 1e-3 (an eighth of bfloat16's
     eps, 2^-7: a loss averages the rounding of many logits)."""
     from retro.model import preset
-    from test_compile import inputs, run_training
+    from tests.retro.training.test_compile import inputs, run_training
 
     cfg = preset("tiny", vocab_size=300, max_seq_len=256)
     batch = inputs(cfg, batch=2, chunks=4)
@@ -120,7 +121,7 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
 
     from torch._dynamo.utils import counters
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
     from retro.model import RetroModel, preset, recorded_cuda_graphs
 
     torch.manual_seed(0)
@@ -163,17 +164,17 @@ def test_cuda_graph_generation_matches_eager_and_replays_its_graphs():
 
 
 def test_sharded_model_on_one_gpu_matches_unsharded():
-    """FSDP2 on the GPU (tests/test_fsdp.py runs it in CPU processes): fsdp.shard_model on one CUDA
+    """FSDP2 on the GPU (tests/retro/training/test_fsdp.py runs it in CPU processes): fsdp.shard_model on one CUDA
     device (NCCL, one rank; the path of `retro train --fsdp` on a GPU). In float32 the loss and
     every gradient are the unsharded model's on the same GPU; with bf16 the gathered weights
     compute in bfloat16 and the reduced gradients come back float32, within bfloat16's error of the
     float32 ones. The reference backend keeps Triton compiles out."""
     import copy
 
-    from retrieval_helpers import free_port
+    from tests.helpers.retrieval_helpers import free_port
     from retro import fsdp
     from retro.model import RetroModel, preset
-    from test_fsdp import SMALL
+    from tests.retro.training.test_fsdp import SMALL
 
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16, "backend": "reference"})
     plain = RetroModel(cfg).cuda()

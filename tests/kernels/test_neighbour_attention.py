@@ -8,7 +8,7 @@ from retro_kernels import (neighbour_cross_attention, neighbour_cross_attention_
                            neighbour_self_attention, neighbour_self_attention_reference)
 from retro_kernels._extension import has_triton, triton_interpreting
 from retro_kernels.ops.block_attention import layouts
-from testing import check_backend, cross_spec_loop, self_spec_loop
+from tests.helpers.testing import check_backend, cross_spec_loop, self_spec_loop
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

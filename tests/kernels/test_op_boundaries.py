@@ -21,7 +21,7 @@ from retro_kernels import (chunked_cross_attention_decode_reference, chunked_cro
 from retro_kernels._extension import has_cpu_kernels, has_cuda_kernels, has_triton, triton_interpreting
 from retro_kernels.ops.block_attention import block_attention, block_attention_decode, layouts
 from retro_kernels.ops.block_attention.naive import block_attention_reference
-from testing import triton_device
+from tests.helpers.testing import triton_device
 
 TRITON_OK = has_triton() and (torch.cuda.is_available() or triton_interpreting())
 B, N, H, D, L, K, R, M, C = 2, 20, 2, 8, 5, 2, 5, 6, 4

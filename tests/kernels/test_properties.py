@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from retro_kernels import (chunked_cross_attention, chunked_cross_attention_decode,  # noqa: E402
                            neighbour_cross_attention, neighbour_self_attention)
 from retro_kernels._extension import has_cpu_kernels, has_triton, triton_interpreting  # noqa: E402
-from testing import cca_spec_loop, cross_spec_loop, decode_spec_loop, self_spec_loop  # noqa: E402
+from tests.helpers.testing import cca_spec_loop, cross_spec_loop, decode_spec_loop, self_spec_loop  # noqa: E402
 
 TRITON_OK = has_triton() and not torch.cuda.is_available() and triton_interpreting()
 BACKENDS = ["reference"] + (["cpu"] if has_cpu_kernels() else [])

@@ -1,10 +1,10 @@
 """The test helpers themselves (testing.py): the error-ratio rule rejects an output just outside its
-bound and accepts one just inside; the model-level check that tests/test_gpu.py runs on the GPU
+bound and accepts one just inside; the model-level check that tests/kernels/test_gpu.py runs on the GPU
 (full forward and incremental decoding against the float64 model) runs here on the CPU kernels."""
 import pytest
 import torch
 
-from testing import assert_error_ratio, check_model_decoding, max_err, rounding_error
+from tests.helpers.testing import assert_error_ratio, check_model_decoding, max_err, rounding_error
 
 
 def test_error_ratio_rule_is_tight():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
 import json, sys
@@ -59,7 +59,7 @@ def test_kernels_compile_for_sm90():
 
 
 # --- every configuration the launchers can choose, compiled for sm_90 -------------------------
-# `python tests/test_triton_compile.py` (without TRITON_INTERPRET) compiles them and prints one
+# `python tests/kernels/test_triton_compile.py` (without TRITON_INTERPRET) compiles them and prints one
 # JSON object; the test below runs it and checks the result.
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -67,7 +67,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # of two), so powers of two and their successors reach every outcome.
 Q_ROWS = sorted({1} | {2 ** i for i in range(10)} | {2 ** i + 1 for i in range(10)})
 # RETRO_TRITON_AUTOTUNE=full, unset (what a GPU runs) and =0; the last two choose among the first's
-# configurations at its block sizes (tests/test_triton_shortlist.py)
+# configurations at its block sizes (tests/kernels/test_triton_shortlist.py)
 MODES = ("autotune", "shortlist", "default")
 FIELDS = ("kernel", "dtype", "BLOCK_M", "BLOCK_D", "float32_partials", "BLOCK_N", "num_warps", "num_stages")
 

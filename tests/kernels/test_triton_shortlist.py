@@ -1,13 +1,13 @@
 """The Triton autotune shortlist (triton_launch.shortlist), checked on the CPU: RETRO_TRITON_AUTOTUNE
 picks the mode, the launchers hand the autotuner the shortlist (or launch its first directly for
 RETRO_TRITON_AUTOTUNE=0), and every shortlisted configuration is one the full autotune space admits
-at the same block sizes, so tests/test_triton_compile.py's sm_90 compiles cover it."""
+at the same block sizes, so tests/kernels/test_triton_compile.py's sm_90 compiles cover it."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
 from retro_kernels.ops.block_attention import triton_launch  # noqa: E402
-from test_triton_compile import Q_ROWS  # noqa: E402
+from tests.kernels.test_triton_compile import Q_ROWS  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

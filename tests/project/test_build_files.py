@@ -1,10 +1,10 @@
 """The files that build the GPU path: csrc/sources.txt names every compiled source and only files
 that exist (a wrong name breaks `pip install` on a CUDA machine, which CI's CPU torch never
-builds). The GPU check itself (benchmarks/gpu_check.sh) is tested in tests/test_gpu_check.py."""
+builds). The GPU check itself (benchmarks/gpu_check.sh) is tested in tests/project/test_gpu_check.py."""
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def listed_sources() -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (a plain `pytest` does not add it)
 from benchmarks import gpu_rows  # noqa: E402
 
@@ -183,13 +183,14 @@ def test_a_run_stopped_by_a_signal_packs_what_it_measured(tmp_path):
 
 def test_the_tests_section_runs_the_curated_list_in_its_order(tmp_path):
     listing = tmp_path / "gpu_tests.txt"
-    listing.write_text("# most valuable first\ntests/test_gpu.py::test_b[bf16]  # a comment\n\n  tests/test_a.py\n")
+    listing.write_text("# most valuable first\ntests/kernels/test_gpu.py::test_b[bf16]  # a comment\n\n"
+                       "  tests/test_a.py\n")
     _, _, out = run_check(tmp_path, "tests", budget=60, box=30, GPU_TESTS_LIST=str(listing))
     log = (out / "run.log").read_text()
-    assert "--collect-only tests/test_gpu.py::test_b[bf16] tests/test_a.py\n" in log, log
+    assert "--collect-only tests/kernels/test_gpu.py::test_b[bf16] tests/test_a.py\n" in log, log
     listing.write_text("# nothing listed\n")
     _, _, out = run_check(tmp_path / "again", "tests", budget=60, box=30, GPU_TESTS_LIST=str(listing))
-    assert "--collect-only tests/test_gpu.py\n" in (out / "run.log").read_text()
+    assert "--collect-only tests/kernels/test_gpu.py\n" in (out / "run.log").read_text()
 
 
 def test_the_budgets_fit_one_device_command():

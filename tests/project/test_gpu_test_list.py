@@ -1,6 +1,6 @@
 """benchmarks/gpu_tests.txt, the GPU run's test list, checked without a GPU: its format (what
 gpu_check.sh's `$(grep -v '^\\s*#' ...)` splits into pytest arguments), and a run of the whole list
-with CUDA faked as available (tests/fake_cuda.py): every test either reaches CUDA (it puts its work
+with CUDA faked as available (tests/helpers/fake_cuda.py): every test either reaches CUDA (it puts its work
 on the GPU) or passes on the CPU; one that hands a Triton op CPU tensors, as test_op_boundaries.py
 did, fails here as it would on the GPU. The plugin itself is shown to catch that."""
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIST = ROOT / "benchmarks" / "gpu_tests.txt"
 
 
@@ -25,10 +25,11 @@ def fake_cuda_run(args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     """pytest ARGS in a subprocess with CUDA faked as available and TRITON_INTERPRET unset (a GPU
     machine's environment), one Triton configuration as in the GPU run."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"), str(ROOT / "tests")]),
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]),
                RETRO_TRITON_AUTOTUNE="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fake_cuda",
-                           "-rfEs", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "tests.helpers.fake_cuda", "-rfEs", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def test_the_list_is_well_formed():
@@ -91,7 +92,7 @@ def test_fake_cuda_fails_a_triton_op_on_cpu_tensors(tmp_path):
     assert "q is on cpu, expected a CUDA tensor" in out, out[-4000:]
     assert "fake_cuda: 1 reached CUDA" in out, out[-4000:]
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python"), str(ROOT / "tests")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")])}
     plain = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_catches.py"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert plain.returncode == 0 and "3 passed" in plain.stdout, plain.stdout[-3000:] + plain.stderr[-3000:]

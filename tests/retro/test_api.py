@@ -3,7 +3,7 @@ train, load, evaluate, generate, and retrofit a (tiny, local) Hugging Face model
 import torch
 
 import retro
-from retrieval_helpers import write_corpus
+from tests.helpers.retrieval_helpers import write_corpus
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}

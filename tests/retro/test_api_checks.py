@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import retro
-from retrieval_helpers import quick_database
+from tests.helpers.retrieval_helpers import quick_database
 from retro import RetroError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,
          "depth": 2, "cca_layers": [1]}
 

@@ -122,7 +122,7 @@ def test_sourcing_gpu_carry_use_exports_the_carried_corpus_and_nothing_without_a
     import os
     import sys
 
-    from retrieval_helpers import ROOT
+    from tests.helpers.retrieval_helpers import ROOT
 
     carry, site = tmp_path / "carry", tmp_path / "site"
     (carry / "corpus").mkdir(parents=True)

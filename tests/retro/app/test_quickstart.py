@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval_helpers import quick_database, write_corpus
+from tests.helpers.retrieval_helpers import quick_database, write_corpus
 from retro.cli import build_parser, commands, main
 from retro.evaluate import evaluate, prepare
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
 
 def test_build_db_holds_out_documents_by_default(tmp_path, monkeypatch):
     import retro.retrieval.embedder
-    from retrieval_helpers import HashingEmbedder
+    from tests.helpers.retrieval_helpers import HashingEmbedder
 
     monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", HashingEmbedder)
     corpus = write_corpus(tmp_path / "corpus", docs=30, words=60)

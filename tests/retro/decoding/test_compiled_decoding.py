@@ -1,13 +1,13 @@
 """Compiled decoding (RetroModel.compile_decoding) as CUDA graphs need it, checked on the CPU:
 static caches (one set per shape, reset in place, stale handles refused) and one CUDA-graph
 generation per step (marked before the step's first half, so its output survives until the
-second half reads it). tests/test_gpu.py replays the graphs on a GPU against eager decoding."""
+second half reads it). tests/kernels/test_gpu.py replays the graphs on a GPU against eager decoding."""
 import pytest
 import torch
 
 from retro.errors import RetroError
 from retro.model import RetroModel
-from test_model import inputs, tiny
+from tests.retro.model.test_model import inputs, tiny
 
 
 def model_and_inputs():

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval_helpers import HashingEmbedder, run_cli, write_corpus
+from tests.helpers.retrieval_helpers import HashingEmbedder, run_cli, write_corpus
 from retro import RetroError
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from retro.retrieval import load_neighbours

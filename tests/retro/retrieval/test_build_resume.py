@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, database_contents
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, database_contents
 
-WORKER = Path(__file__).resolve().parent / "build_kill_worker.py"
+WORKER = ROOT / "tests" / "helpers" / "build_kill_worker.py"
 # (stage, unit after which the build is killed): every stage of build.py, and the neighbours
 KILLS = [("catalogue", 0), ("tokenizer", 0), ("tokenise", 1), ("embed", 2), ("merge", 3), ("index", 0),
          ("manifest", 0), ("neighbours", 1)]
@@ -87,7 +87,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_bm25_database(tmp_path, unin
 
 def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted, monkeypatch):
     import retro.retrieval.embedder
-    from retrieval_helpers import HashingEmbedder
+    from tests.helpers.retrieval_helpers import HashingEmbedder
     from retro import RetroError
     from retro.retrieval import BuildOptions, ChunkDatabase, build_database
 

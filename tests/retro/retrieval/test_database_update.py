@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import retro.retrieval.embedder
-from retrieval_helpers import ROOT, WORDS, HashingEmbedder, database_files, quick_database, write_corpus
+from tests.helpers.retrieval_helpers import ROOT, WORDS, HashingEmbedder, database_files, quick_database, write_corpus
 from retro import RetroError, add_documents, compact, remove_documents
 from retro.cli import main
 from retro.demo import near_duplicated
@@ -24,6 +24,7 @@ from retro.retrieval.generations import ConcatArray
 
 QUIET = lambda *_: None  # noqa: E731
 NEW_DOCS = 3
+KILL_WORKER = ROOT / "tests" / "helpers" / "update_kill_worker.py"
 
 
 class WideHashingEmbedder(HashingEmbedder):
@@ -198,7 +199,7 @@ def test_a_reader_that_opens_during_a_compact_gets_the_new_generation(tmp_path, 
 def _run_killed(*argv) -> subprocess.CompletedProcess:
     """update_kill_worker.py ARGV (add DB STAGE CORPUS, or compact DB STAGE), which kills itself."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), *map(str, argv)],
+    return subprocess.run([sys.executable, str(KILL_WORKER), *map(str, argv)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -277,7 +278,7 @@ def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
     db = build(tmp_path / "db", write_corpus(tmp_path / "c1", docs=8))
     corpus = new_corpus(tmp_path / "c2")
     holder = subprocess.Popen(  # an add that waits after embedding, holding the lock
-        [sys.executable, str(ROOT / "tests" / "update_kill_worker.py"), "add", str(db), "pause:embed", str(corpus)],
+        [sys.executable, str(KILL_WORKER), "add", str(db), "pause:embed", str(corpus)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}"})
     try:
         assert holder.stdout.readline().strip() == "paused"

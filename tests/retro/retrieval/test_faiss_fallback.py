@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from retrieval_helpers import quick_database
+from tests.helpers.retrieval_helpers import quick_database
 from retro.retrieval import Retriever
 
 

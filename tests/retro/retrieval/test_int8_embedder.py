@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import write_corpus
+from tests.helpers.retrieval_helpers import write_corpus
 from retro import RetroError
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
 from retro.retrieval.embedder import BertEmbedder, make_embedder

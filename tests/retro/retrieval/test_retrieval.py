@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from retrieval_helpers import build_args, run_cli, write_corpus
+from tests.helpers.retrieval_helpers import build_args, run_cli, write_corpus
 from retro import RetroError
 from retro.retrieval import (BuildOptions, ChunkDatabase, CorpusReport, Retriever, SentencePieceTokenizer,
                              build_database, compute_neighbours, iter_documents, load_neighbours)
@@ -123,7 +123,7 @@ def test_two_process_build_matches_single_process(tmp_path, db):
     import subprocess
     import sys
 
-    from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port
+    from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port
 
     corpus = write_corpus(tmp_path / "corpus")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

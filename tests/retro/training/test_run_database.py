@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from retrieval_helpers import quick_database
+from tests.helpers.retrieval_helpers import quick_database
 from retro import RetroError
 from retro.cli import main
 from retro.retrieval import ChunkDatabase
