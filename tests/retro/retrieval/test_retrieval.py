@@ -56,6 +56,9 @@ def test_corpus_errors(tmp_path):
         list(iter_documents(tmp_path / "missing"))
     (tmp_path / "dir.txt").mkdir()
     (tmp_path / "dir.txt" / "x.py").write_text("x = 1")
+    # a folder named like a text file is a folder: its files are read, it is not opened as a file
+    assert list(iter_documents(tmp_path / "dir.txt")) == ["x = 1"]
+    assert list(iter_documents(tmp_path, with_source=True)) == [("x = 1", "dir.txt", "dir.txt/x.py")]
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(RetroError, match="line 1 is not JSON"):
         list(iter_documents(tmp_path / "bad.jsonl"))
