@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from . import fsdp
+from . import fsdp, hooks
 from .checkpoint import load_checkpoint, load_state_dict, rng_state, save_checkpoint, set_rng_state
 from .checks import check_float, check_int, check_neighbours
 from .compile_training import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
@@ -180,11 +180,10 @@ def check_resume_options(opts: TrainOptions, saved: dict, run: Path) -> None:
                              f"re-plan it: pass {flag} {saved[name]}, or train a new run with another --out")
 
 
-def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Path:
+def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     """Trains (or resumes) a model on the database; returns the run folder. `model_factory(cfg,
-    db)` builds the model instead of RetroModel (retrofitting). `on_step(step)`, if given, is
-    called before each optimizer step with the number of steps done so far (tests stop a run
-    there, as a kill would)."""
+    db)` builds the model instead of RetroModel (retrofitting). hooks.reached("step", step) is
+    called before each optimizer step with the number of steps done so far."""
     from tqdm.auto import tqdm
 
     opts.validate()
@@ -270,8 +269,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     t_start, next_estimate = t_last, 5
     with StopSignals() as stop:  # Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved
         while step < total:
-            if on_step is not None:
-                on_step(step)
+            hooks.reached("step", step)
             batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
             result = train_step(net, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, total),
                                 world=world, bf16=bf16)

@@ -14,6 +14,7 @@ from tests.helpers.retrieval_helpers import HashingEmbedder  # noqa: E402
 
 import retro.retrieval.build as build  # noqa: E402
 import retro.retrieval.embedder as embedder  # noqa: E402
+from retro import hooks  # noqa: E402
 from retro.retrieval import BuildOptions, build_database, compute_neighbours  # noqa: E402
 
 embedder.BertEmbedder = HashingEmbedder
@@ -23,15 +24,16 @@ build.PART_DOCUMENTS = 3
 def main(corpus: str, out: str, stage: str, index: str, *flags: str) -> None:
     at = int(index)
 
-    def on_block(name: str, i: int) -> None:
+    def reached(name: str, i: int = 0) -> None:
         if name == stage and i == at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     opts = BuildOptions(corpus=corpus, out=out, vocab_size=300, chunk_size=16, block_size=16, valid_fraction=0.2,
                         holdout_by="both", progress=False,
                         embedder="bm25" if "--bm25" in flags else "hashing-test-embedder", resume="--resume" in flags)
-    build_database(opts, log=lambda *_: None, on_block=on_block)
-    compute_neighbours(out, k=2, extra=2, block=64, progress=False, log=lambda *_: None, on_block=on_block)
+    hooks.reached = reached
+    build_database(opts, log=lambda *_: None)
+    compute_neighbours(out, k=2, extra=2, block=64, progress=False, log=lambda *_: None)
 
 
 if __name__ == "__main__":

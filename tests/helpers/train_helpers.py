@@ -1,11 +1,15 @@
-"""Stopping a training run in the tests: in this process through train()'s on_step callback
-(stop_at), or by a real SIGKILL of a subprocess (train_killed_at, tests/helpers/train_killed_at.py)."""
+"""Stopping a training run in the tests: in this process through hooks.reached (stop_at), or by a
+real SIGKILL of a subprocess (train_killed_at, tests/helpers/train_killed_at.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
+import pytest
+
+from retro import hooks
 from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT
 
 
@@ -13,12 +17,15 @@ class Stop(Exception):
     """Raised by stop_at's callback: a run stopped before a step, in this process."""
 
 
+@contextmanager
 def stop_at(step: int):
-    """A train() on_step callback that stops the run (raises Stop) before optimizer step `step`."""
-    def on_step(done: int) -> None:
-        if done == step:
+    """Within it, a train() run stops (raises Stop) before optimizer step `step`."""
+    def reached(stage: str, index: int = 0) -> None:
+        if stage == "step" and index == step:
             raise Stop(f"stopped before step {step}")
-    return on_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hooks, "reached", reached)
+        yield
 
 
 def train_killed_at(step: int, *args: str) -> subprocess.CompletedProcess:

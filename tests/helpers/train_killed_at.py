@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from retro import hooks
 from retro.cli import build_parser, parse_overrides
 from retro.options import options_from_args
 from retro.train import TrainOptions, train
@@ -15,12 +16,13 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(["train", *argv[1:]])
     opts = options_from_args(TrainOptions, args, overrides=parse_overrides(args.set))
 
-    def on_step(step: int) -> None:
-        if step == kill_at:
+    def reached(stage: str, step: int = 0) -> None:
+        if stage == "step" and step == kill_at:
             print(f"[train_killed_at] SIGKILL before step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(opts, on_step=on_step)
+    hooks.reached = reached
+    train(opts)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,24 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # the repository root
 from tests.retro.retrieval.test_database_update import WideHashingEmbedder  # noqa: E402
 
 import retro.retrieval.embedder as embedder  # noqa: E402
-from retro import add_documents, compact  # noqa: E402
+from retro import add_documents, compact, hooks  # noqa: E402
 
 embedder.BertEmbedder = WideHashingEmbedder
 
 
 def main(action: str, db: str, stage: str, corpus: str | None = None) -> None:
-    def on_stage(name: str) -> None:
+    def reached(name: str, index: int = 0) -> None:
         if name == stage:
             os.kill(os.getpid(), signal.SIGKILL)
         if f"pause:{name}" == stage:  # holds the change open (and its writer lock) until killed
             print("paused", flush=True)
             time.sleep(600)
 
+    hooks.reached = reached
     if action == "add":
-        add_documents(db, corpus, log=lambda *_: None, on_stage=on_stage)
+        add_documents(db, corpus, log=lambda *_: None)
     else:
-        compact(db, log=lambda *_: None, on_stage=on_stage)
+        compact(db, log=lambda *_: None)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import hooks
 from ..atomic import atomic_path, read_json, write_json, write_npy
 from ..errors import RetroError
 from .generations import current_generation
@@ -31,9 +32,9 @@ def is_neighbours_entry(name: str) -> bool:
 
 
 def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: int = 8192, device=None,
-                       index: str | None = None, progress: bool = True, log=print, on_block=None) -> Path:
+                       index: str | None = None, progress: bool = True, log=print) -> Path:
     """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
-    on_block("neighbours", b) is called after each block is written (tests kill the run there)."""
+    hooks.reached("neighbours", b) is called after each block is written."""
     from tqdm.auto import tqdm
 
     if k < 1 or extra < 0:
@@ -58,8 +59,7 @@ def compute_neighbours(db_dir: str | Path, k: int = 2, extra: int = 6, block: in
             full = np.full((sl.stop - sl.start, k + extra), -1, dtype=np.int64)
             full[:, :cand] = ids
             write_npy(part, full)
-            if on_block is not None:
-                on_block("neighbours", b)
+            hooks.reached("neighbours", b)
         bar.update(sl.stop - sl.start)
     bar.close()
     # the description first: the .npy, written last, marks the file complete

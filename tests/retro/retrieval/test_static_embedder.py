@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.retrieval_helpers import build_args, database_contents, run_cli, write_corpus
-from retro import RetroError
+from retro import RetroError, hooks
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, StaticEmbedder, build_database
 from retro.retrieval import compute_neighbours, load_neighbours
 from retro.retrieval import static_embedder as se
@@ -174,12 +174,13 @@ def test_build_database_retriever_resume_and_cli(tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    def crash(stage, i):
+    def crash(stage, i=0):
         if stage == "embed" and i == 1:
             raise Crash
 
-    with pytest.raises(Crash):
-        build_database(BuildOptions(out=str(tmp_path / "resumed"), **opts), log=lambda *_: None, on_block=crash)
+    with pytest.raises(Crash), monkeypatch.context() as patch:
+        patch.setattr(hooks, "reached", crash)
+        build_database(BuildOptions(out=str(tmp_path / "resumed"), **opts), log=lambda *_: None)
     build_database(BuildOptions(out=str(tmp_path / "resumed"), resume=True, **opts), log=lambda *_: None)
     full = {k: v for k, v in database_contents(tmp_path / "full").items() if not k.startswith("neighbours")}
     assert full == database_contents(tmp_path / "resumed")

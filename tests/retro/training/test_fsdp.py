@@ -106,8 +106,8 @@ def runs(db, tmp_path_factory):
     (at step 3), resumed by 2 processes. While they run, this process trains "one", the reference:
     1 process without --fsdp (single-file checkpoints)."""
     root = tmp_path_factory.mktemp("runs")
-    with pytest.raises(Stop, match="stopped before step 3"):
-        train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None, on_step=stop_at(3))
+    with pytest.raises(Stop, match="stopped before step 3"), stop_at(3):
+        train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None)
     killed = [d.name for d in fsdp.complete_steps(root / "one_to_two")]
     with pytest.raises(RetroError, match="pass --resume"):
         train(opts(db, root / "one_to_two", fsdp=True), log=lambda *_: None)

@@ -209,8 +209,8 @@ def test_compiled_training_matches_eager_and_resumes(db, tmp_path, monkeypatch):
     kw = dict(steps=4, save_every=2)
     train(opts(db, tmp_path / "eager", **kw), log=lambda *_: None)
     compiled = opts(db, tmp_path / "compiled", compile=True, compile_backend="aot_eager_decomp_partition", **kw)
-    with pytest.raises(Stop, match="stopped before step 3"):
-        train(compiled, log=lambda *_: None, on_step=stop_at(3))
+    with pytest.raises(Stop, match="stopped before step 3"), stop_at(3):
+        train(compiled, log=lambda *_: None)
     compiled.resume = True
     train(compiled, log=lambda *_: None)
     torch._dynamo.reset()
