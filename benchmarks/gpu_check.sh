@@ -33,7 +33,7 @@
 #                   results/model_gpu-nvidia-h100-80gb-hbm3.md)
 #   tests     what is left, at most 150: benchmarks/gpu_tests.txt (most valuable first; 60 GPU tests
 #                   took 87 s on 2026-11-26 with one Triton configuration, RETRO_TRITON_AUTOTUNE=0, as
-#                   here) else tests/test_gpu.py
+#                   here) else tests/kernels/test_gpu.py
 #   fsdp      60    optional: 172M sharded by fully_shard in a world of one (estimated ~30 s)
 #   demo      what is left: optional, `retro demo --device cuda` (needs the carried MiniLM)
 # Worst case the four figure sections take 440 s and the tests get the last ~20 s; expected (~310 s)
@@ -168,7 +168,7 @@ if has tests; then
   ids=() list=${GPU_TESTS_LIST:-benchmarks/gpu_tests.txt}
   [ -f "$list" ] && mapfile -t ids < <(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$list" \
     | grep -v '^$')
-  [ "${#ids[@]}" -gt 0 ] || ids=(tests/test_gpu.py)
+  [ "${#ids[@]}" -gt 0 ] || ids=(tests/kernels/test_gpu.py)
   if [ "$PROFILE" = gpu ]; then
     # one Triton configuration per kernel (RETRO_TRITON_AUTOTUNE=0): the tests check results, not speed
     section tests "${TESTS_S:-150}" env RETRO_TRITON_AUTOTUNE="${TESTS_AUTOTUNE:-0}" \

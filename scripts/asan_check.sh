@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AddressSanitizer check of the compiled ops: builds retro_kernels._C with -fsanitize=address into
 # build/asan/ (the normal in-place build is untouched), stages the Python package with that
-# extension in build/asan/stage/, and runs tests/test_op_boundaries.py there with libasan
+# extension in build/asan/stage/, and runs tests/kernels/test_op_boundaries.py there with libasan
 # preloaded, so that any read or write past the end of a tensor argument aborts the run with a
 # report. Extra arguments go to pytest.
 #   bash scripts/asan_check.sh                  # from an activated environment, or it sets one up
@@ -46,10 +46,10 @@ import retro_kernels._C as c
 assert "/build/asan/stage/" in c.__file__, f"not the instrumented extension: {c.__file__}"
 print(f"[asan] using {c.__file__}")
 EOF
-echo "[asan] running tests/test_op_boundaries.py under AddressSanitizer"
+echo "[asan] running tests/kernels/test_op_boundaries.py under AddressSanitizer"
 status=0
 python -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
-  "$ROOT/tests/test_op_boundaries.py" "$@" || status=$?
+  "$ROOT/tests/kernels/test_op_boundaries.py" "$@" || status=$?
 if ls "$ROOT/$OUT"/report.* >/dev/null 2>&1; then
   cat "$ROOT/$OUT"/report.*
   echo "[asan] AddressSanitizer reported an error (above)" >&2

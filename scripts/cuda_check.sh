@@ -91,13 +91,16 @@ assert cuda, "no retro_kernels op has a CUDA kernel"
 PY
 )
 
-tests=${RETRO_CUDA_TESTS:-tests/test_triton_compile.py tests/test_op_boundaries.py tests/test_chunked_cross_attention_triton.py
-  tests/test_model.py::test_backends_agree tests/test_model.py::test_retro_off_and_on_differ_and_encoder_runs_once
-  tests/test_fsdp.py::test_sharded_layers_run_through_fsdp_with_checkpointing}
+tests=${RETRO_CUDA_TESTS:-tests/kernels/test_triton_compile.py tests/kernels/test_op_boundaries.py
+  tests/kernels/test_chunked_cross_attention_triton.py tests/retro/model/test_model.py::test_backends_agree
+  tests/retro/model/test_model.py::test_retro_off_and_on_differ_and_encoder_runs_once
+  tests/retro/training/test_fsdp.py::test_sharded_layers_run_through_fsdp_with_checkpointing}
 if [ "$tests" != "none" ]; then
   echo "[cuda_check] tests with torch $("$PY" -c 'import torch; print(torch.__version__)') and this build, on the CPU: $tests"
+  # Run from $BUILD, not the repository root: `python -m` puts the working directory on sys.path, and
+  # the root's retro_kernels would hide the one built here (pytest's importlib mode adds nothing).
   # shellcheck disable=SC2086
-  (cd "$ROOT/tests" && PYTHONPATH="$LIB:$ROOT/python" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
-     ${tests//tests\//})
+  (cd "$BUILD" && PYTHONPATH="$LIB:$ROOT/python" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
+     -c "$ROOT/pyproject.toml" ${tests//tests\//$ROOT/tests/})
 fi
 echo "[cuda_check] ok"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval_helpers import WORDS, run_cli
+from tests.helpers.retrieval_helpers import WORDS, run_cli
 from retro import RetroError
 from retro.retrieval.database import ChunkDatabase
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from retrieval_helpers import run_cli
+from tests.helpers.retrieval_helpers import run_cli
 from retro.demo import DemoOptions, run_demo
 from retro.demo_retrofit import default_cca_layers, slug
 from retro.base.errors import RetroError
 from retro.retrieval.embedder import resolve_embedder_path
-from test_retrofit import passages_corpus
+from tests.retro.retrofit.test_retrofit import passages_corpus
 
 
 def foldered_corpus(root):

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..base import distributed as dist
 from ..base.atomic import atomic_path, write_folder
+from ..base import hooks
 from .bm25 import BM25Index, describe, words
 from .database import chunk_texts, pending_chunk_blocks
 
@@ -28,7 +29,7 @@ def _part(parts: Path, b: int) -> Path:
     return parts / f"terms-{b:06d}.npz"
 
 
-def terms_stage(opts, tokenizer, on_block, progress) -> dict:
+def terms_stage(opts, tokenizer, progress) -> dict:
     """Writes the missing terms-*.npz of this rank's blocks; returns the manifest's embedder entry."""
     out = Path(opts.out)
     parts = out / "parts"
@@ -45,8 +46,7 @@ def terms_stage(opts, tokenizer, on_block, progress) -> dict:
             np.savez(f, vocab=np.frombuffer("\n".join(vocab).encode("utf-8"), dtype=np.uint8), ids=ids,
                      lengths=np.array([len(ws) for ws in terms], dtype=np.int32))
         bar.update(sl.stop - sl.start)
-        if on_block is not None:
-            on_block("terms", b)
+        hooks.reached("terms", b)
     bar.close()
     dist.barrier()
     return describe()
@@ -58,7 +58,7 @@ def _read_part(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         return (text.split("\n") if text else []), z["ids"], z["lengths"]
 
 
-def index_stage(opts, state: dict, log, on_block, save_state) -> dict:
+def index_stage(opts, state: dict, log, save_state) -> dict:
     """bm25/ from the terms parts (rank 0), then save_state(state) marks the stage done; returns the
     manifest's index entry."""
     out = Path(opts.out)
@@ -81,8 +81,7 @@ def index_stage(opts, state: dict, log, on_block, save_state) -> dict:
     info = {"kind": "bm25", "exact": True, "vocabulary": len(vocab), "postings": int(len(index.data)),
             "mean_terms_per_chunk": float(sum(len(t) for t in term_ids) / max(1, n))}
     log(f"[build-db] BM25 index over {n} chunks: {len(vocab)} terms, {info['postings']} postings")
-    if on_block is not None:
-        on_block("index", 0)
+    hooks.reached("index", 0)
     state["stages"]["index"] = info
     save_state(state)
     return info

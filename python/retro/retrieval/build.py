@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from itertools import islice
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -32,6 +31,7 @@ from ..base.checks import check_choice, check_float, check_int
 from ..base.defaults import CHUNK_SIZE
 from ..base.errors import RetroError
 from ..base.options import EXCLUDE_HELP, INCLUDE_HELP, option
+from ..base import hooks
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .bm25 import is_bm25
 from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks
@@ -44,9 +44,6 @@ from .tokenizer import SentencePieceTokenizer, load_tokenizer
 HOLDOUT = ("document", "folder", "both")
 PART_DOCUMENTS = 4096  # documents per tokenisation part (the unit of --resume in that stage)
 
-# on_block(stage, done): called after each unit of work is written (tests use it to kill the
-# build at a chosen point); stage is one of the names in the module docstring
-OnBlock = Callable[[str, int], None]
 
 
 @dataclass
@@ -305,7 +302,7 @@ def _tokenizer_stage(opts: BuildOptions, state: dict, log):
     return SentencePieceTokenizer.load(tok_path)
 
 
-def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: OnBlock | None) -> None:
+def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log) -> None:
     """Each rank tokenises its parts (part p: documents [p * PART_DOCUMENTS, ...), rank p % world);
     rank 0 then writes tokens.npy part by part and the chunk arrays (chunk_doc last: the stage's mark)."""
     out = Path(opts.out)
@@ -333,8 +330,7 @@ def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: O
             write_npy(parts / f"tokens-{p:06d}.npy",
                       np.concatenate(encoded).astype(np.int32) if encoded else np.zeros(0, np.int32))
             write_npy(parts / f"lengths-{p:06d}.npy", lengths)
-            if on_block is not None:
-                on_block("tokenise", p)
+            hooks.reached("tokenise", p)
             todo.discard(p)
             if not todo:
                 break
@@ -369,7 +365,7 @@ def _tokenise_stage(opts: BuildOptions, tokenizer, n_docs: int, log, on_block: O
     dist.barrier()
 
 
-def _embed_stage(opts: BuildOptions, tokenizer, embedder, on_block: OnBlock | None) -> dict:
+def _embed_stage(opts: BuildOptions, tokenizer, embedder) -> dict:
     out = Path(opts.out)
     parts = out / "parts"
     tokens, starts, lens, n, todo = pending_chunk_blocks(out, opts.block_size,
@@ -382,14 +378,13 @@ def _embed_stage(opts: BuildOptions, tokenizer, embedder, on_block: OnBlock | No
         emb = embedder.embed(chunk_texts(tokenizer, tokens, starts[sl], lens[sl]))
         write_npy(parts / f"embeddings-{b:06d}.npy", emb)
         bar.update(sl.stop - sl.start)
-        if on_block is not None:
-            on_block("embed", b)
+        hooks.reached("embed", b)
     bar.close()
     dist.barrier()
     return embedder.describe()
 
 
-def _merge_embeddings(opts: BuildOptions, on_block: OnBlock | None) -> None:
+def _merge_embeddings(opts: BuildOptions) -> None:
     """embeddings.npy (C, dim) float32 from the blocks, one block in memory at a time."""
     out = Path(opts.out)
     if (out / "embeddings.npy").exists():
@@ -401,13 +396,12 @@ def _merge_embeddings(opts: BuildOptions, on_block: OnBlock | None) -> None:
         keys = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
         for b in range(n_blocks):
             keys[b * opts.block_size:(b + 1) * opts.block_size] = np.load(out / "parts" / f"embeddings-{b:06d}.npy")
-            if on_block is not None:
-                on_block("merge", b)
+            hooks.reached("merge", b)
         keys.flush()
         del keys
 
 
-def _index_stage(opts: BuildOptions, state: dict, log, on_block: OnBlock | None) -> dict:
+def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
     from .index import IndexSettings, SearchIndex, build_faiss, choose_kind, tune_nprobe
 
     out = Path(opts.out)
@@ -438,8 +432,7 @@ def _index_stage(opts: BuildOptions, state: dict, log, on_block: OnBlock | None)
             faiss.write_index(index, str(tmp))
         log(f"[build-db] {kind} index over {len(vectors)} chunks; nprobe {nprobe}, "
             f"recall@{settings.recall_k} {recall:.3f} against exact search")
-    if on_block is not None:
-        on_block("index", 0)
+    hooks.reached("index", 0)
     state["stages"]["index"] = asdict(settings)
     _save_state(opts, state)
     return state["stages"]["index"]
@@ -452,10 +445,10 @@ def _timed(seconds: dict, stage: str, fn, *args):
     return result
 
 
-def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = None) -> Path:
+def build_database(opts: BuildOptions, log=print) -> Path:
     """Builds (or, with opts.resume, completes) the database in opts.out. Runs alone or under
     torchrun: every rank tokenises and embeds its share, rank 0 reads, merges, indexes and writes.
-    on_block(stage, i) is called after each unit of work is written."""
+    hooks.reached(stage, i) is called after each unit of work is written."""
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
@@ -485,27 +478,25 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
         if not (out / "doc_split.npy").exists():  # nothing usable: leave no folder behind
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if on_block is not None:
-        on_block("catalogue", 0)
+    hooks.reached("catalogue", 0)
     tokenizer = _timed(seconds, "tokenizer", _tokenizer_stage, opts, state, log)
-    if on_block is not None:
-        on_block("tokenizer", 0)
-    _timed(seconds, "tokenise", _tokenise_stage, opts, tokenizer, catalogue["documents"], log, on_block)
+    hooks.reached("tokenizer", 0)
+    _timed(seconds, "tokenise", _tokenise_stage, opts, tokenizer, catalogue["documents"], log)
     if is_bm25(opts.embedder):
         from . import bm25_build
 
         progress = lambda total, desc: _progress(total, desc, opts.progress)  # noqa: E731
-        embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, on_block, progress)
+        embedder_info = _timed(seconds, "terms", bm25_build.terms_stage, opts, tokenizer, progress)
     else:
-        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, embedder, on_block)
+        embedder_info = _timed(seconds, "embed", _embed_stage, opts, tokenizer, embedder)
     if dist.is_main():
         _save_state(opts, state)
         if is_bm25(opts.embedder):
-            index_info = _timed(seconds, "index", bm25_build.index_stage, opts, state, log, on_block,
+            index_info = _timed(seconds, "index", bm25_build.index_stage, opts, state, log,
                                 lambda st: _save_state(opts, st))
         else:
-            _timed(seconds, "merge", _merge_embeddings, opts, on_block)
-            index_info = _timed(seconds, "index", _index_stage, opts, state, log, on_block)
+            _timed(seconds, "merge", _merge_embeddings, opts)
+            index_info = _timed(seconds, "index", _index_stage, opts, state, log)
         manifest = {
             "format_version": FORMAT_VERSION,
             "chunk_size": opts.chunk_size,
@@ -519,8 +510,7 @@ def build_database(opts: BuildOptions, log=print, on_block: OnBlock | None = Non
             "build_seconds": seconds,
         }
         write_json(out / "manifest.json", manifest)
-        if on_block is not None:
-            on_block("manifest", 0)
+        hooks.reached("manifest", 0)
         _clean_up(out)
         log(f"[build-db] wrote {str(out)!r}: {manifest['counts']['chunks']} chunks; "
             f"{catalogue['report']['non_utf8_bytes_replaced']} non-UTF-8 bytes replaced; {catalogue['describe']}")

@@ -21,10 +21,11 @@ import numpy as np
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.errors import RetroError
 from ..base.options import option
+from ..base import hooks
 from .corpus import _matches, iter_documents
 from .database import ARRAYS, ChunkDatabase, chunk_layout
 from .generations import GENERATIONS, generation_dir, generation_of, segments, writer_lock
-from .update import (SOURCES, STATE, OnStage, discard, finish, next_manifest, open_database, pending, relative, segment,
+from .update import (SOURCES, STATE, discard, finish, next_manifest, open_database, pending, relative, segment,
                      switch, write_bm25)
 
 
@@ -116,7 +117,7 @@ def remove_documents(db: str | Path, ids=(), paths=(), log=print) -> ChunkDataba
     return db_now
 
 
-def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> ChunkDatabase:
+def compact(db: str | Path, log=print) -> ChunkDatabase:
     """Writes the database again without its removed documents, as one segment with its index built
     afresh (the next generation), then deletes the files no generation refers to any more."""
     CompactOptions(str(db)).validate()
@@ -135,15 +136,14 @@ def compact(db: str | Path, log=print, on_stage: OnStage | None = None) -> Chunk
         folder = pending(path, base, {"action": "compact"}, resume=True)
         keep = np.setdiff1d(np.arange(len(base.doc_split)), base.removed)
         _compact_arrays(folder, base, keep)
-        if on_stage is not None:
-            on_stage("arrays")
+        hooks.reached("arrays")
         name = base.manifest["embedder"]["name"]
         manifest = next_manifest(base, {"action": "compact", "documents": int(len(keep))}, removed_documents=[],
                                   segments=[segment(path, folder, name)])
         manifest.pop("index_file", None)
         compacted = ChunkDatabase(path, manifest=manifest)
         _fresh_index(folder, compacted, manifest)
-        db_now = finish(path, folder, manifest, on_stage)
+        db_now = finish(path, folder, manifest)
         _collect_garbage(path, db_now.manifest)
     log(f"[compact] {str(path)!r} generation {db_now.generation}: {len(base.removed)} removed documents dropped; "
         f"{len(keep)} documents, {db_now.num_chunks} chunks")

@@ -8,7 +8,7 @@ CPU cores, benchmarks/results/retrievers-*.md). A name `int8:<BERT>` selects tha
 of its encoder in torch's dynamic int8 (per-channel weights, activations quantised per batch), on the CPU
 whatever the device: 1.7x the chunks/s of float32 here (benchmarks/results/embedding_cpu_int8-*.md). As the
 activations' scale is the batch's, a text's key depends a little on the texts batched with it (a query is
-not exactly its stored key; a chunk's own text still finds it: tests/test_int8_embedder.py); a build is
+not exactly its stored key; a chunk's own text still finds it: tests/retro/retrieval/test_int8_embedder.py); a build is
 still deterministic (its batches are), so resume gives the same keys.
 make_embedder(name) is how build-db and the Retriever get any of them, so the manifest, resume and retrieval
 work the same with all. (`bm25` is not an embedder: bm25.py.)"""

@@ -13,6 +13,7 @@ import numpy as np
 from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.errors import RetroError
+from ..base import hooks
 from .generations import current_generation
 from .retriever import Retriever
 
@@ -32,9 +33,9 @@ def is_neighbours_entry(name: str) -> bool:
 
 
 def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXTRA_NEIGHBOURS, block: int = 8192,
-                       device=None, index: str | None = None, progress: bool = True, log=print, on_block=None) -> Path:
+                       device=None, index: str | None = None, progress: bool = True, log=print) -> Path:
     """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
-    on_block("neighbours", b) is called after each block is written (tests kill the run there)."""
+    hooks.reached("neighbours", b) is called after each block is written."""
     from tqdm.auto import tqdm
 
     if k < 1 or extra < 0:
@@ -59,8 +60,7 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
             full = np.full((sl.stop - sl.start, k + extra), -1, dtype=np.int64)
             full[:, :cand] = ids
             write_npy(part, full)
-            if on_block is not None:
-                on_block("neighbours", b)
+            hooks.reached("neighbours", b)
         bar.update(sl.stop - sl.start)
     bar.close()
     # the description first: the .npy, written last, marks the file complete

@@ -21,7 +21,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.checks import check_int
 from ..base.errors import RetroError
 from ..base.options import EXCLUDE_HELP, INCLUDE_HELP, option
+from ..base import hooks
 from .bm25 import BM25Index, is_bm25, words
 from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .database import ChunkDatabase, chunk_layout, chunk_texts, key_arrays
@@ -36,7 +36,6 @@ from .generations import GROWN_VERSION, generation_dir, generation_of, index_fil
 
 STATE = "update_state.json"
 SOURCES = "doc_source.json"  # each document's path in its corpus (what remove-documents --path matches)
-OnStage = Callable[[str], None]  # called after each stage is written (tests kill the process there)
 
 
 @dataclass
@@ -123,13 +122,11 @@ def segment(path: Path, folder: Path, embedder: str) -> dict:
     return {"path": relative(path, folder), "arrays": array_infos(folder, key_arrays(embedder))}
 
 
-def finish(path: Path, folder: Path, manifest: dict, on_stage: OnStage | None) -> ChunkDatabase:
-    """After the new generation's index: the switch, then its state file goes (on_stage after each)."""
-    if on_stage is not None:
-        on_stage("index")
+def finish(path: Path, folder: Path, manifest: dict) -> ChunkDatabase:
+    """After the new generation's index: the switch, then its state file goes (hooks.reached after each)."""
+    hooks.reached("index")
     db_now = switch(path, manifest)
-    if on_stage is not None:
-        on_stage("manifest")
+    hooks.reached("manifest")
     (folder / STATE).unlink(missing_ok=True)
     return db_now
 
@@ -169,8 +166,7 @@ def pending(path: Path, db: ChunkDatabase, action: dict, resume: bool) -> Path:
 
 
 def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text", include=(), exclude=(),
-                  resume: bool = False, device=None, batch_size: int | None = None, log=print,
-                  on_stage: OnStage | None = None) -> ChunkDatabase:
+                  resume: bool = False, device=None, batch_size: int | None = None, log=print) -> ChunkDatabase:
     """Adds the documents of `corpus` to the built database `db` as its next generation; returns the
     database opened at it. With resume, completes an add that was interrupted (the same corpus)."""
     AddOptions(str(db), str(corpus), text_field, tuple(include), tuple(exclude), resume, device,
@@ -196,19 +192,17 @@ def add_documents(db: str | Path, corpus: str | Path, *, text_field: str = "text
             if not (folder / "chunk_doc.npy").exists():
                 discard(folder)  # nothing built: no unfinished change left behind
             raise
-        if on_stage is not None:
-            on_stage("tokenise")
+        hooks.reached("tokenise")
         name = base.manifest["embedder"]["name"]
         if not is_bm25(name):
             _embed_stage(folder, base, device, batch_size)
-            if on_stage is not None:
-                on_stage("embed")
+            hooks.reached("embed")
         first = len(base.doc_split)
         manifest = next_manifest(base, {**action, "documents": [first, first + n_docs]})
         manifest["segments"] = [*manifest["segments"], segment(path, folder, name)]
         grown = ChunkDatabase(path, manifest=manifest)
         _grow_index(folder, base, grown, manifest)
-        db_now = finish(path, folder, manifest, on_stage)
+        db_now = finish(path, folder, manifest)
     log(f"[add-documents] {str(path)!r} generation {db_now.generation}: documents {first}..{first + n_docs - 1} "
         f"added ({grown.num_chunks - base.num_chunks} chunks); {db_now.num_chunks} chunks in all")
     return db_now

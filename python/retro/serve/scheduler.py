@@ -10,7 +10,7 @@ cache rows and their logits are ignored. A request leaves when it is done or can
 client went away): its slot is simply free again.
 
 Rows never mix: every batched op of a step works row by row, and the step always has max_batch
-rows, so a row's logits do not depend on what the other slots hold (tests/test_serve.py checks
+rows, so a row's logits do not depend on what the other slots hold (tests/retro/serve/test_serve.py checks
 greedy outputs of concurrent requests against each one run alone).
 
 The handlers talk to the scheduler with Job objects: submit() queues one (Busy when the queue is

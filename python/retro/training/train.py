@@ -20,6 +20,7 @@ from ..base.files import load_state_dict
 from .checkpoint import REMEDY, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..base.checks import check_float, check_int, check_neighbours
 from .compile import COMPILE_BACKENDS, compile_for_training, set_fused, use_fused_adamw
+from ..base import hooks
 from .data import Sampler, TrainSequences
 from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.errors import RetroError
@@ -183,11 +184,10 @@ def check_resume_options(opts: TrainOptions, saved: dict, run: Path) -> None:
                              f"re-plan it: pass {flag} {saved[name]}, or train a new run with another --out")
 
 
-def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Path:
+def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     """Trains (or resumes) a model on the database; returns the run folder. `model_factory(cfg,
-    db)` builds the model instead of RetroModel (retrofitting). `on_step(step)`, if given, is
-    called before each optimizer step with the number of steps done so far (tests stop a run
-    there, as a kill would)."""
+    db)` builds the model instead of RetroModel (retrofitting). hooks.reached("step", step) is
+    called before each optimizer step with the number of steps done so far."""
     from tqdm.auto import tqdm
 
     opts.validate()
@@ -274,8 +274,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     t_start, next_estimate = t_last, 5
     with StopSignals() as stop:  # Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved
         while step < total:
-            if on_step is not None:
-                on_step(step)
+            hooks.reached("step", step)
             batch = seqs.batch(sampler.take(step * opts.batch_size + rank * per_rank, per_rank)).to(device)
             result = train_step(net, optimizer, batch, grad_clip=opts.grad_clip, lr=lr_at(step, opts, total),
                                 world=world, bf16=bf16)

@@ -1,5 +1,5 @@
 """Block-local attention in plain PyTorch, as layouts.py describes it: the reference the compiled
-ops are tested against when called directly (tests/test_op_boundaries.py), and the backward
+ops are tested against when called directly (tests/kernels/test_op_boundaries.py), and the backward
 formulas that give the fused ops their second derivatives (autograd.py): made of differentiable
 PyTorch operations, the gradients they return can be differentiated again."""
 from __future__ import annotations

@@ -12,7 +12,7 @@ every configuration of CONFIGS["autotune"] that fits (the whole space, for findi
 TRITON_INTERPRET=1 (CPU tests) a single small configuration runs, with row blocks of 16 so that
 the multi-block paths are exercised too. candidate_configs is the one place that picks the block
 sizes and configurations: only those whose estimated shared memory fits sm_90's 227 KiB (float32
-at head_dim > 128 gets smaller row blocks); tests/test_triton_compile.py compiles them all.
+at head_dim > 128 gets smaller row blocks); tests/kernels/test_triton_compile.py compiles them all.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
 # mode -> (forward configs, backward configs): the whole space of a mode. "autotune"
 # (RETRO_TRITON_AUTOTUNE=full) times every one that fits; "shortlist" (a GPU's default) and
 # "default" (RETRO_TRITON_AUTOTUNE=0) take theirs from shortlist(), which picks among "autotune"'s
-# (so tests/test_triton_compile.py's compiles of those cover them); "interpret" is TRITON_INTERPRET=1.
+# (so tests/kernels/test_triton_compile.py's compiles of those cover them); "interpret" is TRITON_INTERPRET=1.
 CONFIGS = {
     "interpret": ([triton.Config({"BLOCK_N": 16}, num_warps=1)], [triton.Config({"BLOCK_N": 16}, num_warps=1)]),
     "autotune": (
@@ -75,7 +75,7 @@ def shared_memory(dtype: torch.dtype, block_m: int, block_n: int, block_d: int, 
     (BLOCK_M, BLOCK_N) probabilities, plus 1 KiB for reductions. Calibrated on Triton 3.9's sm_90
     compiles of every configuration at every block size the launchers use (1,119): it decides
     "fits in MAX_SHARED_MEMORY" as they do; it is 7 KiB low to 21 KiB high above 180 KiB, up to
-    28 KiB off below. tests/test_triton_compile.py compiles every configuration it admits.
+    28 KiB off below. tests/kernels/test_triton_compile.py compiles every configuration it admits.
 
     16-bit dots run on tensor cores: with BLOCK_M >= 64 as Hopper warp-group MMAs reading both
     operands from shared memory (one k/v buffer per stage), below that as mma.sync (num_stages - 1
