@@ -97,7 +97,7 @@ def test_compiled_training_follows_eager_bf16():
     bf16 losses deviate at most 2x as much as eager bf16's, plus 1e-3 (an eighth of bfloat16's
     eps, 2^-7: a loss averages the rounding of many logits)."""
     from retro.model.model import preset
-    from test_compile import inputs, run_training
+    from tests.retro.training.test_compile import inputs, run_training
 
     cfg = preset("tiny", vocab_size=300, max_seq_len=256)
     batch = inputs(cfg, batch=2, chunks=4)
@@ -171,10 +171,10 @@ def test_sharded_model_on_one_gpu_matches_unsharded():
     float32 ones. The reference backend keeps Triton compiles out."""
     import copy
 
-    from retrieval_helpers import free_port
+    from tests.helpers.retrieval_helpers import free_port
     from retro.training import fsdp
     from retro.model.model import RetroModel, preset
-    from test_fsdp import SMALL
+    from tests.retro.training.test_fsdp import SMALL
 
     cfg = preset("tiny", **{**SMALL, "vocab_size": 50, "chunk_size": 4, "max_seq_len": 16, "backend": "reference"})
     plain = RetroModel(cfg).cuda()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval_helpers import quick_database, write_corpus
+from tests.helpers.retrieval_helpers import quick_database, write_corpus
 from retro.app.cli import build_parser, commands, main
 from retro.evaluation.evaluate import evaluate, prepare
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database

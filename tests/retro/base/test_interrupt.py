@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from retrieval_helpers import ROOT, quick_database, write_corpus
+from tests.helpers.retrieval_helpers import ROOT, quick_database, write_corpus
 from retro.app.cli import main
 from retro.retrieval import ChunkDatabase
 

@@ -7,7 +7,7 @@ import torch
 
 from retro.base.errors import RetroError
 from retro.model.model import RetroModel
-from test_model import inputs, tiny
+from tests.retro.model.test_model import inputs, tiny
 
 
 def model_and_inputs():

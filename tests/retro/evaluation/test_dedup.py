@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval_helpers import run_cli
+from tests.helpers.retrieval_helpers import run_cli
 from retro.evaluation.dedup import (candidate_probability, duplicated_documents, find_duplicates, jaccard, ngrams,
                                    word_tokens)
 

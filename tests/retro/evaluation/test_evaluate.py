@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import write_corpus
+from tests.helpers.retrieval_helpers import write_corpus
 from retro.evaluation.evaluate import evaluate, prepare, score, summarise
 from retro.evaluation.overlap import chunk_overlap, group_overlaps, longest_common_substring, overlap_rows
 from retro.model.model import RetroModel, preset

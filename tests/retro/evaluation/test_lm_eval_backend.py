@@ -15,7 +15,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import retro  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from retrieval_helpers import quick_database  # noqa: E402
+from tests.helpers.retrieval_helpers import quick_database  # noqa: E402
 from retro.app.cli import main  # noqa: E402
 from retro.base.defaults import IGNORE  # noqa: E402
 from retro.evaluation.evaluate import evaluate, prepare  # noqa: E402

@@ -19,7 +19,7 @@ from retro.model.model import RetroModel, preset
 from retro.retrofit.wrapper import retrofit
 from retro.model.sliced_loss import slice_length, sliced_nll
 from retro.training.step import sequence_loss
-from test_retrofit import MODELS, SMALL_LLAMA
+from tests.retro.retrofit.test_retrofit import MODELS, SMALL_LLAMA
 
 SMALL = dict(vocab_size=300, chunk_size=8, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2,
              enc_head_dim=16, depth=2, cca_layers=(1,), max_seq_len=64)

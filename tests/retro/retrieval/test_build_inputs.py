@@ -3,7 +3,7 @@ SentencePiece takes as one sentence) trains a tokenizer; an embedder name that d
 refused before any stage runs, leaving no unfinished build behind."""
 import numpy as np
 
-from retrieval_helpers import WORDS, write_corpus
+from tests.helpers.retrieval_helpers import WORDS, write_corpus
 from retro.app.cli import main
 from retro.retrieval.tokenizer import SentencePieceTokenizer
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from retrieval_helpers import HashingEmbedder, quick_database
+from tests.helpers.retrieval_helpers import HashingEmbedder, quick_database
 from retro.app.cli import main
 
 SMALL = {"dim": 32, "ff_dim": 64, "heads": 2, "head_dim": 16, "enc_dim": 32, "enc_heads": 2, "enc_head_dim": 16,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import ROOT, free_port, quick_database
+from tests.helpers.retrieval_helpers import ROOT, free_port, quick_database
 from retro.base.errors import RetroError
 from retro.retrieval import BuildOptions, Retriever
 from retro.retrieval.neighbours import load_neighbours

@@ -9,7 +9,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from retrieval_helpers import run_cli
+from tests.helpers.retrieval_helpers import run_cli
 from retro.evaluation.evaluate import evaluate
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.embedder_source import resolve_embedder_path

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import ROOT, free_port, quick_database
-from train_helpers import Stop, stop_at
+from tests.helpers.retrieval_helpers import ROOT, free_port, quick_database
+from tests.helpers.train_helpers import Stop, stop_at
 from retro.training import fsdp
 from retro.base.errors import RetroError
 from retro.training.train import TrainOptions, load_model, train

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from retrieval_helpers import quick_database
+from tests.helpers.retrieval_helpers import quick_database
 from retro.training import fsdp
 from retro.training.train import TrainOptions, load_model, train
 from retro.retrofit.wrapper import retrofit_factory
-from test_fsdp import finished, log, torchrun, until
+from tests.retro.training.test_fsdp import finished, log, torchrun, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RTOL = 1e-5

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
-from train_helpers import Stop, stop_at, train_killed_at
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, free_port, run_cli, write_corpus
+from tests.helpers.train_helpers import Stop, stop_at, train_killed_at
 from retro.base.defaults import IGNORE
 from retro.training.data import TrainSequences
 from retro.evaluation.evaluate import evaluate

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "python" / "retro"
+ROOT = Path(__file__).resolve().parents[2] / "python" / "retro"
 
 
 def module_name(path: Path) -> str:
