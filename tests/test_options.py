@@ -9,7 +9,7 @@ import pytest
 from retro.cli import build_parser
 from retro.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions, NeighboursOptions,
                                    QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
-from retro.demo import DemoOptions
+from retro.app.demo import DemoOptions
 from retro.generate import SamplingOptions
 from retro.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions

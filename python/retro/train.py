@@ -185,7 +185,7 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
     db)` builds the model instead of RetroModel (retrofitting). `on_step(step)`, if given, is
     called before each optimizer step with the number of steps done so far (tests stop a run
     there, as a kill would)."""
-    from tqdm.auto import tqdm
+    from retro.progress import progress_bar
 
     opts.validate()
     rank, world = dist.init_from_env()
@@ -263,8 +263,8 @@ def train(opts: TrainOptions, log=print, model_factory=None, on_step=None) -> Pa
         log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
     per_rank = opts.batch_size // world
     tokens_per_step = opts.batch_size * opts.seq_chunks * db.chunk_size
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (opts.progress and dist.is_main()),
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, desc="training", unit="step",
+                       disable=not (opts.progress and dist.is_main()), dynamic_ncols=True)
     net.train()
     t_last, step_times = time.perf_counter(), []
     t_start, next_estimate = t_last, 5
