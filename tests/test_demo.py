@@ -17,6 +17,7 @@ from retrieval_helpers import WORDS, run_cli
 from retro import RetroError
 from retro.app.demo import DemoOptions, run_demo
 from retro.app.demo.base_model import slug
+from retro.app.demo.generation import held_out_prompt
 from retro.app.demo.recipes import default_cca_layers
 from retro.retrieval.database import ChunkDatabase
 from retro.retrieval.embedder import resolve_embedder_path
@@ -135,3 +136,36 @@ def test_retrofit_demo_options_are_checked(tmp_path):
         run_demo(DemoOptions(out=str(tmp_path), retrofit="x", train_minutes=0.0))
     out = run_cli("demo", "--retrofit", "--train-minutes", "-1", check=False)
     assert out.returncode == 2 and "--train-minutes" in out.stderr
+
+
+class CharTokenizer:
+    def decode(self, ids) -> str:
+        return "".join(map(chr, ids))
+
+
+class Documents:
+    """What held_out_prompt reads of a database: the tokens of its documents, one per character."""
+    tokenizer = CharTokenizer()
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def document_tokens(self, d: int) -> np.ndarray:
+        return np.array([ord(c) for c in self.texts[d]])
+
+
+APACHE = ('# Copyright 2024 The HuggingFace Team. All rights reserved.\n#\n# Licensed under the Apache License, '
+          'Version 2.0 (the "License");\n# you may not use this file except in compliance with the License.\n\n')
+CODE = "import torch\n\n\nclass Block(torch.nn.Module):\n    def forward(self, x):\n        return x\n"
+
+
+@pytest.mark.parametrize("texts, start", [
+    ([APACHE + CODE, "x = 1\n"], "class Block"),
+    ([APACHE, APACHE + CODE], "class Block"),  # the first held-out file that holds code
+    (['"""\nCopyright 2024. Licensed under the Apache License.\n"""\nimport os\nX = 1\n', APACHE], "import os"),
+    ([APACHE + "\n# generated\n\'\'\'License: MIT\'\'\'\nX = 1\nY = 2\n"], "X = 1"),
+])
+def test_the_continued_file_starts_past_its_license_header(texts, start):
+    held = {"folder": np.arange(1), "file": np.arange(1, len(texts))}
+    prompt = held_out_prompt(Documents(texts), held)
+    assert prompt.startswith(start) and "License" not in prompt and "Copyright" not in prompt, prompt

@@ -33,6 +33,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from retro.progress import progress_bar
 
 from .checks import check_float, check_int, check_neighbours

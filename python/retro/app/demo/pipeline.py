@@ -218,7 +218,7 @@ class _Demo:
         self.stage("generate", f"generating ({self.elapsed()})")
         sampling = {} if r.stop_at_eos else {"stop_at_eos": False}
         g = continue_held_out(models["retro"], retriever, held, o.prompt, o.max_new_tokens, o.seed, self.log,
-                              shown=r.shown, past_header=r.prompt_past_header, **sampling)
+                              shown=r.shown, **sampling)
         headline = splits.get("folder") or splits.get("file")
         summary = {"splits": splits, "headline_split": "folder" if "folder" in splits else "file",
                    "bits_per_byte": headline["bits_per_byte"] if headline else {}}

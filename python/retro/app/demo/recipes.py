@@ -55,14 +55,12 @@ class Recipe:
     baseline_step_cap: int = 4             # from scratch: the baseline's steps at most this many times RETRO's
     shown: int = 2
     stop_at_eos: bool = True
-    prompt_past_header: bool = False       # the continued file from its first class or function
 
 
 _SCRATCH = dict(retrofit=False, lr=3e-3, warmup=20, weight_decay=0.1, save_every=50, eval_documents=None,
                 vocab_size=4000)
 _RETROFIT = dict(retrofit=True, k=2, steps=10_000, batch_size=2, lr=1e-3, warmup=5, weight_decay=0.0, save_every=25,
-                 eval_tokens=512, eval_window=512, eval_batch_size=4, target_recall=0.8, shown=1, stop_at_eos=False,
-                 prompt_past_header=True)
+                 eval_tokens=512, eval_window=512, eval_batch_size=4, target_recall=0.8, shown=1, stop_at_eos=False)
 
 RECIPES = {r.name: r for r in (
     # the tiny decoder with a one-layer, 64-wide encoder, which the k x 2m neighbour tokens of every
