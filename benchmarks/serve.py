@@ -39,7 +39,7 @@ def build_run(folder: Path) -> tuple[Path, Path, list[str]]:
     """(run, db, prompts): a BM25 database of 40 files of the demo's corpus, the tiny preset
     trained on it for 2 steps, and prompts from its held-out documents."""
     from retro.app.default_corpus import default_corpus
-    from retro.demo import sample_corpus
+    from retro.app.demo.corpus import sample_corpus
     from retro.retrieval import BuildOptions, ChunkDatabase, build_database, compute_neighbours
     from retro.training.train import TrainOptions, train
 

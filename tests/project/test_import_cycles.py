@@ -79,15 +79,8 @@ def test_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-# The flat demo modules' cycle (demo <-> demo_retrofit) goes with their rewrite into one demo pipeline
-# under app/demo/; delete this edge, and this line, once the flat demo modules are gone.
-LEAVING = {("retro.demo_retrofit", "retro.demo")}
-
-
 def test_no_import_cycles():
     graph = import_graph()
-    for a, b in LEAVING:
-        graph.get(a, set()).discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -4,7 +4,7 @@ names), as a newcomer in a clone would run it. Only the training steps are cut (
 that the whole file takes a minute, not hours. `retro` is this checkout's (`python -m retro`).
 
 Left out: the blocks that run scripts/main.sh or scripts/test.sh (LEFT_OUT): the first is the demo,
-which tests/test_demo.py and tests/test_demo_retrofit.py run on small corpora, the second is this
+which tests/retro/app/test_demo.py runs on small corpora, the second is this
 test suite."""
 import os
 import re

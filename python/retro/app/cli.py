@@ -211,7 +211,7 @@ def _cmd_compact(o) -> None:
 
 
 def _cmd_demo(o) -> None:
-    from ..demo import run_demo
+    from retro.app.demo import run_demo
 
     run_demo(o)
 
@@ -241,7 +241,7 @@ class Command:
 
 def commands() -> dict[str, Command]:
     """Every subcommand, by name (the option classes of the heavier modules imported here)."""
-    from ..demo import DemoOptions
+    from retro.app.demo import DemoOptions
     from ..decoding.generate import SamplingOptions
     from ..retrieval.build import BuildOptions
     from ..retrieval.compact import CompactOptions, RemoveOptions

@@ -60,18 +60,20 @@ def similar_pairs(eval_docs: list, train_docs: list, threshold: float = 0.8, tok
     """Every (training document, evaluation document) pair with 13-gram Jaccard >= threshold:
     MinHash LSH proposes candidates, the exact Jaccard decides."""
     from datasketch import MinHashLSH
-    from tqdm.auto import tqdm
+    from retro.base.progress import progress_bar
 
     check_float("--threshold", threshold, 0, 1, low_open=True)
     lsh = MinHashLSH(num_perm=NUM_PERM, params=(BANDS, ROWS))
     eval_grams = []
-    for i, doc in enumerate(tqdm(eval_docs, desc="hashing evaluation documents", disable=not progress, leave=False)):
+    for i, doc in enumerate(progress_bar(eval_docs, desc="hashing evaluation documents", disable=not progress,
+                                         leave=False)):
         grams = ngrams(tokenize(doc))
         eval_grams.append(grams)
         if grams:
             lsh.insert(str(i), _minhash(grams))
     found = []
-    for t, doc in enumerate(tqdm(train_docs, desc="checking training documents", disable=not progress, leave=False)):
+    for t, doc in enumerate(progress_bar(train_docs, desc="checking training documents", disable=not progress,
+                                         leave=False)):
         grams = ngrams(tokenize(doc))
         if not grams:
             continue

@@ -157,7 +157,7 @@ def score(model, es: EvalSet, retrieval: bool = True, device=None, batch_size: i
           progress: bool = True) -> np.ndarray:
     """NLL in nats of every group of scored tokens (G,), with the neighbours (retrieval=True) or
     without. Windows of equal length run as one batch."""
-    from tqdm.auto import tqdm
+    from retro.base.progress import progress_bar
 
     if retrieval and es.neighbours is None:
         raise RetroError("this evaluation set was prepared without retrieval")
@@ -171,7 +171,7 @@ def score(model, es: EvalSet, retrieval: bool = True, device=None, batch_size: i
         by_len.setdefault(len(inp), []).append(w)
     batches = [ws[i:i + batch_size] for _, ws in sorted(by_len.items(), reverse=True)
                for i in range(0, len(ws), batch_size)]
-    for group in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
+    for group in progress_bar(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
         x = torch.tensor(np.stack([es.windows[w][0] for w in group]), dtype=torch.long, device=device)
         y = torch.tensor(np.stack([es.windows[w][1] for w in group]), dtype=torch.long, device=device)
         chunks = x.shape[1] // m

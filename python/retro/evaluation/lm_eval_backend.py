@@ -33,7 +33,8 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from retro.base.progress import progress_bar
 
 from ..base.checks import check_float, check_int, check_neighbours
 from ..base.errors import RetroError
@@ -112,7 +113,7 @@ class RetroLM(LM):
         pairs = [self.encode_pair(*req.args) for req in requests]
         results = [(0.0, True)] * len(pairs)  # an empty continuation (no token) is certain
         order = sorted((i for i, (_, cont) in enumerate(pairs) if len(cont)), key=lambda i: -sum(map(len, pairs[i])))
-        for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", unit="batch",
+        for start in progress_bar(range(0, len(order), self.batch_size), desc="loglikelihood", unit="batch",
                           disable=disable_tqdm):
             batch = order[start:start + self.batch_size]
             for i, res in zip(batch, self.score_continuations([pairs[i] for i in batch])):
@@ -196,7 +197,7 @@ class RetroLM(LM):
         settings = {key: self.sampling(requests[members[0]].args[1]) for key, members in groups.items()}  # checked
         batches = [(settings[key], members[start:start + self.batch_size]) for key, members in groups.items()
                    for start in range(0, len(members), self.batch_size)]
-        for sampling, batch in tqdm(batches, desc="generate_until", unit="batch", disable=disable_tqdm):
+        for sampling, batch in progress_bar(batches, desc="generate_until", unit="batch", disable=disable_tqdm):
             texts = self.continue_contexts([requests[i].args[0] for i in batch], **sampling)
             for i, text in zip(batch, texts):
                 results[i] = text

@@ -115,9 +115,9 @@ class BuildOptions:
 
 
 def _progress(total: int | None, desc: str, enabled: bool, unit: str = "chunk"):
-    from tqdm.auto import tqdm
+    from retro.base.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, delay=1.0,  # shown after a second: quick stages stay quiet
+    return progress_bar(total=total, desc=desc, unit=unit, delay=1.0,  # shown after a second: quick stages stay quiet
                 disable=not enabled or not dist.is_main(), dynamic_ncols=True, leave=False)
 
 

@@ -36,7 +36,7 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
                        device=None, index: str | None = None, progress: bool = True, log=print) -> Path:
     """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
     hooks.reached("neighbours", b) is called after each block is written."""
-    from tqdm.auto import tqdm
+    from ..base.progress import progress_bar
 
     if k < 1 or extra < 0:
         raise RetroError(f"need k >= 1 and extra >= 0, got k={k}, extra={extra}")
@@ -51,7 +51,7 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
     parts = out.with_name(f"{out.stem}-parts")
     n = db.num_chunks
     blocks = range((n + block - 1) // block)
-    bar = tqdm(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
     for b in blocks:
         part = parts / f"part-{b:06d}.npy"
         sl = slice(b * block, min(n, (b + 1) * block))

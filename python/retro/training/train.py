@@ -188,7 +188,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
     """Trains (or resumes) a model on the database; returns the run folder. `model_factory(cfg,
     db)` builds the model instead of RetroModel (retrofitting). hooks.reached("step", step) is
     called before each optimizer step with the number of steps done so far."""
-    from tqdm.auto import tqdm
+    from ..base.progress import progress_bar
 
     opts.validate()
     rank, world = dist.init_from_env()
@@ -267,8 +267,8 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
         log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
     per_rank = opts.batch_size // world
     tokens_per_step = opts.batch_size * opts.seq_chunks * db.chunk_size
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (opts.progress and dist.is_main()),
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, desc="training", unit="step",
+                       disable=not (opts.progress and dist.is_main()), dynamic_ncols=True)
     net.train()
     t_last, step_times = time.perf_counter(), []
     t_start, next_estimate = t_last, 5

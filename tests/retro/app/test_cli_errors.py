@@ -5,7 +5,7 @@ import pytest
 
 from retro import BuildOptions, RetroError, TrainOptions
 from retro.app.cli import main, parse_overrides
-from retro.demo import DemoOptions
+from retro.app.demo import DemoOptions
 from retro.decoding.generate import SamplingOptions
 from retro.model.model import check_config_fields
 

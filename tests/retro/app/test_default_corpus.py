@@ -7,7 +7,7 @@ import os
 import pytest
 
 from retro.app import default_corpus as dc
-from retro.demo import python_files, sample_corpus
+from retro.app.demo.corpus import python_files, sample_corpus
 
 SAMPLES = {  # (files, seed) -> sha256 of the demo's corpus.jsonl
     (200, 0): "15a7a37bcd311d8a991e2803c603eb0604261b1c1baef827f5d259b8a49dbd89",

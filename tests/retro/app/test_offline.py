@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from retro.app import default_corpus as dc
-from retro.demo import python_files
+from retro.app.demo.corpus import python_files
 from retro.base.errors import RetroError
 
 FILES = {f"{dc.MODELS}bert/modeling_bert.py": "class Bert:\n    pass\n",

@@ -101,7 +101,7 @@ def test_other_commands_stop_with_one_line(monkeypatch, capsys):
     that keeps nothing (query) just says it was interrupted; SIGTERM is a stop like Ctrl-C."""
     import time
 
-    import retro.demo
+    import retro.app.demo
     import retro.retrieval
 
     def ctrl_c(*args, **kwargs):
@@ -112,10 +112,10 @@ def test_other_commands_stop_with_one_line(monkeypatch, capsys):
         time.sleep(30)  # the handler raises before this ends
         pytest.fail("SIGTERM did not stop the command")
 
-    monkeypatch.setattr(retro.demo, "run_demo", ctrl_c)
+    monkeypatch.setattr(retro.app.demo, "run_demo", ctrl_c)
     assert main(["demo", "--steps", "5"]) == 130
     assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --steps 5\n"
-    monkeypatch.setattr(retro.demo, "run_demo", sigterm)
+    monkeypatch.setattr(retro.app.demo, "run_demo", sigterm)
     assert main(["demo", "--out", "my demo"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --out 'my demo'\n"
     monkeypatch.setattr(retro.retrieval.Retriever, "load", ctrl_c)
@@ -131,7 +131,7 @@ def test_an_error_raised_by_what_ctrl_c_stopped_is_the_interruption(monkeypatch,
     error is still a bug (traceback, status 1)."""
     import time
 
-    import retro.demo
+    import retro.app.demo
 
     def library_swallowing_ctrl_c(*args, **kwargs):
         try:
@@ -144,10 +144,10 @@ def test_an_error_raised_by_what_ctrl_c_stopped_is_the_interruption(monkeypatch,
     def a_bug(*args, **kwargs):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(retro.demo, "run_demo", library_swallowing_ctrl_c)
+    monkeypatch.setattr(retro.app.demo, "run_demo", library_swallowing_ctrl_c)
     assert main(["demo", "--steps", "5"]) == 130
     assert capsys.readouterr().err == "retro demo: interrupted; continue with: retro demo --steps 5\n"
-    monkeypatch.setattr(retro.demo, "run_demo", a_bug)  # the earlier command's signal does not count
+    monkeypatch.setattr(retro.app.demo, "run_demo", a_bug)  # the earlier command's signal does not count
     assert main(["demo", "--steps", "5"]) == 1
     assert "internal error" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handler back

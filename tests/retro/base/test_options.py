@@ -9,7 +9,7 @@ import pytest
 from retro.app.cli import build_parser
 from retro.app.command_options import (ConvertOptions, DedupOptions, EvaluateOptions, GenerateOptions,
                                        NeighboursOptions, QueryOptions, ServeOptions, TokenizerOptions, TrainExtras)
-from retro.demo import DemoOptions
+from retro.app.demo import DemoOptions
 from retro.decoding.generate import SamplingOptions
 from retro.base.options import add_options, option, options_from_args
 from retro.retrieval.build import BuildOptions

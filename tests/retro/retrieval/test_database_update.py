@@ -17,7 +17,7 @@ import retro.retrieval.embedder
 from tests.helpers.retrieval_helpers import ROOT, WORDS, HashingEmbedder, database_files, quick_database, write_corpus
 from retro import RetroError, add_documents, compact, remove_documents
 from retro.app.cli import main
-from retro.demo import near_duplicated
+from retro.app.demo.corpus import near_duplicated
 from retro.retrieval import BuildOptions, ChunkDatabase, Retriever, build_database
 from retro.retrieval.database import ARRAYS, chunk_texts
 from retro.retrieval.generations import ConcatArray
