@@ -133,7 +133,7 @@ FIGURES = [
      lambda d: [one(d, mode="train", variant="RETRO (fused kernels)")["median_ms"] / 1000]),
     ("README.md", "a BERT pass per chunk ({:.0f} chunks/s on one AVX2 core", RETRIEVERS,
      lambda d: [embedder(d, "MiniLM (reference)")["chunks_per_s"]]),
-    ("README.md", "once ({:.0f}-{:.0f} s there, cached)", RETRIEVERS_XEON,
+    ("README.md", "once ({:.0f}-{:.0f} s, cached)", RETRIEVERS_XEON,
      lambda d: [note(d, r"cached\): ([\d.]+) s"), note(load(RETRIEVERS), r"cached\): ([\d.]+) s")]),
     ("README.md", "embeds {}-{} times more chunks per second (a whole build {:.0f}-{:.0f} times faster)", RETRIEVERS,
      lambda d: [two_digits(embedder(d, "static sqrt x SIF (implemented)")["vs_minilm"]),
