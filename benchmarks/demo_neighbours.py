@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.harness import machine_name, write_results
 
@@ -35,9 +34,12 @@ VARIANTS = {"k2": (2, {}), "k1": (1, {}), "k2-cca1": (2, {"cca_layers": (1,)})}
 
 
 def step_seconds(config, variants: dict, batch: int, seq_chunks: int, steps: int = 12) -> dict[str, float]:
-    """Median seconds of one training step (forward, backward, AdamW) on random tokens for the
-    baseline ("baseline", no neighbours) and each variant, interleaved step by step."""
+    """Median seconds of one training step (retro.training.step, as the demo's training runs it: loss,
+    backward, clipping at retro train's default 1.0, AdamW) on random tokens for the baseline
+    ("baseline", no neighbours) and each variant, interleaved step by step."""
+    from retro.training.data import Batch
     from retro.model.model import RetroModel
+    from retro.training.step import train_step
 
     torch.manual_seed(0)
     n = seq_chunks * config.chunk_size
@@ -53,10 +55,7 @@ def step_seconds(config, variants: dict, batch: int, seq_chunks: int, steps: int
     for _ in range(steps):
         for name, (model, neighbours, opt) in setups.items():
             t = time.perf_counter()
-            loss = F.cross_entropy(model(tokens, neighbours).reshape(-1, vocab), targets.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+            train_step(model, opt, Batch(tokens, targets, neighbours, None), grad_clip=1.0)  # the demo's step
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(v[2:]) for name, v in times.items()}
 

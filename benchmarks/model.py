@@ -20,14 +20,14 @@ FUSED_VARIANT = "RETRO (fused kernels)"  # backend "auto": must resolve to fused
 
 
 def train_step_fn(model, opt, tokens, nb, mask, use_neighbours: bool, bf16: bool):
-    def step():
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(tokens, nb if use_neighbours else None, mask if use_neighbours else None)
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    """One call of the step `retro train` runs (retro.training.step: loss, backward, clipping at
+    retro train's default 1.0, AdamW) on synthetic tokens (B, n), their own ids as targets, and
+    neighbours nb / mask (B, L, K, R), or none for the decoder without retrieval."""
+    from retro.training.data import Batch
+    from retro.training.step import train_step
+
+    batch = Batch(tokens, tokens, nb if use_neighbours else None, mask if use_neighbours else None)
+    return lambda: train_step(model, opt, batch, grad_clip=1.0, bf16=bf16)
 
 
 def decode_tokens_per_s(model, batch: int, steps: int, nb, mask, use_neighbours: bool, device,

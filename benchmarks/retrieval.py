@@ -7,7 +7,7 @@ Queries are chunks held out of the database (whole files), embedded the same way
 
 Nothing is fetched where the corpus is on disk: --corpus DIR, or $RETRO_DEFAULT_CORPUS (a folder or
 archive of the demo's corpus, as scripts/gpu_carry.sh carries to the lent GPU), or the cache
-(retro/default_corpus.py). On a machine without faiss (the lent GPU) the faiss rows are skipped and
+(retro/app/default_corpus.py). On a machine without faiss (the lent GPU) the faiss rows are skipped and
 the torch exact search runs on the GPU; without the embedder's weights there, throughput is
 measured with the same architecture and random weights (stated in the notes).
 """

@@ -202,7 +202,7 @@ def main(argv=None):
              "without neighbours (RETRO[OFF]: the CCA blocks and the encoder do not run)",
              "step ms: median of the timed steps; first step s: the first step alone (compilation included); "
              "first loss: that step's loss (eager and compiled start from the same weights and batch)",
-             "model FLOPs (retro/flops.py, PaLM's count: matrix products only, attention over the full context, "
+             "model FLOPs (retro/model/flops.py, PaLM's count: matrix products only, attention over the full context, "
              "training = 3 x forward) per token: decoder N(8da + 4df) + 4Nna + 2dV; CCA c(4da + 4kra + 8kea); "
              "encoder 2k(2de [e != d] + D_e(8eb + 4rb + 16e^2) + 4eb + 4mb) + 4db",
              "MFU = tokens/s x FLOPs per token / peak; peak = dense bf16 tensor-core FLOP/s from NVIDIA's "

@@ -1,5 +1,5 @@
 """The next-token NLL from the final hidden states, a slice of the sequence at a time, so that a
-large vocabulary's logits (B, n, V) never exist whole: the one place training (train_step.py)
+large vocabulary's logits (B, n, V) never exist whole: the one place training (training/step.py)
 and evaluation (evaluate.py) compute their loss, through the models' forward(..., targets=...).
 
 Each slice computes its logits, their float32 copy (under bfloat16) and log-softmax, and keeps

@@ -1,11 +1,16 @@
 """RETROfitting a pretrained causal language model (paper section 4.2): freeze it, add chunked
-cross-attention after some of its blocks and a neighbour encoder, and train only those.
+cross-attention to some of its blocks and a neighbour encoder, and train only those.
 
 `retrofit(hf_model)` works with GPT-2 and the Llama/Qwen/Mistral families (blocks in
-`transformer.h` or `model.layers`). The CCA output projections start at zero, so the retrofitted
-model computes exactly the base model's logits until it is trained. The encoder embeds the
-neighbour tokens with the base model's (frozen) input embeddings and runs once, in the first CCA
-layer, on the hidden states there (docs/semantics.md, "Encoder").
+`transformer.h` or `model.layers`). CCA sits inside a block by default (placement "inside", the
+paper's: between its self-attention and its MLP; it reads H = block input + attention output and
+its output joins the attention's, so the MLP sees both), or after the whole block (placement
+"after"). The CCA output projections start at zero, so a fresh retrofit computes exactly the base
+model's logits; `retro train --retrofit` (and the demo) then starts the new parts from the copy
+prior fitted to the base (`RetrofittedLM.fit_copy_prior`, retrofit_prior.py), unless copy_prior is
+off. The encoder embeds the neighbour tokens with the base model's (frozen) input embeddings and
+runs once, in the first CCA layer, on the hidden states there (docs/semantics.md, "The neighbour
+encoder").
 """
 from __future__ import annotations
 

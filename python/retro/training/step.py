@@ -1,5 +1,7 @@
-"""One optimizer step of training, the only copy: `retro train` (train.py), the training
-benchmark (benchmarks/training.py) and the tests run this function.
+"""One optimizer step of training, the only copy: `retro train` (train.py), the benchmarks that
+time or train a step (benchmarks/training.py, model.py, demo_neighbours.py, retrieval_learning.py,
+large_vocab_memory.py) and the tests run this function. large_vocab_memory.py also keeps the step
+as it was before sliced_loss.py (whole logits), the "before" it measures against.
 
 A step: the learning rate set on every parameter group (times its "lr_scale"), the summed
 next-token loss under bfloat16 autocast (bf16=True; the model computes it a slice of the sequence

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model `retro` (retro/lm_eval_backend.py) on a tiny trained run: its
+"""The lm-evaluation-harness model `retro` (retro/evaluation/lm_eval_backend.py) on a tiny trained run: its
 loglikelihood is the model's own NLL of the continuation (causal: the neighbours of chunks the
 continuation completes change nothing before them), retrieval off is RETRO[OFF], rolling
 loglikelihood is the NLL `retro evaluate` sums, generate_until is retro.generate's greedy text
