@@ -172,7 +172,7 @@ def added_texts(grown) -> set[str]:
     return {grown.tokenizer.decode(grown.document_tokens(d)) for d in range(first, last)}
 
 
-def train_seed(db: Path, run: Path, seed: int, steps: int) -> None:
+def train_seed(db: Path, run: Path, seed: int, steps: int, log) -> None:
     """RETRO with the CPU demo's recipe for `steps` steps (resumed if a checkpoint is there)."""
     from retro import TrainOptions, train
     from retro.demo import DEMO_CPU_ENCODER
@@ -182,7 +182,7 @@ def train_seed(db: Path, run: Path, seed: int, steps: int) -> None:
         return
     train(TrainOptions(db=str(db), out=str(run), config="tiny", overrides=dict(DEMO_CPU_ENCODER), batch_size=4,
                        seq_chunks=8, lr=3e-3, warmup=20, k=K, save_every=50, seed=seed, steps=steps, device="cpu",
-                       progress=False, resume=state.exists()), log=lambda *_: None)
+                       progress=False, resume=state.exists()), log=log)
 
 
 def eval_sets(dbs: dict, p: dict, seq_len: int, span: int) -> dict:
@@ -223,7 +223,9 @@ def table(results: dict) -> list[dict]:
             r = s[setting]
             rows.append({"seed": seed, "setting": words, "documents": r["documents"], "tokens": r["tokens"],
                          "on": r["on"], "off": r["off"], "below_off": r["below_off"],
-                         "gap_closed": gap_closed(s) if setting == "strict_after" else ""})
+                         "gap_closed": gap_closed(s) if setting == "strict_after" else "",
+                         **({"steps": s["steps"], "train_min": s["train_wall_seconds"] / 60}
+                            if setting == "strict_before" else {})})
     for setting, words in SETTINGS.items():
         sel = [s[setting] for s in results.values()]
         rows.append({"seed": "mean (min-max)", "setting": words,
@@ -246,30 +248,28 @@ def conclusion(results: dict) -> str:
             f"RETRO[ON] below RETRO[OFF] went from {g['strict_before'].mean():.1f}% "
             f"({g['strict_before'].min():.1f}-{g['strict_before'].max():.1f}) to {g['strict_after'].mean():.1f}% "
             f"({g['strict_after'].min():.1f}-{g['strict_after'].max():.1f}), file split "
-            f"{g['file_split'].mean():.1f}% ({g['file_split'].min():.1f}-{g['file_split'].max():.1f}); "
+            f"{g['file_split'].mean():.1f}% ({g['file_split'].min():.1f}-{g['file_split'].max():.1f}); a change of "
+            f"{moved.mean():+.1f} points ({moved.min():+.1f} to {moved.max():+.1f}), "
             f"{closed.mean():.0f}% ({closed.min():.0f}-{closed.max():.0f}) of the gap closed, over "
             f"{len(results)} training seed(s)")
+
+
+PANELS = (("below_off", "RETRO[ON] below RETRO[OFF], %", "the gain of retrieval"),
+          ("on", "RETRO[ON] bits per byte", "bits per byte (the file sets differ)"))
 
 
 def plot(results: dict):
     def draw(path: Path) -> None:
         plt = pyplot()
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
         seeds = list(results)
         x = np.arange(len(seeds))
         width = 0.8 / len(SETTINGS)
-        for i, setting in enumerate(SETTINGS):
-            left.bar(x + (i - 1) * width, [results[s][setting]["below_off"] for s in seeds], width,
-                     label=SETTINGS[setting].split(":")[0])
-            right.bar(x + (i - 1) * width, [results[s][setting]["on"] for s in seeds], width,
-                      label=SETTINGS[setting].split(":")[0])
-        for ax, what in ((left, "RETRO[ON] below RETRO[OFF], %"), (right, "RETRO[ON] bits per byte")):
-            ax.set_xticks(x)
-            ax.set_xticklabels([f"seed {s}" for s in seeds])
-            ax.set_ylabel(what)
+        for ax, (key, ylabel, title) in zip(axes, PANELS):
+            for i, (setting, words) in enumerate(SETTINGS.items()):
+                ax.bar(x + (i - 1) * width, [results[s][setting][key] for s in seeds], width, label=words.split(":")[0])
+            ax.set(xticks=x, xticklabels=[f"seed {s}" for s in seeds], ylabel=ylabel, title=title)
             ax.legend(fontsize=8)
-        left.set_title("the gain of retrieval")
-        right.set_title("bits per byte (file sets differ)")
         save_figure(fig, path)
 
     return draw
@@ -290,6 +290,7 @@ def main(argv=None) -> Path:
     docs = documents(base)
     p = plan(base, a.data_seed)
     check_plan(p, docs)
+    write_json_plan(out, p, docs)
     grown = grow(db, p, docs, out, log)
     grown_db = ChunkDatabase(grown)
     assert not added_texts(grown_db) & {base.tokenizer.decode(base.document_tokens(d)) for d in p["evaluated"]}
@@ -299,24 +300,13 @@ def main(argv=None) -> Path:
     for seed in a.seeds:
         cached = out / f"seed-{seed}.json"
         if not cached.exists():
-            t = time.time()
-            train_seed(db, out / f"run-{seed}", seed, a.steps)
-            trained = time.time() - t
-            if sets is None:
-                from retro import load_model
-
-                seq_len = load_model(out / f"run-{seed}", device="cpu")[0].cfg.max_seq_len
-                sets = eval_sets({"db": db, "grown": grown}, p, seq_len, a.eval_tokens)
-            s = evaluate_seed(out / f"run-{seed}", sets)
-            s["train_wall_seconds"] = trained
-            (out / f"seed-{seed}.json").write_text(json.dumps(s, indent=1))
+            sets = run_seed(db, grown, p, out, seed, a, sets, log)
         results[seed] = json.loads(cached.read_text())
         log(f"[growth] seed {seed}: " + ", ".join(f"{k} {results[seed][k]['below_off']:.1f}%" for k in SETTINGS)
             + f" below OFF ({time.time() - t0:.0f} s)")
-    write_json_plan(out, p, docs)
-    rows = table(results)
-    steps = {s["steps"] for s in results.values()}
     load = os.getloadavg()
+    trained = "".join(f"; after seed {seed}'s training {r['loadavg_after_training'][0]:.1f}"
+                      for seed, r in results.items() if "loadavg_after_training" in r)
     notes = [conclusion(results),
              f"command: `{command}`",
              f"database: {describe_corpus(a)}, holdout both (valid fraction {a.valid_fraction}, seed {a.data_seed}), "
@@ -327,18 +317,36 @@ def main(argv=None) -> Path:
              f"one: checked by id, path and text); {len(p['single_file_folders'])} held-out folder(s) of one file "
              f"left out; file split: the {len(p['file_split'])} single files held out",
              f"RETRO: the CPU demo's model (tiny, encoder 1 x 64, k = {K}, batch 4 x 512 tokens, lr 3e-3), "
-             f"{'/'.join(map(str, sorted(steps)))} steps per seed (fixed steps, not a time); one database for "
-             "every seed, so the spread is the training seed's only",
+             f"{'/'.join(sorted({str(s['steps']) for s in results.values()}))} steps per seed (fixed steps, not a "
+             "time); one database for every seed, so the spread is the training seed's only",
              f"scored: a {a.eval_tokens}-token span of each file (the same spans before and after); ON below OFF "
              "% = 100 (OFF - ON) / OFF; gap closed = (after - before) / (file split - before) of that %",
              f"busy machine: shared by about 7 engineers' jobs; load average at the start {load_start[0]:.1f} / "
              f"{load_start[1]:.1f} / {load_start[2]:.1f}, at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-             f"on {os.cpu_count()} CPUs (fixed steps: the load changes the time, not the figures); "
+             f"on {os.cpu_count()} CPUs{trained} (fixed steps: the load changes the time, not the figures); "
              f"{(time.time() - t0) / 60:.1f} min this invocation", *a.note]
     columns = [("seed", "seed"), ("setting", "setting"), ("documents", "files"), ("tokens", "tokens scored"),
                ("on", "RETRO[ON]"), ("off", "RETRO[OFF]"), ("below_off", "ON below OFF %"),
-               ("gap_closed", "gap to file split closed %")]
-    return write_results(a.name, machine_name(), rows, columns, notes, plot=plot(results))
+               ("gap_closed", "gap to file split closed %"), ("steps", "steps"), ("train_min", "train min (wall)")]
+    return write_results(a.name, machine_name(), table(results), columns, notes, plot=plot(results))
+
+
+def run_seed(db: Path, grown: Path, p: dict, out: Path, seed: int, a, sets: dict | None, log) -> dict:
+    """Trains seed's model, evaluates it in every setting and writes out/seed-S.json; returns the
+    evaluation sets (prepared once, for the first seed evaluated, and shared by the others)."""
+    from retro import load_model
+    from retro.atomic import write_json
+
+    t = time.time()
+    train_seed(db, out / f"run-{seed}", seed, a.steps, log)
+    trained = time.time() - t
+    if sets is None:
+        seq_len = load_model(out / f"run-{seed}", device="cpu")[0].cfg.max_seq_len
+        sets = eval_sets({"db": db, "grown": grown}, p, seq_len, a.eval_tokens)
+    s = evaluate_seed(out / f"run-{seed}", sets)
+    write_json(out / f"seed-{seed}.json", {**s, "train_wall_seconds": trained,
+                                           "loadavg_after_training": os.getloadavg()})
+    return sets
 
 
 def describe_corpus(a) -> str:
@@ -353,7 +361,8 @@ def write_json_plan(out: Path, p: dict, docs: list[dict]) -> None:
     """out/plan.json: the paths of the evaluated, added and file-split files (what was measured)."""
     from retro.atomic import write_json
 
-    write_json(out / "plan.json", {k: [docs[d]["path"] for d in v] for k, v in p.items()})
+    if not (out / "plan.json").exists():
+        write_json(out / "plan.json", {k: [docs[d]["path"] for d in v] for k, v in p.items()})
 
 
 if __name__ == "__main__":
