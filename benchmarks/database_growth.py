@@ -40,6 +40,7 @@ SETTINGS = {"strict_before": "strict, before: held-out folders, database as buil
             "strict_after": "strict, after: + the folders' other files (no retraining)",
             "file_split": "file split: single files held out (reference)"}
 K = 1  # the CPU demo's neighbours per chunk
+SEQ_CHUNKS = 8  # the CPU demo's sequences: 8 chunks of 64 tokens
 QUICK = {"max_documents": 40, "steps": 6, "eval_tokens": 128, "valid_fraction": 0.3}
 
 
@@ -181,8 +182,8 @@ def train_seed(db: Path, run: Path, seed: int, steps: int, log) -> None:
     if state.exists() and json.loads(state.read_text())["step"] >= steps:
         return
     train(TrainOptions(db=str(db), out=str(run), config="tiny", overrides=dict(DEMO_CPU_ENCODER), batch_size=4,
-                       seq_chunks=8, lr=3e-3, warmup=20, k=K, save_every=50, seed=seed, steps=steps, device="cpu",
-                       progress=False, resume=state.exists()), log=log)
+                       seq_chunks=SEQ_CHUNKS, lr=3e-3, warmup=20, k=K, save_every=50, seed=seed, steps=steps,
+                       device="cpu", progress=False, resume=state.exists()), log=log)
 
 
 def eval_sets(dbs: dict, p: dict, seq_len: int, span: int) -> dict:
@@ -202,6 +203,7 @@ def evaluate_seed(run: Path, sets: dict) -> dict:
     from retro import evaluate, load_model
 
     model, state = load_model(run, device="cpu")
+    assert model.cfg.max_seq_len == SEQ_CHUNKS * model.cfg.chunk_size, model.cfg  # the windows eval_sets cut
     out = {"steps": state["step"]}
     for setting, (retriever, es) in sets.items():
         r = evaluate(model, retriever, K, eval_set=es, progress=False)
@@ -296,11 +298,14 @@ def main(argv=None) -> Path:
     assert not added_texts(grown_db) & {base.tokenizer.decode(base.document_tokens(d)) for d in p["evaluated"]}
     log(f"[growth] {len(p['evaluated'])} evaluated files, {len(p['added'])} added ({base.num_chunks} -> "
         f"{grown_db.num_chunks} chunks), {len(p['file_split'])} file-split files ({time.time() - t0:.0f} s)")
-    results, sets = {}, None
+    sets = eval_sets({"db": db, "grown": grown}, p, SEQ_CHUNKS * base.chunk_size, a.eval_tokens)
+    share = 100 * float(np.mean(sets["strict_after"][1].neighbour_ids >= base.num_chunks))
+    log(f"[growth] after the add, {share:.0f}% of the evaluated files' chunks retrieve an added file's chunk")
+    results = {}
     for seed in a.seeds:
         cached = out / f"seed-{seed}.json"
         if not cached.exists():
-            sets = run_seed(db, grown, p, out, seed, a, sets, log)
+            run_seed(db, out, seed, a, sets, log)
         results[seed] = json.loads(cached.read_text())
         log(f"[growth] seed {seed}: " + ", ".join(f"{k} {results[seed][k]['below_off']:.1f}%" for k in SETTINGS)
             + f" below OFF ({time.time() - t0:.0f} s)")
@@ -315,7 +320,8 @@ def main(argv=None) -> Path:
              f"evaluated files: in each held-out folder of >= 2 files a seeded half (at least one), "
              f"{len(p['evaluated'])} files; added: those folders' other {len(p['added'])} files (never an evaluated "
              f"one: checked by id, path and text); {len(p['single_file_folders'])} held-out folder(s) of one file "
-             f"left out; file split: the {len(p['file_split'])} single files held out",
+             f"left out; file split: the {len(p['file_split'])} single files held out; after the add, {share:.0f}% "
+             "of the evaluated files' chunks retrieve a chunk of an added file (k = 1)",
              f"RETRO: the CPU demo's model (tiny, encoder 1 x 64, k = {K}, batch 4 x 512 tokens, lr 3e-3), "
              f"{'/'.join(sorted({str(s['steps']) for s in results.values()}))} steps per seed (fixed steps, not a "
              "time); one database for every seed, so the spread is the training seed's only",
@@ -331,22 +337,16 @@ def main(argv=None) -> Path:
     return write_results(a.name, machine_name(), table(results), columns, notes, plot=plot(results))
 
 
-def run_seed(db: Path, grown: Path, p: dict, out: Path, seed: int, a, sets: dict | None, log) -> dict:
-    """Trains seed's model, evaluates it in every setting and writes out/seed-S.json; returns the
-    evaluation sets (prepared once, for the first seed evaluated, and shared by the others)."""
-    from retro import load_model
+def run_seed(db: Path, out: Path, seed: int, a, sets: dict, log) -> None:
+    """Trains seed's model, evaluates it in every setting (eval_sets) and writes out/seed-S.json."""
     from retro.atomic import write_json
 
     t = time.time()
     train_seed(db, out / f"run-{seed}", seed, a.steps, log)
     trained = time.time() - t
-    if sets is None:
-        seq_len = load_model(out / f"run-{seed}", device="cpu")[0].cfg.max_seq_len
-        sets = eval_sets({"db": db, "grown": grown}, p, seq_len, a.eval_tokens)
     s = evaluate_seed(out / f"run-{seed}", sets)
     write_json(out / f"seed-{seed}.json", {**s, "train_wall_seconds": trained,
                                            "loadavg_after_training": os.getloadavg()})
-    return sets
 
 
 def describe_corpus(a) -> str:
