@@ -279,7 +279,7 @@ def plot(results: dict):
 
 def main(argv=None) -> Path:
     a = parse_args(argv)
-    command = "python -m benchmarks.database_growth " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = describe_command(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
@@ -347,6 +347,13 @@ def run_seed(db: Path, out: Path, seed: int, a, sets: dict, log) -> None:
     s = evaluate_seed(out / f"run-{seed}", sets)
     write_json(out / f"seed-{seed}.json", {**s, "train_wall_seconds": trained,
                                            "loadavg_after_training": os.getloadavg()})
+
+
+def describe_command(argv: list[str]) -> str:
+    """The command line that measured (--note, an annotation, left out), with the thread count's variable."""
+    kept = [x for i, x in enumerate(argv) if x != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    env = "".join(f"{v}={os.environ[v]} " for v in ("OMP_NUM_THREADS",) if v in os.environ)
+    return f"{env}python -m benchmarks.database_growth {' '.join(kept)}".strip()
 
 
 def describe_corpus(a) -> str:
