@@ -270,8 +270,9 @@ def plot(results: dict):
         for ax, (key, ylabel, title) in zip(axes, PANELS):
             for i, (setting, words) in enumerate(SETTINGS.items()):
                 ax.bar(x + (i - 1) * width, [results[s][setting][key] for s in seeds], width, label=words.split(":")[0])
-            ax.set(xticks=x, xticklabels=[f"seed {s}" for s in seeds], ylabel=ylabel, title=title)
-            ax.legend(fontsize=8)
+            top = max(results[s][setting][key] for s in seeds for setting in SETTINGS)
+            ax.set(xticks=x, xticklabels=[f"seed {s}" for s in seeds], ylabel=ylabel, title=title, ylim=(0, 1.3 * top))
+            ax.legend(fontsize=8, loc="upper left", ncol=3)
         save_figure(fig, path)
 
     return draw
