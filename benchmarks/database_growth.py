@@ -35,17 +35,19 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import machine_name, mean_range, pyplot, save_figure, write_results
+from retro.app.demo.recipes import RECIPES
 
 SETTINGS = {"strict_before": "strict, before: held-out folders, database as built",
             "strict_after": "strict, after: + the folders' other files (no retraining)",
             "file_split": "file split: single files held out (reference)"}
-K = 1  # the CPU demo's neighbours per chunk
+CPU = RECIPES["scratch-cpu"]  # the CPU demo's recipe
+K = CPU.k  # its neighbours per chunk
 SEQ_CHUNKS = 8  # the CPU demo's sequences: 8 chunks of 64 tokens
 QUICK = {"max_documents": 40, "steps": 6, "eval_tokens": 128, "valid_fraction": 0.3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from retro.demo import CPU_EVAL_TOKENS, DemoOptions
+    from retro.app.demo import DemoOptions
 
     demo = DemoOptions()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-documents", type=int, default=demo.max_documents,
                    help="files sampled from the demo's corpus, whole folders (default: all, as the demo)")
     p.add_argument("--valid-fraction", type=float, default=demo.valid_fraction)
-    p.add_argument("--eval-tokens", type=int, default=CPU_EVAL_TOKENS, help="tokens scored per evaluated file")
+    p.add_argument("--eval-tokens", type=int, default=CPU.eval_tokens, help="tokens scored per evaluated file")
     p.add_argument("--embedder", default=None, help="the database's keys (default: the CPU demo's)")
     p.add_argument("--data-seed", type=int, default=demo.seed, help="seed of the sample, the hold-out and the "
                                                                      "evaluated files")
@@ -76,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(a, out: Path, log) -> Path:
     """The demo's database in out/db (resumed where a build was cut), its training neighbours computed."""
     from retro import BuildOptions, build_database, compute_neighbours
-    from retro.demo import sample_corpus
-    from retro.default_corpus import default_corpus
+    from retro.app.demo.corpus import sample_corpus
+    from retro.app.default_corpus import default_corpus
     from retro.retrieval import DEFAULT_EMBEDDER, STATIC_PREFIX
 
     corpus = a.corpus
@@ -116,7 +118,7 @@ def plan(db, seed: int) -> dict:
     """Document ids: "evaluated" (a seeded half, at least one, of each held-out folder of >= 2 files),
     "added" (those folders' other files), "file_split" (the single files held out), "single_file_folders"
     (held-out folders of one file: left out)."""
-    from retro.demo import held_out_by_split
+    from retro.app.demo.corpus import held_out_by_split
 
     held = held_out_by_split(db)
     folder_of = np.asarray(db.doc_folder)
@@ -149,7 +151,7 @@ def grow(db: Path, p: dict, docs: list[dict], out: Path, log) -> Path:
     """out/grown: a copy of db to which the held-out folders' other files were added; made in a temporary
     folder and renamed when complete (a killed add leaves no grown database)."""
     from retro import add_documents
-    from retro.atomic import write_bytes
+    from retro.base.atomic import write_bytes
 
     grown = out / "grown"
     if (grown / "manifest.json").exists():
@@ -176,13 +178,13 @@ def added_texts(grown) -> set[str]:
 def train_seed(db: Path, run: Path, seed: int, steps: int, log) -> None:
     """RETRO with the CPU demo's recipe for `steps` steps (resumed if a checkpoint is there)."""
     from retro import TrainOptions, train
-    from retro.demo import DEMO_CPU_ENCODER
 
     state = run / "checkpoint" / "state.json"
     if state.exists() and json.loads(state.read_text())["step"] >= steps:
         return
-    train(TrainOptions(db=str(db), out=str(run), config="tiny", overrides=dict(DEMO_CPU_ENCODER), batch_size=4,
-                       seq_chunks=SEQ_CHUNKS, lr=3e-3, warmup=20, k=K, save_every=50, seed=seed, steps=steps,
+    train(TrainOptions(db=str(db), out=str(run), config=CPU.config, overrides=dict(CPU.encoder),
+                       batch_size=CPU.batch_size, seq_chunks=SEQ_CHUNKS, lr=CPU.lr, warmup=CPU.warmup, k=K,
+                       save_every=CPU.save_every, seed=seed, steps=steps,
                        device="cpu", progress=False, resume=state.exists()), log=log)
 
 
@@ -190,7 +192,7 @@ def eval_sets(dbs: dict, p: dict, seq_len: int, span: int) -> dict:
     """The evaluation set of each setting: (retriever, EvalSet), the same seeded spans in every setting
     that reads the same files, so before and after score the same tokens."""
     from retro import Retriever
-    from retro.evaluate import prepare
+    from retro.evaluation.evaluate import prepare
 
     retrievers = {name: Retriever.load(path, device="cpu") for name, path in dbs.items()}
     which = {"strict_before": ("db", "evaluated"), "strict_after": ("grown", "evaluated"),
@@ -340,7 +342,7 @@ def main(argv=None) -> Path:
 
 def run_seed(db: Path, out: Path, seed: int, a, sets: dict, log) -> None:
     """Trains seed's model, evaluates it in every setting (eval_sets) and writes out/seed-S.json."""
-    from retro.atomic import write_json
+    from retro.base.atomic import write_json
 
     t = time.time()
     train_seed(db, out / f"run-{seed}", seed, a.steps, log)
@@ -360,14 +362,14 @@ def describe_command(argv: list[str]) -> str:
 def describe_corpus(a) -> str:
     if a.corpus:
         return f"corpus {a.corpus}"
-    from retro.default_corpus import describe
+    from retro.app.default_corpus import describe
 
     return f"{a.max_documents or 'all'} files of {describe()} (the demo's sample)"
 
 
 def write_json_plan(out: Path, p: dict, docs: list[dict]) -> None:
     """out/plan.json: the paths of the evaluated, added and file-split files (what was measured)."""
-    from retro.atomic import write_json
+    from retro.base.atomic import write_json
 
     if not (out / "plan.json").exists():
         write_json(out / "plan.json", {k: [docs[d]["path"] for d in v] for k, v in p.items()})

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import database_growth, harness
-from test_demo import write_family_corpus
+from tests.retro.app.test_demo import write_family_corpus
 
 
 @pytest.mark.slow
