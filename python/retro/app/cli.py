@@ -98,7 +98,7 @@ def _cmd_train(o, extras: TrainExtras) -> None:
 
     kwargs = {}
     if extras.retrofit:
-        from ..retrofit.wrapper import retrofit_factory
+        from ..retrofitting.wrapper import retrofit_factory
 
         kwargs["model_factory"] = retrofit_factory(extras.retrofit, extras.cca_layers, extras.placement,
                                                    settings=parse_overrides(extras.set))

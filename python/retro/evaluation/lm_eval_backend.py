@@ -41,7 +41,7 @@ from ..base.errors import RetroError
 from .evaluate import prepare, score
 from ..decoding.generate import continue_inputs
 from ..decoding.inputs import check_database, tokens_for_model
-from ..retrofit.load import from_pretrained
+from ..retrofitting.load import from_pretrained
 from ..retrieval import ChunkDatabase, Retriever
 
 try:

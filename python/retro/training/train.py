@@ -336,7 +336,7 @@ def load_model(run: str | Path, device=None, backend: str | None = None, db=None
     (retrofit/load.py's model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
     from ..base.files import read_json_file
-    from ..retrofit.load import model_from_folder
+    from ..retrofitting.load import model_from_folder
 
     folder = checkpoint_dir(Path(run))
     state = read_json_file(folder / "state.json", REMEDY)

@@ -21,7 +21,7 @@ from retro.app.demo.generation import held_out_prompt
 from retro.app.demo.recipes import default_cca_layers
 from retro.retrieval.database import ChunkDatabase
 from retro.retrieval.embedder import resolve_embedder_path
-from tests.retro.retrofit.test_retrofit import passages_corpus
+from tests.retro.retrofitting.test_retrofit import passages_corpus
 
 
 def write_family_corpus(root, folders: int = 10, files: int = 4, lines: int = 60, seed: int = 0):

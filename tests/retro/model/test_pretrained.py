@@ -7,7 +7,7 @@ import torch
 from retro import RetroError
 from retro.model.model import RetroModel, preset
 from retro.model.saved import load_tokenizer_beside, save_pretrained
-from retro.retrofit.load import from_pretrained
+from retro.retrofitting.load import from_pretrained
 
 SMALL = dict(dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2, enc_head_dim=16, depth=2,
              cca_layers=[1], vocab_size=97, chunk_size=4, max_seq_len=32)
@@ -77,7 +77,7 @@ def test_bad_sources_are_named(tmp_path, monkeypatch):
 def test_a_retrofit_saves_its_new_weights_and_loads_onto_its_base_only(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from retro.retrofit.wrapper import retrofit
+    from retro.retrofitting.wrapper import retrofit
 
     def base(seed):
         torch.manual_seed(seed)

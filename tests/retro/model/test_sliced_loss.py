@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM)
 
-from retro.retrofit.wrapper import hf_head
+from retro.retrofitting.wrapper import hf_head
 from retro.model import sliced_loss
 from retro.base.defaults import IGNORE
 from retro.model.model import RetroModel, preset
-from retro.retrofit.wrapper import retrofit
+from retro.retrofitting.wrapper import retrofit
 from retro.model.sliced_loss import slice_length, sliced_nll
 from retro.training.step import sequence_loss
-from tests.retro.retrofit.test_retrofit import MODELS, SMALL_LLAMA
+from tests.retro.retrofitting.test_retrofit import MODELS, SMALL_LLAMA
 
 SMALL = dict(vocab_size=300, chunk_size=8, dim=32, ff_dim=64, heads=2, head_dim=16, enc_dim=32, enc_heads=2,
              enc_head_dim=16, depth=2, cca_layers=(1,), max_seq_len=64)

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from tests.helpers.retrieval_helpers import quick_database
 from retro.training import fsdp
 from retro.training.train import TrainOptions, load_model, train
-from retro.retrofit.wrapper import retrofit_factory
+from retro.retrofitting.wrapper import retrofit_factory
 from tests.retro.training.test_fsdp import finished, log, torchrun, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -58,7 +58,7 @@ def test_a_run_folder_loads_as_a_saved_model(trained, tmp_path):
     import torch
 
     from retro.model.saved import save_pretrained
-    from retro.retrofit.load import from_pretrained
+    from retro.retrofitting.load import from_pretrained
 
     _, _, run = trained
     model, _ = load_model(run, device="cpu")

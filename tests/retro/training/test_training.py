@@ -254,7 +254,7 @@ def test_checkpointing_is_refused_for_retrofitted_models(db, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from retro.base.errors import RetroError
-    from retro.retrofit.wrapper import retrofit
+    from retro.retrofitting.wrapper import retrofit
 
     def factory(cfg, database):
         hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=database.tokenizer.vocab_size))

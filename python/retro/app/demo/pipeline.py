@@ -149,7 +149,7 @@ class _Demo:
                       device=o.device)
         runs, self.seconds, factory = {"retro": self.out / "run"}, {}, {}
         if r.retrofit:
-            from retro.retrofit.wrapper import retrofit_factory
+            from retro.retrofitting.wrapper import retrofit_factory
 
             factory = {"model_factory": retrofit_factory(self.base, r.cca_layers,
                                                          encoder=None if r.encoder is None else dict(r.encoder))}

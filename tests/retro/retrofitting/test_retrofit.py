@@ -13,7 +13,7 @@ from tests.helpers.retrieval_helpers import run_cli
 from retro.evaluation.evaluate import evaluate
 from retro.retrieval import BuildOptions, Retriever, build_database
 from retro.retrieval.embedder_source import resolve_embedder_path
-from retro.retrofit.wrapper import retrofit
+from retro.retrofitting.wrapper import retrofit
 from retro.training.train import load_model
 
 SMALL_LLAMA = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from retro.training.data import Batch
-from retro.retrofit.wrapper import retrofit
+from retro.retrofitting.wrapper import retrofit
 from retro.training.step import train_step
 
 M, K, V = 8, 2, 64
