@@ -555,7 +555,7 @@ def _repair_index(opts: BuildOptions, log) -> None:
                          f"(generation {generation_of(manifest)}): {index_remedy(out)}")
     log(f"[build-db] {damage}")
     state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
-    manifest["index"] = _index_stage(opts, state, log, None)
+    manifest["index"] = _index_stage(opts, state, log)
     write_json(out / "manifest.json", manifest)
     _clean_up(out)
 
