@@ -2,7 +2,7 @@
 with SIGKILL (as kill -9 would) right after the unit of work it is told: argv = corpus, out,
 stage, index[, --resume][, --bm25]. Used by test_build_resume.py; with stage "none" it runs to the end.
 Small parts and blocks make every stage several units long; the embedder is the tests' hashing one, or
-BM25 with --bm25. Under torchrun (test_build_distributed.py) only the rank in $KILL_RANK kills itself
+BM25 with --bm25. Under torchrun (test_build_resume.py) only the rank in $KILL_RANK kills itself
 (every rank where it is not set)."""
 import os
 import signal

@@ -11,7 +11,9 @@ part by part:
 
 The part size S depends on the number of keys and --block-size only (index_part_size), not on the
 number of ranks, so one process and N processes, or a build resumed with another N, write the same
-parts and the same index, byte for byte. Each part file holds a copy of the trained quantiser as
+parts and the same index, byte for byte (ivf-fastscan: but for the padding of its lists' blocks of 32
+codes, which faiss's merge leaves uninitialised; the codes, ids and search results are the same).
+Each part file holds a copy of the trained quantiser as
 well as its keys' codes, so parts are large: INDEX_PART_BLOCKS blocks at least, at most
 MAX_INDEX_PARTS of them.
 """
