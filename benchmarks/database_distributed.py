@@ -1,7 +1,7 @@
 """The database build in 1 process against N processes under torchrun on one machine: seconds per
 stage and in total, and whether the databases are the same.
 
-    python -m benchmarks.database_distributed [--fraction 0.1] [--processes 2] [--out runs/bench-db-dist]
+    python -m benchmarks.database_distributed [--fraction 0.1] [--processes 2] [--runs 2] [--out runs/bench-db-dist]
 
 Corpus: a seeded sample of the .py files of this environment's site-packages, as database_scale.py
 samples it (0.1: about 1,350 files, 120,000 chunks). A SentencePiece tokenizer is trained on it
@@ -11,9 +11,11 @@ rank 0 does alone, is left out of the comparison. Then, for 1 process and for N:
         --holdout-by folder --target-recall 0.8 --index auto   (ivf-fastscan above 50k chunks)
   retro neighbours DB -k 2
 alone (OMP_NUM_THREADS = the CPUs) or under `torchrun --nproc_per_node N` (OMP_NUM_THREADS = CPUs / N
-per rank), so that both use every core once. Per stage: rank 0's seconds from the manifest (a stage
-that waits for the other ranks includes the wait); build s and neighbours s: the commands' wall time,
-start-up included. Writes benchmarks/results/database_distributed-<machine>.{json,md,png}.
+per rank), so that both use every core once; --runs pairs, in alternate order (1 then N, N then 1),
+as other work on the machine changes the load from one build to the next. Per stage: rank 0's
+seconds from the manifest (a stage that waits for the other ranks includes the wait); build s and
+neighbours s: the commands' wall time, start-up included.
+Writes benchmarks/results/database_distributed-<machine>.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def compare(one: Path, many: Path) -> dict:
 
 def plot(rows: list[dict]):
     parts = [*STAGES, "neighbours"]
-    series = {f"{r['processes']} process(es) x {r['threads']} thread(s)": [r[f"s_{s}"] for s in parts] for r in rows}
+    series = {f"pair {r['run']}: {r['processes']} process(es) x {r['threads']} thread(s)": [r[f"s_{s}"] for s in parts]
+              for r in rows}
     return lambda path: bar_plot(path, parts, series, "seconds",
                                  f"build-db + neighbours, {rows[0]['chunks']} chunks")
 
@@ -71,6 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--runs", type=int, default=2, help="pairs of builds (1 process, N processes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-db-dist")
     p.add_argument("--note", action="append", default=[], help="a line added to the results' notes")
@@ -80,9 +84,11 @@ def main() -> None:
     corpus = out / "corpus"
     n_files, size = sample_corpus(python_sources(), a.fraction, a.seed, corpus)
     tok = out / "tokenizer.model"
-    tok_s = run(["retro", "tokenizer", str(corpus), "--out", str(tok)], cpus)
+    trained = "in an earlier run of this benchmark" if tok.exists() else \
+        f"in {run(['retro', 'tokenizer', str(corpus), '--out', str(tok)], cpus):.0f} s"
     rows, dbs = [], {}
-    for processes in (1, a.processes):
+    for run_, processes in [(r, n) for r in range(a.runs) for n in ((1, a.processes) if r % 2 == 0 else
+                                                                    (a.processes, 1))]:
         db = dbs[processes] = out / f"db-{processes}"
         shutil.rmtree(db, ignore_errors=True)
         threads = max(1, cpus // processes)
@@ -92,23 +98,24 @@ def main() -> None:
                        "--holdout-by", "folder", "--target-recall", "0.8", "--seed", str(a.seed)], threads)
         neighbours_s = run([*launcher(processes), "retro", "neighbours", str(db), "-k", "2"], threads)
         manifest = json.loads((db / "manifest.json").read_text())
-        row = {"processes": processes, "threads": threads, "files": n_files, "MB": size / 1e6,
+        row = {"run": run_, "processes": processes, "threads": threads, "files": n_files, "MB": size / 1e6,
                "chunks": manifest["counts"]["chunks"], "index": manifest["index"]["kind"],
                **{f"s_{s}": manifest["build_seconds"].get(s, 0.0) for s in STAGES},
                "s_neighbours": neighbours_s, "build_s": build_s, "total_s": build_s + neighbours_s,
                "load_before": load, "load_after": os.getloadavg()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for r in rows:
-        r["speedup"] = rows[0]["total_s"] / r["total_s"]
+    for r in rows:  # against the 1-process build of the same pair
+        r["speedup"] = next(o["total_s"] for o in rows if o["run"] == r["run"] and o["processes"] == 1) / r["total_s"]
     same = compare(dbs[1], dbs[a.processes])
-    columns = [("processes", "processes"), ("threads", "threads each"), ("chunks", "chunks"), ("index", "index"),
+    columns = [("run", "pair"), ("processes", "processes"), ("threads", "threads each"), ("chunks", "chunks"),
+               ("index", "index"),
                *[(f"s_{s}", f"{s} s") for s in STAGES], ("build_s", "build-db s"), ("s_neighbours", "neighbours s"),
                ("total_s", "total s"), ("speedup", "speed-up"), ("load_before", "load before"),
                ("load_after", "load after")]
     notes = [f"corpus: a seeded sample (seed {a.seed}, fraction {a.fraction:g}) of the .py files of this "
              f"environment's site-packages: {n_files} files, {size / 1e6:.0f} MB",
-             f"tokenizer trained once ({tok_s:.0f} s, `retro tokenizer`, vocabulary 8000) and passed with --tokenizer",
+             f"tokenizer trained once ({trained}, `retro tokenizer`, vocabulary 8000) and passed with --tokenizer",
              f"build-db --embedder {EMBEDDER} --valid-fraction 0.01 --holdout-by folder --target-recall 0.8 "
              "--index auto; then neighbours -k 2 (8 candidates kept)",
              f"{a.processes} processes: torchrun --nproc_per_node {a.processes} (gloo), OMP_NUM_THREADS "
