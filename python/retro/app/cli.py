@@ -57,9 +57,11 @@ def _cmd_build_db(o) -> None:
 
 
 def _cmd_neighbours(o: NeighboursOptions) -> None:
+    from ..base.distributed import shutdown
     from ..retrieval import compute_neighbours
 
     compute_neighbours(o.db, k=o.k, extra=o.extra, block=o.block_size, device=o.device, index=o.index)
+    shutdown()
 
 
 def _cmd_query(o: QueryOptions) -> None:

@@ -8,12 +8,15 @@ Stages, each written atomically and skipped when a resumed build finds it done:
               token and chunk arrays written from the parts
   embed       the chunks' keys in blocks of --block-size chunks (parts/embeddings-*.npy)
   merge       the blocks copied into embeddings.npy, one block at a time
-  index       the faiss index (or shards), then manifest.json, last
+  index       the faiss index (or shards): trained on a sample, filled in parts (parts/index-*.faiss,
+              index_parts.py), merged; then manifest.json, last
 With --embedder bm25 the stages terms and index of bm25_build.py replace embed, merge and index (no
 embeddings.npy, no faiss index: the folder bm25/).
 A build killed at any point (kill -9 included) and run again with --resume gives the database an
 uninterrupted build gives: every stage's output is a function of the options and the corpus only.
-Under torchrun every rank tokenises and embeds its share of the parts; rank 0 does the rest.
+Under torchrun every rank tokenises, embeds and adds to the index its share of the parts (the
+ranks meet at barriers between stages); rank 0 reads the corpus, trains the tokenizer and the
+index, merges and writes the rest.
 """
 from __future__ import annotations
 
@@ -401,14 +404,21 @@ def _merge_embeddings(opts: BuildOptions) -> None:
         del keys
 
 
-def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
-    from .index import IndexSettings, SearchIndex, build_faiss, choose_kind, tune_nprobe
+def _index_stage(opts: BuildOptions, state: dict, log,
+                 ranks: tuple[int, int] | None = None) -> dict | None:
+    """Every rank (of ranks = (rank, world), by default torchrun's) fills its parts of a faiss
+    index (index_parts.py); rank 0 does the rest and returns the manifest's index entry, the
+    others None."""
+    from .index import IndexSettings, SearchIndex, choose_kind, tune_nprobe
 
     out = Path(opts.out)
     if "index" in state["stages"]:
         return state["stages"]["index"]
+    rank, world = ranks or (dist.rank(), dist.world_size())
     vectors = np.load(out / "embeddings.npy", mmap_mode="r")
     kind = choose_kind(len(vectors)) if opts.index == "auto" else opts.index
+    if rank != 0 and (opts.shards > 1 or kind == "torch"):
+        return None  # rank 0 writes the shards; torch exact search has no index file
     if opts.shards > 1:
         from .index import faiss_available
         from .sharded import build_shards
@@ -422,10 +432,16 @@ def _index_stage(opts: BuildOptions, state: dict, log) -> dict:
     else:
         import faiss
 
-        log(f"[build-db] training the {kind} index on a sample" if kind != "flat" else "[build-db] flat index")
+        from .index_parts import build_faiss_in_parts
+
+        if rank == 0:
+            log(f"[build-db] training the {kind} index on a sample" if kind != "flat" else "[build-db] flat index")
         bar = _progress(len(vectors), f"adding to the {kind} index", opts.progress)
-        index, settings = build_faiss(kind, vectors, seed=opts.seed, progress=bar.update)
+        index, settings = build_faiss_in_parts(kind, vectors, out / "parts", opts.block_size, opts.seed, rank, world,
+                                               bar.update)
         bar.close()
+        if index is None:
+            return None  # rank 0 merged the parts
         nprobe, recall = tune_nprobe(SearchIndex(settings, index), vectors, opts.target_recall, seed=opts.seed)
         settings.nprobe, settings.recall = nprobe, recall
         with atomic_path(out / "index.faiss") as tmp:
@@ -447,7 +463,7 @@ def _timed(seconds: dict, stage: str, fn, *args):
 
 def build_database(opts: BuildOptions, log=print) -> Path:
     """Builds (or, with opts.resume, completes) the database in opts.out. Runs alone or under
-    torchrun: every rank tokenises and embeds its share, rank 0 reads, merges, indexes and writes.
+    torchrun: every rank tokenises, embeds and fills index parts, rank 0 reads, merges and writes.
     hooks.reached(stage, i) is called after each unit of work is written."""
     opts.validate()
     dist.init_from_env()
@@ -496,7 +512,10 @@ def build_database(opts: BuildOptions, log=print) -> Path:
                                 lambda st: _save_state(opts, st))
         else:
             _timed(seconds, "merge", _merge_embeddings, opts)
-            index_info = _timed(seconds, "index", _index_stage, opts, state, log)
+    if not is_bm25(opts.embedder):  # every rank fills its parts of the index
+        dist.barrier()
+        index_info = _timed(seconds, "index", _index_stage, opts, state, log)
+    if dist.is_main():
         manifest = {
             "format_version": FORMAT_VERSION,
             "chunk_size": opts.chunk_size,
@@ -555,7 +574,7 @@ def _repair_index(opts: BuildOptions, log) -> None:
                          f"(generation {generation_of(manifest)}): {index_remedy(out)}")
     log(f"[build-db] {damage}")
     state = {"format_version": FORMAT_VERSION, "options": opts.what(), "stages": {}}
-    manifest["index"] = _index_stage(opts, state, log)
+    manifest["index"] = _index_stage(opts, state, log, ranks=(0, 1))  # rank 0 alone
     write_json(out / "manifest.json", manifest)
     _clean_up(out)
 

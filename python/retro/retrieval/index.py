@@ -161,6 +161,13 @@ def _pq_m(dim: int) -> int:
 def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, block: int = 65_536):
     """Trains (on a sample) and fills a faiss index of `kind` on the CPU, or on all GPUs faiss
     sees, returning the CPU index and its settings."""
+    index, settings = train_faiss(kind, vectors, seed)
+    return fill_faiss(index, kind, vectors, progress, block), settings
+
+
+def train_faiss(kind: str, vectors: np.ndarray, seed: int = 0):
+    """An empty faiss index of `kind` over vectors (n, dim), trained on a seeded sample of them
+    (nothing to train for flat), and its settings."""
     import faiss
 
     n, dim = vectors.shape
@@ -201,6 +208,15 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
             index.is_trained = True
         else:  # faiss's k-means and OPQ use fixed seeds: the same sample gives the same index
             index.train(sample)
+    return index, settings
+
+
+def fill_faiss(index, kind: str, vectors: np.ndarray, progress=None, block: int = 65_536):
+    """Adds vectors (n, dim) to the trained CPU index (on all GPUs faiss sees, for the kinds that
+    run there), `block` at a time; returns the CPU index."""
+    import faiss
+
+    n = len(vectors)
     gpu_index = None
     if faiss_gpus() and kind not in ("flat", "ivf-fastscan"):
         gpu_index = to_all_gpus(index, kind)
@@ -211,7 +227,7 @@ def build_faiss(kind: str, vectors: np.ndarray, seed: int = 0, progress=None, bl
             progress(min(block, n - s))
     if gpu_index is not None:
         index = faiss.index_gpu_to_cpu(gpu_index)
-    return index, settings
+    return index
 
 
 class SearchIndex:

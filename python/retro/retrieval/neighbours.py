@@ -1,7 +1,9 @@
 """Precomputed neighbours of every training chunk, its own document excluded, for training
 (`retro neighbours DIR`). Computed in blocks that are written atomically, so an interrupted run
-resumes where it stopped. The file keeps k + extra candidates per chunk: a training sequence that
-packs several documents drops candidates from any of them and keeps the first k."""
+resumes where it stopped; under torchrun each rank searches its share of the blocks (block b on
+rank b % world, each rank with the whole index loaded) and rank 0 joins them. The file keeps
+k + extra candidates per chunk: a training sequence that packs several documents drops
+candidates from any of them and keeps the first k."""
 from __future__ import annotations
 
 import re
@@ -14,6 +16,7 @@ from ..base.defaults import EXTRA_NEIGHBOURS, NEIGHBOURS
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from ..base.errors import RetroError
 from ..base import hooks
+from ..base import distributed as dist
 from .generations import current_generation
 from .retriever import Retriever
 
@@ -35,11 +38,13 @@ def is_neighbours_entry(name: str) -> bool:
 def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXTRA_NEIGHBOURS, block: int = 8192,
                        device=None, index: str | None = None, progress: bool = True, log=print) -> Path:
     """Writes neighbours-{k+extra}.npy: (chunks, k + extra) int64 chunk ids, -1 where fewer exist.
+    Alone or under torchrun (every rank calls it; rank 0 writes the file, the others wait for it).
     hooks.reached("neighbours", b) is called after each block is written."""
     from ..base.progress import progress_bar
 
     if k < 1 or extra < 0:
         raise RetroError(f"need k >= 1 and extra >= 0, got k={k}, extra={extra}")
+    rank, world = dist.init_from_env()
     retriever = Retriever.load(db_dir, device=device, index=index)
     db = retriever.db
     cand = min(k + extra, db.num_chunks - 1)
@@ -51,8 +56,9 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
     parts = out.with_name(f"{out.stem}-parts")
     n = db.num_chunks
     blocks = range((n + block - 1) // block)
-    bar = progress_bar(total=n, desc="neighbours", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
-    for b in blocks:
+    bar = progress_bar(total=sum(min(block, n - b * block) for b in blocks[rank::world]), desc="neighbours",
+                       unit="chunk", disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+    for b in blocks[rank::world]:
         part = parts / f"part-{b:06d}.npy"
         sl = slice(b * block, min(n, (b + 1) * block))
         if not part.exists():
@@ -63,6 +69,10 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
             hooks.reached("neighbours", b)
         bar.update(sl.stop - sl.start)
     bar.close()
+    dist.barrier()
+    if rank != 0:
+        dist.barrier()  # until rank 0 has written the file
+        return out
     # the description first: the .npy, written last, marks the file complete
     write_json(out.with_suffix(".json"), {"k": k, "extra": extra, "index": retriever.index.kind,
                                           "own_document_excluded": True})
@@ -74,6 +84,7 @@ def compute_neighbours(db_dir: str | Path, k: int = NEIGHBOURS, extra: int = EXT
         del ids
     shutil.rmtree(parts, ignore_errors=True)
     log(f"[neighbours] {n} chunks x {k + extra} candidates -> {out}")
+    dist.barrier()
     return out
 
 

@@ -1,5 +1,7 @@
 """kill -9 at any stage of `build-db` (and of the neighbours that follow it), then --resume: the
-database is byte for byte the one an uninterrupted build writes; with an embedder and with BM25."""
+database is byte for byte the one an uninterrupted build writes; with an embedder and with BM25.
+Under torchrun with 2 processes (gloo): the database is the one-process one, and after rank 1 alone
+is killed in a stage, the same command with --resume completes it."""
 import os
 import subprocess
 import sys
@@ -7,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, database_contents
+from tests.helpers.retrieval_helpers import ROOT, SUBPROCESS_TIMEOUT, database_contents, free_port
 
 WORKER = ROOT / "tests" / "helpers" / "build_kill_worker.py"
 # (stage, unit after which the build is killed): every stage of build.py, and the neighbours
-KILLS = [("catalogue", 0), ("tokenizer", 0), ("tokenise", 1), ("embed", 2), ("merge", 3), ("index", 0),
-         ("manifest", 0), ("neighbours", 1)]
+KILLS = [("catalogue", 0), ("tokenizer", 0), ("tokenise", 1), ("embed", 2), ("merge", 3), ("index-part", 2),
+         ("index", 0), ("manifest", 0), ("neighbours", 1)]
+# under torchrun, rank 1 killed after its first unit of each stage the ranks share
+RANK_KILLS = [("embed", 1), ("index-part", 1), ("neighbours", 1)]
 # --embedder bm25: its own stages (terms, index) in place of embed, merge and the faiss index
 BM25_KILLS = [("terms", 2), ("index", 0), ("manifest", 0), ("neighbours", 1)]
 
@@ -32,9 +36,13 @@ def write_folders(root: Path, folders: int = 5, files: int = 3) -> Path:
     return root
 
 
-def run_worker(corpus, out, stage="none", index=0, *flags) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(WORKER), str(corpus), str(out), stage, str(index), *flags],
+def run_worker(corpus, out, stage="none", index=0, *flags, processes: int = 0) -> subprocess.CompletedProcess:
+    """The worker alone, or with processes > 0 under torchrun, where rank 1 is the one it kills."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1",
+           **({"KILL_RANK": "1"} if processes else {})}
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                  "--master_port", str(free_port())] if processes else [])
+    return subprocess.run([*launch, str(WORKER), str(corpus), str(out), stage, str(index), *flags],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT)
 
 
@@ -59,14 +67,20 @@ def uninterrupted_bm25(corpus, tmp_path_factory):
     return corpus, uninterrupted_build(corpus, tmp_path_factory.mktemp("db-bm25") / "db", "--bm25")
 
 
-def kill_then_resume(tmp_path, corpus, want, stage, index, *flags) -> None:
-    killed = run_worker(corpus, tmp_path / "db", stage, index, *flags)
-    assert killed.returncode == -9, (stage, killed.returncode, killed.stderr[-2000:])
+def kill_then_resume(tmp_path, corpus, want, stage, index, *flags, processes: int = 0) -> None:
+    killed = run_worker(corpus, tmp_path / "db", stage, index, *flags, processes=processes)
+    # torchrun ends the other ranks when one dies and exits with 1
+    assert killed.returncode == (1 if processes else -9), (stage, killed.returncode, killed.stderr[-2000:])
+    assert not processes or "Signal 9 (SIGKILL) received" in killed.stderr, killed.stderr[-2000:]
     if stage != "neighbours":
         assert not (tmp_path / "db" / "manifest.json").exists() or stage == "manifest"
-    resumed = run_worker(corpus, tmp_path / "db", "none", 0, "--resume", *flags)
+    resumed = run_worker(corpus, tmp_path / "db", "none", 0, "--resume", *flags, processes=processes)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = database_contents(tmp_path / "db")
+    assert_same_database(tmp_path / "db", want)
+
+
+def assert_same_database(path, want: dict) -> None:
+    got = database_contents(path)
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name
@@ -83,6 +97,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_database(tmp_path, uninterru
 def test_kill_9_then_resume_gives_the_uninterrupted_bm25_database(tmp_path, uninterrupted_bm25, stage, index):
     assert "bm25/data.npy" in uninterrupted_bm25[1] and "embeddings.npy" not in uninterrupted_bm25[1]
     kill_then_resume(tmp_path, *uninterrupted_bm25, stage, index, "--bm25")
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_one_process_database(tmp_path, uninterrupted):
+    """Every file, the index and the neighbours included, byte for byte."""
+    corpus, want = uninterrupted
+    assert "index.faiss" in want and "neighbours-4.npy" in want
+    done = run_worker(corpus, tmp_path / "db", processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_database(tmp_path / "db", want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,index", RANK_KILLS)
+def test_rank_1_killed_then_resume_gives_the_one_process_database(tmp_path, uninterrupted, stage, index):
+    kill_then_resume(tmp_path, *uninterrupted, stage, index, processes=2)
 
 
 def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted, monkeypatch):
