@@ -29,7 +29,7 @@ from .model import check_preset
 from .options import EXCLUDE_HELP, INCLUDE_HELP, option
 from .retrieval.corpus import check_globs
 from .default_corpus import default_corpus, describe as describe_default_corpus
-from .retrieval.embedder import DEFAULT_EMBEDDER
+from .retrieval.embedder import DEFAULT_EMBEDDER, default_embedder
 
 
 # minutes RETRO trains on the CPU (the baseline as long): the demo's 10 minutes hold on a slower machine
@@ -279,7 +279,6 @@ def run_demo(o: DemoOptions, log=print) -> dict:
         return run_retrofit_demo(o, log)
     from .atomic import write_json
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
-    from .retrieval.static_embedder import STATIC_PREFIX
     from .train import TrainOptions, load_model
 
     o.validate()
@@ -289,7 +288,7 @@ def run_demo(o: DemoOptions, log=print) -> dict:
     db_dir = out / "db"
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
     config = o.config or ("172M" if on_gpu else "tiny")
-    embedder = o.embedder or (DEFAULT_EMBEDDER if on_gpu else STATIC_PREFIX + DEFAULT_EMBEDDER)
+    embedder = o.embedder or default_embedder(o.device)[0]
     # one neighbour on the CPU: in equal training time the steps a cheaper step buys outweigh the
     # second neighbour (measured: benchmarks/results/demo_neighbours-*.md)
     k = o.k or (2 if on_gpu else 1)

@@ -100,8 +100,7 @@ def run_retrofit_demo(o, log=print) -> dict:
     from .default_corpus import default_corpus, describe as describe_default_corpus
     from .demo import _trained, continue_held_out, held_out_by_split, sample_corpus, step_seconds
     from .retrieval import BuildOptions, Retriever, build_database, compute_neighbours
-    from .retrieval.embedder import DEFAULT_EMBEDDER
-    from .retrieval.static_embedder import STATIC_PREFIX
+    from .retrieval.embedder import default_embedder
     from .retrieval.tokenizer import HFTokenizer
     from .retrofit import retrofit_factory
     from .train import TrainOptions, load_model, train
@@ -112,7 +111,7 @@ def run_retrofit_demo(o, log=print) -> dict:
     base = resolve_base(o.retrofit)
     out = Path(o.out) / f"retrofit-{slug(o.retrofit)}"
     on_gpu = torch.cuda.is_available() if o.device is None else str(o.device).startswith("cuda")
-    embedder = o.embedder or (DEFAULT_EMBEDDER if on_gpu else STATIC_PREFIX + DEFAULT_EMBEDDER)
+    embedder = o.embedder or default_embedder(o.device)[0]
     k = o.k or 2
     minutes = o.train_minutes or (GPU_TRAIN_MINUTES if on_gpu else CPU_TRAIN_MINUTES)
     out.mkdir(parents=True, exist_ok=True)
