@@ -276,26 +276,36 @@ def _catalogue_stage(opts: BuildOptions, state: dict, log) -> dict:
 
 
 def _training_lines(opts: BuildOptions, doc_split: np.ndarray) -> list[str]:
-    """The non-empty lines of the training documents, or a seeded uniform sample of
-    --tokenizer-lines of them (reservoir sampling over the stream), in corpus order."""
+    """The non-empty lines of the training documents, or a seeded uniform sample of --tokenizer-lines of
+    them, in corpus order: each line draws a seeded uniform key (a document's lines at once) and the lines
+    of the smallest keys are kept (bottom-k sampling over the stream; lines whose key is above the kept
+    ones' largest are never looked at)."""
     rng = np.random.default_rng(opts.seed)
     cap = opts.tokenizer_lines
-    sample: list[tuple[int, str]] = []
-    seen = 0
+    keys, lines, order = [], [], []  # the candidates: key, line, position among all lines
+    threshold, seen = np.inf, 0
+
+    def prune(size: int) -> float:
+        nonlocal keys, lines, order
+        keep = np.sort(np.argpartition(np.asarray(keys), size - 1)[:size])
+        keys, lines, order = [keys[i] for i in keep], [lines[i] for i in keep], [order[i] for i in keep]
+        return max(keys)
+
     for d, (text, _) in enumerate(_documents(opts)):
         if doc_split[d]:
             continue
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            if len(sample) < cap:
-                sample.append((seen, line))
-            else:
-                j = int(rng.integers(0, seen + 1))
-                if j < cap:
-                    sample[j] = (seen, line)
-            seen += 1
-    return [line for _, line in sorted(sample)]
+        doc_lines = [line for line in text.splitlines() if line.strip()]
+        drawn = rng.random(len(doc_lines))
+        for i in np.flatnonzero(drawn < threshold).tolist():
+            keys.append(float(drawn[i]))
+            lines.append(doc_lines[i])
+            order.append(seen + i)
+        seen += len(doc_lines)
+        if len(keys) >= 2 * cap:
+            threshold = prune(cap)
+    if len(keys) > cap:
+        prune(cap)
+    return [line for _, line in sorted(zip(order, lines))]
 
 
 def _tokenizer_stage(opts: BuildOptions, state: dict, log):
