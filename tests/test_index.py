@@ -98,3 +98,29 @@ def test_exact_index_norms_match_and_keys_are_not_copied(vectors):
     exact = TorchExactIndex(vectors, device="cpu")
     np.testing.assert_allclose(exact.norms.numpy(), (vectors.astype(np.float64) ** 2).sum(1), rtol=1e-5)
     assert exact.x.data_ptr() == vectors.__array_interface__["data"][0]  # float32 keys on the CPU: shared
+
+
+def test_fastscan_searches_in_batches_whose_lookup_tables_fit_the_budget(vectors, monkeypatch):
+    import retro.retrieval.index as index_module
+
+    index, settings = build_faiss("ivf-fastscan", vectors)
+    search = SearchIndex(settings, index)
+    search.set_nprobe(8)
+    q = vectors[::7] + 0.01
+    whole = search.search(q, 10)
+
+    class Recording:
+        def __init__(self, impl):
+            self.impl, self.sizes = impl, []
+
+        def search(self, queries, k):
+            self.sizes.append(len(queries))
+            return self.impl.search(queries, k)
+
+    per_query = 8 * settings.pq_m * 16 * 5  # nprobe x sub-quantisers x 16 entries, float32 and uint8
+    monkeypatch.setattr(index_module, "LUT_BUDGET", 100 * per_query)
+    search.impl = recording = Recording(index)
+    batched = search.search(q, 10)
+    assert max(recording.sizes) == 100 and sum(recording.sizes) == len(q) > 100
+    np.testing.assert_array_equal(batched[1], whole[1])
+    np.testing.assert_array_equal(batched[0], whole[0])

@@ -32,6 +32,7 @@ IVF_KINDS = ("ivf-flat", "ivf-fastscan", "ivf-pq")
 REFINE_FACTOR = 4  # ivf-fastscan re-ranks k x this many candidates by exact distance
 LARGE_CPU = 500_000  # keys above which a CPU ivf-fastscan index trains a cheaper coarse quantiser
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit (GPU_MAX_SELECTION_K): k and nprobe at most this
+LUT_BUDGET = 256 << 20  # bytes of ivf-fastscan lookup tables one search call may build (SearchIndex.query_batch)
 GPU_SHARED_MEMORY = 48 * 1024  # bytes of shared memory per block faiss's GPU IVF-PQ lookup tables must fit in
 
 
@@ -285,7 +286,23 @@ class SearchIndex:
         if k > self.ntotal:
             raise RetroError(f"k={k} is larger than the database ({self.ntotal} chunks)")
         check_max_k(k, self.max_k)
-        return self.impl.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        batch = self.query_batch()
+        if len(queries) <= batch:
+            return self.impl.search(queries, k)
+        parts = [self.impl.search(queries[s:s + batch], k) for s in range(0, len(queries), batch)]
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def query_batch(self) -> int:
+        """The most queries one faiss call gets: ivf-fastscan on the CPU builds every query's lookup
+        tables (nprobe x pq_m x 16 entries, in float32 then uint8) for the whole call at once, 2.8 GB
+        for 8,192 queries at nprobe 111 with 192 sub-quantisers: calls are cut to LUT_BUDGET bytes."""
+        import faiss
+
+        if self.kind != "ivf-fastscan":  # (never on GPUs: faiss has no fast scan there)
+            return 1 << 62
+        nprobe = faiss.extract_index_ivf(self.faiss_index).nprobe
+        return max(16, LUT_BUDGET // (max(1, nprobe) * max(1, self.settings.pq_m) * 16 * 5))
 
 
 def check_max_k(k: int, max_k: int | None) -> None:
