@@ -117,7 +117,7 @@ def test_fastscan_searches_in_batches_whose_lookup_tables_fit_the_budget(vectors
             self.sizes.append(len(queries))
             return self.impl.search(queries, k)
 
-    per_query = 8 * settings.pq_m * 16 * 5  # nprobe x sub-quantisers x 16 entries, float32 and uint8
+    per_query = 8 * settings.pq_m * 16  # nprobe x sub-quantisers x 16 one-byte entries
     monkeypatch.setattr(index_module, "LUT_BUDGET", 100 * per_query)
     search.impl = recording = Recording(index)
     batched = search.search(q, 10)
