@@ -299,10 +299,10 @@ class SearchIndex:
         nprobe 111 with 192 sub-quantisers: calls are cut to LUT_BUDGET bytes of them. (Larger calls
         scan each list once for more queries: on 150k keys at nprobe 111, 157 queries a call answered
         5,900 queries/s, 787 a call 9,200, 8,192 a call 8,300.)"""
-        import faiss
-
         if self.kind != "ivf-fastscan":  # (never on GPUs: faiss has no fast scan there)
             return 1 << 62
+        import faiss
+
         nprobe = faiss.extract_index_ivf(self.faiss_index).nprobe
         return max(16, LUT_BUDGET // (max(1, nprobe) * max(1, self.settings.pq_m) * 16))
 
