@@ -15,6 +15,15 @@ of the process during that stage (sampled every 50 ms from /proc; memory-mapped 
 touched). Latency: held-out chunks as query texts, embedded and searched for their 2 nearest chunks as
 `generate` retrieves: one chunk per call (200 calls) and 64 per call (30 calls), p50 and p99 of the call.
 Writes benchmarks/results/database_scale-<machine>.{json,md,png}.
+
+    python -m benchmarks.database_scale --defaults [--fractions 0.7] [--out runs/bench-db-defaults]
+
+--defaults: the build as a user runs it, every option at its default (recall 0.95, the embedder this
+machine gets: static keys without a GPU), then the neighbours of every training chunk, as two
+commands (`retro build-db CORPUS --out DB --include '*.py'`, `retro neighbours DB`), each a child
+process; wall time of each and the peak resident memory of the process tree (the sum over the child
+and its children, sampled every 0.2 s from /proc). Writes
+benchmarks/results/database_scale_defaults-<machine>.{json,md,png} (the png: memory against time).
 """
 from __future__ import annotations
 
@@ -150,15 +159,131 @@ def plot(rows: list[dict]):
     return draw
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process `pid` and all its descendants (0 once it is gone)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError):
+            continue
+        todo += children.get(p, [])
+    return total
+
+
+def run_measured(args: list[str], env: dict, trace: list, t0: float) -> tuple[float, int]:
+    """Runs `python -m retro ARGS` as a child; (wall seconds, peak RSS of its process tree). Appends
+    (seconds since t0, RSS bytes) to trace."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "retro", *args], env=env)
+    peak = 0
+    while proc.poll() is None:
+        rss = tree_rss(proc.pid)
+        peak = max(peak, rss)
+        trace.append((time.perf_counter() - t0, rss))
+        time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"retro {' '.join(args)} failed ({proc.returncode})")
+    return time.perf_counter() - start, peak
+
+
+def defaults_main(a, files: list[Path]) -> None:
+    """The --defaults run (the module docstring)."""
+    from benchmarks.harness import markdown_table
+
+    out = Path(a.out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rows, traces = [], []
+    load_start = os.getloadavg()
+    for fraction in a.fractions:
+        corpus, db = out / f"corpus-{fraction:g}", out / f"db-{fraction:g}"
+        n_files, size = sample_corpus(files, fraction, a.seed, corpus)
+        shutil.rmtree(db, ignore_errors=True)
+        print(f"[scale] defaults, {fraction:g}: {n_files} files, {size / 1e6:.0f} MB", flush=True)
+        trace: list = []
+        t0 = time.perf_counter()
+        build_s, build_rss = run_measured(["build-db", str(corpus), "--out", str(db), "--include", "*.py"], env,
+                                          trace, t0)
+        split = len(trace)
+        neighbours_s, neighbours_rss = run_measured(["neighbours", str(db)], env, trace, t0)
+        manifest = json.loads((db / "manifest.json").read_text())
+        seconds = {**manifest["build_seconds"], "neighbours": neighbours_s}
+        row = {"fraction": fraction, "files": n_files, "MB": size / 1e6, "tokens": manifest["counts"]["tokens"],
+               "chunks": manifest["counts"]["chunks"], "embedder": manifest["embedder"]["name"],
+               "embedder_choice": manifest.get("embedder_choice"), "index": manifest["index"]["kind"],
+               "nlist": manifest["index"].get("nlist"), "nprobe": manifest["index"].get("nprobe"),
+               "recall": manifest["index"].get("recall"), "build_s": build_s, "neighbours_wall_s": neighbours_s,
+               "total_s": build_s + neighbours_s, "build_peak_gb": build_rss / 1e9,
+               "neighbours_peak_gb": neighbours_rss / 1e9, "peak_gb": max(build_rss, neighbours_rss) / 1e9}
+        row.update({f"s_{s}": seconds.get(s, 0.0) for s in STAGES})
+        rows.append(row)
+        traces.append((fraction, trace, split))
+        print(json.dumps(row), flush=True)
+        if not a.keep:
+            shutil.rmtree(db, ignore_errors=True)
+    columns = [("fraction", "corpus"), ("files", "files"), ("MB", "MB"), ("chunks", "chunks"),
+               ("embedder", "embedder"), ("index", "index"), ("nlist", "nlist"), ("nprobe", "nprobe"),
+               ("recall", "recall@10"), *[(f"s_{s}", f"{s} s") for s in STAGES], ("build_s", "build-db s"),
+               ("total_s", "total s"), ("build_peak_gb", "build-db peak RSS GB"),
+               ("neighbours_peak_gb", "neighbours peak RSS GB")]
+    command = (f"python -m benchmarks.database_scale --defaults --fractions {' '.join(f'{f:g}' for f in a.fractions)}"
+               f" --seed {a.seed}")
+    notes = [f"reproduce from a fresh clone (set-up as in the README): `{command}`",
+             f"corpus: the .py files of this environment's site-packages ({len(files)} files), a seeded sample "
+             f"(seed {a.seed}) of the fraction of its files",
+             "`retro build-db CORPUS --out DB --include '*.py'` (every other option at its default: recall 0.95, "
+             "the embedder chosen for this machine, --index auto), then `retro neighbours DB` (k 2, 8 candidates "
+             "per chunk, every training chunk), each timed as a child process; stage seconds from the manifest",
+             "peak RSS: of the child's whole process tree, sampled every 0.2 s from /proc (memory-mapped files "
+             "count once touched)",
+             f"load average at the start (1/5/15 min): {load_start[0]:.1f} / {load_start[1]:.1f} / "
+             f"{load_start[2]:.1f} on {os.cpu_count()} CPUs",
+             "stage seconds:\n\n" + markdown_table(rows, [("fraction", "corpus"), ("chunks", "chunks"),
+                                                         *[(f"s_{s}", f"{s} s") for s in STAGES]])]
+    notes += a.note
+    write_results("database_scale_defaults", machine_name(), rows, columns, notes, plot=plot_traces(traces))
+
+
+def plot_traces(traces: list):
+    def draw(path: Path) -> None:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for fraction, trace, split in traces:
+            t = [p[0] for p in trace]
+            ax.plot(t, [p[1] / 1e9 for p in trace], label=f"corpus {fraction:g}")
+            if split < len(trace):
+                ax.axvline(trace[split][0], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("seconds (build-db, then neighbours after the dotted line)")
+        ax.set_ylabel("RSS of the process tree (GB)")
+        ax.set_title("build-db with its defaults, then neighbours")
+        ax.legend(fontsize=7)
+        save_figure(fig, path)
+
+    return draw
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-db-scale")
     p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--defaults", action="store_true", help="build with every default, then neighbours: time and "
+                                                           "peak RSS of each command (the module docstring)")
+    p.add_argument("--note", action="append", default=[], help="a line added to the results' notes")
     a = p.parse_args()
     out = Path(a.out)
     files = python_sources()
+    if a.defaults:
+        return defaults_main(a, files)
     rows = []
     for fraction in a.fractions:
         corpus, db, report = out / f"corpus-{fraction:g}", out / f"db-{fraction:g}", out / f"report-{fraction:g}.json"

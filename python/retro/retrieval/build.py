@@ -39,7 +39,7 @@ from .corpus import CorpusReport, check_corpus, check_globs, iter_documents
 from .bm25 import is_bm25
 from .database import FORMAT_VERSION, OWN_NAMES, chunk_layout, chunk_texts, key_arrays, pending_chunk_blocks
 from .generations import generation_of, index_file, index_remedy
-from .embedder import DEFAULT_EMBEDDER
+from .embedder import DEFAULT_EMBEDDER, default_embedder
 from .index import KINDS
 from .neighbours import is_neighbours_entry
 from .tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -64,10 +64,11 @@ class BuildOptions:
     holdout_by: str = option("document", "what is held out: single documents chosen at random, whole folders "
                                          "(no file of a held-out folder is in the database), or both (half of "
                                          "the held-out documents each way)", choices=HOLDOUT)
-    embedder: str = option(DEFAULT_EMBEDDER, "the frozen BERT: a Hugging Face name or a local folder; "
-                                             "static:NAME for its distilled static token embeddings (100x faster "
-                                             "on a CPU); int8:NAME for the BERT with int8 Linear layers (CPU); "
-                                             "bm25 for BM25 over the chunks' words instead of keys")
+    embedder: str | None = option(None, "the frozen BERT: a Hugging Face name or a local folder; static:NAME for its "
+                                        "distilled static token embeddings (100x faster on a CPU); int8:NAME for "
+                                        "the BERT with int8 Linear layers (CPU); bm25 for BM25 over the chunks' "
+                                        f"words instead of keys (default: {DEFAULT_EMBEDDER} on a GPU, "
+                                        f"static:{DEFAULT_EMBEDDER} without one)")
     index: str = option("auto", "the index kind (auto: flat below 50k chunks, ivf-fastscan below 5M (ivf-flat with "
                                 "faiss on GPUs), then ivf-pq; "
                                 "torch exact search without faiss)", choices=KINDS)
@@ -129,6 +130,22 @@ def _documents(opts: BuildOptions, report: CorpusReport | None = None):
     docs = iter_documents(opts.corpus, opts.text_field, report if report is not None else CorpusReport(),
                           opts.include, opts.exclude, with_folder=True)
     return islice(docs, opts.max_documents) if opts.max_documents is not None else docs
+
+
+def _choose_embedder(opts: BuildOptions) -> str:
+    """Sets opts.embedder where it is None: the embedder of the build being resumed (its state or its
+    manifest), else the default for this machine (embedder.default_embedder). Returns how it was chosen."""
+    if opts.embedder is not None:
+        return "given (--embedder)"
+    out = Path(opts.out)
+    for record in (out / "build_state.json", out / "manifest.json"):
+        if opts.resume and record.exists():
+            saved = read_json(record).get("options", {}).get("embedder")
+            if saved is not None:
+                opts.embedder = saved
+                return f"the resumed build's ({record.name})"
+    opts.embedder, why = default_embedder(opts.device)
+    return why
 
 
 def _prepare_folder(opts: BuildOptions) -> dict:
@@ -260,26 +277,36 @@ def _catalogue_stage(opts: BuildOptions, state: dict, log) -> dict:
 
 
 def _training_lines(opts: BuildOptions, doc_split: np.ndarray) -> list[str]:
-    """The non-empty lines of the training documents, or a seeded uniform sample of
-    --tokenizer-lines of them (reservoir sampling over the stream), in corpus order."""
+    """The non-empty lines of the training documents, or a seeded uniform sample of --tokenizer-lines of
+    them, in corpus order: each line draws a seeded uniform key (a document's lines at once) and the lines
+    of the smallest keys are kept (bottom-k sampling over the stream; lines whose key is above the kept
+    ones' largest are never looked at)."""
     rng = np.random.default_rng(opts.seed)
     cap = opts.tokenizer_lines
-    sample: list[tuple[int, str]] = []
-    seen = 0
+    keys, lines, order = [], [], []  # the candidates: key, line, position among all lines
+    threshold, seen = np.inf, 0
+
+    def prune(size: int) -> float:
+        nonlocal keys, lines, order
+        keep = np.sort(np.argpartition(np.asarray(keys), size - 1)[:size])
+        keys, lines, order = [keys[i] for i in keep], [lines[i] for i in keep], [order[i] for i in keep]
+        return max(keys)
+
     for d, (text, _) in enumerate(_documents(opts)):
         if doc_split[d]:
             continue
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            if len(sample) < cap:
-                sample.append((seen, line))
-            else:
-                j = int(rng.integers(0, seen + 1))
-                if j < cap:
-                    sample[j] = (seen, line)
-            seen += 1
-    return [line for _, line in sorted(sample)]
+        doc_lines = [line for line in text.splitlines() if line.strip()]
+        drawn = rng.random(len(doc_lines))
+        for i in np.flatnonzero(drawn < threshold).tolist():
+            keys.append(float(drawn[i]))
+            lines.append(doc_lines[i])
+            order.append(seen + i)
+        seen += len(doc_lines)
+        if len(keys) >= 2 * cap:
+            threshold = prune(cap)
+    if len(keys) > cap:
+        prune(cap)
+    return [line for _, line in sorted(zip(order, lines))]
 
 
 def _tokenizer_stage(opts: BuildOptions, state: dict, log):
@@ -468,6 +495,9 @@ def build_database(opts: BuildOptions, log=print) -> Path:
     opts.validate()
     dist.init_from_env()
     out = Path(opts.out)
+    choice = _choose_embedder(opts)
+    if dist.is_main():
+        log(f"[build-db] embedder {opts.embedder}: {choice}")
     embedder = None  # loaded first: a name that is no embedder fails before any stage, leaving no folder
     if not is_bm25(opts.embedder):
         from .embedder import make_embedder
@@ -476,6 +506,7 @@ def build_database(opts: BuildOptions, log=print) -> Path:
     state = dist.broadcast_object(_prepare_folder(opts) if dist.is_main() else None)
     if state is None:
         raise RetroError("build preparation failed on rank 0")
+    choice = state.setdefault("embedder_choice", choice)  # a resumed build keeps the reason it started with
     if state.get("complete"):
         if dist.is_main():
             _repair_index(opts, log)
@@ -522,6 +553,7 @@ def build_database(opts: BuildOptions, log=print) -> Path:
             "counts": _counts(out),
             "tokenizer": tokenizer.describe(),
             "embedder": embedder_info,
+            "embedder_choice": choice,
             "index": index_info,
             "arrays": {a: _array_info(out / f"{a}.npy") for a in key_arrays(opts.embedder)},
             "report": {**catalogue["report"], "vocab_reduced": state["stages"].get("vocab_reduced")},

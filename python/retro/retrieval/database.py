@@ -60,7 +60,8 @@ def chunk_layout(doc_start: np.ndarray, doc_split: np.ndarray, chunk_size: int):
 
 
 def chunk_texts(tokenizer, tokens: np.ndarray, chunk_start: np.ndarray, chunk_len: np.ndarray) -> list[str]:
-    return [tokenizer.decode(tokens[s:s + n]) for s, n in zip(chunk_start, chunk_len)]
+    """The decoded text of each chunk (tokens[start:start + len]), decoded in one batch."""
+    return tokenizer.decode_batch([tokens[s:s + n] for s, n in zip(chunk_start, chunk_len)])
 
 
 class ChunkDatabase:

@@ -25,6 +25,22 @@ from .embedder_source import DEFAULT_EMBEDDER, embedder_error, resolve_embedder_
 INT8_PREFIX = "int8:"
 
 
+def on_gpu(device=None) -> bool:
+    """Whether work goes to a GPU: `device` if given (a name or torch.device), else whether torch sees one."""
+    return torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+
+
+def default_embedder(device=None) -> tuple[str, str]:
+    """(name, why) of the embedder used where none is named: MiniLM on a GPU; on a CPU the static token
+    embeddings distilled from it (100x MiniLM's chunks/s there, benchmarks/results/retrievers-*.md)."""
+    from .static_embedder import STATIC_PREFIX
+
+    if on_gpu(device):
+        return DEFAULT_EMBEDDER, "default (a GPU: MiniLM)"
+    why = "default (--device cpu: static keys)" if device is not None else "default (no GPU: static keys)"
+    return STATIC_PREFIX + DEFAULT_EMBEDDER, why
+
+
 def is_int8(name: str) -> bool:
     return isinstance(name, str) and name.startswith(INT8_PREFIX)
 

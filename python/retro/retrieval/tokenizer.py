@@ -142,6 +142,10 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
+    def decode_batch(self, seqs: list[np.ndarray]) -> list[str]:
+        """[decode(ids) for ids in seqs], in one call to SentencePiece (1-d integer arrays)."""
+        return self.sp.decode([np.asarray(ids)[np.asarray(ids) != self.pad_id].tolist() for ids in seqs])
+
     def _piece_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(UTF-8 bytes each piece adds to a decoded text, whether it is a byte piece): byte pieces
         1, control pieces and padding 0, others their text with the word-boundary mark as a space."""
@@ -218,6 +222,9 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_batch(self, seqs: list[np.ndarray]) -> list[str]:
+        return self.tok.batch_decode([np.asarray(ids).tolist() for ids in seqs], skip_special_tokens=False)
 
     def prefix_bytes(self, ids, cuts) -> list[int]:
         """UTF-8 bytes of decode(ids[:c]) for each c in cuts."""

@@ -71,3 +71,56 @@ def test_k_larger_than_database_is_named(vectors):
     search = SearchIndex(IndexSettings(kind="torch"), vectors=vectors[:5], device="cpu")
     with pytest.raises(RetroError, match="k=6 is larger than the database"):
         search.search(vectors[:1], 6)
+
+
+def test_tuned_nprobe_is_the_smallest_that_reaches_the_target(vectors):
+    """Not the next power of two: each list probed is scanned by every query of the neighbours' search."""
+    from retro.retrieval.index import _without
+
+    index, settings = build_faiss("ivf-flat", vectors)
+    search = SearchIndex(settings, index)
+    ids = np.sort(np.random.default_rng(0).choice(len(vectors), 300, replace=False))  # tune_nprobe's queries
+    exact = _without(TorchExactIndex(vectors, device="cpu").search(vectors[ids], 11)[1], ids, 10)
+
+    def measured(nprobe):
+        search.set_nprobe(nprobe)
+        return recall_at(_without(search.search(vectors[ids], 11)[1], ids, 10), exact, 10)
+
+    tuned = []
+    for target in (0.9, 0.97, 0.99, 0.995):
+        nprobe, recall = tune_nprobe(search, vectors, target, k=10, queries=300)
+        assert recall == measured(nprobe) >= target > measured(nprobe - 1), (target, nprobe)
+        tuned.append(nprobe)
+    assert any(n & (n - 1) for n in tuned), tuned  # here some are not powers of two
+
+
+def test_exact_index_norms_match_and_keys_are_not_copied(vectors):
+    exact = TorchExactIndex(vectors, device="cpu")
+    np.testing.assert_allclose(exact.norms.numpy(), (vectors.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    assert exact.x.data_ptr() == vectors.__array_interface__["data"][0]  # float32 keys on the CPU: shared
+
+
+def test_fastscan_searches_in_batches_whose_lookup_tables_fit_the_budget(vectors, monkeypatch):
+    import retro.retrieval.index as index_module
+
+    index, settings = build_faiss("ivf-fastscan", vectors)
+    search = SearchIndex(settings, index)
+    search.set_nprobe(8)
+    q = vectors[::7] + 0.01
+    whole = search.search(q, 10)
+
+    class Recording:
+        def __init__(self, impl):
+            self.impl, self.sizes = impl, []
+
+        def search(self, queries, k):
+            self.sizes.append(len(queries))
+            return self.impl.search(queries, k)
+
+    per_query = 8 * settings.pq_m * 16  # nprobe x sub-quantisers x 16 one-byte entries
+    monkeypatch.setattr(index_module, "LUT_BUDGET", 100 * per_query)
+    search.impl = recording = Recording(index)
+    batched = search.search(q, 10)
+    assert max(recording.sizes) == 100 and sum(recording.sizes) == len(q) > 100
+    np.testing.assert_array_equal(batched[1], whole[1])
+    np.testing.assert_array_equal(batched[0], whole[0])
