@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from retrieval_helpers import ROOT
+from tests.helpers.retrieval_helpers import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO = "demo-amd-epyc-avx2-2-threads.json"
