@@ -34,12 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retro.base.defaults import CHUNK_SIZE, EXTRA_NEIGHBOURS
+
 from .base_model import resolve_base, slug
 from .corpus import SPLIT_WORDS, held_out_by_split, near_duplicated, sample_corpus
 from .evaluation import evaluate_split
 from .generation import continue_held_out
 from .options import DemoOptions
-from .recipes import CHUNK_SIZE, EXTRA_NEIGHBOURS, Recipe, recipe_for
+from .recipes import Recipe, recipe_for
 
 # the stages in the order they run, each recipe kind's own
 STAGES = {False: ("database", "retro", "baseline", "folder", "file", "generate"),

@@ -10,11 +10,6 @@ from types import MappingProxyType
 from retro.retrieval.embedder import DEFAULT_EMBEDDER
 from retro.retrieval.static_embedder import STATIC_PREFIX
 
-# the same in every recipe: tokens per chunk (the paper's m); neighbours kept beyond k, so that a run
-# can drop the ones from its own document and still read k
-CHUNK_SIZE = 64
-EXTRA_NEIGHBOURS = 6
-
 
 def default_cca_layers(depth: int) -> tuple[int, ...]:
     """The CPU's CCA layers of a retrofit: every third block of the upper third, the last included
