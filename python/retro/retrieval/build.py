@@ -469,7 +469,11 @@ def _index_stage(opts: BuildOptions, state: dict, log,
         bar.close()
         if index is None:
             return None  # rank 0 merged the parts
-        nprobe, recall = tune_nprobe(SearchIndex(settings, index), vectors, opts.target_recall, seed=opts.seed)
+        search = SearchIndex(settings, index)
+        held = search.stored_keys()  # the same keys, in the index's memory: the file's pages let go
+        if held is not None:
+            vectors = held
+        nprobe, recall = tune_nprobe(search, vectors, opts.target_recall, seed=opts.seed)
         settings.nprobe, settings.recall = nprobe, recall
         with atomic_path(out / "index.faiss") as tmp:
             faiss.write_index(index, str(tmp))

@@ -275,6 +275,21 @@ class SearchIndex:
         self.impl = to_all_gpus(faiss_index, self.kind) if on_gpus else faiss_index
         self.ntotal = faiss_index.ntotal
 
+    def stored_keys(self) -> np.ndarray | None:
+        """The keys the index holds, (ntotal, dim) float32, bit-equal to the keys added, as a view of
+        the index's own memory (no copy): ivf-fastscan's copy for re-ranking. None for the other
+        kinds (their codes are not the keys). The view is valid while this SearchIndex lives. The
+        neighbours' search and the build's nprobe tuning read keys from it instead of mapping
+        embeddings.npy as well, which would hold the keys in memory twice (1.5 GB at 1M chunks)."""
+        if self.kind != "ivf-fastscan":
+            return None
+        import faiss
+
+        flat = faiss.downcast_index(faiss.downcast_index(self.faiss_index).refine_index)
+        if not isinstance(flat, faiss.IndexFlat) or flat.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
     def set_nprobe(self, nprobe: int) -> None:
         """nprobe lists probed per query; on GPUs at most max_k (the most faiss probes there), on
         the CPU index too, which the GPUs copy."""

@@ -145,8 +145,11 @@ class Retriever(SearchBase):
     def search_chunks(self, chunk_ids: np.ndarray, k: int, exclude_doc_ids: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
         """The neighbours of the database's own chunks `chunk_ids` (Q,): ids (Q, k), distances (Q, k)
-        (compute_neighbours' queries)."""
-        return self.search_embeddings(self.db.embeddings[np.asarray(chunk_ids)], k, exclude_doc_ids)
+        (compute_neighbours' queries). Their keys come from the index where it holds them (the same
+        values, without mapping embeddings.npy as well: SearchIndex.stored_keys)."""
+        held = getattr(self.index, "stored_keys", lambda: None)()
+        keys = held if held is not None and len(held) == self.db.num_chunks else self.db.embeddings
+        return self.search_embeddings(keys[np.asarray(chunk_ids)], k, exclude_doc_ids)
 
     def search(self, queries, k: int, exclude_doc_ids=None, allowed_chunks=None) -> SearchResult:
         """The k nearest chunks of each query with their values [chunk, continuation]."""

@@ -124,3 +124,36 @@ def test_fastscan_searches_in_batches_whose_lookup_tables_fit_the_budget(vectors
     assert max(recording.sizes) == 100 and sum(recording.sizes) == len(q) > 100
     np.testing.assert_array_equal(batched[1], whole[1])
     np.testing.assert_array_equal(batched[0], whole[0])
+
+
+def test_fastscan_holds_the_keys_it_added_as_a_view(tmp_path, vectors):
+    """stored_keys: ivf-fastscan's re-ranking copy, the keys bit for bit after a write and read, in the
+    index's memory (a view, not a copy); None where the index holds codes only."""
+    import faiss
+
+    index, settings = build_faiss("ivf-fastscan", vectors)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    search = SearchIndex(settings, faiss.read_index(str(tmp_path / "i.faiss")))
+    held = search.stored_keys()
+    assert held.dtype == np.float32 and not held.flags.owndata
+    assert np.array_equal(held, vectors)
+    for kind in ("flat", "ivf-flat"):
+        index, settings = build_faiss(kind, vectors[:2000])
+        assert SearchIndex(settings, index).stored_keys() is None
+
+
+def test_neighbours_search_reads_the_keys_the_index_holds(tmp_path, monkeypatch):
+    """The neighbours' queries come from the index's copy of the keys, and give what the keys of
+    embeddings.npy give."""
+    from tests.helpers.retrieval_helpers import quick_database
+    from retro.retrieval import Retriever
+
+    db = quick_database(tmp_path, monkeypatch, docs=12, words=400, index="ivf-fastscan")
+    retriever = Retriever.load(db)
+    held = retriever.index.stored_keys()
+    assert held is not None and np.array_equal(held, np.asarray(retriever.db.embeddings, dtype=np.float32))
+    ids = np.arange(0, retriever.db.num_chunks, 3)
+    got = retriever.search_chunks(ids, 4, exclude_doc_ids=retriever.db.chunk_doc[ids])
+    monkeypatch.setattr(SearchIndex, "stored_keys", lambda self: None)
+    want = retriever.search_chunks(ids, 4, exclude_doc_ids=retriever.db.chunk_doc[ids])
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
