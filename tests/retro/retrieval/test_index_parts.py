@@ -72,3 +72,22 @@ def test_two_ranks_parts_merge_into_the_one_add_index(tmp_path, vectors, monkeyp
             faiss.extract_index_ivf(ix).nprobe = 4
     (d1, i1), (d2, i2), (d3, i3) = index.search(q, 10), again.search(q, 10), whole.search(q, 10)
     assert np.array_equal(i1, i3) and np.array_equal(d1, d3) and np.array_equal(i2, i3) and np.array_equal(d2, d3)
+
+
+def test_released_pages_leave_the_process_and_read_back_the_same(tmp_path):
+    """release_pages: a memory map's touched pages no longer count in the RSS; the values do not change."""
+    from retro.retrieval.index_parts import release_pages
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    keys = np.random.default_rng(0).normal(size=(500_000, 64)).astype(np.float32)  # 128 MB
+    np.save(tmp_path / "keys.npy", keys)
+    mapped = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    total = float(mapped.sum(dtype=np.float64))
+    touched = rss_mb()
+    release_pages(mapped)
+    assert touched - rss_mb() > 100
+    assert float(mapped.sum(dtype=np.float64)) == total and np.array_equal(mapped[::997], keys[::997])
+    release_pages(keys)  # not a memory map: nothing happens
