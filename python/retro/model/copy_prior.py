@@ -1,5 +1,5 @@
 """What the two copy priors share: RetroModel's (model.py, apply_copy_prior) and a retrofitted
-model's (retrofit/prior.py, fitted to its base). Both start the encoder's sublayers as the identity
+model's (retrofitting/prior.py, fitted to its base). Both start the encoder's sublayers as the identity
 and smear each CCA key 90% onto the token before it."""
 from __future__ import annotations
 

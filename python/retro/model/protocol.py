@@ -1,5 +1,5 @@
 """The one model contract: what training, decoding, evaluation, serving and saving ask of a model.
-RetroModel (model.py) and RetrofittedLM (retrofit/wrapper.py) both satisfy it, so no caller asks
+RetroModel (model.py) and RetrofittedLM (retrofitting/wrapper.py) both satisfy it, so no caller asks
 which class it holds."""
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ A run's checkpoint folder (RUN/checkpoint) has the same layout, so `from_pretrai
 model, a run folder or a Hugging Face hub repository (downloaded with huggingface_hub where the
 network allows) through one function, `load_folder`, which builds the model with the class its kind
 names (each class's `from_saved`; `retro.from_pretrained`, which takes either kind, is in
-retrofit/load.py, above both). A retrofitted model records its base's
+retrofitting/load.py, above both). A retrofitted model records its base's
 name and a hash of the base's weights, and loads back onto that base only. A model trained on a
 database records that database's identity (ChunkDatabase.identity(): tokenizer, chunk size, keys,
 held-out documents) as `model.trained_on`, read from a run's state.json or a saved config.json and

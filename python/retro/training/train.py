@@ -333,7 +333,7 @@ def train(opts: TrainOptions, log=print, model_factory=None) -> Path:
 
 def load_model(run: str | Path, device=None, backend: str | None = None, db=None) -> tuple[RetrievalLM, dict]:
     """The trained model of RUN (eval mode) and its checkpoint state, read as a saved model is
-    (retrofit/load.py's model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
+    (retrofitting/load.py's model_from_folder). With db (a ChunkDatabase), a RetroError unless it is the
     database the run was trained on (same tokenizer, chunk size, keys and held-out documents)."""
     from ..base.files import read_json_file
     from ..retrofitting.load import model_from_folder
