@@ -16,7 +16,9 @@ WORKER = ROOT / "tests" / "helpers" / "build_kill_worker.py"
 KILLS = [("catalogue", 0), ("tokenizer", 0), ("tokenise", 1), ("embed", 2), ("merge", 3), ("index-part", 2),
          ("index", 0), ("manifest", 0), ("neighbours", 1)]
 # under torchrun, rank 1 killed after its first unit of each stage the ranks share
-RANK_KILLS = [("embed", 1), ("index-part", 1), ("neighbours", 1)]
+RANK_KILLS = [("embed", 1, 1), ("index-part", 1, 1), ("neighbours", 1, 1),
+              # rank 0 too: in a stage it runs alone (the others wait at a barrier) and in shared ones
+              ("merge", 1, 0), ("index-part", 0, 0), ("neighbours", 0, 0)]
 # --embedder bm25: its own stages (terms, index) in place of embed, merge and the faiss index
 BM25_KILLS = [("terms", 2), ("index", 0), ("manifest", 0), ("neighbours", 1)]
 
@@ -36,10 +38,11 @@ def write_folders(root: Path, folders: int = 5, files: int = 3) -> Path:
     return root
 
 
-def run_worker(corpus, out, stage="none", index=0, *flags, processes: int = 0) -> subprocess.CompletedProcess:
-    """The worker alone, or with processes > 0 under torchrun, where rank 1 is the one it kills."""
+def run_worker(corpus, out, stage="none", index=0, *flags, processes: int = 0,
+               kill_rank: int = 1) -> subprocess.CompletedProcess:
+    """The worker alone, or with processes > 0 under torchrun, where rank kill_rank is the one it kills."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "OMP_NUM_THREADS": "1",
-           **({"KILL_RANK": "1"} if processes else {})}
+           **({"KILL_RANK": str(kill_rank)} if processes else {})}
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                                   "--master_port", str(free_port())] if processes else [])
     return subprocess.run([*launch, str(WORKER), str(corpus), str(out), stage, str(index), *flags],
@@ -67,8 +70,8 @@ def uninterrupted_bm25(corpus, tmp_path_factory):
     return corpus, uninterrupted_build(corpus, tmp_path_factory.mktemp("db-bm25") / "db", "--bm25")
 
 
-def kill_then_resume(tmp_path, corpus, want, stage, index, *flags, processes: int = 0) -> None:
-    killed = run_worker(corpus, tmp_path / "db", stage, index, *flags, processes=processes)
+def kill_then_resume(tmp_path, corpus, want, stage, index, *flags, processes: int = 0, kill_rank: int = 1) -> None:
+    killed = run_worker(corpus, tmp_path / "db", stage, index, *flags, processes=processes, kill_rank=kill_rank)
     # torchrun ends the other ranks when one dies and exits with 1
     assert killed.returncode == (1 if processes else -9), (stage, killed.returncode, killed.stderr[-2000:])
     assert not processes or "Signal 9 (SIGKILL) received" in killed.stderr, killed.stderr[-2000:]
@@ -110,9 +113,9 @@ def test_two_processes_build_the_one_process_database(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,index", RANK_KILLS)
-def test_rank_1_killed_then_resume_gives_the_one_process_database(tmp_path, uninterrupted, stage, index):
-    kill_then_resume(tmp_path, *uninterrupted, stage, index, processes=2)
+@pytest.mark.parametrize("stage,index,rank", RANK_KILLS)
+def test_one_rank_killed_then_resume_gives_the_one_process_database(tmp_path, uninterrupted, stage, index, rank):
+    kill_then_resume(tmp_path, *uninterrupted, stage, index, processes=2, kill_rank=rank)
 
 
 def test_an_unfinished_build_is_named_and_resumed_only_with_its_options(tmp_path, uninterrupted, monkeypatch):
