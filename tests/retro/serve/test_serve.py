@@ -248,7 +248,9 @@ def test_a_client_leaving_mid_stream_frees_its_row(served):
     time.sleep(0.3)
     assert healthy(url)["steps"] == health["steps"]  # nothing decodes for the departed client
     assert health["steps"] - steps < 40, health  # it was dropped long before its 80 tokens
-    assert complete(url, prompt=PROMPTS[1], max_tokens=3)["choices"][0]["finish_reason"] == "length"
+    # and the server still answers: a sampled continuation may end early at the end-of-text token
+    assert complete(url, prompt=PROMPTS[1], max_tokens=3)["choices"][0]["finish_reason"] in ("length", "stop")
+    assert healthy(url)["active"] == 0
 
 
 # ---- the command line, SIGTERM ------------------------------------------------------------------------
